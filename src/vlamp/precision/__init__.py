@@ -1,0 +1,21 @@
+"""vlamp's precision core. It imports nothing else from vlamp, so it can be taken alone into any loop."""
+
+from vlamp.precision.describe import PlanTable
+from vlamp.precision.dtypes import to_dtype
+from vlamp.precision.errors import VlampError
+from vlamp.precision.formats import FORMATS, Format, format_table
+from vlamp.precision.front import MixedPrecision
+from vlamp.precision.hardware import Hardware, choose_mode, detect, measure_throughput
+from vlamp.precision.modes import MODE_NAMES, Mode, get_mode
+from vlamp.precision.plan import BUILTIN_RULES, PrecisionPlan, Rule
+from vlamp.precision.policy import Policy
+from vlamp.precision.scaler import (
+    DynamicLossScaler, LossScaler, NoLossScaler, StaticLossScaler, StepOutcome,
+)
+
+__all__ = [
+    "BUILTIN_RULES", "FORMATS", "MODE_NAMES", "DynamicLossScaler", "Format", "Hardware",
+    "LossScaler", "MixedPrecision", "Mode", "NoLossScaler", "PlanTable", "Policy", "PrecisionPlan",
+    "Rule", "StaticLossScaler", "StepOutcome", "VlampError", "choose_mode", "detect",
+    "format_table", "get_mode", "measure_throughput", "to_dtype",
+]

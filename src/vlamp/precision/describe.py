@@ -1,0 +1,94 @@
+"""The describe table: what precision every module of a model is stored, computed and updated in."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from vlamp.precision.dtypes import dtype_name
+from vlamp.precision.modes import Mode
+from vlamp.precision.plan import Resolved
+
+COLUMNS = ("module", "class", "params", "compute", "output", "grad", "optim", "#params", "rule")
+
+
+@dataclasses.dataclass
+class Row:
+    """One module (or a folded subtree). ``num_params`` counts the module's own parameters plus
+    those of folded descendants. Dtype cells read like ``bf16`` or ``bf16+fp32`` when a folded
+    subtree holds several; ``-`` where there are no parameters."""
+
+    module: str
+    cls: str
+    params: str
+    compute: str
+    output: str
+    grad: str
+    optim: str
+    num_params: int
+    rule: str
+    depth: int
+
+    def cells(self) -> list[str]:
+        return [self.module, self.cls, self.params, self.compute, self.output, self.grad,
+                self.optim, f"{self.num_params:,}", self.rule]
+
+
+@dataclasses.dataclass
+class PlanTable:
+    """Rows of a resolved plan; ``str(table)`` renders aligned text, ``to_dicts()`` plain data."""
+
+    mode: str
+    rows: list[Row]
+
+    @classmethod
+    def build(cls, resolved: Sequence[Resolved], mode: Mode, max_depth: int | None = None) -> PlanTable:
+        rows: list[Row] = []
+        groups: list[list[Resolved]] = []
+        for r in resolved:
+            depth = 0 if not r.name else r.name.count(".") + 1
+            if max_depth is None or depth <= max_depth:
+                groups.append([r])
+            else:
+                groups[-1].append(r)  # named_modules is depth-first: the last kept row is an ancestor
+        for group in groups:
+            head = group[0]
+            owned = [(r, sum(p.numel() for p in r.module.parameters(recurse=False))) for r in group]
+            with_params = [r for r, n in owned if n]
+
+            def cell(values: list[str]) -> str:
+                return "+".join(dict.fromkeys(values)) or "-"
+
+            p_dtypes = [r.policy.param for r in with_params]
+            rows.append(Row(
+                module=head.name or "(root)",
+                cls=type(head.module).__name__,
+                params=cell([dtype_name(d) for d in p_dtypes]),
+                compute=cell([dtype_name(r.policy.compute) for r in group]),
+                output=cell([dtype_name(r.policy.output) for r in group]),
+                grad=cell([dtype_name(d) for d in p_dtypes]),
+                optim=cell([dtype_name(mode.optimizer_state_dtype(d)) for d in p_dtypes]),
+                num_params=sum(n for _, n in owned),
+                rule=head.decided_by,
+                depth=0 if not head.name else head.name.count(".") + 1,
+            ))
+        return cls(mode.name, rows)
+
+    def to_dicts(self) -> list[dict[str, object]]:
+        return [dict(zip(COLUMNS, (*r.cells()[:7], r.num_params, r.rule))) for r in self.rows]
+
+    def __str__(self) -> str:
+        body = [list(COLUMNS)] + [r.cells() for r in self.rows]
+        for cells, row in zip(body[1:], self.rows):
+            cells[0] = "  " * row.depth + cells[0]
+        widths = [max(len(c[i]) for c in body) for i in range(len(COLUMNS))]
+        lines = ["  ".join(c.ljust(w) if i != 7 else c.rjust(w)
+                           for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+                 for cells in body]
+        lines.insert(1, "-" * len(lines[0]))
+        total = sum(r.num_params for r in self.rows)
+        lines.append(f"mode {self.mode}: {total:,} parameters in {len(self.rows)} rows")
+        return "\n".join(lines)
+
+
+__all__ = ["COLUMNS", "PlanTable", "Row"]

@@ -1,0 +1,237 @@
+"""``MixedPrecision``: the one object that decides precision, for vlamp's trainer and anyone's loop."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from vlamp.precision.apply import apply_plan
+from vlamp.precision.errors import VlampError
+from vlamp.precision.master import MasterWeights
+from vlamp.precision.modes import Mode, get_mode
+from vlamp.precision.plan import PrecisionPlan, RuleSpec
+from vlamp.precision.scaler import (
+    LossScaler, NoLossScaler, StepOutcome, make_scaler, unscale_and_check,
+)
+
+ScalerSpec = LossScaler | Literal["dynamic", "static", "none"] | None
+
+
+class MixedPrecision:
+    """Mixed-precision training for any PyTorch loop.
+
+    One training step reads::
+
+        mp = MixedPrecision("bf16-mixed")
+        model, opt = mp.setup(model, opt)
+        with mp.autocast():
+            loss = model(batch)
+        mp.backward(loss)
+        outcome = mp.step(opt, clip_grad_norm=1.0)   # unscale, check, clip, step, update, zero_grad
+
+    Args:
+        mode: ``"fp32"``, ``"bf16-mixed"``, ``"fp16-mixed"``, ``"bf16-true"``, ``"fp16-true"`` or
+            ``"auto"`` (chosen from the hardware; see ``vlamp doctor``).
+        rules: Per-module rules (see :class:`PrecisionPlan`), a path to a YAML rules file, or a
+            ready ``PrecisionPlan``.
+        scaler: ``None`` for the mode's default (dynamic for FP16, none otherwise), a name
+            (``"dynamic"``, ``"static"``, ``"none"``) or a ``LossScaler`` instance.
+        builtin_rules: Whether the built-in FP32 islands (norms, embeddings, action output, loss) apply.
+        num_losses: Number of losses that each get their own scaler (``backward(loss, loss_id=i)``).
+
+    Raises:
+        VlampError: On an unknown mode, a scaler with a BF16/FP32 mode, bad rules, ``num_losses < 1``.
+    """
+
+    def __init__(
+        self,
+        mode: str | Mode = "auto",
+        rules: Sequence[RuleSpec] | Mapping[str, str] | str | os.PathLike[str] | PrecisionPlan | None = None,
+        scaler: ScalerSpec = None,
+        *,
+        builtin_rules: bool = True,
+        num_losses: int = 1,
+    ) -> None:
+        self.requested_mode = mode if isinstance(mode, str) else mode.name
+        self.mode = get_mode(mode)
+        if isinstance(rules, PrecisionPlan):
+            if rules.mode.name != self.mode.name:
+                raise VlampError(f"MixedPrecision: plan is for mode {rules.mode.name!r}, "
+                                 f"mode is {self.mode.name!r}")
+            self.plan = rules
+        elif isinstance(rules, (str, os.PathLike)):
+            self.plan = PrecisionPlan.load(rules, mode=self.mode)
+        else:
+            self.plan = PrecisionPlan(self.mode, rules, builtin_rules=builtin_rules)
+        if int(num_losses) != num_losses or num_losses < 1:
+            raise VlampError(f"MixedPrecision: num_losses must be an integer >= 1, got {num_losses}")
+        base = self._make_scaler(scaler)
+        self.scalers: list[LossScaler] = [base] + [copy.deepcopy(base) for _ in range(num_losses - 1)]
+        self._found_inf = [False] * num_losses
+        self.model: nn.Module | None = None
+        self.device_type = "cpu"
+        self._masters: MasterWeights | None = None
+        self.steps = 0
+        self.skipped_steps = 0
+
+    def _make_scaler(self, scaler: ScalerSpec) -> LossScaler:
+        if scaler is None:
+            return self.mode.default_scaler()
+        chosen = make_scaler(scaler) if isinstance(scaler, str) else scaler
+        if not isinstance(chosen, LossScaler):
+            raise VlampError(f"MixedPrecision: scaler must be dynamic, static, none or a LossScaler, "
+                             f"got {scaler!r}")
+        if not isinstance(chosen, NoLossScaler) and not self.mode.needs_scaler:
+            raise VlampError(f"MixedPrecision: mode {self.mode.name!r} needs no loss scaler "
+                             f"(its gradients have FP32 range); use scaler=None or 'none'")
+        if isinstance(chosen, NoLossScaler) and self.mode.needs_scaler:
+            warnings.warn(f"MixedPrecision: mode {self.mode.name!r} without loss scaling: small FP16 "
+                          "gradients will underflow to zero", UserWarning, stacklevel=3)
+        return chosen
+
+    # -- setup -----------------------------------------------------------------------------------
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+              ) -> tuple[nn.Module, torch.optim.Optimizer | None]:
+        """Applies the plan to ``model`` (in place) and, for parameters stored in low precision,
+        gives ``optimizer`` FP32 master weights. Create the optimizer over ``model.parameters()``
+        before calling this, and call it before the first step.
+
+        Returns:
+            ``(model, optimizer)``, the same objects, changed in place.
+        """
+        first = next(model.parameters(), None)
+        self.device_type = first.device.type if first is not None else "cpu"
+        apply_plan(self.plan.resolve(model), self.device_type)
+        self.model = model
+        if optimizer is not None and self.mode.master_weights:
+            masters = MasterWeights(optimizer)
+            self._masters = masters if len(masters) else None
+        return model, optimizer
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        """The context for forward passes (and the loss): the mode's autocast on the model's device."""
+        with self.mode.autocast(self.device_type):
+            yield
+
+    # -- backward and step -----------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor, *, loss_id: int = 0, **kwargs: Any) -> None:
+        """Backpropagates ``loss`` times its scaler's scale. Call once per micro-batch; gradients add
+        up until :meth:`step`. ``kwargs`` go to ``Tensor.backward``."""
+        scaler = self.scalers[loss_id]
+        if len(self.scalers) == 1:
+            scaler.scale_loss(loss).backward(**kwargs)
+            if self._masters is not None:
+                self._masters.accumulate_grads()
+            return
+        # Several scales: this backward's gradients are unscaled on their own before joining the
+        # earlier ones, so each scale is checked and updated by its own overflows.
+        params = self._params()
+        stash = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        scaler.scale_loss(loss).backward(**kwargs)
+        if self._masters is not None:
+            self._masters.accumulate_grads()
+        fresh = [p.grad for p in params if p.grad is not None]
+        self._found_inf[loss_id] |= scaler.unscale_(fresh) if fresh else False
+        with torch.no_grad():
+            for p, old in zip(params, stash):
+                if old is not None:
+                    p.grad = old if p.grad is None else p.grad.add_(old)
+
+    def step(self, optimizer: torch.optim.Optimizer, clip_grad_norm: float | None = None) -> StepOutcome:
+        """Unscale -> non-finite check -> clip -> optimizer step (or skip) -> scaler update -> zero_grad.
+
+        Args:
+            optimizer: The optimizer given to :meth:`setup`.
+            clip_grad_norm: Clip the total norm of the *unscaled* gradients to this value.
+
+        Returns:
+            A :class:`StepOutcome`; ``skipped`` is true when any gradient was inf/NaN.
+        """
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        scale = self.scalers[0].scale
+        if len(self.scalers) > 1:
+            found_per_loss = list(self._found_inf)
+        elif scale != 1.0 or clip_grad_norm is None:
+            found_per_loss = [self.scalers[0].unscale_(grads)]
+        else:
+            found_per_loss = [False]  # the norm below is the non-finite check
+        grad_norm = None
+        clip_inf = False
+        if clip_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in params if p.grad is not None], clip_grad_norm, foreach=True)
+            grad_norm = float(norm)
+            clip_inf = not math.isfinite(grad_norm)
+        found = any(found_per_loss) or clip_inf
+        if not found:
+            optimizer.step()
+            if self._masters is not None:
+                self._masters.copy_to_model()
+        for i, scaler in enumerate(self.scalers):
+            scaler.update(found_per_loss[i] or clip_inf)
+        self._found_inf = [False] * len(self.scalers)
+        optimizer.zero_grad(set_to_none=True)
+        if self.model is not None:
+            self.model.zero_grad(set_to_none=True)
+        self.steps += 1
+        self.skipped_steps += int(found)
+        return StepOutcome(skipped=found, scale=scale, grad_norm=grad_norm, found_inf=found)
+
+    def _params(self) -> list[torch.Tensor]:
+        if self.model is None:
+            raise VlampError("MixedPrecision: call setup(model, optimizer) first")
+        if self._masters is None:
+            return [p for p in self.model.parameters() if p.requires_grad]
+        low = {id(p) for p in self._masters.model_params}
+        return [p for p in self.model.parameters() if p.requires_grad and id(p) not in low] \
+            + list(self._masters.masters)
+
+    # -- state -----------------------------------------------------------------------------------
+    @property
+    def scale(self) -> float:
+        """The current loss scale of the first loss."""
+        return self.scalers[0].scale
+
+    def state_dict(self) -> dict[str, Any]:
+        """Mode, step counters and every scaler's state (plain data), plus FP32 master weights."""
+        return {
+            "mode": self.mode.name,
+            "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
+            "scalers": [{"type": type(s).__name__, **s.state_dict()} for s in self.scalers],
+            "master_weights": self._masters.state_dict() if self._masters is not None else {},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`. A different mode is allowed (the caller reports it); scaler
+        state is then only restored when the scaler types match."""
+        self.steps = int(state.get("steps", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        saved = state.get("scalers", [])
+        for scaler, s in zip(self.scalers, saved):
+            if s.get("type") == type(scaler).__name__:
+                scaler.load_state_dict({k: v for k, v in s.items() if k != "type"})
+        masters = state.get("master_weights") or {}
+        if masters and self._masters is not None:
+            self._masters.load_state_dict(masters)
+
+    def describe(self, max_depth: int | None = None):
+        """The describe table of the model given to :meth:`setup`."""
+        if self.model is None:
+            raise VlampError("MixedPrecision.describe: call setup(model, optimizer) first")
+        return self.plan.describe(self.model, max_depth=max_depth)
+
+    def __repr__(self) -> str:
+        return f"MixedPrecision(mode={self.mode.name!r}, scaler={type(self.scalers[0]).__name__})"

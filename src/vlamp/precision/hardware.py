@@ -1,0 +1,131 @@
+"""What the hardware can do, the mode ``auto`` picks from it, and a short measured micro-benchmark."""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from vlamp.precision.dtypes import CANONICAL
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    """The device training would run on.
+
+    Attributes:
+        device: ``"cuda"`` or ``"cpu"``.
+        name: GPU name or CPU model.
+        cuda_capability: ``(major, minor)`` for CUDA devices.
+        cpu_flags: The CPU feature flags that matter for precision (``avx512_bf16``, ``amx_bf16``,
+            ``avx512_fp16``, ``amx_fp16``, ``avx512f``, ``avx2``, ``f16c``).
+    """
+
+    device: str
+    name: str
+    cuda_capability: tuple[int, int] | None
+    cpu_flags: tuple[str, ...]
+    torch_version: str = torch.__version__
+
+    def as_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    mode: str
+    reason: str
+
+
+_INTERESTING = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16", "amx_fp16", "avx512f",
+                "avx2", "f16c")
+
+
+def _cpu_info() -> tuple[str, tuple[str, ...]]:
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name":
+                    name = value.strip()
+                elif key == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    return name, tuple(f for f in _INTERESTING if f in flags)
+
+
+def detect(device: str | torch.device | None = None) -> Hardware:
+    """Describes ``device`` (default: the first CUDA GPU if there is one, else the CPU)."""
+    dev = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    cpu_name, flags = _cpu_info()
+    if dev.type == "cuda":
+        idx = dev.index or 0
+        return Hardware("cuda", torch.cuda.get_device_name(idx),
+                        tuple(torch.cuda.get_device_capability(idx)), flags)
+    return Hardware("cpu", cpu_name, None, flags)
+
+
+def choose_mode(hw: Hardware) -> Choice:
+    """The ``auto`` rule: CUDA >= 8.0 -> bf16-mixed; CUDA 7.x -> fp16-mixed; a CPU with AVX512-BF16
+    or AMX -> bf16-mixed; anything else -> fp32. FP16 is never chosen on a CPU: without native FP16
+    arithmetic it runs far slower than FP32."""
+    if hw.device == "cuda" and hw.cuda_capability is not None:
+        major, minor = hw.cuda_capability
+        if major >= 8:
+            return Choice("bf16-mixed", f"CUDA compute capability {major}.{minor} >= 8.0 has native "
+                                        "BF16 tensor cores")
+        if major == 7:
+            return Choice("fp16-mixed", f"CUDA compute capability {major}.{minor} has FP16 tensor "
+                                        "cores but no BF16; FP16 needs the dynamic loss scaler")
+        return Choice("fp32", f"CUDA compute capability {major}.{minor} has no fast low precision")
+    native = [f for f in ("avx512_bf16", "amx_bf16") if f in hw.cpu_flags]
+    if native:
+        return Choice("bf16-mixed", f"CPU has {' and '.join(native)}: native BF16 matrix math")
+    return Choice("fp32", "CPU without AVX512-BF16 or AMX: low precision would only be emulated")
+
+
+def _time(fn: Callable[[], object], budget_s: float, sync: Callable[[], None]) -> float:
+    fn()  # warm-up
+    sync()
+    n, start = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        sync()
+        elapsed = time.perf_counter() - start
+        if elapsed >= budget_s:
+            return elapsed / n
+
+
+def measure_throughput(device: str = "cpu", budget_s: float = 0.15) -> dict[str, dict[str, float]]:
+    """Measures GEMM and conv throughput (GFLOP/s) in fp32, bf16 and fp16 on ``device``.
+
+    Small problems, ``budget_s`` seconds each: a sanity check of what a precision buys here, not a
+    full benchmark. Returns ``{"gemm": {"fp32": ..., ...}, "conv": {...}}``.
+    """
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    big = dev.type == "cuda"
+    n = 4096 if big else 512
+    b, c, hw = (64, 128, 64) if big else (8, 64, 32)
+    out: dict[str, dict[str, float]] = {"gemm": {}, "conv": {}}
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for name, dtype in CANONICAL.items():
+        a = torch.randn(n, n, generator=gen).to(dev, dtype)
+        w = torch.randn(n, n, generator=gen).to(dev, dtype)
+        t = _time(lambda: a @ w, budget_s, sync)
+        out["gemm"][name] = 2 * n**3 / t / 1e9
+        x = torch.randn(b, c, hw, hw, generator=gen).to(dev, dtype)
+        k = torch.randn(c, c, 3, 3, generator=gen).to(dev, dtype)
+        t = _time(lambda: F.conv2d(x, k, padding=1), budget_s, sync)
+        out["conv"][name] = 2 * b * c * c * 9 * hw * hw / t / 1e9
+    return out

@@ -1,0 +1,63 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vlamp.cli.main import main
+
+
+def run_cli(*args):
+    proc = subprocess.run([sys.executable, "-m", "vlamp", *args], capture_output=True,
+                          text=True, timeout=120)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_doctor_json_has_the_documented_keys():
+    rc, out, err = run_cli("doctor", "--json", "--budget", "0.02")
+    assert rc == 0, err
+    data = json.loads(out)
+    assert set(data) == {"hardware", "formats", "auto_mode", "reason", "throughput"}
+    assert set(data["formats"]) == {"fp32", "tf32", "fp16", "bf16", "fp8-e4m3", "fp8-e5m2"}
+    assert set(data["throughput"]) == {"gemm", "conv"}
+    assert set(data["throughput"]["gemm"]) == {"fp32", "bf16", "fp16"}
+    assert all(v > 0 for d in data["throughput"].values() for v in d.values())
+    assert data["auto_mode"] in {"fp32", "bf16-mixed", "fp16-mixed"} and data["reason"]
+
+
+def test_doctor_text(capsys):
+    assert main(["doctor", "--budget", "0.01"]) == 0
+    out = capsys.readouterr().out
+    assert "auto mode" in out and "fp8-e4m3" in out and "GFLOP/s" in out
+
+
+def test_plan_prints_the_table_with_islands(capsys):
+    assert main(["plan", "--mode", "bf16-true", "--depth", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "builtin:action-output" in out and "mode bf16-true" in out
+
+
+def test_plan_json_and_rules_file(tmp_path, capsys):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("builtin_rules: false\nrules:\n  - {pattern: 'head.*', policy: fp32}\n"
+                     "  - {pattern: nothing, policy: fp32}\n")
+    assert main(["plan", "--mode", "bf16-mixed", "--rules", str(rules), "--json"]) == 0
+    captured = capsys.readouterr()
+    rows = {r["module"]: r for r in json.loads(captured.out)}  # warnings do not pollute the JSON
+    assert rows["head.0"]["compute"] == "fp32" and rows["head.0"]["rule"] == "head.*"
+    assert rows["action_out"]["rule"] == "inherited"  # builtins off
+    assert "'nothing' matches no module" in captured.err
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["plan", "--mode", "fp64-mixed"], "unknown mode 'fp64-mixed'; legal:"),
+    (["plan", "--rules", "/no/such/file.yaml"], "cannot read"),
+    (["frobnicate"], "invalid choice"),
+    (["plan", "--depth", "x"], "invalid int value"),
+])
+def test_user_errors_are_one_line_and_exit_2(args, fragment):
+    rc, out, err = run_cli(*args)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], err
+    assert "Traceback" not in err
