@@ -61,3 +61,25 @@ def test_user_errors_are_one_line_and_exit_2(args, fragment):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0], err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["eval", "--tasks", "drawer-open,fly"], "unknown task 'fly'; valid: drawer-open"),
+    (["eval", "--policy", "oracle"], "unknown policy 'oracle'; legal: expert, random"),
+    (["data", "generate", "--tasks", "nope"], "unknown task 'nope'"),
+    (["data", "generate", "--out", "/"], "already exists"),
+    (["eval", "--json", "/no/such/dir/r.json"], "cannot write"),
+])
+def test_data_and_eval_user_errors(args, fragment):
+    rc, out, err = run_cli(*args)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err
+
+
+def test_eval_expert_cli_writes_json(tmp_path):
+    path = tmp_path / "r.json"
+    rc, out, err = run_cli("eval", "--policy", "expert", "--tasks", "faucet-open", "--episodes", "1",
+                           "--json", str(path))
+    assert rc == 0, err
+    data = json.loads(path.read_text())
+    assert data["policy"] == "expert" and data["per_task"][0]["successes"] == 1
+    assert "faucet-open" in out

@@ -6,10 +6,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from vlamp.cli import doctor, plan
+from vlamp.cli import data, doctor, evaluate, plan
 from vlamp.precision.errors import VlampError
 
-COMMANDS = (doctor, plan)
+COMMANDS = (doctor, plan, data, evaluate)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,74 @@
+"""Training samples from a LeRobot dataset: image, state, instruction and a future action chunk."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from vlamp.data.lerobot import ACTION_KEY, STATE_KEY
+from vlamp.data.reader import LeRobotData
+
+EPS = 1e-6
+
+
+class ChunkDataset(torch.utils.data.Dataset):
+    """Frame ``i`` -> the observation at ``i`` and actions ``i .. i+H-1`` of the same episode.
+
+    Near an episode's end the chunk is padded by repeating the last action and ``action_mask`` marks
+    the real steps (ACT's convention). State and actions are normalized to zero mean and unit
+    variance with the dataset's ``meta/stats.json``; images become float (3, H, W) in [0, 1].
+
+    Args:
+        data: A dataset from :func:`vlamp.data.reader.read_dataset`.
+        chunk: Action-chunk length H.
+        episodes: Keep only these episode indices (for a train/validation split).
+
+    Each item is a dict with ``image`` (3,H,W) float32, ``state`` (S,) float32, ``task_index``
+    int64, ``instruction`` str, ``actions`` (H,A) float32 and ``action_mask`` (H,) bool.
+    """
+
+    def __init__(self, data: LeRobotData, chunk: int = 16, episodes: list[int] | None = None) -> None:
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.data, self.chunk = data, chunk
+        s, a = data.stats[STATE_KEY], data.stats[ACTION_KEY]
+        self.state_mean = np.asarray(s["mean"], np.float32)
+        self.state_std = np.asarray(s["std"], np.float32) + EPS
+        self.action_mean = np.asarray(a["mean"], np.float32)
+        self.action_std = np.asarray(a["std"], np.float32) + EPS
+        keep = np.ones(len(data), bool) if episodes is None else np.isin(data.episode_index, episodes)
+        self.rows = np.flatnonzero(keep)
+        # Last frame of each frame's episode, so a chunk never crosses into the next episode.
+        ep = data.episode_index
+        ends = np.empty(len(ep), np.int64)
+        boundaries = np.flatnonzero(np.diff(ep)) + 1
+        for start, stop in zip(np.r_[0, boundaries], np.r_[boundaries, len(ep)]):
+            ends[start:stop] = stop - 1
+        self.episode_end = ends
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def normalize_action(self, a: np.ndarray) -> np.ndarray:
+        return (a - self.action_mean) / self.action_std
+
+    def unnormalize_action(self, a: np.ndarray) -> np.ndarray:
+        return a * self.action_std + self.action_mean
+
+    def normalize_state(self, s: np.ndarray) -> np.ndarray:
+        return (s - self.state_mean) / self.state_std
+
+    def __getitem__(self, i: int) -> dict[str, object]:
+        row = int(self.rows[i])
+        end = int(self.episode_end[row])
+        idx = np.minimum(np.arange(row, row + self.chunk), end)
+        mask = np.arange(row, row + self.chunk) <= end
+        d = self.data
+        return {
+            "image": torch.from_numpy(d.images[row]).permute(2, 0, 1).float().div_(255.0),
+            "state": torch.from_numpy(self.normalize_state(d.state[row])),
+            "task_index": torch.tensor(int(d.task_index[row])),
+            "instruction": d.tasks[int(d.task_index[row])],
+            "actions": torch.from_numpy(self.normalize_action(d.action[idx])),
+            "action_mask": torch.from_numpy(mask),
+        }

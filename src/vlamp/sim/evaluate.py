@@ -1,0 +1,185 @@
+"""Closed-loop evaluation: run a policy in the simulator for seeded episodes, count successes."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from vlamp.sim.env import MetaWorldEnv, Observation
+from vlamp.sim.tasks import Task, resolve_tasks
+
+EVAL_SEED = 1_000_000  # evaluation episodes start here; generated training data never does
+
+
+class Policy(Protocol):
+    """Maps an observation to an action chunk ``(H, 4)`` (or one action ``(4,)``). A policy may
+    also define ``bind(env)``, called at the start of each episode (the scripted expert uses it)."""
+
+    def __call__(self, obs: Observation) -> np.ndarray: ...
+
+
+class ExpertPolicy:
+    """Meta-World's scripted expert, through the same path as any learned policy."""
+
+    def bind(self, env: MetaWorldEnv) -> None:
+        self.env = env
+
+    def __call__(self, obs: Observation) -> np.ndarray:
+        return self.env.expert_action()
+
+
+class RandomPolicy:
+    """Uniform random actions in [-1, 1]: the floor every policy should beat."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, obs: Observation) -> np.ndarray:
+        return self.rng.uniform(-1.0, 1.0, size=4).astype(np.float32)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The 95% Wilson score interval of a success rate (well-behaved at 0% and 100%)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclasses.dataclass
+class TaskResult:
+    task: str
+    episodes: int
+    successes: int
+    mean_length: float
+
+    @property
+    def success_rate(self) -> float:
+        return self.successes / self.episodes if self.episodes else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        lo, hi = wilson_interval(self.successes, self.episodes)
+        return {"task": self.task, "episodes": self.episodes, "successes": self.successes,
+                "success_rate": self.success_rate, "ci95": [lo, hi], "mean_length": self.mean_length}
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """Per-task and pooled success (with 95% Wilson intervals), episode length and speed."""
+
+    tasks: list[TaskResult]
+    env_steps: int
+    seconds: float
+
+    @property
+    def success_rate(self) -> float:
+        """Mean of the per-task success rates."""
+        return float(np.mean([t.success_rate for t in self.tasks])) if self.tasks else 0.0
+
+    @property
+    def steps_per_s(self) -> float:
+        return self.env_steps / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        succ = sum(t.successes for t in self.tasks)
+        n = sum(t.episodes for t in self.tasks)
+        return {
+            "success_rate": self.success_rate,
+            "ci95": list(wilson_interval(succ, n)),
+            "episodes": n,
+            "mean_length": float(np.mean([t.mean_length for t in self.tasks])) if self.tasks else 0.0,
+            "env_steps_per_s": self.steps_per_s,
+            "per_task": [t.as_dict() for t in self.tasks],
+        }
+
+    def table(self) -> str:
+        lines = [f"{'task':<14} {'success':>8} {'95% CI':>14} {'mean len':>9}"]
+        for t in self.tasks:
+            lo, hi = wilson_interval(t.successes, t.episodes)
+            lines.append(f"{t.task:<14} {t.successes:>3}/{t.episodes:<4} [{lo:5.0%}, {hi:5.0%}] "
+                         f"{t.mean_length:>9.1f}")
+        d = self.as_dict()
+        lines.append(f"{'mean':<14} {self.success_rate:>8.0%} [{d['ci95'][0]:5.0%}, {d['ci95'][1]:5.0%}] "
+                     f"{d['mean_length']:>9.1f}   ({self.steps_per_s:.0f} env steps/s)")
+        return "\n".join(lines)
+
+
+def evaluate(
+    policy: Policy | Callable[[Observation], np.ndarray],
+    tasks: str | Sequence[str] | None = None,
+    episodes: int = 10,
+    *,
+    seed: int = EVAL_SEED,
+    replan_every: int = 8,
+    image_size: int = 64,
+    max_steps: int = 200,
+    gif_path: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Runs ``policy`` closed-loop for ``episodes`` seeded episodes of each task.
+
+    Args:
+        policy: Observation -> action chunk ``(H, 4)`` or one action ``(4,)``.
+        tasks: Task names (default: the default suite).
+        episodes: Episodes per task; episode ``i`` of every task uses seed ``seed + i``.
+        seed: First episode seed.
+        replan_every: Receding horizon: execute at most this many actions of a chunk, then query
+            the policy again.
+        image_size: Camera image side; must match what the policy was trained on.
+        max_steps: Episode limit; an episode that has not succeeded by then fails.
+        gif_path: If given, the first episode of each task is saved there as an animated GIF.
+        progress: Show a progress bar.
+
+    Returns:
+        An :class:`EvalResult`.
+    """
+    chosen: list[Task] = resolve_tasks(tasks)
+    results, frames, total_steps, elapsed = [], [], 0, 0.0
+    bar = tqdm(total=len(chosen) * episodes, desc="eval", unit="ep", disable=not progress, leave=False)
+    for task in chosen:
+        successes, lengths = 0, []
+        with MetaWorldEnv(task, image_size=image_size, max_steps=max_steps) as env:
+            for i in range(episodes):
+                start = time.perf_counter()
+                obs, done, success = env.reset(seed + i), False, False
+                if hasattr(policy, "bind"):
+                    policy.bind(env)
+                record = gif_path is not None and i == 0
+                while not done:
+                    chunk = np.asarray(policy(obs), dtype=np.float32).reshape(-1, 4)
+                    for action in chunk[:max(1, replan_every)]:
+                        if record:
+                            frames.append(obs.image)
+                        obs, success, done = env.step(action)
+                        if done:
+                            break
+                elapsed += time.perf_counter() - start
+                total_steps += env.steps
+                successes += int(success)
+                lengths.append(env.steps)
+                bar.update()
+                bar.set_postfix(task=task.name, success=f"{successes}/{i + 1}")
+        results.append(TaskResult(task.name, episodes, successes, float(np.mean(lengths))))
+    bar.close()
+    if gif_path is not None and frames:
+        _save_gif(gif_path, frames)
+    return EvalResult(results, total_steps, elapsed)
+
+
+def _save_gif(path: str | os.PathLike[str], frames: list[np.ndarray]) -> None:
+    import imageio.v3 as iio
+
+    big = [np.repeat(np.repeat(f, 3, axis=0), 3, axis=1) for f in frames[::2]]
+    tmp = f"{os.fspath(path)}.tmp.gif"
+    iio.imwrite(tmp, np.stack(big), duration=50, loop=0)
+    os.replace(tmp, path)
