@@ -56,7 +56,6 @@ def write_dataset(root: str | os.PathLike[str], episodes: Sequence[Episode], *, 
         VlampError: If ``root`` exists or its parent is not writable.
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     root = Path(root)
     if root.exists():

@@ -132,7 +132,7 @@ def _parquet(path: Path, name: str):
     try:
         return pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as e:
-        raise VlampError(f"dataset {name}: corrupted {path.relative_to(path.parents[1])} ({e})") from None
+        raise VlampError(f"dataset {name}: corrupted {path.name} ({e})") from None
 
 
 def _matrix(table, key: str, name: str) -> np.ndarray:

@@ -42,11 +42,12 @@ class _Boundary:
     module called re-entrantly nests correctly; the post hook is registered ``always_call`` so the
     autocast state is restored even when the forward raises."""
 
-    def __init__(self, policy: Policy, device_type: str, stored: torch.dtype | None) -> None:
+    def __init__(self, policy: Policy, device_type: str) -> None:
         self.policy = policy
         self.device_type = device_type
+        # Low-precision compute over FP32 weights is autocast's job; otherwise the inputs are cast.
         low = policy.compute != torch.float32
-        self.cast_inputs_to = None if low and stored != policy.compute else policy.compute
+        self.cast_inputs_to = None if low and policy.param != policy.compute else policy.compute
         self.stack: list[torch.autocast] = []
 
     def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -88,7 +89,7 @@ def apply_plan(resolved: Sequence[Resolved], device_type: str) -> list[Removable
                 setattr(m, key, buf.to(r.policy.param))
         setattr(m, _MARK, r.policy)
         if r.policy != r.parent_policy:
-            b = _Boundary(r.policy, device_type, r.policy.param)
+            b = _Boundary(r.policy, device_type)
             handles.append(m.register_forward_pre_hook(b.pre, with_kwargs=True))
             handles.append(m.register_forward_hook(b.post, always_call=True))
     return handles

@@ -47,7 +47,7 @@ class Policy:
             VlampError: On an unknown key, an unknown dtype, a repeated key or an empty spec.
         """
         if not isinstance(spec, str) or not spec.strip():
-            raise VlampError(f"policy: empty spec; expected e.g. 'params=fp32,compute=bf16,output=fp32'")
+            raise VlampError("policy: empty spec; expected e.g. 'params=fp32,compute=bf16,output=fp32'")
         text = spec.strip()
         if "=" not in text:
             dt = to_dtype(text, what="policy")
