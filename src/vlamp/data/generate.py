@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from vlamp.data.lerobot import Episode, write_dataset
+from vlamp.data.lerobot import Episode, check_output_dir, write_dataset
 from vlamp.precision.errors import VlampError
 from vlamp.sim.tasks import Task, resolve_tasks
 
@@ -103,9 +103,7 @@ def generate(
             return root
     else:
         root = Path(out)
-        if root.exists():
-            raise VlampError(f"output directory {str(root)!r} already exists; choose another --out")
-    _check_writable(root.parent)
+    check_output_dir(root)  # fail before minutes of simulation rather than after
     jobs = [(t, k, seed, image_size, max_steps) for t in chosen for k in range(episodes_per_task)]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     results: dict[tuple[str, int], Episode] = {}
@@ -132,16 +130,6 @@ def generate(
         if out is None and (root / "meta/info.json").is_file():
             return root  # another process filled the cache meanwhile
         raise
-
-
-def _check_writable(parent: Path) -> None:
-    """Fails before minutes of simulation rather than after."""
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise VlampError(f"cannot write to {str(parent)!r}: {e.strerror}") from None
-    if not os.access(parent, os.W_OK):
-        raise VlampError(f"cannot write to {str(parent)!r}: permission denied")
 
 
 class _InProcess:

@@ -57,11 +57,8 @@ def write_dataset(root: str | os.PathLike[str], episodes: Sequence[Episode], *, 
     """
     import pyarrow as pa
 
-    root = Path(root)
-    if root.exists():
-        raise VlampError(f"output directory {str(root)!r} already exists; choose another --out")
+    root = check_output_dir(root)
     try:
-        root.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     except OSError as e:
         raise VlampError(f"cannot write to {str(root.parent)!r}: {e.strerror}") from None
@@ -69,9 +66,7 @@ def write_dataset(root: str | os.PathLike[str], episodes: Sequence[Episode], *, 
         tasks = list(dict.fromkeys(ep.task for ep in episodes))
         task_index = {t: i for i, t in enumerate(tasks)}
         h, w, c = episodes[0].images.shape[1:]
-        cols: dict[str, list[Any]] = {k: [] for k in (
-            IMAGE_KEY, STATE_KEY, ACTION_KEY, "timestamp", "frame_index", "episode_index", "index",
-            "task_index")}
+        images: list[dict[str, Any]] = []
         ep_rows: dict[str, list[Any]] = {k: [] for k in (
             "episode_index", "tasks", "length", "data/chunk_index", "data/file_index",
             "dataset_from_index", "dataset_to_index", "meta/episodes/chunk_index",
@@ -79,39 +74,37 @@ def write_dataset(root: str | os.PathLike[str], episodes: Sequence[Episode], *, 
         index = 0
         for e, ep in enumerate(episodes):
             n = len(ep.actions)
-            for t in range(n):
-                cols[IMAGE_KEY].append({"bytes": _png(ep.images[t]), "path": None})
-            cols[STATE_KEY].extend(ep.states.astype(np.float32).tolist())
-            cols[ACTION_KEY].extend(ep.actions.astype(np.float32).tolist())
-            cols["timestamp"].extend((np.arange(n) / fps).astype(np.float32).tolist())
-            cols["frame_index"].extend(range(n))
-            cols["episode_index"].extend([e] * n)
-            cols["index"].extend(range(index, index + n))
-            cols["task_index"].extend([task_index[ep.task]] * n)
+            images.extend({"bytes": _png(img), "path": None} for img in ep.images)
             for key, value in (("episode_index", e), ("tasks", [ep.task]), ("length", n),
                                ("data/chunk_index", 0), ("data/file_index", 0),
                                ("dataset_from_index", index), ("dataset_to_index", index + n),
                                ("meta/episodes/chunk_index", 0), ("meta/episodes/file_index", 0)):
                 ep_rows[key].append(value)
             index += n
-        s_dim, a_dim = len(state_names), len(action_names)
-        schema = pa.schema([
-            (IMAGE_KEY, pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
-            (STATE_KEY, pa.list_(pa.float32(), s_dim)),
-            (ACTION_KEY, pa.list_(pa.float32(), a_dim)),
-            ("timestamp", pa.float32()),
-            ("frame_index", pa.int64()), ("episode_index", pa.int64()), ("index", pa.int64()),
-            ("task_index", pa.int64()),
-        ])
-        _write_parquet(pa.table(cols, schema=schema), tmp / DATA_PATH.format(chunk_index=0, file_index=0))
+        lengths = np.array([len(ep.actions) for ep in episodes])
+        frame_index = np.concatenate([np.arange(n) for n in lengths]).astype(np.int64)
+        states = np.concatenate([ep.states for ep in episodes]).astype(np.float32)
+        actions = np.concatenate([ep.actions for ep in episodes]).astype(np.float32)
+        if states.shape[1] != len(state_names) or actions.shape[1] != len(action_names):
+            raise ValueError(f"state/action widths {states.shape[1]}/{actions.shape[1]} do not match "
+                             f"{len(state_names)}/{len(action_names)} names")
+        frames = pa.table({
+            IMAGE_KEY: pa.array(images, pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+            STATE_KEY: _fixed_list(states),
+            ACTION_KEY: _fixed_list(actions),
+            "timestamp": pa.array((frame_index / fps).astype(np.float32)),
+            "frame_index": pa.array(frame_index),
+            "episode_index": pa.array(np.repeat(np.arange(len(episodes), dtype=np.int64), lengths)),
+            "index": pa.array(np.arange(index, dtype=np.int64)),
+            "task_index": pa.array(np.repeat([task_index[ep.task] for ep in episodes], lengths)
+                                   .astype(np.int64)),
+        })
+        _write_parquet(frames, tmp / DATA_PATH.format(chunk_index=0, file_index=0))
         _write_parquet(pa.table(ep_rows), tmp / EPISODES_PATH.format(chunk_index=0, file_index=0))
         _write_parquet(_tasks_table(tasks), tmp / "meta/tasks.parquet")
-        states = np.concatenate([ep.states for ep in episodes]).astype(np.float64)
-        actions = np.concatenate([ep.actions for ep in episodes]).astype(np.float64)
-        pixels = np.concatenate([ep.images for ep in episodes]).reshape(-1, c).astype(np.float64) / 255
-        stats = {STATE_KEY: _stats(states), ACTION_KEY: _stats(actions),
-                 IMAGE_KEY: {k: np.reshape(v, (c, 1, 1)).tolist() if k != "count" else v
-                             for k, v in _stats(pixels).items()}}
+        stats = {STATE_KEY: _stats(states.astype(np.float64)),
+                 ACTION_KEY: _stats(actions.astype(np.float64)),
+                 IMAGE_KEY: _image_stats(episodes, c)}
         info = {
             "codebase_version": CODEBASE_VERSION, "robot_type": robot_type,
             "total_episodes": len(episodes), "total_frames": index, "total_tasks": len(tasks),
@@ -120,8 +113,8 @@ def write_dataset(root: str | os.PathLike[str], episodes: Sequence[Episode], *, 
             "data_path": DATA_PATH, "video_path": None,
             "features": {
                 IMAGE_KEY: {"dtype": "image", "shape": [h, w, c], "names": ["height", "width", "channels"]},
-                STATE_KEY: {"dtype": "float32", "shape": [s_dim], "names": list(state_names)},
-                ACTION_KEY: {"dtype": "float32", "shape": [a_dim], "names": list(action_names)},
+                STATE_KEY: {"dtype": "float32", "shape": [len(state_names)], "names": list(state_names)},
+                ACTION_KEY: {"dtype": "float32", "shape": [len(action_names)], "names": list(action_names)},
                 "timestamp": {"dtype": "float32", "shape": [1], "names": None},
                 "frame_index": {"dtype": "int64", "shape": [1], "names": None},
                 "episode_index": {"dtype": "int64", "shape": [1], "names": None},
@@ -136,6 +129,53 @@ def write_dataset(root: str | os.PathLike[str], episodes: Sequence[Episode], *, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return root
+
+
+def check_output_dir(root: str | os.PathLike[str]) -> Path:
+    """Checks that a dataset can be written at ``root``: it must not exist and its parent must be
+    writable (created if missing). Called before minutes of simulation, and again by the writer.
+
+    Raises:
+        VlampError: If ``root`` exists or its parent cannot be written.
+    """
+    root = Path(root)
+    if root.exists():
+        raise VlampError(f"output directory {str(root)!r} already exists; choose another --out")
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise VlampError(f"cannot write to {str(root.parent)!r}: {e.strerror}") from None
+    if not os.access(root.parent, os.W_OK):
+        raise VlampError(f"cannot write to {str(root.parent)!r}: permission denied")
+    return root
+
+
+def _fixed_list(matrix: np.ndarray):
+    """(N, D) float32 -> Arrow fixed_size_list<float32>[D] without a round trip through Python."""
+    import pyarrow as pa
+
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+
+
+def _image_stats(episodes: Sequence[Episode], channels: int) -> dict[str, Any]:
+    """Per-channel pixel stats in [0, 1], shaped (C, 1, 1) as LeRobot stores them; accumulated per
+    episode so no float64 copy of every pixel is made."""
+    total = np.zeros(channels)
+    total_sq = np.zeros(channels)
+    lo, hi, count = np.full(channels, 255.0), np.zeros(channels), 0
+    for ep in episodes:
+        px = ep.images.reshape(-1, channels).astype(np.float64)
+        total += px.sum(0)
+        total_sq += (px * px).sum(0)
+        lo, hi, count = np.minimum(lo, px.min(0)), np.maximum(hi, px.max(0)), count + len(px)
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
+
+    def shaped(v: np.ndarray) -> list:
+        return (v / 255.0).reshape(channels, 1, 1).tolist()
+
+    return {"min": shaped(lo), "max": shaped(hi), "mean": shaped(mean), "std": shaped(std),
+            "count": [count]}
 
 
 def _png(image: np.ndarray) -> bytes:

@@ -113,7 +113,7 @@ def read_dataset(root: str | Path, camera_key: str | None = None) -> LeRobotData
     if video:
         images = _decode_videos(root, info, camera_key, ints["episode_index"], ints["frame_index"], name)
     else:
-        images = _decode_pngs(table.column(camera_key).to_pylist(), name)
+        images = _decode_pngs(table.column(camera_key).combine_chunks().field("bytes").to_pylist(), name)
     return LeRobotData(root, info, stats, tasks, camera_key, images, state, action,
                        ints["episode_index"], ints["frame_index"], ints["task_index"])
 
@@ -136,10 +136,16 @@ def _parquet(path: Path, name: str):
 
 
 def _matrix(table, key: str, name: str) -> np.ndarray:
-    rows = table.column(key).to_pylist()
-    arr = np.asarray(rows, dtype=np.float32)
-    if arr.ndim == 1:
-        arr = arr[:, None]
+    import pyarrow as pa
+
+    column = table.column(key).combine_chunks()
+    if pa.types.is_list(column.type) or pa.types.is_fixed_size_list(column.type):
+        values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+        if len(column) and values.size % len(column):
+            raise VlampError(f"dataset {name}: column {key!r} has rows of different lengths")
+        arr = values.reshape(len(column), -1)
+    else:
+        arr = column.to_numpy(zero_copy_only=False).astype(np.float32)[:, None]
     bad = ~np.isfinite(arr)
     if bad.any():
         row = int(np.argwhere(bad)[0][0])
@@ -148,13 +154,13 @@ def _matrix(table, key: str, name: str) -> np.ndarray:
     return arr
 
 
-def _decode_pngs(cells: list[dict[str, Any]], name: str) -> np.ndarray:
+def _decode_pngs(blobs: list[bytes], name: str) -> np.ndarray:
     from PIL import Image
 
     out = []
-    for i, cell in enumerate(cells):
+    for i, blob in enumerate(blobs):
         try:
-            out.append(np.asarray(Image.open(io.BytesIO(cell["bytes"])).convert("RGB")))
+            out.append(np.asarray(Image.open(io.BytesIO(blob)).convert("RGB")))
         except Exception as e:  # PIL raises several types for damaged images
             raise VlampError(f"dataset {name}: image of frame {i} cannot be decoded ({e})") from None
     return np.stack(out)
