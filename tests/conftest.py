@@ -2,11 +2,32 @@ import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """Two paired tasks (same scene, different instruction), 3 expert episodes each, 32x32 images."""
+    from vlamp.data.generate import generate
+
+    root = tmp_path_factory.mktemp("tiny") / "ds"
+    return generate("drawer-open,drawer-close", 3, out=root, workers=1, progress=False, image_size=32)
+
+
+TINY_MODEL = ["model.dim=32", "model.depth=1", "model.heads=2", "model.text_layers=1",
+              "model.channels=[8,8]", "model.chunk=4"]
+
+
+def tiny_overrides(dataset, out, mode="fp32", *more):
+    """Overrides for a seconds-long run of a tiny TinyVLA on the tiny dataset."""
+    return [f"dataset.path={dataset}", f"output_dir={out}", f"precision.mode={mode}",
+            "train.steps=6", "train.batch_size=8", "train.log_every=1", "train.save_every=3",
+            "train.val_every=3", "train.warmup_steps=2", "dataset.val_episodes=1",
+            "eval.final=false", *TINY_MODEL, *more]

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from demo_model import DemoVLA
 from torch import nn
 
 from vlamp import MixedPrecision
-from vlamp.models.demo import DemoVLA
 from vlamp.precision.verify import trace_compute_dtypes
 
 ISLANDS = {"vision.1", "pos_embed", "trunk.norm1", "trunk.norm2", "action_out"}

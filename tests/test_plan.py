@@ -2,10 +2,10 @@ import warnings
 
 import pytest
 import torch
+from demo_model import DemoVLA
 from torch import nn
 
 from vlamp import BUILTIN_RULES, Policy, PrecisionPlan, Rule, VlampError
-from vlamp.models.demo import DemoVLA
 
 FP32 = Policy.parse("fp32")
 BF16 = Policy.parse("bf16")

@@ -4,9 +4,28 @@ The public API is what this module exports; everything else is private.
 """
 
 from vlamp.precision import (
-    BUILTIN_RULES, FORMATS, MODE_NAMES, DynamicLossScaler, Format, Hardware, LossScaler,
-    MixedPrecision, Mode, NoLossScaler, PlanTable, Policy, PrecisionPlan, Rule, StaticLossScaler,
-    StepOutcome, VlampError, choose_mode, detect, format_table, get_mode, measure_throughput,
+    BUILTIN_RULES,
+    FORMATS,
+    MODE_NAMES,
+    DynamicLossScaler,
+    Format,
+    Hardware,
+    LossScaler,
+    MixedPrecision,
+    Mode,
+    NoLossScaler,
+    PlanTable,
+    Policy,
+    PrecisionPlan,
+    Rule,
+    StaticLossScaler,
+    StepOutcome,
+    VlampError,
+    choose_mode,
+    detect,
+    format_table,
+    get_mode,
+    measure_throughput,
     to_dtype,
 )
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from vlamp.precision import FORMATS, choose_mode, detect, format_table, measure_throughput
+from vlamp.precision import (
+    FORMATS,
+    choose_mode,
+    detect,
+    format_table,
+    measure_throughput,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

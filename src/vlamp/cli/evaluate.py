@@ -18,13 +18,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "report per-task and mean success (95%% Wilson intervals), mean "
                                    "episode length and environment steps per second.")
     p.add_argument("--policy", default="expert", help=f"one of {', '.join(POLICIES)} (default: expert)")
-    p.add_argument("--tasks", default=",".join(DEFAULT_SUITE),
-                   help=f"comma-separated task names; valid: {', '.join(TASKS)}")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="evaluate a trained policy: a run directory (its newest valid checkpoint) "
+                        "or a checkpoints/step_* directory; replaces --policy")
+    p.add_argument("--mode", default=None, help="with --checkpoint: run in this precision mode "
+                                                "(default: the mode it was trained in)")
+    p.add_argument("--no-ema", action="store_true", help="with --checkpoint: use the live weights "
+                                                         "even when EMA weights were saved")
+    p.add_argument("--tasks", default=None,
+                   help=f"comma-separated task names (default: the 6-task suite, or the "
+                        f"checkpoint's tasks); valid: {', '.join(TASKS)}")
     p.add_argument("--episodes", type=int, default=10, help="episodes per task (default: 10)")
     p.add_argument("--seed", type=int, default=None, help="first episode seed (default: the eval range)")
     p.add_argument("--replan-every", type=int, default=8, help="actions executed per chunk (default: 8)")
     p.add_argument("--max-steps", type=int, default=200, help="episode limit (default: 200)")
-    p.add_argument("--image-size", type=int, default=64, help="camera image side (default: 64)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="camera image side (default: 64, or the checkpoint's)")
     p.add_argument("--gif", default=None, metavar="FILE", help="save the first episode of each task")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     p.set_defaults(run=run)
@@ -38,19 +47,35 @@ def run(args: argparse.Namespace) -> int:
         raise VlampError(f"unknown policy {args.policy!r}; legal: {', '.join(POLICIES)}")
     if args.episodes < 1:
         raise VlampError(f"--episodes must be >= 1, got {args.episodes}")
-    resolve_tasks(args.tasks)  # fail on a bad name before the simulator starts
+    if args.tasks is not None:
+        resolve_tasks(args.tasks)  # fail on a bad name before the simulator starts
     for path in (args.json, args.gif):
         if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
             raise VlampError(f"cannot write {path!r}: its directory is missing or not writable")
-    policy = ExpertPolicy() if args.policy == "expert" else RandomPolicy(seed=0)
-    result = evaluate(policy, args.tasks, args.episodes,
+    tasks, image_size, name = args.tasks or ",".join(DEFAULT_SUITE), args.image_size or 64, args.policy
+    if args.checkpoint:
+        from vlamp.sim.tasks import tasks_for_instructions
+        from vlamp.train.policy import load_policy
+
+        loaded = load_policy(args.checkpoint, args.mode, not args.no_ema)
+        policy, image_size = loaded.policy, loaded.image_size
+        if args.image_size not in (None, image_size):
+            raise VlampError(f"--image-size {args.image_size}: the checkpoint was trained on "
+                             f"{image_size}x{image_size} images")
+        name = f"checkpoint {args.checkpoint} (step {loaded.step})"
+        if args.tasks is None:
+            tasks = ",".join(t.name for t in tasks_for_instructions(loaded.instructions))
+        print(f"policy {name}: precision {policy.mp.mode.name}, head {loaded.config['model']['head']}")
+    else:
+        policy = ExpertPolicy() if args.policy == "expert" else RandomPolicy(seed=0)
+    result = evaluate(policy, tasks, args.episodes,
                       seed=EVAL_SEED if args.seed is None else args.seed,
-                      replan_every=args.replan_every, image_size=args.image_size,
+                      replan_every=args.replan_every, image_size=image_size,
                       max_steps=args.max_steps, gif_path=args.gif)
     print(result.table())
     if args.json:
         tmp = f"{args.json}.tmp"
         with open(tmp, "w") as f:
-            json.dump({"policy": args.policy, **result.as_dict()}, f, indent=2)
+            json.dump({"policy": name, **result.as_dict()}, f, indent=2)
         os.replace(tmp, args.json)
     return 0

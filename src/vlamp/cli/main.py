@@ -6,10 +6,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from vlamp.cli import data, doctor, evaluate, plan
+from vlamp.cli import data, doctor, evaluate, plan, train
 from vlamp.precision.errors import VlampError
 
-COMMANDS = (doctor, plan, data, evaluate)
+COMMANDS = (doctor, plan, data, train, evaluate)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,7 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not getattr(args, "allow_extra", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.extra = extra  # `vlamp train --train.steps=10`: dotted config keys
     if not getattr(args, "run", None):
         parser.print_help()
         return 2

@@ -188,7 +188,7 @@ def _png(image: np.ndarray) -> bytes:
 
 def _stats(x: np.ndarray) -> dict[str, Any]:
     return {"min": x.min(0).tolist(), "max": x.max(0).tolist(), "mean": x.mean(0).tolist(),
-            "std": x.std(0).tolist(), "count": [int(len(x))]}
+            "std": x.std(0).tolist(), "count": [len(x)]}
 
 
 def _tasks_table(tasks: list[str]):

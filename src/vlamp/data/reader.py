@@ -41,7 +41,7 @@ class LeRobotData:
 
     @property
     def num_episodes(self) -> int:
-        return int(len(np.unique(self.episode_index)))
+        return len(np.unique(self.episode_index))
 
     def __len__(self) -> int:
         return len(self.action)

@@ -10,7 +10,11 @@ from vlamp.precision.modes import MODE_NAMES, Mode, get_mode
 from vlamp.precision.plan import BUILTIN_RULES, PrecisionPlan, Rule
 from vlamp.precision.policy import Policy
 from vlamp.precision.scaler import (
-    DynamicLossScaler, LossScaler, NoLossScaler, StaticLossScaler, StepOutcome,
+    DynamicLossScaler,
+    LossScaler,
+    NoLossScaler,
+    StaticLossScaler,
+    StepOutcome,
 )
 
 __all__ = [

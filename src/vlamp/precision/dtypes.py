@@ -44,8 +44,7 @@ def to_dtype(name: str | torch.dtype, *, what: str = "dtype") -> torch.dtype:
             return name
         raise VlampError(f"{what}: unsupported dtype {name}; legal: {legal_names()}")
     key = str(name).strip().lower()
-    if key.startswith("torch."):
-        key = key[len("torch."):]
+    key = key.removeprefix("torch.")
     if key not in ALIASES:
         raise VlampError(f"{what}: unknown precision {name!r}; legal: {legal_names()}")
     return CANONICAL[ALIASES[key]]

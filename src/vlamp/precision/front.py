@@ -19,7 +19,10 @@ from vlamp.precision.master import MasterWeights
 from vlamp.precision.modes import Mode, get_mode
 from vlamp.precision.plan import PrecisionPlan, RuleSpec
 from vlamp.precision.scaler import (
-    LossScaler, NoLossScaler, StepOutcome, make_scaler,
+    LossScaler,
+    NoLossScaler,
+    StepOutcome,
+    make_scaler,
 )
 
 ScalerSpec = LossScaler | Literal["dynamic", "static", "none"] | None

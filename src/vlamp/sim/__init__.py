@@ -7,6 +7,6 @@ import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-from vlamp.sim.tasks import DEFAULT_SUITE, TASKS, Task, resolve_tasks  # noqa: E402
+from vlamp.sim.tasks import DEFAULT_SUITE, TASKS, Task, resolve_tasks
 
 __all__ = ["DEFAULT_SUITE", "TASKS", "Task", "resolve_tasks"]

@@ -66,3 +66,18 @@ def resolve_tasks(names: str | Sequence[str] | None) -> list[Task]:
     if not out:
         raise VlampError(f"no tasks given; valid: {', '.join(TASKS)}")
     return out
+
+
+def tasks_for_instructions(instructions: Sequence[str]) -> list[Task]:
+    """The simulator tasks a dataset's instructions belong to.
+
+    Raises:
+        VlampError: If an instruction is not one of the known tasks' (closed-loop evaluation needs
+            the simulator task behind every instruction).
+    """
+    by_text = {t.instruction: t for t in TASKS.values()}
+    unknown = [i for i in instructions if i not in by_text]
+    if unknown:
+        raise VlampError(f"no simulator task for instruction(s) {unknown}; known: "
+                         f"{', '.join(repr(t) for t in by_text)}")
+    return [by_text[i] for i in instructions]

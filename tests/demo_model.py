@@ -1,4 +1,4 @@
-"""A small VLA-shaped model for ``vlamp plan`` and the precision tests: a conv image encoder with
+"""A small VLA-shaped model for the precision tests (exact module boundaries to assert on): a conv image encoder with
 GroupNorm, token embeddings with a positional embedding, a pre-norm transformer layer and an action
 output projection, named so the built-in FP32 rules find their parts."""
 

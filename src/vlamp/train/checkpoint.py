@@ -1,0 +1,171 @@
+"""Checkpoints without pickle: tensors in safetensors, everything else in JSON, every file
+checksummed, written to a temporary directory and renamed into place; the newest K are kept.
+
+Layout of ``<run>/checkpoints/step_000500/``::
+
+    model.safetensors   the model's state dict (in its storage dtypes)
+    train.safetensors   optimizer state tensors, FP32 master weights, EMA weights, torch RNG state
+    state.json          step, config, tokenizer, precision state, optimizer hyper-parameters, NumPy RNG
+    checksums.json      SHA-256 of the three files above
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlamp.precision.errors import VlampError
+
+FILES = ("model.safetensors", "train.safetensors", "state.json")
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(VlampError):
+    """A checkpoint that is missing, truncated, corrupted or of another model."""
+
+
+@dataclass
+class Checkpoint:
+    """What :func:`load_checkpoint` read: ``state`` is the JSON, ``model`` and ``train`` tensors."""
+
+    path: Path
+    state: dict[str, Any]
+    model: dict[str, torch.Tensor]
+    train: dict[str, torch.Tensor]
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Splits an optimizer's state dict into tensors (``optim.<param>.<key>``) and JSON data."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim.{pid}.{k}"] = v.detach().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                        meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, t in tensors.items():
+        if name.startswith("optim."):
+            _, pid, k = name.split(".", 2)
+            state.setdefault(int(pid), {})[k] = t
+    for pid, d in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(d)
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"optimizer state does not fit this model: {e}") from None
+
+
+def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any],
+                    model: dict[str, torch.Tensor], train: dict[str, torch.Tensor],
+                    keep_last: int = 3) -> Path:
+    """Writes ``run_dir/checkpoints/step_<step>`` atomically and prunes all but the newest
+    ``keep_last``. Returns the checkpoint directory."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp-step_{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous() for k, v in model.items()}, tmp / FILES[0])
+    save_file({k: v.detach().contiguous() for k, v in train.items()}, tmp / FILES[1])
+    (tmp / FILES[2]).write_text(json.dumps({**state, "step": step}, indent=1))
+    (tmp / "checksums.json").write_text(json.dumps({f: _sha256(tmp / f) for f in FILES}, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoint directories of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Reads and verifies one checkpoint directory (or a run directory: its newest valid one).
+
+    Raises:
+        CheckpointError: If a file is missing or its checksum does not match.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} not found")
+    if not (path / "checksums.json").exists() and not (path / "state.json").exists():
+        return latest_checkpoint(path)  # a run directory
+    try:
+        sums = json.loads((path / "checksums.json").read_text())
+    except (OSError, ValueError):
+        raise CheckpointError(f"{path}: checksums.json is missing or unreadable") from None
+    for name in FILES:
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{path}: {name} is missing")
+        if _sha256(f) != sums.get(name):
+            raise CheckpointError(f"{path}: {name} does not match its checksum (truncated or corrupted)")
+    try:
+        state = json.loads((path / "state.json").read_text())
+        return Checkpoint(path, state, load_file(path / FILES[0]), load_file(path / FILES[1]))
+    except Exception as e:  # checksummed, so only a writer bug lands here
+        raise CheckpointError(f"{path}: unreadable: {e}") from None
+
+
+def latest_checkpoint(run_dir: str | Path) -> Checkpoint:
+    """The newest checkpoint of a run that verifies; older ones are tried with a warning.
+
+    Raises:
+        CheckpointError: If the run has no valid checkpoint.
+    """
+    candidates = list_checkpoints(run_dir)
+    if not candidates:
+        raise CheckpointError(f"no checkpoints in {str(run_dir)!r} (expected {run_dir}/checkpoints/step_*)")
+    problems = []
+    for path in reversed(candidates):
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as e:
+            problems.append(str(e))
+            warnings.warn(f"skipping checkpoint: {e}; trying the previous one", stacklevel=2)
+            continue
+        return ckpt
+    raise CheckpointError(f"no valid checkpoint in {str(run_dir)!r}: " + "; ".join(problems))

@@ -1,0 +1,246 @@
+"""The training configuration: typed dataclasses, read from YAML plus dotted ``key=value`` overrides
+(decoded by draccus, LeRobot's config library) and saved next to every run."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from pathlib import Path
+from typing import Any
+
+import draccus
+import yaml
+
+from vlamp.models.tinyvla import ModelConfig
+from vlamp.precision.errors import VlampError
+
+
+@dataclasses.dataclass
+class DatasetConfig:
+    """Attributes:
+        path: A LeRobot v3.0 dataset directory; empty for the default 6-task suite, generated into
+            the user cache on first use.
+        val_episodes: Episodes per task held out for the validation loss.
+        augment: Random-shift augmentation of training images (pad 4, random crop).
+    """
+
+    path: str = ""
+    val_episodes: int = 2
+    augment: bool = True
+
+
+@dataclasses.dataclass
+class PrecisionConfig:
+    """Attributes:
+        mode: ``fp32``, ``bf16-mixed``, ``fp16-mixed``, ``bf16-true``, ``fp16-true`` or ``auto``.
+        scaler: ``dynamic``, ``static``, ``none``; empty for the mode's default.
+        rules: A YAML file of per-module rules (see ``vlamp plan --rules``); empty for none.
+    """
+
+    mode: str = "auto"
+    scaler: str = ""
+    rules: str = ""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Attributes:
+        steps: Optimizer steps to run (skipped steps count).
+        batch_size: Samples per micro-batch.
+        grad_accum: Micro-batches per step.
+        lr: Peak learning rate (AdamW).
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear warm-up, then cosine decay to ``lr * min_lr_ratio``.
+        min_lr_ratio: Final learning rate as a fraction of ``lr``.
+        clip_grad_norm: Clip the unscaled gradient norm to this; 0 turns clipping off.
+        ema_decay: Keep an exponential moving average of the weights (e.g. 0.999) for evaluation;
+            0 turns it off.
+        seed: Seeds the model init, the batch order, augmentation and noise.
+        log_every: Steps between TensorBoard/metrics records.
+        val_every: Steps between validation losses (0: only at the end).
+        save_every: Steps between checkpoints (the last step is always saved).
+        keep_last: Checkpoints kept on disk.
+        threads: Torch CPU threads (0: torch's default).
+    """
+
+    steps: int = 3000
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05
+    clip_grad_norm: float = 1.0
+    ema_decay: float = 0.0
+    seed: int = 0
+    log_every: int = 10
+    val_every: int = 500
+    save_every: int = 500
+    keep_last: int = 3
+    threads: int = 0
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Attributes:
+        every: Steps between closed-loop evaluations during training (0: only at the end).
+        episodes: Episodes per task.
+        final: Evaluate after the last step.
+        replan_every: Actions executed from each predicted chunk.
+        max_steps: Episode limit.
+    """
+
+    every: int = 0
+    episodes: int = 10
+    final: bool = True
+    replan_every: int = 8
+    max_steps: int = 200
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything a training run needs; ``vlamp train --help`` lists every key.
+
+    Attributes:
+        output_dir: The run directory: config, checkpoints, TensorBoard events, metrics.
+        resume: Continue from the newest valid checkpoint in ``output_dir``.
+    """
+
+    dataset: DatasetConfig = dataclasses.field(default_factory=DatasetConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    precision: PrecisionConfig = dataclasses.field(default_factory=PrecisionConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    output_dir: str = "runs/train"
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        t = self.train
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_last"):
+            if getattr(t, name) < 1:
+                raise VlampError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+        for name in ("warmup_steps", "val_every", "save_every", "threads"):
+            if getattr(t, name) < 0:
+                raise VlampError(f"train.{name} must be >= 0, got {getattr(t, name)}")
+        if not 0.0 <= t.ema_decay < 1.0:
+            raise VlampError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+        if t.lr <= 0 or t.clip_grad_norm < 0:
+            raise VlampError("train.lr must be > 0 and train.clip_grad_norm >= 0")
+        if self.eval.episodes < 1 or self.eval.every < 0 or self.dataset.val_episodes < 0:
+            raise VlampError("eval.episodes must be >= 1; eval.every and dataset.val_episodes >= 0")
+
+
+def keys(cls: type = RunConfig, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """Every leaf key of a config class, dotted (``train.steps``)."""
+    out: dict[str, dataclasses.Field] = {}
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        sub = _dataclass_type(cls, f)
+        if sub is not None:
+            out.update(keys(sub, name + "."))
+        else:
+            out[name] = f
+    return out
+
+
+def _dataclass_type(cls: type, f: dataclasses.Field) -> type | None:
+    t = typing.get_type_hints(cls)[f.name]
+    return t if isinstance(t, type) and dataclasses.is_dataclass(t) else None
+
+
+def _check_keys(tree: dict[str, Any], cls: type, where: str, prefix: str = "") -> None:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in tree.items():
+        dotted = prefix + str(key)
+        if key not in fields:
+            legal = list(keys(cls, prefix))
+            close = difflib.get_close_matches(dotted, legal, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; legal keys: {', '.join(legal)}"
+            raise VlampError(f"{where}: unknown config key {dotted!r}{hint}")
+        sub = _dataclass_type(cls, fields[key])
+        if sub is not None:
+            if not isinstance(value, dict):
+                raise VlampError(f"{where}: {dotted!r} is a section; give its keys, e.g. "
+                                 f"{dotted}.{dataclasses.fields(sub)[0].name}=...")
+            _check_keys(value, sub, where, dotted + ".")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.steps=10", "--resume=true"]`` -> a nested dict; values are read as YAML."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        text = item.removeprefix("--")
+        if "=" not in text:
+            raise VlampError(f"override {item!r} is not key=value (e.g. train.steps=100)")
+        key, raw = text.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise VlampError(f"override {item!r} conflicts with an earlier one")
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None
+                ) -> RunConfig:
+    """Builds a :class:`RunConfig` from defaults, a YAML file and ``key=value`` overrides.
+
+    Raises:
+        VlampError: On a missing or malformed file, an unknown key (naming the closest legal one)
+            or a value of the wrong type.
+    """
+    tree: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise VlampError(f"config file {str(p)!r} not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise VlampError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise VlampError(f"config file {str(p)!r} must hold a mapping of keys, got "
+                             f"{type(loaded).__name__}")
+        tree = loaded or {}
+        _check_keys(tree, RunConfig, str(p))
+    over = parse_overrides(overrides or [])
+    _check_keys(over, RunConfig, "command line")
+    return decode(_merge(tree, over))
+
+
+def decode(tree: dict[str, Any]) -> RunConfig:
+    """A :class:`RunConfig` from a nested dict, with types checked by draccus."""
+    try:
+        return draccus.decode(RunConfig, tree)
+    except VlampError:
+        raise
+    except Exception as e:  # draccus.DecodingError, or a __post_init__ check it wrapped
+        cause = e.__cause__ if isinstance(e.__cause__, VlampError) else e
+        raise VlampError(f"bad config value: {cause}") from None
+
+
+def to_dict(config: RunConfig) -> dict[str, Any]:
+    return draccus.encode(config)
+
+
+def save_config(config: RunConfig, path: str | os.PathLike[str]) -> None:
+    """Writes the config as YAML (temporary file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    os.replace(tmp, path)

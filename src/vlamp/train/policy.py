@@ -1,0 +1,95 @@
+"""A trained model as a closed-loop policy: observation in, action chunk (in the robot's units) out."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from vlamp.data.lerobot import ACTION_KEY, STATE_KEY
+from vlamp.models.tinyvla import TinyVLA
+from vlamp.models.tokenizer import WordTokenizer
+from vlamp.precision.front import MixedPrecision
+from vlamp.sim.env import Observation
+
+EPS = 1e-6  # the same epsilon as ChunkDataset's normalization
+
+
+class VLAPolicy:
+    """Wraps a :class:`TinyVLA` for :func:`vlamp.sim.evaluate.evaluate`.
+
+    Args:
+        model: The trained model (set up by ``mp``).
+        tokenizer: The tokenizer it was trained with.
+        stats: The dataset's ``meta/stats.json`` (to normalize states and unnormalize actions).
+        mp: The precision object, for the forward pass's autocast.
+        seed: Seeds the flow head's sampling noise.
+    """
+
+    def __init__(self, model: TinyVLA, tokenizer: WordTokenizer, stats: dict, mp: MixedPrecision,
+                 seed: int = 0) -> None:
+        self.model, self.tokenizer, self.mp = model, tokenizer, mp
+        self.state_mean = np.asarray(stats[STATE_KEY]["mean"], np.float32)
+        self.state_std = np.asarray(stats[STATE_KEY]["std"], np.float32) + EPS
+        self.action_mean = np.asarray(stats[ACTION_KEY]["mean"], np.float32)
+        self.action_std = np.asarray(stats[ACTION_KEY]["std"], np.float32) + EPS
+        self.generator = torch.Generator().manual_seed(seed)
+        self._tokens: dict[str, torch.Tensor] = {}
+
+    def __call__(self, obs: Observation) -> np.ndarray:
+        if obs.instruction not in self._tokens:
+            self._tokens[obs.instruction] = self.tokenizer.encode([obs.instruction])
+        image = torch.from_numpy(np.ascontiguousarray(obs.image)).permute(2, 0, 1)[None].float() / 255.0
+        state = torch.from_numpy((obs.state - self.state_mean) / self.state_std)[None]
+        was_training = self.model.training
+        self.model.eval()
+        with self.mp.autocast():
+            chunk = self.model.predict(image, state, self._tokens[obs.instruction], self.generator)
+        self.model.train(was_training)
+        actions = chunk[0].float().numpy() * self.action_std + self.action_mean
+        return np.clip(actions, -1.0, 1.0)
+
+
+@dataclasses.dataclass
+class LoadedPolicy:
+    """A policy read from a checkpoint, with what it was trained on."""
+
+    policy: VLAPolicy
+    config: dict
+    image_size: int
+    instructions: list[str]
+    step: int
+
+
+def load_policy(path: str, mode: str | None = None, use_ema: bool = True) -> LoadedPolicy:
+    """A closed-loop policy from a checkpoint (a ``step_*`` directory or a run directory, whose
+    newest valid checkpoint is used).
+
+    Args:
+        path: Checkpoint or run directory.
+        mode: Run the policy in this precision mode instead of the one it was trained in.
+        use_ema: Use the EMA weights when the checkpoint has them.
+
+    Returns:
+        A :class:`LoadedPolicy`.
+
+    Raises:
+        VlampError: If no valid checkpoint is found.
+    """
+    from vlamp.models.tinyvla import ModelConfig
+    from vlamp.train.checkpoint import load_checkpoint
+
+    c = load_checkpoint(path)
+    config = c.state["config"]
+    mp = MixedPrecision(mode or c.state["precision"]["mode"], config["precision"]["rules"] or None)
+    model = TinyVLA(ModelConfig(**config["model"]))
+    mp.setup(model)
+    model.load_state_dict(c.model)
+    ema = {k.removeprefix("ema."): v for k, v in c.train.items() if k.startswith("ema.")}
+    if use_ema and ema:
+        sd = model.state_dict()
+        model.load_state_dict({**sd, **{k: v.to(sd[k].dtype) for k, v in ema.items()}})
+    tokenizer = WordTokenizer.from_dict(c.state["tokenizer"])
+    return LoadedPolicy(VLAPolicy(model, tokenizer, c.state["stats"], mp), config,
+                        int(c.state["image_size"]), list(c.state["tasks"]), c.step)

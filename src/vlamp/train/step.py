@@ -1,0 +1,91 @@
+"""One training step, the learning-rate schedule and the weight average: the parts the trainer
+and the benchmark share."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vlamp.precision.front import MixedPrecision
+from vlamp.precision.scaler import StepOutcome
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """The mean loss over the step's micro-batches and what the precision object did."""
+
+    loss: float
+    outcome: StepOutcome
+
+
+def train_step(model: nn.Module, micro_batches: Sequence[Batch], mp: MixedPrecision,
+               optimizer: torch.optim.Optimizer, clip_grad_norm: float | None = None) -> StepResult:
+    """autocast -> scaled backward (per micro-batch) -> unscale -> clip -> step -> scaler update ->
+    zero_grad. ``model(batch)`` must return the loss. Skipped (inf/NaN) steps change no weight.
+
+    Args:
+        model: A model set up by ``mp.setup``.
+        micro_batches: One batch, or several whose gradients are accumulated into one step.
+        mp: The precision object.
+        optimizer: The optimizer given to ``mp.setup``.
+        clip_grad_norm: Clip the unscaled gradient norm to this (``None``: no clipping).
+    """
+    total = torch.zeros(())
+    for batch in micro_batches:
+        with mp.autocast():
+            loss = model(batch)
+        mp.backward(loss / len(micro_batches))
+        total += loss.detach().float()
+    outcome = mp.step(optimizer, clip_grad_norm=clip_grad_norm)
+    return StepResult(loss=float(total) / len(micro_batches), outcome=outcome)
+
+
+def learning_rate(applied_steps: int, peak: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine decay to ``peak * min_ratio``
+    at ``total``. Driven by the count of *applied* steps, so a skipped step does not advance it."""
+    if applied_steps < warmup:
+        return peak * (applied_steps + 1) / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, (applied_steps - warmup) / span)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class EMA:
+    """An FP32 exponential moving average of a model's floating-point parameters and buffers.
+
+    Args:
+        model: The model whose weights are averaged (read on every :meth:`update`).
+        decay: Weight of the old average, e.g. 0.999.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.names = [n for n, t in model.state_dict().items() if t.is_floating_point()]
+        self.model = model
+        sd = model.state_dict()
+        self.shadow = [sd[n].detach().float().clone() for n in self.names]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        sd = self.model.state_dict()
+        torch._foreach_lerp_(self.shadow, [sd[n].float() for n in self.names], 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"ema.{n}": t for n, t in zip(self.names, self.shadow)}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        for i, n in enumerate(self.names):
+            self.shadow[i].copy_(tensors[f"ema.{n}"])
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The averaged weights, as a model state dict (cast back to each tensor's dtype)."""
+        sd = self.model.state_dict()
+        out = {n: t for n, t in sd.items()}
+        out.update({n: s.to(sd[n].dtype) for n, s in zip(self.names, self.shadow)})
+        return out

@@ -1,0 +1,337 @@
+"""The trainer: data, model and precision set up from a :class:`RunConfig`, then the loop (batches
+-> ``train_step`` -> schedule, EMA, logs, validation, closed-loop evaluation, checkpoints)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from vlamp.data.dataset import ChunkDataset, random_shift
+from vlamp.data.reader import LeRobotData, read_dataset
+from vlamp.models.tinyvla import TinyVLA
+from vlamp.models.tokenizer import WordTokenizer
+from vlamp.precision.errors import VlampError
+from vlamp.precision.front import MixedPrecision
+from vlamp.train import checkpoint as ckpt
+from vlamp.train.config import RunConfig, save_config, to_dict
+from vlamp.train.policy import VLAPolicy
+from vlamp.train.step import EMA, Batch, learning_rate, train_step
+
+
+def load_data(config: RunConfig, progress: bool = True) -> LeRobotData:
+    """The configured dataset; the default suite is generated into the cache on first use."""
+    path = config.dataset.path
+    if not path:
+        from vlamp.data.generate import generate
+
+        path = str(generate(progress=progress))
+    if not Path(path).is_dir():
+        raise VlampError(f"dataset.path {path!r} is not a directory (a LeRobot v3.0 dataset; "
+                         f"see `vlamp data generate`)")
+    return read_dataset(path)
+
+
+def split_episodes(data: LeRobotData, val_per_task: int) -> tuple[list[int], list[int]]:
+    """Train/validation episode split: the last ``val_per_task`` episodes of each task validate
+    (never all of a task's episodes)."""
+    starts = np.r_[0, np.flatnonzero(np.diff(data.episode_index)) + 1]
+    by_task: dict[int, list[int]] = {}
+    for s in starts:
+        by_task.setdefault(int(data.task_index[s]), []).append(int(data.episode_index[s]))
+    train, val = [], []
+    for eps in by_task.values():
+        k = min(val_per_task, len(eps) - 1)
+        train += eps[: len(eps) - k]
+        val += eps[len(eps) - k:] if k > 0 else []
+    return sorted(train), sorted(val)
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW; biases, norms and embeddings tables (1-D and position tables) are not decayed."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, foreach=True)
+
+
+@dataclass
+class TrainResult:
+    """What a run did: per-step losses, validation and evaluation results, where it lives."""
+
+    run_dir: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    scales: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    skipped_steps: int = 0
+    val_action_l1: float | None = None
+    eval: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+
+class Trainer:
+    """Runs one training job described by a :class:`RunConfig`.
+
+    Args:
+        config: The run's configuration.
+        data: An already loaded dataset (else ``config.dataset.path`` is read).
+        progress: Show progress bars.
+
+    Raises:
+        VlampError: On bad configuration, an output directory that holds another run (without
+            ``resume``), or a checkpoint of a different model.
+    """
+
+    def __init__(self, config: RunConfig, data: LeRobotData | None = None, progress: bool = True) -> None:
+        self.config, self.progress = config, progress
+        self.run_dir = Path(config.output_dir)
+        existing = ckpt.list_checkpoints(self.run_dir)
+        if existing and not config.resume:
+            raise VlampError(f"output_dir {str(self.run_dir)!r} already holds checkpoints; pass "
+                             f"resume=true to continue it or choose another output_dir")
+        if config.resume and not existing:
+            raise VlampError(f"resume=true but {str(self.run_dir)!r} has no checkpoints")
+        if config.train.threads:
+            torch.set_num_threads(config.train.threads)
+        self.data = data if data is not None else load_data(config, progress)
+        self.image_size = int(self.data.images.shape[1])
+        train_eps, val_eps = split_episodes(self.data, config.dataset.val_episodes)
+        self.train_set = ChunkDataset(self.data, config.model.chunk, train_eps)
+        self.val_set = ChunkDataset(self.data, config.model.chunk, val_eps) if val_eps else None
+
+        resume_from = ckpt.latest_checkpoint(self.run_dir) if config.resume else None
+        if resume_from is not None:
+            self.tokenizer = WordTokenizer.from_dict(resume_from.state["tokenizer"])
+        else:
+            self.tokenizer = WordTokenizer.build(self.data.tasks, config.model.max_tokens)
+        self.tokens_by_task = self.tokenizer.encode(self.data.tasks)
+        m = config.model
+        m.vocab_size, m.state_dim = len(self.tokenizer), int(self.data.state.shape[1])
+        m.action_dim, m.image_size = int(self.data.action.shape[1]), self.image_size
+        if resume_from is not None:
+            _check_same_model(resume_from.state["config"]["model"], to_dict(config)["model"])
+
+        torch.manual_seed(config.train.seed)
+        self.rng = np.random.default_rng(config.train.seed)
+        p = config.precision
+        self.model = TinyVLA(m)
+        self.optimizer = make_optimizer(self.model, config.train.lr, config.train.weight_decay)
+        self.mp = MixedPrecision(p.mode, p.rules or None, p.scaler or None)
+        self.mp.setup(self.model, self.optimizer)
+        self.ema = EMA(self.model, config.train.ema_decay) if config.train.ema_decay else None
+        self.step = 0
+        self.applied_steps = 0
+        if resume_from is not None:
+            self._restore(resume_from)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        optim_tensors, optim_meta = ckpt.optimizer_to_flat(self.optimizer)
+        mp_state = self.mp.state_dict()
+        masters = mp_state.pop("master_weights")
+        tensors = {**optim_tensors, **{f"master.{k}": v for k, v in masters.items()},
+                   "rng.torch": torch.get_rng_state()}
+        if self.ema is not None:
+            tensors.update(self.ema.state_dict())
+        state = {
+            "format": 1,
+            "applied_steps": self.applied_steps,
+            "config": to_dict(self.config),
+            "tokenizer": self.tokenizer.to_dict(),
+            "stats": self.data.stats,
+            "tasks": list(self.data.tasks),
+            "image_size": self.image_size,
+            "precision": mp_state,
+            "optimizer": optim_meta,
+            "numpy_rng": self.rng.bit_generator.state,
+        }
+        return state, tensors
+
+    def save(self) -> Path:
+        state, tensors = self._state()
+        return ckpt.save_checkpoint(self.run_dir, self.step, state, self.model.state_dict(), tensors,
+                                    keep_last=self.config.train.keep_last)
+
+    def _restore(self, c: ckpt.Checkpoint) -> None:
+        saved_mode = c.state["precision"]["mode"]
+        if saved_mode != self.mp.mode.name:
+            warnings.warn(f"resuming a {saved_mode} run in {self.mp.mode.name}: weights and optimizer "
+                          f"state carry over, loss-scaler state only where the scaler type matches",
+                          stacklevel=2)
+        try:
+            self.model.load_state_dict({k: v for k, v in c.model.items()}, strict=True)
+        except RuntimeError as e:
+            raise ckpt.CheckpointError(f"{c.path}: model weights do not fit: {str(e).splitlines()[0]}") from None
+        masters = {k.removeprefix("master."): v for k, v in c.train.items() if k.startswith("master.")}
+        ckpt.optimizer_from_flat(self.optimizer, c.train, c.state["optimizer"])
+        self.mp.load_state_dict({**c.state["precision"],
+                                 "master_weights": masters if saved_mode == self.mp.mode.name else {}})
+        if self.ema is not None:
+            if any(k.startswith("ema.") for k in c.train):
+                self.ema.load_state_dict(c.train)
+            else:
+                warnings.warn("the checkpoint has no EMA weights; the average starts from the "
+                              "current weights", stacklevel=2)
+        torch.set_rng_state(c.train["rng.torch"])
+        self.rng.bit_generator.state = c.state["numpy_rng"]
+        self.step, self.applied_steps = c.step, int(c.state["applied_steps"])
+        _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def _batch(self, positions: np.ndarray, augment: bool) -> Batch:
+        dataset = self.train_set
+        b = dataset.batch(positions)
+        if augment:
+            b["image"] = random_shift(b["image"])
+        b["tokens"] = self.tokens_by_task[b["task_index"]]
+        return b
+
+    def fit(self) -> TrainResult:
+        """Trains to ``train.steps`` (from the resumed step, if any), evaluating on the way."""
+        c, t = self.config, self.config.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(c, self.run_dir / "config.yaml")
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step or None)
+        metrics = open(self.run_dir / "metrics.jsonl", "a")
+        result = TrainResult(self.run_dir, t.steps)
+        bar = tqdm(total=t.steps, initial=self.step, desc=f"train {self.mp.mode.name}", unit="step",
+                   disable=not self.progress, dynamic_ncols=True)
+        start, window_t, window_n = time.perf_counter(), time.perf_counter(), 0
+        clip = t.clip_grad_norm or None
+        try:
+            while self.step < t.steps:
+                lr = learning_rate(self.applied_steps, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                positions = self.rng.integers(0, len(self.train_set), size=t.batch_size * t.grad_accum)
+                batches = [self._batch(chunk, c.dataset.augment)
+                           for chunk in np.split(positions, t.grad_accum)]
+                t0 = time.perf_counter()
+                r = train_step(self.model, batches, self.mp, self.optimizer, clip)
+                result.step_times.append(time.perf_counter() - t0)
+                self.step += 1
+                window_n += len(positions)
+                if not r.outcome.skipped:
+                    self.applied_steps += 1
+                    if self.ema is not None:
+                        self.ema.update()
+                result.losses.append(r.loss)
+                result.scales.append(r.outcome.scale)
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    now = time.perf_counter()
+                    rate = window_n / max(now - window_t, 1e-9)
+                    window_t, window_n = now, 0
+                    row = {"step": self.step, "loss": r.loss, "lr": lr, "loss_scale": r.outcome.scale,
+                           "skipped_steps": self.mp.skipped_steps, "grad_norm": r.outcome.grad_norm,
+                           "samples_per_s": rate, "step_time_s": result.step_times[-1]}
+                    _log(writer, metrics, "train", row)
+                    bar.set_postfix(loss=f"{r.loss:.4f}", scale=f"{r.outcome.scale:g}",
+                                    skipped=self.mp.skipped_steps, samples_s=f"{rate:.0f}")
+                bar.update()
+                last = self.step == t.steps
+                if self.val_set is not None and ((t.val_every and self.step % t.val_every == 0) or last):
+                    result.val_action_l1 = self.validate()
+                    _log(writer, metrics, "val", {"step": self.step, "action_l1": result.val_action_l1})
+                if (c.eval.every and self.step % c.eval.every == 0) or (last and c.eval.final):
+                    result.eval = self.evaluate()
+                    _log(writer, metrics, "eval", {"step": self.step,
+                                                   "success_rate": result.eval["success_rate"]})
+                if (t.save_every and self.step % t.save_every == 0) or last:
+                    self.save()
+        finally:
+            bar.close()
+            writer.close()
+            metrics.close()
+        result.skipped_steps = self.mp.skipped_steps
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def eval_weights(self) -> dict[str, torch.Tensor] | None:
+        """The EMA weights when averaging, else ``None`` (the live weights)."""
+        return self.ema.weights() if self.ema is not None else None
+
+    @torch.no_grad()
+    def validate(self, batch_size: int = 256) -> float:
+        """Mean absolute action error on the validation episodes (normalized units, real steps)."""
+        assert self.val_set is not None
+        with _swapped(self.model, self.eval_weights()):
+            self.model.eval()
+            err, count = 0.0, 0.0
+            g = torch.Generator().manual_seed(0)
+            for s in range(0, len(self.val_set), batch_size):
+                b = self.val_set.batch(np.arange(s, min(s + batch_size, len(self.val_set))))
+                with self.mp.autocast():
+                    pred = self.model.predict(b["image"], b["state"], self.tokens_by_task[b["task_index"]], g)
+                w = b["action_mask"].unsqueeze(-1).float()
+                err += float(((pred.float() - b["actions"]).abs() * w).sum())
+                count += float(w.sum()) * pred.shape[-1]
+            self.model.train()
+        return err / max(count, 1.0)
+
+    def evaluate(self) -> dict[str, Any]:
+        """Closed-loop success in the simulator on the dataset's tasks."""
+        from vlamp.sim.evaluate import evaluate
+        from vlamp.sim.tasks import tasks_for_instructions
+
+        tasks = [task.name for task in tasks_for_instructions(self.data.tasks)]
+        policy = VLAPolicy(self.model, self.tokenizer, self.data.stats, self.mp)
+        e = self.config.eval
+        with _swapped(self.model, self.eval_weights()):
+            res = evaluate(policy, tasks, e.episodes, replan_every=e.replan_every,
+                           image_size=self.image_size, max_steps=e.max_steps, progress=self.progress)
+        return res.as_dict()
+
+
+class _swapped:
+    """Temporarily loads other weights (the EMA) into a model."""
+
+    def __init__(self, model: torch.nn.Module, weights: dict[str, torch.Tensor] | None) -> None:
+        self.model, self.weights, self.saved = model, weights, None
+
+    def __enter__(self) -> None:
+        if self.weights is not None:
+            self.saved = {k: v.clone() for k, v in self.model.state_dict().items()}
+            self.model.load_state_dict(self.weights)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.saved is not None:
+            self.model.load_state_dict(self.saved)
+
+
+def _check_same_model(saved: dict[str, Any], now: dict[str, Any]) -> None:
+    diff = [f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in now.items()
+            if saved.get(k) != v]
+    if diff:
+        raise ckpt.CheckpointError("the checkpoint is of a different model config (" + "; ".join(diff)
+                                   + "); resume with the run's own config.yaml")
+
+
+def _log(writer, metrics, prefix: str, row: dict[str, Any]) -> None:
+    step = row["step"]
+    for k, v in row.items():
+        if k != "step" and v is not None:
+            writer.add_scalar(f"{prefix}/{k}", v, step)
+    metrics.write(json.dumps({"kind": prefix, **row}) + "\n")
+    metrics.flush()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drops metric rows written after the checkpoint (they will be written again)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()
+            and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(r + "\n" for r in rows))
+    os.replace(tmp, path)

@@ -1,0 +1,206 @@
+"""The trainer end to end on a tiny dataset: every mode trains, resume is bit-exact, checkpoints
+are verified, configs are checked, and TinyVLA's FP32 islands really compute in FP32."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_overrides
+from safetensors.torch import load_file
+
+from vlamp import MODE_NAMES
+from vlamp.models.tinyvla import ModelConfig, TinyVLA
+from vlamp.precision.errors import VlampError
+from vlamp.precision.front import MixedPrecision
+from vlamp.precision.scaler import StaticLossScaler
+from vlamp.precision.verify import trace_compute_dtypes
+from vlamp.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
+from vlamp.train.config import load_config
+from vlamp.train.step import learning_rate
+from vlamp.train.trainer import Trainer
+
+pytestmark = pytest.mark.slow
+
+
+def run(dataset, out, mode="fp32", *more):
+    return Trainer(load_config(None, tiny_overrides(dataset, out, mode, *more)), progress=False).fit()
+
+
+def train_rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["kind"] == "train"]
+
+
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_short_run_in_every_mode_trains_logs_and_checkpoints(tiny_dataset, tmp_path, mode):
+    out = tmp_path / mode
+    r = run(tiny_dataset, out, mode, "train.steps=4", "train.grad_accum=2")
+    assert len(r.losses) == 4 and all(torch.isfinite(torch.tensor(r.losses)))
+    assert r.val_action_l1 is not None and r.val_action_l1 > 0
+    assert [p.name for p in list_checkpoints(out)] == ["step_0000003", "step_0000004"]
+    assert (out / "config.yaml").read_text().count(f"mode: {mode}") == 1
+    assert [row["step"] for row in train_rows(out)] == [1, 2, 3, 4]
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    weights = load_file(out / "checkpoints" / "step_0000004" / "model.safetensors")
+    low = {"bf16-true": torch.bfloat16, "fp16-true": torch.float16}.get(mode, torch.float32)
+    assert weights["trunk.0.qkv.weight"].dtype == low
+    assert weights["action_out.weight"].dtype == torch.float32  # an FP32 island in every mode
+
+
+def test_loss_goes_down(tiny_dataset, tmp_path):
+    r = run(tiny_dataset, tmp_path / "r", "fp32", "train.steps=40", "train.save_every=0",
+            "train.val_every=0", "train.lr=3e-3")
+    assert sum(r.losses[-5:]) / 5 < 0.7 * r.losses[0]
+
+
+@pytest.mark.parametrize("mode", ["fp32", "fp16-mixed"])
+def test_resume_is_bit_exact(tiny_dataset, tmp_path, mode):
+    """Stop after step 3 (the checkpoint), resume to step 6: same losses, same final bytes."""
+    full = tmp_path / "full"
+    run(tiny_dataset, full, mode, "train.ema_decay=0.9")
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoints" / "step_0000006")
+    resumed = run(tiny_dataset, part, mode, "train.ema_decay=0.9", "resume=true")
+    assert len(resumed.losses) == 3
+    assert [r["loss"] for r in train_rows(part)] == [r["loss"] for r in train_rows(full)]
+    for name in ("model.safetensors", "train.safetensors"):
+        a = (full / "checkpoints" / "step_0000006" / name).read_bytes()
+        b = (part / "checkpoints" / "step_0000006" / name).read_bytes()
+        assert a == b, name
+
+
+def test_corrupted_checkpoint_falls_back_to_the_previous_one(tiny_dataset, tmp_path):
+    out = tmp_path / "r"
+    run(tiny_dataset, out)
+    newest = out / "checkpoints" / "step_0000006" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-100])  # truncated
+    with pytest.warns(UserWarning, match="does not match its checksum"):
+        c = latest_checkpoint(out)
+    assert c.step == 3
+    (out / "checkpoints" / "step_0000003" / "state.json").write_text("{}")
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="no valid checkpoint"):
+        latest_checkpoint(out)
+
+
+def test_resume_rules(tiny_dataset, tmp_path):
+    out = tmp_path / "r"
+    run(tiny_dataset, out, "fp32", "train.steps=3")
+    with pytest.raises(VlampError, match="already holds checkpoints"):
+        run(tiny_dataset, out, "fp32", "train.steps=3")
+    with pytest.raises(VlampError, match="model.dim: checkpoint 32, config 64"):
+        run(tiny_dataset, out, "fp32", "train.steps=5", "model.dim=64", "resume=true")
+    with pytest.warns(UserWarning, match="resuming a fp32 run in bf16-mixed"):
+        r = run(tiny_dataset, out, "bf16-mixed", "train.steps=4", "resume=true")
+    assert len(r.losses) == 1
+    with pytest.raises(VlampError, match="has no checkpoints"):
+        run(tiny_dataset, tmp_path / "empty", "fp32", "resume=true")
+
+
+def test_skipped_steps_do_not_advance_the_schedule(tiny_dataset, tmp_path):
+    cfg = load_config(None, tiny_overrides(tiny_dataset, tmp_path / "r", "fp16-mixed", "train.steps=3"))
+    trainer = Trainer(cfg, progress=False)
+    trainer.mp.scalers[0] = StaticLossScaler(1e30)  # every fp16 gradient overflows
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    r = trainer.fit()
+    assert r.skipped_steps == 3 and trainer.applied_steps == 0
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert {row["lr"] for row in train_rows(tmp_path / "r")} == {learning_rate(0, 1e-3, 2, 3, 0.05)}
+
+
+def test_learning_rate_schedule():
+    lrs = [learning_rate(s, 1.0, 10, 110, 0.1) for s in range(111)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[110] == pytest.approx(0.1)
+
+
+def test_fp32_islands_compute_in_fp32_under_bf16_mixed():
+    model = TinyVLA(ModelConfig(vocab_size=8, dim=32, depth=1, heads=2, text_layers=1,
+                                channels=[8, 8], chunk=4, head="flow", image_size=16,
+                                max_tokens=3))
+    mp = MixedPrecision("bf16-mixed")
+    mp.setup(model)
+    b = {"image": torch.rand(2, 3, 16, 16), "state": torch.randn(2, 4),
+         "tokens": torch.tensor([[2, 3, 0], [4, 5, 6]]), "actions": torch.randn(2, 4, 4),
+         "action_mask": torch.ones(2, 4, dtype=torch.bool)}
+
+    def step():
+        with mp.autocast():
+            model(b).backward()
+
+    outputs = {}
+
+    def record(name):
+        def hook(module, args, out):
+            outputs[name] = out if isinstance(out, tuple) else (out,)
+        return hook
+
+    for name in ("loss_fn", "time_embed", "time_sampler"):  # element-wise islands: check outputs
+        getattr(model, name).register_forward_hook(record(name))
+    seen = trace_compute_dtypes(model, step)
+    assert {name: {t.dtype for t in out} for name, out in outputs.items()} == {
+        "loss_fn": {torch.float32}, "time_embed": {torch.float32}, "time_sampler": {torch.float32}}
+    fp32 = ["action_out", "norm", "trunk.0.norm1", "vision.stages.0.norm1", "text.norm"]
+    bf16 = ["trunk.0.qkv", "trunk.0.mlp.0", "vision.stages.0.down", "time_mlp.0", "action_in",
+            "text.layers.0.proj", "trunk.0"]
+    for name in fp32:
+        assert seen[name] == {torch.float32}, name
+    for name in bf16:
+        assert torch.bfloat16 in seen[name], name
+    assert len(seen) >= 20  # the trace saw the whole model, not a part of it
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "vlamp", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_train_and_eval_checkpoint_through_the_cli(tiny_dataset, tmp_path):
+    out = tmp_path / "r"
+    p = cli("train", "--no-progress", *tiny_overrides(tiny_dataset, out, "bf16-mixed", "train.steps=3"))
+    assert p.returncode == 0, p.stderr
+    assert "precision bf16-mixed" in p.stdout and "vlamp eval --checkpoint" in p.stdout
+    p = cli("eval", "--checkpoint", str(out), "--episodes", "1", "--max-steps", "10",
+            "--json", str(tmp_path / "e.json"))
+    assert p.returncode == 0, p.stderr
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert [t["task"] for t in result["per_task"]] == ["drawer-open", "drawer-close"]
+    assert "precision bf16-mixed" in p.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train.step=3"], "unknown config key 'train.step'; did you mean 'train.steps'?"),
+    (["--train.batch_size=many"], "`train.batch_size`: Couldn't parse 'many' into an int"),
+    (["precision.mode=fp12"], "fp12"),
+    (["model.head=diffusion"], "model.head must be one of act, flow"),
+    (["steps"], "is not key=value"),
+])
+def test_config_errors_exit_2_in_one_line(tiny_dataset, tmp_path, args, message):
+    p = cli("train", f"dataset.path={tiny_dataset}", f"output_dir={tmp_path / 'r'}", *args)
+    assert p.returncode == 2
+    assert message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_config_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  stepz: 3\n")
+    p = cli("train", "--config", str(bad))
+    assert p.returncode == 2 and "did you mean 'train.steps'" in p.stderr
+    bad.write_text("[1, 2")
+    p = cli("train", "--config", str(bad))
+    assert p.returncode == 2 and "not valid YAML" in p.stderr
+    p = cli("train", "--config", str(tmp_path / "missing.yaml"))
+    assert p.returncode == 2 and "not found" in p.stderr
+
+
+def test_eval_of_a_corrupted_checkpoint_exits_2(tiny_dataset, tmp_path):
+    out = tmp_path / "r"
+    run(tiny_dataset, out, "fp32", "train.steps=3")
+    (out / "checkpoints" / "step_0000003" / "train.safetensors").write_bytes(b"junk")
+    p = cli("eval", "--checkpoint", str(out / "checkpoints" / "step_0000003"), "--episodes", "1")
+    assert p.returncode == 2 and "does not match its checksum" in p.stderr
