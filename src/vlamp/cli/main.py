@@ -6,10 +6,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from vlamp.cli import data, doctor, evaluate, plan, train
+from vlamp.cli import bench, data, demo, doctor, evaluate, plan, train
 from vlamp.precision.errors import VlampError
 
-COMMANDS = (doctor, plan, data, train, evaluate)
+COMMANDS = (demo, doctor, plan, data, train, evaluate, bench)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -129,3 +129,17 @@ def measure_throughput(device: str = "cpu", budget_s: float = 0.15) -> dict[str,
         t = _time(lambda: F.conv2d(x, k, padding=1), budget_s, sync)
         out["conv"][name] = 2 * b * c * c * 9 * hw * hw / t / 1e9
     return out
+
+
+def native_formats(hw: Hardware) -> tuple[str, ...]:
+    """The low-precision formats ``hw`` computes natively (``"bf16"``, ``"fp16"``); the others are
+    emulated there, far slower than FP32."""
+    if hw.device == "cuda" and hw.cuda_capability is not None:
+        major = hw.cuda_capability[0]
+        return ("bf16", "fp16") if major >= 8 else ("fp16",) if major == 7 else ()
+    out = []
+    if {"avx512_bf16", "amx_bf16"} & set(hw.cpu_flags):
+        out.append("bf16")
+    if {"avx512_fp16", "amx_fp16"} & set(hw.cpu_flags):
+        out.append("fp16")
+    return tuple(out)

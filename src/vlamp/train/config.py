@@ -65,7 +65,7 @@ class TrainConfig:
         threads: Torch CPU threads (0: torch's default).
     """
 
-    steps: int = 3000
+    steps: int = 1300
     batch_size: int = 64
     grad_accum: int = 1
     lr: float = 1e-3

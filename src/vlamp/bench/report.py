@@ -1,0 +1,133 @@
+"""The benchmark report: a table and matplotlib plots, as Markdown and as HTML."""
+
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PLOTS = ("loss.png", "speed_memory.png", "loss_scale.png", "success.png")
+
+
+def _label(r: dict[str, Any]) -> str:
+    return r["mode"] if r["runner"] == "vlamp" else f"{r['mode']} (torch.amp loop)"
+
+
+def _fmt(v: Any, pattern: str) -> str:
+    return "-" if v is None else pattern.format(v)
+
+
+def table_rows(results: dict[str, Any]) -> list[list[str]]:
+    """Header plus one row per run."""
+    rows = [["run", "seed", "step time (s)", "samples/s", "speed-up", "peak RSS (MiB)", "memory",
+             "state (MiB)", "val action L1", "success", "skipped"]]
+    for r in results["runs"]:
+        rows.append([_label(r), str(r["seed"]), f"{r['step_time_s_median']:.3f}",
+                     f"{r['samples_per_s']:.0f}", f"{r['speedup_vs_fp32']:.2f}x",
+                     f"{r['peak_rss_bytes'] / 2**20:.0f}", f"{r['memory_vs_fp32']:.2f}x",
+                     f"{r['state_bytes'] / 2**20:.1f}", _fmt(r["final_val_action_l1"], "{:.4f}"),
+                     _fmt(r["success_rate"], "{:.0%}"), str(r["skipped_steps"])])
+    return rows
+
+
+def text_table(results: dict[str, Any]) -> str:
+    rows = table_rows(results)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def _plots(results: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in runs:
+        losses = np.asarray(r["losses"])
+        k = max(1, len(losses) // 50)
+        smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+        ax.plot(np.arange(len(smooth)) + k, smooth, label=f"{_label(r)} s{r['seed']}")
+    ax.set(xlabel="step", ylabel="training loss", yscale="log", title="Loss curves")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / PLOTS[0], dpi=110)
+    plt.close(fig)
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
+    names = [f"{_label(r)}\ns{r['seed']}" for r in runs]
+    a.bar(names, [r["step_time_s_median"] for r in runs], color="tab:blue")
+    a.set(ylabel="median step time (s)", title="Speed")
+    b.bar(names, [r["peak_rss_bytes"] / 2**20 for r in runs], color="tab:orange", label="peak RSS")
+    b.bar(names, [r["state_bytes"] / 2**20 for r in runs], color="tab:green",
+          label="params+grads+optimizer")
+    b.set(ylabel="MiB", title="Memory")
+    b.legend(fontsize=8)
+    for axis in (a, b):
+        axis.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(out / PLOTS[1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for r in runs:
+        ax.plot(r["loss_scales"], label=f"{_label(r)} s{r['seed']}")
+    ax.set(xlabel="step", ylabel="loss scale", yscale="log", title="Loss scale (1 = no scaling)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / PLOTS[2], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    evaluated = [r for r in runs if r["success_per_task"]]
+    tasks = list(evaluated[0]["success_per_task"]) if evaluated else []
+    width = 0.8 / max(1, len(evaluated))
+    for i, r in enumerate(evaluated):
+        ax.bar(np.arange(len(tasks)) + i * width, [100 * r["success_per_task"][t] for t in tasks],
+               width, label=f"{_label(r)} s{r['seed']}")
+    ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks, fontsize=8)
+    ax.set(ylabel="success (%)", ylim=(0, 105), title="Closed-loop success per task")
+    if evaluated:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / PLOTS[3], dpi=110)
+    plt.close(fig)
+
+
+def write_report(results: dict[str, Any], out: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """Writes the plots, ``report.md`` and ``report.html`` into ``out``."""
+    out = Path(out)
+    _plots(results, out)
+    m = results["machine"]
+    machine = (f"{m['gpu'] or m['cpu']} ({m['cpu_cores']} cores, flags: {', '.join(m['cpu_flags'])}), "
+               f"torch {m['torch']}")
+    t = results["config"]["train"]
+    setup = (f"{t['steps']} steps at batch {t['batch_size']} per run; medians after warm-up; "
+             f"ratios against the FP32 run of the same invocation")
+    rows = table_rows(results)
+    md = ["# vlamp bench", "", f"Machine: {machine}.", "", setup + ".", ""]
+    md += [f"- {n}" for n in results["notes"]] + ([""] if results["notes"] else [])
+    md += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    md += ["", *[f"![{p[:-4]}]({p})" for p in PLOTS], ""]
+    page = ["<!doctype html><meta charset=utf-8><title>vlamp bench</title>",
+            "<style>body{font-family:sans-serif;max-width:960px;margin:2em auto}"
+            "td,th{padding:2px 8px;text-align:right}td:first-child{text-align:left}</style>",
+            "<h1>vlamp bench</h1>", f"<p>Machine: {html.escape(machine)}.</p>",
+            f"<p>{html.escape(setup)}.</p>"]
+    page += ["<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in results["notes"]) + "</ul>"]
+    page += ["<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in rows[0]) + "</tr>"]
+    page += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:]]
+    page += ["</table>", *[f'<p><img src="{p}" alt="{p[:-4]}"></p>' for p in PLOTS]]
+    paths = out / "report.md", out / "report.html"
+    for path, text in zip(paths, ("\n".join(md), "\n".join(page))):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return paths
