@@ -39,12 +39,13 @@ def test_plan_prints_the_table_with_islands(capsys):
 
 def test_plan_json_and_rules_file(tmp_path, capsys):
     rules = tmp_path / "rules.yaml"
-    rules.write_text("builtin_rules: false\nrules:\n  - {pattern: 'head.*', policy: fp32}\n"
+    rules.write_text("builtin_rules: false\nrules:\n  - {pattern: 'trunk.*', policy: fp32}\n"
                      "  - {pattern: nothing, policy: fp32}\n")
     assert main(["plan", "--mode", "bf16-mixed", "--rules", str(rules), "--json"]) == 0
     captured = capsys.readouterr()
     rows = {r["module"]: r for r in json.loads(captured.out)}  # warnings do not pollute the JSON
-    assert rows["head.0"]["compute"] == "fp32" and rows["head.0"]["rule"] == "head.*"
+    assert rows["trunk.0.qkv"]["compute"] == "fp32" and rows["trunk.0.qkv"]["rule"] == "trunk.*"
+    assert rows["trunk"]["rule"] == "inherited" and rows["text.layers.0.qkv"]["compute"] == "bf16"
     assert rows["action_out"]["rule"] == "inherited"  # builtins off
     assert "'nothing' matches no module" in captured.err
 

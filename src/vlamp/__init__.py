@@ -31,9 +31,28 @@ from vlamp.precision import (
 
 __version__ = "0.1.0"
 
+# Training names load on first use: they pull in the simulator and the data stack, which
+# ``import vlamp`` for the precision API alone should not pay for.
+_LAZY = {
+    "ModelConfig": "vlamp.models.tinyvla", "TinyVLA": "vlamp.models.tinyvla",
+    "WordTokenizer": "vlamp.models.tokenizer", "RunConfig": "vlamp.train.config",
+    "load_config": "vlamp.train.config", "Trainer": "vlamp.train.trainer",
+    "train_step": "vlamp.train.step", "VLAPolicy": "vlamp.train.policy",
+    "load_policy": "vlamp.train.policy", "evaluate": "vlamp.sim.evaluate",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'vlamp' has no attribute {name!r}")
+
+
 __all__ = [
     "BUILTIN_RULES", "FORMATS", "MODE_NAMES", "DynamicLossScaler", "Format", "Hardware",
     "LossScaler", "MixedPrecision", "Mode", "NoLossScaler", "PlanTable", "Policy", "PrecisionPlan",
     "Rule", "StaticLossScaler", "StepOutcome", "VlampError", "__version__", "choose_mode", "detect",
-    "format_table", "get_mode", "measure_throughput", "to_dtype",
+    "format_table", "get_mode", "measure_throughput", "to_dtype", *_LAZY,
 ]

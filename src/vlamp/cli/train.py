@@ -15,6 +15,9 @@ config keys (KEY=VALUE, or --KEY=VALUE):
 """
 
 
+FROM_DATA = ("model.vocab_size", "model.state_dim", "model.action_dim", "model.image_size")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from vlamp.train.config import RunConfig, keys
 
@@ -24,7 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         value = defaults
         for part in key.split("."):
             value = getattr(value, part)
-        lines.append(f"  {key:<24} default: {value!r}")
+        note = "  (set from the dataset)" if key in FROM_DATA else ""
+        lines.append(f"  {key:<24} default: {value!r}{note}")
     p = sub.add_parser(
         "train", help="train a policy (config file + key=value overrides)",
         description="Train TinyVLA by behaviour cloning on a LeRobot v3.0 dataset (default: the "

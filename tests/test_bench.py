@@ -1,0 +1,99 @@
+"""``vlamp bench --quick`` and ``vlamp demo --quick`` end to end, through the command line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vlamp.bench.worker import state_bytes
+from vlamp.precision.front import MixedPrecision
+
+pytestmark = pytest.mark.slow
+
+RUN_FIELDS = {"mode", "runner", "seed", "step_time_s_median", "samples_per_s", "peak_rss_bytes",
+              "state_bytes", "params_bytes", "grads_bytes", "optimizer_bytes", "final_val_action_l1",
+              "success_rate", "success_per_task", "skipped_steps", "speedup_vs_fp32",
+              "memory_vs_fp32", "losses", "loss_scales", "batch_size"}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A private cache, so the quick dataset is generated here and not in the user's cache."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def cli(cache, *args):
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache), "MUJOCO_GL": "egl"}
+    return subprocess.run([sys.executable, "-m", "vlamp", *args], capture_output=True, text=True,
+                          env=env, timeout=600, check=False)
+
+
+def test_bench_quick_writes_every_field_and_consistent_ratios(cache, tmp_path):
+    out = tmp_path / "bench"
+    p = cli(cache, "bench", "--quick", "--modes", "bf16-mixed,fp16-mixed", "--steps", "4",
+            "--warmup", "1", "--out", str(out), "--no-progress")
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((out / "results.json").read_text())
+    assert {"cpu", "cpu_flags", "gpu", "torch", "cpu_cores"} <= set(r["machine"])
+    assert r["machine"]["torch"] == torch.__version__
+    runs = r["runs"]
+    assert [(x["mode"], x["runner"]) for x in runs] == [
+        ("fp32", "vlamp"), ("bf16-mixed", "vlamp"), ("fp16-mixed", "vlamp"), ("bf16-mixed", "torch.amp")]
+    fp32 = runs[0]
+    for x in runs:
+        assert RUN_FIELDS <= set(x), RUN_FIELDS - set(x)
+        assert len(x["losses"]) == 4 and len(x["loss_scales"]) == 4
+        assert x["step_time_s_median"] > 0 and x["peak_rss_bytes"] > 2**20
+        assert x["samples_per_s"] == pytest.approx(x["batch_size"] / x["step_time_s_median"])
+        assert x["speedup_vs_fp32"] == pytest.approx(fp32["step_time_s_median"] / x["step_time_s_median"])
+        assert x["memory_vs_fp32"] == pytest.approx(x["peak_rss_bytes"] / fp32["peak_rss_bytes"])
+        assert x["state_bytes"] == x["params_bytes"] + x["grads_bytes"] + x["optimizer_bytes"]
+        assert 0.0 <= x["success_rate"] <= 1.0 and set(x["success_per_task"]) == {"drawer-open", "drawer-close"}
+        assert x["final_val_action_l1"] > 0
+    assert fp32["speedup_vs_fp32"] == 1.0 and fp32["memory_vs_fp32"] == 1.0
+    assert runs[2]["loss_scales"][0] == 2.0**16  # fp16 runs under the dynamic scaler
+    assert set(runs[0]["loss_scales"]) == {1.0}
+    for name in ("report.md", "report.html", "loss.png", "speed_memory.png", "loss_scale.png", "success.png"):
+        assert (out / name).stat().st_size > 200, name
+    md = (out / "report.md").read_text()
+    assert "bf16-mixed (torch.amp loop)" in md and "fp16-mixed" in md
+    assert "bf16-mixed (torch.amp loop)" in p.stdout  # the table is printed too
+
+
+def test_bench_rejects_unknown_modes(cache, tmp_path):
+    p = cli(cache, "bench", "--modes", "fp32,int4", "--out", str(tmp_path / "b"))
+    assert p.returncode == 2 and "unknown mode(s) int4; legal: fp32" in p.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_state_bytes_counts_masters_grads_and_adam_moments():
+    for mode, param_bytes, master_bytes in (("fp32", 4, 0), ("bf16-true", 2, 4)):
+        model = torch.nn.Linear(10, 10)  # 110 parameters
+        opt = torch.optim.AdamW(model.parameters())
+        mp = MixedPrecision(mode)
+        mp.setup(model, opt)
+        with mp.autocast():
+            loss = model(torch.randn(2, 10)).sum()
+        mp.backward(loss)
+        mp.step(opt)
+        s = state_bytes(model, opt)
+        assert s["params_bytes"] == 110 * (param_bytes + master_bytes)
+        assert s["grads_bytes"] == 110 * 4  # the optimizer's (FP32) gradients
+        assert s["optimizer_bytes"] == 2 * 110 * 4 + 2 * 4  # exp_avg, exp_avg_sq, two step counters
+
+
+def test_demo_quick_runs_the_whole_flow(cache, tmp_path):
+    out = tmp_path / "demo"
+    p = cli(cache, "demo", "--quick", "--out", str(out), "--no-progress")
+    assert p.returncode == 0, p.stderr[-3000:]
+    for step in ("[1/5] data", "[2/5] precision", "[3/5] train", "[4/5] evaluate", "[5/5] bench"):
+        assert step in p.stdout
+    summary = json.loads((out / "demo.json").read_text())
+    assert summary["eval"]["episodes"] == 2 and summary["train_steps"] == 20
+    assert (out / "bench" / "results.json").exists() and (out / "bench" / "report.html").exists()
+    assert list((out / "train" / "checkpoints").iterdir())
+    p = cli(cache, "demo", "--quick", "--out", str(out))
+    assert p.returncode == 2 and "holds an earlier demo" in p.stderr
