@@ -143,6 +143,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "step_time_s_median": median, "step_time_s_p90": float(np.percentile(timed, 90)),
         "samples_per_s": samples / median,
         "peak_rss_bytes": peak, "rss_before_training_bytes": rss_before,
+        "training_rss_bytes": peak - rss_before if reset else None,  # what training itself added
         "peak_rss_is_training_only": reset, **memory,
         "final_val_action_l1": val, "success_rate": success, "success_per_task": per_task,
         "skipped_steps": skipped, "losses": losses, "loss_scales": scales,
