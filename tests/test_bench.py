@@ -39,6 +39,8 @@ def test_bench_quick_writes_every_field_and_consistent_ratios(cache, tmp_path):
     r = json.loads((out / "results.json").read_text())
     assert {"cpu", "cpu_flags", "gpu", "torch", "cpu_cores"} <= set(r["machine"])
     assert r["machine"]["torch"] == torch.__version__
+    emulated = "fp16" not in r["machine"]["native_low_precision"]
+    assert any("fp16-mixed runs emulated" in n for n in r["notes"]) == emulated
     runs = r["runs"]
     assert [(x["mode"], x["runner"]) for x in runs] == [
         ("fp32", "vlamp"), ("bf16-mixed", "vlamp"), ("fp16-mixed", "vlamp"), ("bf16-mixed", "torch.amp")]

@@ -40,14 +40,20 @@ def default_modes() -> tuple[list[str], list[str]]:
     return modes, notes
 
 
-def parse_modes(text: str) -> list[str]:
+def parse_modes(text: str) -> tuple[list[str], list[str]]:
+    """``"bf16-mixed,fp16-mixed"`` -> the modes with fp32 first, and notes on modes this machine
+    only emulates."""
     modes = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODE_NAMES]
     if bad or not modes:
         raise VlampError(f"unknown mode(s) {', '.join(bad) or '(none)'}; legal: {', '.join(MODE_NAMES)}")
     if "fp32" not in modes:
         modes.insert(0, "fp32")  # the reference every ratio is taken against
-    return list(dict.fromkeys(modes))
+    hw = detect()
+    native = native_formats(hw)
+    notes = [f"{m} runs emulated here: {hw.name} has no native {m.split('-')[0]} arithmetic"
+             for m in dict.fromkeys(modes) if m != "fp32" and m.split("-")[0] not in native]
+    return list(dict.fromkeys(modes)), notes
 
 
 def machine_info() -> dict[str, Any]:

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise VlampError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.modes:
-        modes, notes = parse_modes(args.modes), []
+        modes, notes = parse_modes(args.modes)
     else:
         modes, notes = default_modes()
     base = quick_overrides() if args.quick else ["train.steps=300"]
