@@ -7,16 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-class PositionalEmbedding(nn.Module):
-    """Learned positional embedding added to a (B, T, D) sequence."""
-
-    def __init__(self, length: int, dim: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(1, length, dim) * 0.02)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.weight[:, : x.shape[1]]
+from vlamp.models.tinyvla import PositionalEmbedding
 
 
 class DemoVLA(nn.Module):
