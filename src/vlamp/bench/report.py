@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from vlamp.io import write_text_atomic
+
 PLOTS = ("loss.png", "speed_memory.png", "loss_scale.png", "success.png")
 
 
@@ -127,7 +129,5 @@ def write_report(results: dict[str, Any], out: str | os.PathLike[str]) -> tuple[
     page += ["</table>", *[f'<p><img src="{p}" alt="{p[:-4]}"></p>' for p in PLOTS]]
     paths = out / "report.md", out / "report.html"
     for path, text in zip(paths, ("\n".join(md), "\n".join(page))):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
     return paths

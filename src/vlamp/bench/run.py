@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from vlamp.io import write_text_atomic
 from vlamp.precision.errors import VlampError
 from vlamp.precision.hardware import choose_mode, detect, native_formats
 from vlamp.precision.modes import MODE_NAMES
@@ -129,10 +130,8 @@ def add_ratios(runs: list[dict[str, Any]]) -> None:
         r["state_vs_fp32"] = r["state_bytes"] / f["state_bytes"]
 
 
-def write_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+def write_json(obj: Any, path: str | os.PathLike[str]) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 QUICK_TASKS = "drawer-open,drawer-close"

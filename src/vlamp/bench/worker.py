@@ -169,11 +169,11 @@ def _validate_amp(trainer, dtype: torch.dtype) -> float | None:
 
 
 def main(argv: list[str]) -> int:
+    from vlamp.io import write_text_atomic
+
     spec_path, out_path = argv
     result = run(json.loads(Path(spec_path).read_text()))
-    tmp = Path(out_path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, out_path)
+    write_text_atomic(out_path, json.dumps(result))
     return 0
 
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vlamp.bench.report import text_table
-    from vlamp.bench.run import bench, quick_overrides
+    from vlamp.bench.run import bench, quick_overrides, write_json
     from vlamp.precision.errors import VlampError
     from vlamp.precision.hardware import choose_mode, detect, native_formats
     from vlamp.precision.modes import MODE_NAMES
@@ -93,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     summary = {"mode": mode, "reason": why, "train_seconds": result.seconds, "train_steps": steps,
                "val_action_l1": result.val_action_l1, "eval": result.eval,
                "seconds": time.time() - started}
-    (out / "demo.json").write_text(json.dumps(summary, indent=1))
+    write_json(summary, out / "demo.json")
     print()
     print(text_table(results))
     print(f"\ndone in {time.time() - started:.0f} s.")

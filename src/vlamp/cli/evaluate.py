@@ -74,8 +74,7 @@ def run(args: argparse.Namespace) -> int:
                       max_steps=args.max_steps, gif_path=args.gif)
     print(result.table())
     if args.json:
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"policy": name, **result.as_dict()}, f, indent=2)
-        os.replace(tmp, args.json)
+        from vlamp.io import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps({"policy": name, **result.as_dict()}, indent=2))
     return 0

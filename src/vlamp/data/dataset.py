@@ -11,6 +11,27 @@ from vlamp.data.reader import LeRobotData
 EPS = 1e-6
 
 
+class Normalizer:
+    """Zero mean, unit variance for states and actions, from a dataset's ``meta/stats.json``; the
+    one place training samples and the deployed policy agree on units."""
+
+    def __init__(self, stats: dict) -> None:
+        s, a = stats[STATE_KEY], stats[ACTION_KEY]
+        self.state_mean = np.asarray(s["mean"], np.float32)
+        self.state_std = np.asarray(s["std"], np.float32) + EPS
+        self.action_mean = np.asarray(a["mean"], np.float32)
+        self.action_std = np.asarray(a["std"], np.float32) + EPS
+
+    def normalize_state(self, s: np.ndarray) -> np.ndarray:
+        return (s - self.state_mean) / self.state_std
+
+    def normalize_action(self, a: np.ndarray) -> np.ndarray:
+        return (a - self.action_mean) / self.action_std
+
+    def unnormalize_action(self, a: np.ndarray) -> np.ndarray:
+        return a * self.action_std + self.action_mean
+
+
 class ChunkDataset(torch.utils.data.Dataset):
     """Frame ``i`` -> the observation at ``i`` and actions ``i .. i+H-1`` of the same episode.
 
@@ -31,11 +52,10 @@ class ChunkDataset(torch.utils.data.Dataset):
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.data, self.chunk = data, chunk
-        s, a = data.stats[STATE_KEY], data.stats[ACTION_KEY]
-        self.state_mean = np.asarray(s["mean"], np.float32)
-        self.state_std = np.asarray(s["std"], np.float32) + EPS
-        self.action_mean = np.asarray(a["mean"], np.float32)
-        self.action_std = np.asarray(a["std"], np.float32) + EPS
+        self.normalizer = Normalizer(data.stats)
+        self.normalize_state = self.normalizer.normalize_state
+        self.normalize_action = self.normalizer.normalize_action
+        self.unnormalize_action = self.normalizer.unnormalize_action
         keep = np.ones(len(data), bool) if episodes is None else np.isin(data.episode_index, episodes)
         self.rows = np.flatnonzero(keep)
         # Last frame of each frame's episode, so a chunk never crosses into the next episode.
@@ -48,15 +68,6 @@ class ChunkDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.rows)
-
-    def normalize_action(self, a: np.ndarray) -> np.ndarray:
-        return (a - self.action_mean) / self.action_std
-
-    def unnormalize_action(self, a: np.ndarray) -> np.ndarray:
-        return a * self.action_std + self.action_mean
-
-    def normalize_state(self, s: np.ndarray) -> np.ndarray:
-        return (s - self.state_mean) / self.state_std
 
     def __getitem__(self, i: int) -> dict[str, object]:
         row = int(self.rows[i])

@@ -197,20 +197,24 @@ class TimeSampler(nn.Module):
         return t, noise
 
 
+def masked_mean(error: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of a (B, H, A) error over the real (unpadded) steps that ``mask`` (B, H) marks."""
+    w = mask.unsqueeze(-1).to(error.dtype)
+    return (error * w).sum() / (w.sum() * error.shape[-1]).clamp(min=1.0)
+
+
 class ChunkL1Loss(nn.Module):
     """Mean absolute error over the real (unpadded) steps of each action chunk."""
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        w = mask.unsqueeze(-1).to(pred.dtype)
-        return ((pred - target).abs() * w).sum() / (w.sum() * pred.shape[-1]).clamp(min=1.0)
+        return masked_mean((pred - target).abs(), mask)
 
 
 class FlowMSELoss(nn.Module):
     """Mean squared error of the predicted velocity over the real steps of each chunk."""
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        w = mask.unsqueeze(-1).to(pred.dtype)
-        return ((pred - target).square() * w).sum() / (w.sum() * pred.shape[-1]).clamp(min=1.0)
+        return masked_mean((pred - target).square(), mask)
 
 
 class TinyVLA(nn.Module):

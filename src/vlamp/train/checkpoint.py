@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from vlamp.precision.errors import VlampError
 
@@ -137,15 +137,16 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         sums = json.loads((path / "checksums.json").read_text())
     except (OSError, ValueError):
         raise CheckpointError(f"{path}: checksums.json is missing or unreadable") from None
-    for name in FILES:
+    blobs = {}
+    for name in FILES:  # each file is read once: hashed, then parsed from the same bytes
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{path}: {name} is missing")
-        if _sha256(f) != sums.get(name):
+        blobs[name] = f.read_bytes()
+        if hashlib.sha256(blobs[name]).hexdigest() != sums.get(name):
             raise CheckpointError(f"{path}: {name} does not match its checksum (truncated or corrupted)")
     try:
-        state = json.loads((path / "state.json").read_text())
-        return Checkpoint(path, state, load_file(path / FILES[0]), load_file(path / FILES[1]))
+        return Checkpoint(path, json.loads(blobs[FILES[2]]), load(blobs[FILES[0]]), load(blobs[FILES[1]]))
     except Exception as e:  # checksummed, so only a writer bug lands here
         raise CheckpointError(f"{path}: unreadable: {e}") from None
 

@@ -13,6 +13,7 @@ from typing import Any
 import draccus
 import yaml
 
+from vlamp.io import write_text_atomic
 from vlamp.models.tinyvla import ModelConfig
 from vlamp.precision.errors import VlampError
 
@@ -240,7 +241,4 @@ def to_dict(config: RunConfig) -> dict[str, Any]:
 
 def save_config(config: RunConfig, path: str | os.PathLike[str]) -> None:
     """Writes the config as YAML (temporary file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -7,13 +7,11 @@ import dataclasses
 import numpy as np
 import torch
 
-from vlamp.data.lerobot import ACTION_KEY, STATE_KEY
+from vlamp.data.dataset import Normalizer
 from vlamp.models.tinyvla import TinyVLA
 from vlamp.models.tokenizer import WordTokenizer
 from vlamp.precision.front import MixedPrecision
 from vlamp.sim.env import Observation
-
-EPS = 1e-6  # the same epsilon as ChunkDataset's normalization
 
 
 class VLAPolicy:
@@ -30,10 +28,7 @@ class VLAPolicy:
     def __init__(self, model: TinyVLA, tokenizer: WordTokenizer, stats: dict, mp: MixedPrecision,
                  seed: int = 0) -> None:
         self.model, self.tokenizer, self.mp = model, tokenizer, mp
-        self.state_mean = np.asarray(stats[STATE_KEY]["mean"], np.float32)
-        self.state_std = np.asarray(stats[STATE_KEY]["std"], np.float32) + EPS
-        self.action_mean = np.asarray(stats[ACTION_KEY]["mean"], np.float32)
-        self.action_std = np.asarray(stats[ACTION_KEY]["std"], np.float32) + EPS
+        self.normalizer = Normalizer(stats)
         self.generator = torch.Generator().manual_seed(seed)
         self._tokens: dict[str, torch.Tensor] = {}
 
@@ -41,13 +36,13 @@ class VLAPolicy:
         if obs.instruction not in self._tokens:
             self._tokens[obs.instruction] = self.tokenizer.encode([obs.instruction])
         image = torch.from_numpy(np.ascontiguousarray(obs.image)).permute(2, 0, 1)[None].float() / 255.0
-        state = torch.from_numpy((obs.state - self.state_mean) / self.state_std)[None]
+        state = torch.from_numpy(self.normalizer.normalize_state(obs.state))[None]
         was_training = self.model.training
         self.model.eval()
         with self.mp.autocast():
             chunk = self.model.predict(image, state, self._tokens[obs.instruction], self.generator)
         self.model.train(was_training)
-        actions = chunk[0].float().numpy() * self.action_std + self.action_mean
+        actions = self.normalizer.unnormalize_action(chunk[0].float().numpy())
         return np.clip(actions, -1.0, 1.0)
 
 

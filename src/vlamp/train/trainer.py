@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from tqdm.auto import tqdm
 
 from vlamp.data.dataset import ChunkDataset, random_shift
 from vlamp.data.reader import LeRobotData, read_dataset
+from vlamp.io import write_text_atomic
 from vlamp.models.tinyvla import TinyVLA
 from vlamp.models.tokenizer import WordTokenizer
 from vlamp.precision.errors import VlampError
@@ -332,6 +332,4 @@ def _truncate_metrics(path: Path, step: int) -> None:
         return
     rows = [line for line in path.read_text().splitlines() if line.strip()
             and json.loads(line)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(r + "\n" for r in rows))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(r + "\n" for r in rows))
