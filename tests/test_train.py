@@ -146,7 +146,7 @@ def test_fp32_islands_compute_in_fp32_under_bf16_mixed():
         "loss_fn": {torch.float32}, "time_embed": {torch.float32}, "time_sampler": {torch.float32}}
     fp32 = ["action_out", "norm", "trunk.0.norm1", "vision.stages.0.norm1", "text.norm"]
     bf16 = ["trunk.0.qkv", "trunk.0.mlp.0", "vision.stages.0.down", "time_mlp.0", "action_in",
-            "text.layers.0.proj", "trunk.0"]
+            "text.layers.0.proj", "trunk.0.attention"]
     for name in fp32:
         assert seen[name] == {torch.float32}, name
     for name in bf16:

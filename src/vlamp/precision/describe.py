@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from vlamp.precision.dtypes import dtype_name
 from vlamp.precision.modes import Mode
 from vlamp.precision.plan import Resolved
 
-COLUMNS = ("module", "class", "params", "compute", "output", "grad", "optim", "#params", "rule")
+COLUMNS = ("module", "class", "params", "compute", "output", "grad", "optim", "#params", "rule",
+           "measured")
 
 
 @dataclasses.dataclass
 class Row:
     """One module (or a folded subtree). ``num_params`` counts the module's own parameters plus
     those of folded descendants. Dtype cells read like ``bf16`` or ``bf16+fp32`` when a folded
-    subtree holds several; ``-`` where there are no parameters."""
+    subtree holds several; ``-`` where there are no parameters. ``measured`` is, for a measured plan,
+    the module's forward+backward time in FP32 and in low precision (summed over a folded subtree)."""
 
     module: str
     cls: str
@@ -28,10 +31,11 @@ class Row:
     num_params: int
     rule: str
     depth: int
+    measured: str = ""
 
     def cells(self) -> list[str]:
         return [self.module, self.cls, self.params, self.compute, self.output, self.grad,
-                self.optim, f"{self.num_params:,}", self.rule]
+                self.optim, f"{self.num_params:,}", self.rule, self.measured]
 
 
 @dataclasses.dataclass
@@ -42,7 +46,9 @@ class PlanTable:
     rows: list[Row]
 
     @classmethod
-    def build(cls, resolved: Sequence[Resolved], mode: Mode, max_depth: int | None = None) -> PlanTable:
+    def build(cls, resolved: Sequence[Resolved], mode: Mode, max_depth: int | None = None,
+              timings: Mapping[str, Mapping[str, Any]] | None = None) -> PlanTable:
+        timings = timings or {}
         rows: list[Row] = []
         groups: list[list[Resolved]] = []
         for r in resolved:
@@ -71,17 +77,19 @@ class PlanTable:
                 num_params=sum(n for _, n in owned),
                 rule=head.decided_by,
                 depth=0 if not head.name else head.name.count(".") + 1,
+                measured=_measured_cell([timings[r.name] for r in group if r.name in timings]),
             ))
         return cls(mode.name, rows)
 
     def to_dicts(self) -> list[dict[str, object]]:
-        return [dict(zip(COLUMNS, (*r.cells()[:7], r.num_params, r.rule))) for r in self.rows]
+        return [dict(zip(COLUMNS, (*r.cells()[:7], r.num_params, *r.cells()[8:]))) for r in self.rows]
 
     def __str__(self) -> str:
-        body = [list(COLUMNS)] + [r.cells() for r in self.rows]
+        n = len(COLUMNS) if any(r.measured for r in self.rows) else len(COLUMNS) - 1
+        body = [list(COLUMNS[:n])] + [r.cells()[:n] for r in self.rows]
         for cells, row in zip(body[1:], self.rows):
             cells[0] = "  " * row.depth + cells[0]
-        widths = [max(len(c[i]) for c in body) for i in range(len(COLUMNS))]
+        widths = [max(len(c[i]) for c in body) for i in range(n)]
         lines = ["  ".join(c.ljust(w) if i != 7 else c.rjust(w)
                            for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
                  for cells in body]
@@ -89,6 +97,15 @@ class PlanTable:
         total = sum(r.num_params for r in self.rows)
         lines.append(f"mode {self.mode}: {total:,} parameters in {len(self.rows)} rows")
         return "\n".join(lines)
+
+
+def _measured_cell(entries: list[Mapping[str, Any]]) -> str:
+    if not entries:
+        return ""
+    low = entries[0].get("dtype", "low")
+    fp32 = sum(float(e["fp32_ms"]) for e in entries)
+    lp = sum(float(e["low_ms"]) for e in entries)
+    return f"fp32 {fp32:.2f} / {low} {lp:.2f} ms"
 
 
 __all__ = ["COLUMNS", "PlanTable", "Row"]

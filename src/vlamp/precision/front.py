@@ -7,13 +7,14 @@ import copy
 import math
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from vlamp.precision.apply import apply_plan
+from vlamp.precision.autoplan import measure_plan
 from vlamp.precision.errors import VlampError
 from vlamp.precision.master import MasterWeights
 from vlamp.precision.modes import Mode, get_mode
@@ -49,6 +50,18 @@ class MixedPrecision:
             (``"dynamic"``, ``"static"``, ``"none"``) or a ``LossScaler`` instance.
         builtin_rules: Whether the built-in FP32 islands (norms, embeddings, action output, loss) apply.
         num_losses: Number of losses that each get their own scaler (``backward(loss, loss_id=i)``).
+        model: With ``example_batch``: measure the plan on this model (not changed; copies are
+            timed) and keep FP32 where low precision is slower here; with ``mode="auto"`` the
+            measured step also decides between the low-precision mode and FP32. See
+            :func:`vlamp.precision.autoplan.measure_plan`; the result is cached.
+        example_batch: A real batch; ``loss_fn(model, batch)`` (default ``model(batch)``) is the loss.
+        loss_fn: How the loss is computed from the model and a batch, for the measurement.
+        cache: Read and write the measured-plan cache.
+        log: Called with a line on what the measurement did (e.g. ``print``).
+
+    Example:
+        >>> mp = MixedPrecision("auto", model=model, example_batch=batch)  # doctest: +SKIP
+        >>> print(mp.plan.measured["reason"])                               # doctest: +SKIP
 
     Raises:
         VlampError: On an unknown mode, a scaler with a BF16/FP32 mode, bad rules, ``num_losses < 1``.
@@ -62,18 +75,35 @@ class MixedPrecision:
         *,
         builtin_rules: bool = True,
         num_losses: int = 1,
+        model: nn.Module | None = None,
+        example_batch: Any = None,
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+        cache: bool = True,
+        log: Callable[[str], None] | None = None,
     ) -> None:
         self.requested_mode = mode if isinstance(mode, str) else mode.name
-        self.mode = get_mode(mode)
-        if isinstance(rules, PrecisionPlan):
-            if rules.mode.name != self.mode.name:
+        if (model is None) != (example_batch is None):
+            raise VlampError("MixedPrecision: pass both model= and example_batch= to measure the plan, "
+                             "or neither")
+        if isinstance(rules, PrecisionPlan) and model is None:
+            if self.requested_mode != "auto" and rules.mode.name != get_mode(mode).name:
                 raise VlampError(f"MixedPrecision: plan is for mode {rules.mode.name!r}, "
-                                 f"mode is {self.mode.name!r}")
+                                 f"mode is {get_mode(mode).name!r}")
             self.plan = rules
-        elif isinstance(rules, (str, os.PathLike)):
-            self.plan = PrecisionPlan.load(rules, mode=self.mode)
+        elif isinstance(rules, (str, os.PathLike)) and model is None:
+            self.plan = PrecisionPlan.load(rules, mode=mode)
         else:
-            self.plan = PrecisionPlan(self.mode, rules, builtin_rules=builtin_rules)
+            if isinstance(rules, (str, os.PathLike)):
+                rules = PrecisionPlan.load(rules, mode=None if self.requested_mode == "auto" else mode)
+            if isinstance(rules, PrecisionPlan):
+                rules, builtin_rules = rules.user_rules, rules.builtin_rules
+            if model is not None:
+                self.plan = measure_plan(model, example_batch, mode, rules=rules,
+                                         builtin_rules=builtin_rules, loss_fn=loss_fn, cache=cache,
+                                         log=log)
+            else:
+                self.plan = PrecisionPlan(mode, rules, builtin_rules=builtin_rules)
+        self.mode = self.plan.mode
         if int(num_losses) != num_losses or num_losses < 1:
             raise VlampError(f"MixedPrecision: num_losses must be an integer >= 1, got {num_losses}")
         base = self._make_scaler(scaler)
@@ -208,12 +238,14 @@ class MixedPrecision:
         return self.scalers[0].scale
 
     def state_dict(self) -> dict[str, Any]:
-        """Mode, step counters and every scaler's state (plain data), plus FP32 master weights."""
+        """Mode, step counters, every scaler's state and the plan (plain data), plus FP32 master
+        weights."""
         return {
             "mode": self.mode.name,
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
             "scalers": [{"type": type(s).__name__, **s.state_dict()} for s in self.scalers],
+            "plan": self.plan.to_dict(),
             "master_weights": self._masters.state_dict() if self._masters is not None else {},
         }
 

@@ -87,6 +87,8 @@ class PrecisionPlan:
         rules: ``Rule`` objects, ``(pattern, policy)`` pairs, or a ``{pattern: policy}`` mapping;
             a policy may be a grammar string (``"fp32"``, ``"p=fp32,c=bf16"``).
         builtin_rules: Whether the FP32 islands of :data:`BUILTIN_RULES` apply.
+        measured: What a measured plan (:func:`vlamp.precision.autoplan.measure_plan`) timed per
+            module, kept as plain data so ``describe`` can show it and YAML can carry it.
 
     Example:
         >>> plan = PrecisionPlan("bf16-mixed", {"action_head.*": "fp32"})
@@ -99,10 +101,12 @@ class PrecisionPlan:
         rules: Sequence[RuleSpec] | Mapping[str, str | Policy] | None = None,
         *,
         builtin_rules: bool = True,
+        measured: Mapping[str, Any] | None = None,
     ) -> None:
         self.mode = get_mode(mode)
         self.user_rules = tuple(_to_rules(rules))
         self.builtin_rules = bool(builtin_rules)
+        self.measured = dict(measured) if measured else None
 
     @property
     def rules(self) -> tuple[Rule, ...]:
@@ -145,12 +149,21 @@ class PrecisionPlan:
         """
         from vlamp.precision.describe import PlanTable
 
-        return PlanTable.build(self.resolve(model, warn_unmatched=False), self.mode, max_depth)
+        timings = (self.measured or {}).get("modules", {})
+        return PlanTable.build(self.resolve(model, warn_unmatched=False), self.mode, max_depth,
+                               timings=timings)
 
     # -- YAML ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode.name, "builtin_rules": self.builtin_rules,
-                "rules": [{"pattern": r.pattern, "policy": str(r.policy)} for r in self.user_rules]}
+        """Plain data: ``mode``, ``builtin_rules``, ``rules`` (with their labels where they say more
+        than the pattern) and, for a measured plan, ``measured``."""
+        rules = [{"pattern": r.pattern, "policy": str(r.policy),
+                  **({"label": r.label} if r.label != r.pattern else {})} for r in self.user_rules]
+        out: dict[str, Any] = {"mode": self.mode.name, "builtin_rules": self.builtin_rules,
+                               "rules": rules}
+        if self.measured:
+            out["measured"] = self.measured
+        return out
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Writes the plan as YAML (atomically: temporary file, then rename)."""
@@ -163,7 +176,7 @@ class PrecisionPlan:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], mode: str | Mode | None = None) -> PrecisionPlan:
-        """Reads a plan from YAML (keys ``mode``, ``builtin_rules``, ``rules``).
+        """Reads a plan from YAML (keys ``mode``, ``builtin_rules``, ``rules``, ``measured``).
 
         Args:
             path: The YAML file.
@@ -175,35 +188,48 @@ class PrecisionPlan:
         """
         import yaml
 
+        where = f"rules file {os.fspath(path)!r}"
         try:
             with open(path) as f:
                 data = yaml.safe_load(f) or {}
         except OSError as e:
-            raise VlampError(f"rules file {os.fspath(path)!r}: cannot read ({e.strerror})") from None
+            raise VlampError(f"{where}: cannot read ({e.strerror})") from None
         except yaml.YAMLError as e:
-            raise VlampError(f"rules file {os.fspath(path)!r}: not valid YAML ({e})") from None
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise VlampError(f"{where}: not valid YAML ({first})") from None
+        return cls.from_dict(data, mode=mode, where=where)
+
+    @classmethod
+    def from_dict(cls, data: Any, mode: str | Mode | None = None, where: str = "plan") -> PrecisionPlan:
+        """The inverse of :meth:`to_dict`, validated; ``where`` names the source in errors."""
         if not isinstance(data, dict):
-            raise VlampError(f"rules file {os.fspath(path)!r}: expected a mapping with keys "
-                             "mode, builtin_rules, rules")
-        unknown = set(data) - {"mode", "builtin_rules", "rules"}
+            raise VlampError(f"{where}: expected a mapping with keys {', '.join(_PLAN_KEYS)}")
+        unknown = set(data) - set(_PLAN_KEYS)
         if unknown:
-            raise VlampError(f"rules file {os.fspath(path)!r}: unknown keys {sorted(unknown)}; "
-                             "legal: mode, builtin_rules, rules")
+            raise VlampError(f"{where}: unknown keys {sorted(unknown)}; legal: {', '.join(_PLAN_KEYS)}")
         file_mode = data.get("mode")
         if mode is not None and file_mode is not None and get_mode(mode).name != get_mode(file_mode).name:
-            raise VlampError(f"rules file {os.fspath(path)!r} is for mode {file_mode!r}, "
+            raise VlampError(f"{where} is for mode {file_mode!r}, "
                              f"but mode {get_mode(mode).name!r} was asked for")
         rules = data.get("rules") or []
         if not isinstance(rules, list) or not all(
-                isinstance(r, dict) and set(r) == {"pattern", "policy"} for r in rules):
-            raise VlampError(f"rules file {os.fspath(path)!r}: 'rules' must be a list of "
-                             "{pattern: ..., policy: ...} entries")
+                isinstance(r, dict) and {"pattern", "policy"} <= set(r) <= {"pattern", "policy", "label"}
+                for r in rules):
+            raise VlampError(f"{where}: 'rules' must be a list of "
+                             "{pattern: ..., policy: ...} entries (optionally with a label)")
+        measured = data.get("measured")
+        if measured is not None and not isinstance(measured, dict):
+            raise VlampError(f"{where}: 'measured' must be a mapping")
         try:
             return cls(mode or file_mode or "fp32",
-                       [(r["pattern"], str(r["policy"])) for r in rules],
-                       builtin_rules=bool(data.get("builtin_rules", True)))
+                       [Rule(r["pattern"], Policy.parse(str(r["policy"])), str(r.get("label") or ""))
+                        for r in rules],
+                       builtin_rules=bool(data.get("builtin_rules", True)), measured=measured)
         except VlampError as e:
-            raise VlampError(f"rules file {os.fspath(path)!r}: {e}") from None
+            raise VlampError(f"{where}: {e}") from None
+
+
+_PLAN_KEYS = ("mode", "builtin_rules", "rules", "measured")
 
 
 def _to_rules(rules: Sequence[RuleSpec] | Mapping[str, str | Policy] | None) -> Iterable[Rule]:

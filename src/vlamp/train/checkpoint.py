@@ -88,6 +88,13 @@ def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, tor
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"optimizer state does not fit this model: {e}") from None
+    # Saved tensors are contiguous; give each state tensor its parameter's memory layout again
+    # (channels-last convolutions), or a resumed step runs other kernels and rounds differently.
+    with torch.no_grad():
+        for p, st in optimizer.state.items():
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any],

@@ -38,11 +38,17 @@ class PrecisionConfig:
         mode: ``fp32``, ``bf16-mixed``, ``fp16-mixed``, ``bf16-true``, ``fp16-true`` or ``auto``.
         scaler: ``dynamic``, ``static``, ``none``; empty for the mode's default.
         rules: A YAML file of per-module rules (see ``vlamp plan --rules``); empty for none.
+        measure: Before training, time every low-precision module on a real batch in low precision
+            and in FP32 and keep FP32 where low precision is slower on this machine (cached; see
+            ``vlamp plan --auto``); with ``mode=auto`` the measured step also decides between the
+            low-precision mode and FP32. Off: the mode's plan as is (``auto`` from the hardware
+            table alone).
     """
 
     mode: str = "auto"
     scaler: str = ""
     rules: str = ""
+    measure: bool = True
 
 
 @dataclasses.dataclass

@@ -11,6 +11,7 @@ from vlamp.data.dataset import Normalizer
 from vlamp.models.tinyvla import TinyVLA
 from vlamp.models.tokenizer import WordTokenizer
 from vlamp.precision.front import MixedPrecision
+from vlamp.precision.plan import PrecisionPlan
 from vlamp.sim.env import Observation
 
 
@@ -77,7 +78,11 @@ def load_policy(path: str, mode: str | None = None, use_ema: bool = True) -> Loa
 
     c = load_checkpoint(path)
     config = c.state["config"]
-    mp = MixedPrecision(mode or c.state["precision"]["mode"], config["precision"]["rules"] or None)
+    saved = c.state["precision"].get("plan")
+    if mode is None and saved is not None:  # the plan it was trained with, measured rules included
+        mp = MixedPrecision(saved["mode"], PrecisionPlan.from_dict(saved, where=f"checkpoint {c.path}"))
+    else:
+        mp = MixedPrecision(mode or c.state["precision"]["mode"], config["precision"]["rules"] or None)
     model = TinyVLA(ModelConfig(**config["model"]))
     mp.setup(model)
     model.load_state_dict(c.model)

@@ -1,0 +1,393 @@
+"""The measured plan: time every low-precision module of a real model on a real batch, in low precision
+and in FP32, and keep FP32 where low precision is slower on this machine.
+
+Algorithm (``measure_plan``)::
+
+    base  = the mode's plan (user rules, then the built-in FP32 islands)
+    probe = a copy of the model with ``base`` applied; one forward under autocast records the inputs
+            of every candidate: a leaf module that ``base`` runs in low precision by default
+    for each candidate, on copies of it, interleaved, ``repeats`` times after a warm-up:
+        t_low  = forward (under the mode's autocast) + backward
+        t_fp32 = the same behind the boundary an FP32 rule would put there (inputs cast up,
+                 autocast off, output cast back to the low dtype)
+        keep FP32  iff  t_low > t_fp32 * (1 + margin)
+    measured = base + one rule per kept module, ``name -> params=fp32,compute=fp32,output=<low>``
+    step: forward+backward of the whole model in FP32 against ``measured``, interleaved;
+          ``auto`` takes the low-precision mode only when its step is faster (never a slower mode)
+
+The result is an ordinary :class:`PrecisionPlan` (YAML-able rules) whose ``measured`` field keeps the
+times and the reason. It is cached per (hardware, torch version, threads, model signature, batch
+shapes, mode, rules) under ``$XDG_CACHE_HOME/vlamp/plans``; any change of those is a new key.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlamp.precision.apply import _MARK, apply_plan
+from vlamp.precision.dtypes import dtype_name
+from vlamp.precision.errors import VlampError
+from vlamp.precision.hardware import choose_mode, detect, native_formats
+from vlamp.precision.modes import Mode, get_mode
+from vlamp.precision.plan import PrecisionPlan, Resolved, Rule, RuleSpec
+from vlamp.precision.policy import Policy
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+CACHE_VERSION = 1
+
+
+def default_plan_cache() -> Path:
+    """``$XDG_CACHE_HOME/vlamp/plans`` (``~/.cache/vlamp/plans``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "vlamp" / "plans"
+
+
+def measure_plan(
+    model: nn.Module,
+    example_batch: Any,
+    mode: str | Mode = "auto",
+    *,
+    rules: Sequence[RuleSpec] | Mapping[str, str] | None = None,
+    builtin_rules: bool = True,
+    loss_fn: LossFn | None = None,
+    repeats: int = 7,
+    margin: float = 0.05,
+    cache: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
+    refresh: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> PrecisionPlan:
+    """Measures which modules of ``model`` are faster in FP32 than in low precision, here.
+
+    ``model`` is not changed: every measurement runs on copies.
+
+    Args:
+        model: The model, not yet set up by a plan, on the device it will train on.
+        example_batch: A real training batch; ``loss_fn(model, batch)`` (default ``model(batch)``)
+            must return the scalar loss.
+        mode: ``"auto"`` (the hardware proposes a low-precision mode, the measured step decides
+            whether it is taken) or a mode name (kept; only its per-module plan is measured). The
+            ``-true`` modes, whose point is memory, and formats this hardware only emulates are
+            not measured: their plan is returned as is, with the reason in ``measured``.
+        rules: User rules; they come first and are never overridden by a measurement.
+        builtin_rules: Whether the built-in FP32 islands apply.
+        loss_fn: How to get the loss from the model and the batch.
+        repeats: Timed repetitions per module and per variant (medians are compared).
+        margin: Keep FP32 only where low precision is slower by more than this fraction.
+        cache: Read and write the plan cache.
+        cache_dir: Where the cache lives (default :func:`default_plan_cache`).
+        refresh: Measure again even if a cached plan exists (and overwrite it).
+        log: Called with one line for what is done (cache hit, measuring, the decision).
+
+    Returns:
+        A :class:`PrecisionPlan` for the chosen mode; ``plan.measured`` holds per-module times
+        (``modules``), whole-step times (``step_ms``), the ``reason``, the cache ``key`` and
+        ``from_cache``.
+
+    Raises:
+        VlampError: If the model was already set up, ``repeats < 1`` or ``margin < 0``.
+    """
+    say = log or (lambda _msg: None)
+    if repeats < 1 or margin < 0:
+        raise VlampError(f"measure_plan: repeats must be >= 1 and margin >= 0, got {repeats}, {margin}")
+    if any(hasattr(m, _MARK) for m in model.modules()):
+        raise VlampError("measure_plan: the model already has a precision plan applied; "
+                         "measure before MixedPrecision.setup")
+    device = _device_of(model)
+    hw = detect(device)
+    requested = mode if isinstance(mode, str) else mode.name
+    if requested.strip().lower() == "auto":
+        choice = choose_mode(hw)
+        if choice.mode == "fp32":
+            say(f"precision: fp32 ({choice.reason}); nothing to measure")
+            return PrecisionPlan("fp32", rules, builtin_rules=builtin_rules,
+                                 measured={"requested": "auto", "reason": choice.reason})
+        low_mode = get_mode(choice.mode)
+    else:
+        low_mode = get_mode(requested)
+        if low_mode.name == "fp32":
+            return PrecisionPlan("fp32", rules, builtin_rules=builtin_rules)
+        fmt = dtype_name(low_mode.compute_dtype)
+        if low_mode.default_policy.param != torch.float32:
+            reason = (f"{low_mode.name} stores weights in {fmt} to save memory; keeping modules in "
+                      f"FP32 for speed would undo that, so its plan is not measured")
+            say(f"precision: {low_mode.name} not measured ({reason})")
+            return PrecisionPlan(low_mode, rules, builtin_rules=builtin_rules,
+                                 measured={"requested": requested, "reason": reason})
+        if fmt not in native_formats(hw):
+            reason = (f"{hw.name} has no native {fmt}: it is emulated everywhere, so a measured plan "
+                      f"would only move the whole model to FP32; the mode's plan is used as is")
+            say(f"precision: {low_mode.name} not measured ({reason})")
+            return PrecisionPlan(low_mode, rules, builtin_rules=builtin_rules,
+                                 measured={"requested": requested, "reason": reason})
+    base = PrecisionPlan(low_mode, rules, builtin_rules=builtin_rules)
+    key = _cache_key(model, example_batch, requested, base, hw.as_dict(), margin, loss_fn)
+    path = Path(cache_dir) if cache_dir is not None else default_plan_cache()
+    path = path / f"{key[:24]}.yaml"
+    if cache and not refresh:
+        cached = _read_cached(path, key)
+        if cached is not None:
+            say(f"precision: {cached.mode.name}, measured plan from the cache ({path})")
+            return cached
+    say(f"precision: measuring {low_mode.name} against fp32 per module on {hw.name} "
+        f"({torch.get_num_threads()} threads)...")
+    with _rng_kept():
+        modules = _time_modules(model, example_batch, base, loss_fn, repeats, device)
+        keep = [n for n, t in modules.items() if t["low_ms"] > t["fp32_ms"] * (1 + margin)]
+        for name in keep:
+            modules[name]["kept_fp32"] = True
+        low = low_mode.compute_dtype
+        measured_rules = [Rule(name, Policy(torch.float32, torch.float32, low),
+                               f"measured:{dtype_name(low)} {modules[name]['low_ms']:.2f} ms > "
+                               f"fp32 {modules[name]['fp32_ms']:.2f} ms") for name in keep]
+        low_plan = PrecisionPlan(low_mode, (*base.user_rules, *measured_rules),
+                                 builtin_rules=builtin_rules)
+        step = _time_steps(model, example_batch, low_plan, loss_fn, repeats, device)
+    fp32_ms, low_ms = step["fp32"], step[low_mode.name]
+    faster = low_ms < fp32_ms
+    if requested.strip().lower() == "auto" and not faster:
+        chosen = PrecisionPlan("fp32", rules, builtin_rules=builtin_rules)
+        reason = (f"measured: a {low_mode.name} step takes {low_ms:.1f} ms against {fp32_ms:.1f} ms "
+                  f"in fp32 here, so fp32 is faster")
+    else:
+        chosen = low_plan
+        reason = (f"measured: a {low_mode.name} step takes {low_ms:.1f} ms against {fp32_ms:.1f} ms "
+                  f"in fp32 ({fp32_ms / low_ms:.2f}x); {len(keep)} of {len(modules)} modules kept in "
+                  f"fp32 where {dtype_name(low)} was slower")
+        if not faster:
+            reason += f"; {low_mode.name} is slower than fp32 on this machine"
+    chosen.measured = {
+        "requested": requested, "reason": reason, "key": key, "dtype": dtype_name(low),
+        "hardware": hw.name, "torch": str(torch.__version__), "threads": torch.get_num_threads(),
+        "margin": margin, "step_ms": step, "modules": modules, "from_cache": False,
+    }
+    say(f"precision: {chosen.mode.name} ({reason})")
+    if cache:
+        _write_cached(path, chosen)
+    return chosen
+
+
+# -- timing ---------------------------------------------------------------------------------------
+def _device_of(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _loss(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> torch.Tensor:
+    return loss_fn(model, batch) if loss_fn is not None else model(batch)
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+
+
+def _leaf_copy(value: Any) -> Any:
+    """Detached copies of captured inputs; those that needed a gradient become leaves that do."""
+    if isinstance(value, torch.Tensor):
+        out = value.detach().clone()
+        return out.requires_grad_(value.requires_grad and value.is_floating_point())
+    if isinstance(value, tuple):
+        return type(value)(*(_leaf_copy(v) for v in value)) if hasattr(value, "_fields") \
+            else tuple(_leaf_copy(v) for v in value)
+    if isinstance(value, list):
+        return [_leaf_copy(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _leaf_copy(v) for k, v in value.items()}
+    return value
+
+
+def _backward(output: Any) -> None:
+    outs = [t for t in _tensors(output) if t.requires_grad and t.is_floating_point()]
+    if outs:
+        torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+
+
+def _median_times(fns: Mapping[str, Callable[[], None]], cleanup: Callable[[], None], repeats: int,
+                  device: torch.device) -> dict[str, float]:
+    """Median milliseconds of each function, run interleaved after one warm-up each."""
+    for fn in fns.values():
+        fn()
+        cleanup()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            samples[k].append((time.perf_counter() - t0) * 1e3)
+            cleanup()
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def _candidates(resolved: Sequence[Resolved], low: torch.dtype) -> list[Resolved]:
+    return [r for r in resolved if r.name and r.policy.compute == low
+            and r.decided_by in ("inherited", "mode default") and next(r.module.children(), None) is None]
+
+
+def _time_modules(model: nn.Module, batch: Any, base: PrecisionPlan, loss_fn: LossFn | None,
+                  repeats: int, device: torch.device) -> dict[str, dict[str, Any]]:
+    mode, low = base.mode, base.mode.compute_dtype
+    probe = copy.deepcopy(model)
+    resolved = base.resolve(probe, warn_unmatched=False)
+    apply_plan(resolved, device.type)
+    inputs: dict[str, tuple[tuple, dict]] = {}
+
+    def capture(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            inputs.setdefault(name, (_leaf_copy(args), _leaf_copy(kwargs)))
+        return hook
+
+    candidates = _candidates(resolved, low)
+    handles = [r.module.register_forward_pre_hook(capture(r.name), with_kwargs=True) for r in candidates]
+    with mode.autocast(device.type):  # with autograd on, so inputs that need a gradient say so
+        _loss(probe, batch, loss_fn)
+    for h in handles:
+        h.remove()
+    fp32_boundary = Policy(torch.float32, torch.float32, low)
+    out: dict[str, dict[str, Any]] = {}
+    for r in candidates:
+        if r.name not in inputs:
+            continue  # never called in a forward pass: nothing to time
+        args, kwargs = inputs[r.name]
+        as_low, as_fp32 = copy.deepcopy(r.module), copy.deepcopy(r.module)
+        delattr(as_fp32, _MARK)
+        apply_plan([Resolved("", as_fp32, fp32_boundary, "measure", r.policy)], device.type)
+
+        def run(m: nn.Module, a: tuple = args, kw: dict = kwargs) -> Callable[[], None]:
+            def fn() -> None:
+                with mode.autocast(device.type):
+                    output = m(*a, **kw)
+                _backward(output)
+            return fn
+
+        def cleanup(a: tuple = args, kw: dict = kwargs) -> None:
+            as_low.zero_grad(set_to_none=True)
+            as_fp32.zero_grad(set_to_none=True)
+            for t in _tensors((a, kw)):
+                t.grad = None
+
+        times = _median_times({"low": run(as_low), "fp32": run(as_fp32)}, cleanup, repeats, device)
+        out[r.name] = {"class": type(r.module).__name__, "dtype": dtype_name(low),
+                       "low_ms": round(times["low"], 4), "fp32_ms": round(times["fp32"], 4),
+                       "kept_fp32": False}
+    return out
+
+
+def _time_steps(model: nn.Module, batch: Any, low_plan: PrecisionPlan, loss_fn: LossFn | None,
+                repeats: int, device: torch.device) -> dict[str, float]:
+    """Forward+backward of the whole model in FP32 and under ``low_plan``, interleaved (ms)."""
+    reference = copy.deepcopy(model)
+    mixed = copy.deepcopy(model)
+    apply_plan(low_plan.resolve(mixed, warn_unmatched=False), device.type)
+    mode = low_plan.mode
+
+    def fp32_step() -> None:
+        _loss(reference, batch, loss_fn).backward()
+
+    def low_step() -> None:
+        with mode.autocast(device.type):
+            loss = _loss(mixed, batch, loss_fn)
+        loss.backward()
+
+    def cleanup() -> None:
+        reference.zero_grad(set_to_none=True)
+        mixed.zero_grad(set_to_none=True)
+
+    times = _median_times({"fp32": fp32_step, mode.name: low_step}, cleanup, repeats, device)
+    return {k: round(v, 3) for k, v in times.items()}
+
+
+class _rng_kept:
+    """Measuring draws random numbers (noise, sampled times); the caller's RNG state is restored so
+    a measured run trains exactly like an unmeasured one."""
+
+    def __enter__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+# -- cache ----------------------------------------------------------------------------------------
+def _signature(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return [list(value.shape), str(value.dtype), list(value.stride()), value.device.type]
+    if isinstance(value, Mapping):
+        return {str(k): _signature(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (tuple, list)):
+        return [_signature(v) for v in value]
+    return type(value).__name__
+
+
+def _cache_key(model: nn.Module, batch: Any, requested: str, base: PrecisionPlan,
+               hardware: dict[str, Any], margin: float, loss_fn: LossFn | None) -> str:
+    modules = [[name, type(m).__qualname__,
+                [[n, list(p.shape), str(p.dtype), list(p.stride())] for n, p in m.named_parameters(recurse=False)]]
+               for name, m in model.named_modules()]
+    spec = {
+        "version": CACHE_VERSION, "hardware": hardware, "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "model": modules, "batch": _signature(batch),
+        "mode": requested, "rules": [[r.pattern, str(r.policy)] for r in base.user_rules],
+        "builtin_rules": base.builtin_rules, "margin": margin,
+        "loss_fn": getattr(loss_fn, "__qualname__", None),
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _read_cached(path: Path, key: str) -> PrecisionPlan | None:
+    if not path.is_file():
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+        plan = PrecisionPlan.from_dict(data, where=f"cached plan {str(path)!r}")
+        if not plan.measured or plan.measured.get("key") != key:
+            raise VlampError("it was measured for another key")
+    except (OSError, yaml.YAMLError, VlampError) as e:
+        warnings.warn(f"ignoring the cached plan {path}: {str(e).splitlines()[0]}; measuring again",
+                      UserWarning, stacklevel=3)
+        return None
+    plan.measured["from_cache"] = True
+    plan.measured["cache_path"] = str(path)
+    return plan
+
+
+def _write_cached(path: Path, plan: PrecisionPlan) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        plan.save(path)
+    except OSError as e:
+        warnings.warn(f"could not cache the measured plan at {path}: {e.strerror}", UserWarning,
+                      stacklevel=3)
+
+
+__all__ = ["default_plan_cache", "measure_plan"]
