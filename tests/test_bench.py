@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 RUN_FIELDS = {"mode", "runner", "seed", "step_time_s_median", "samples_per_s", "peak_rss_bytes",
               "state_bytes", "params_bytes", "grads_bytes", "optimizer_bytes", "final_val_action_l1",
               "success_rate", "success_per_task", "skipped_steps", "speedup_vs_fp32",
-              "memory_vs_fp32", "losses", "loss_scales", "batch_size"}
+              "memory_vs_fp32", "losses", "loss_scales", "batch_size", "threads", "casts_per_step",
+              "load", "warnings", "round_windows", "step_times"}
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,14 @@ def test_bench_quick_writes_every_field_and_consistent_ratios(cache, tmp_path):
     assert fp32["speedup_vs_fp32"] == 1.0 and fp32["memory_vs_fp32"] == 1.0
     assert runs[2]["loss_scales"][0] == 2.0**16  # fp16 runs under the dynamic scaler
     assert set(runs[0]["loss_scales"]) == {1.0}
+    # fp32 casts nothing; the low-precision runs cast weights and activations
+    assert runs[0]["casts_per_step"] == 0 and all(x["casts_per_step"] > 0 for x in runs[1:])
+    # the runs took turns: 4 steps in rounds of 1, and no two runs' rounds overlap in time
+    windows = sorted((w, x["mode"] + x["runner"]) for x in runs for w in x["round_windows"])
+    assert all(len(x["round_windows"]) == 4 for x in runs)
+    assert all(a[0][1] <= b[0][0] for a, b in zip(windows, windows[1:]))
+    owners = [owner for _, owner in windows]
+    assert owners[:4] != owners[:1] * 4 and len(set(owners[:4])) == 4  # round 1 of each, then round 2
     for name in ("report.md", "report.html", "loss.png", "speed_memory.png", "loss_scale.png", "success.png"):
         assert (out / name).stat().st_size > 200, name
     md = (out / "report.md").read_text()
@@ -99,3 +108,31 @@ def test_demo_quick_runs_the_whole_flow(cache, tmp_path):
     assert list((out / "train" / "checkpoints").iterdir())
     p = cli(cache, "demo", "--quick", "--out", str(out))
     assert p.returncode == 2 and "holds an earlier demo" in p.stderr
+
+
+def test_bench_flags_a_busy_machine(cache, tmp_path):
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        out = tmp_path / "bench"
+        p = cli(cache, "bench", "--quick", "--modes", "fp32", "--steps", "20", "--warmup", "2",
+                "--threads", "2", "--episodes", "0", "--out", str(out), "--no-progress")
+    finally:
+        busy.kill()
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((out / "results.json").read_text())
+    run = r["runs"][0]
+    assert run["threads"] == 2 and run["load"]["other_cores_mean"] > 0.5
+    assert any("other processes kept" in w for w in run["warnings"])
+    assert "not trustworthy" in p.stdout and "fp32 !" in p.stdout
+    assert "not trustworthy" in (out / "report.md").read_text()
+
+
+def test_assess_names_each_reason_and_is_quiet_on_a_quiet_machine():
+    from vlamp.bench.machine import assess
+
+    quiet = {"other_cores_mean": 0.02, "other_cores_max": 0.1, "steal_frac": 0.0, "loadavg_max": 1.0}
+    even = [0.10, 0.11, 0.10, 0.12, 0.10]
+    assert assess(quiet, even) == []
+    assert "1.0 cores busy" in assess({**quiet, "other_cores_mean": 1.0}, even)[0]
+    assert "steal" in assess({**quiet, "steal_frac": 0.2}, even)[0]
+    assert "spread widely" in assess(quiet, [0.1] * 8 + [0.5, 0.5])[0]

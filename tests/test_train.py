@@ -204,3 +204,28 @@ def test_eval_of_a_corrupted_checkpoint_exits_2(tiny_dataset, tmp_path):
     (out / "checkpoints" / "step_0000003" / "train.safetensors").write_bytes(b"junk")
     p = cli("eval", "--checkpoint", str(out / "checkpoints" / "step_0000003"), "--episodes", "1")
     assert p.returncode == 2 and "does not match its checksum" in p.stderr
+
+
+def test_measured_plan_is_saved_and_a_resume_trains_on_with_it(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    first = Trainer(load_config(None, tiny_overrides(tiny_dataset, out, "bf16-mixed",
+                                                     "precision.measure=true")), progress=False)
+    first.fit()
+    used = first.mp.plan.to_dict()
+    assert used["measured"]["reason"]  # measured here, or said why not (no native bf16)
+    state = json.loads((out / "checkpoints" / "step_0000006" / "state.json").read_text())
+    assert state["precision"]["plan"] == json.loads(json.dumps(used))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a resumed run must not measure again")
+
+    monkeypatch.setattr("vlamp.precision.front.measure_plan", refuse)
+    shutil.rmtree(out / "checkpoints" / "step_0000006")
+    again = Trainer(load_config(None, tiny_overrides(tiny_dataset, out, "auto", "resume=true",
+                                                     "precision.measure=true")), progress=False)
+    assert again.mp.plan.to_dict() == json.loads(json.dumps(used)) and again.mp.mode.name == "bf16-mixed"
+    from vlamp.train.policy import load_policy
+
+    loaded = load_policy(str(out))
+    assert loaded.policy.mp.plan.to_dict()["rules"] == used["rules"]

@@ -23,16 +23,28 @@ def _fmt(v: Any, pattern: str) -> str:
 
 
 def table_rows(results: dict[str, Any]) -> list[list[str]]:
-    """Header plus one row per run."""
-    rows = [["run", "seed", "step time (s)", "samples/s", "speed-up", "peak RSS (MiB)", "memory",
-             "state (MiB)", "val action L1", "success", "skipped"]]
+    """Header plus one row per run; a run whose timings are not to be trusted is marked ``!``."""
+    rows = [["run", "seed", "threads", "step time (s)", "samples/s", "speed-up", "casts/step",
+             "peak RSS (MiB)", "memory", "state (MiB)", "val action L1", "success", "skipped"]]
     for r in results["runs"]:
-        rows.append([_label(r), str(r["seed"]), f"{r['step_time_s_median']:.3f}",
+        rows.append([_label(r) + (" !" if r.get("warnings") else ""), str(r["seed"]),
+                     str(r.get("threads", "-")), f"{r['step_time_s_median']:.3f}",
                      f"{r['samples_per_s']:.0f}", f"{r['speedup_vs_fp32']:.2f}x",
+                     _fmt(r.get("casts_per_step"), "{}"),
                      f"{r['peak_rss_bytes'] / 2**20:.0f}", f"{r['memory_vs_fp32']:.2f}x",
                      f"{r['state_bytes'] / 2**20:.1f}", _fmt(r["final_val_action_l1"], "{:.4f}"),
                      _fmt(r["success_rate"], "{:.0%}"), str(r["skipped_steps"])])
     return rows
+
+
+def trust_lines(results: dict[str, Any]) -> list[str]:
+    """What says the timings cannot be trusted (nothing when the machine was quiet)."""
+    warned = results.get("warnings") or []
+    if not warned:
+        return []
+    return ["! these timings are not trustworthy: the machine was not quiet while they were taken. "
+            "Rerun on a quiet machine (nothing else running) before reading the speed-ups.",
+            *[f"! {w}" for w in warned]]
 
 
 def text_table(results: dict[str, Any]) -> str:
@@ -40,7 +52,7 @@ def text_table(results: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in rows]
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:], *trust_lines(results)])
 
 
 def _plots(results: dict[str, Any], out: Path) -> None:
@@ -110,10 +122,14 @@ def write_report(results: dict[str, Any], out: str | os.PathLike[str]) -> tuple[
     machine = (f"{m['gpu'] or m['cpu']} ({m['cpu_cores']} cores, flags: {', '.join(m['cpu_flags'])}), "
                f"torch {m['torch']}")
     t = results["config"]["train"]
-    setup = (f"{t['steps']} steps at batch {t['batch_size']} per run; medians after warm-up; "
-             f"ratios against the FP32 run of the same invocation")
+    inter = results.get("interleaved") or {}
+    setup = (f"{t['steps']} steps at batch {t['batch_size']} per run, the runs taking turns "
+             f"{inter.get('round_steps', '?')} steps at a time; medians after warm-up; ratios "
+             f"against the FP32 run of the same invocation")
     rows = table_rows(results)
+    trust = trust_lines(results)
     md = ["# vlamp bench", "", f"Machine: {machine}.", "", setup + ".", ""]
+    md += [f"> {line}" for line in trust] + ([""] if trust else [])
     md += [f"- {n}" for n in results["notes"]] + ([""] if results["notes"] else [])
     md += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
@@ -123,6 +139,7 @@ def write_report(results: dict[str, Any], out: str | os.PathLike[str]) -> tuple[
             "td,th{padding:2px 8px;text-align:right}td:first-child{text-align:left}</style>",
             "<h1>vlamp bench</h1>", f"<p>Machine: {html.escape(machine)}.</p>",
             f"<p>{html.escape(setup)}.</p>"]
+    page += [f'<p style="color:#b00"><b>{html.escape(line)}</b></p>' for line in trust]
     page += ["<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in results["notes"]) + "</ul>"]
     page += ["<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in rows[0]) + "</tr>"]
     page += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:]]

@@ -1,11 +1,17 @@
 """The benchmark: train the same model on the same data once per precision mode (each in its own
-process), plus a hand-written torch.amp loop as the baseline, then compare against FP32."""
+process), plus a hand-written torch.amp loop as the baseline, then compare against FP32.
+
+The runs take turns: every process is started (one after another, so loading and measuring do not
+overlap), then each trains a round of steps while the others wait, in rotating order, until all are
+done. A slow spell of the machine thus falls on every mode alike instead of on whichever ran then,
+and the CPU counters read around each round say whether anything else was running
+(:mod:`vlamp.bench.machine`)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -13,11 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from vlamp.io import write_text_atomic
 from vlamp.precision.errors import VlampError
-from vlamp.precision.hardware import choose_mode, detect, native_formats
+from vlamp.bench.machine import CpuSample, assess, machine_info, round_load, summarize_rounds
+from vlamp.precision.hardware import detect, native_formats
 from vlamp.precision.modes import MODE_NAMES
 from vlamp.train.config import RunConfig, to_dict
 
@@ -57,65 +62,132 @@ def parse_modes(text: str) -> tuple[list[str], list[str]]:
     return list(dict.fromkeys(modes)), notes
 
 
-def machine_info() -> dict[str, Any]:
-    hw = detect()
-    return {"device": hw.device, "cpu": detect("cpu").name, "cpu_flags": list(hw.cpu_flags),
-            "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "gpu": hw.name if hw.device == "cuda" else None,
-            "cuda_capability": list(hw.cuda_capability) if hw.cuda_capability else None,
-            "torch": torch.__version__, "python": platform.python_version(),
-            "auto_mode": choose_mode(hw).mode, "native_low_precision": list(native_formats(hw))}
+class _Worker:
+    """One run's process, driven through the protocol of :mod:`vlamp.bench.worker`."""
+
+    def __init__(self, name: str, spec: dict[str, Any], workdir: Path) -> None:
+        self.name, self.rounds, self.trained = name, [], False
+        spec_path, self.out_path = workdir / f"{name}.spec.json", workdir / f"{name}.result.json"
+        spec_path.write_text(json.dumps(spec))
+        env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vlamp.bench.worker", str(spec_path), str(self.out_path)],
+            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, text=True)
+
+    def expect(self, *events: str) -> dict[str, Any]:
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        if not line:
+            raise VlampError(f"benchmark run {self.name} failed (exit {self.proc.wait()}); "
+                             f"its error is above")
+        event = json.loads(line)
+        if event.get("event") not in events:
+            raise VlampError(f"benchmark run {self.name}: expected {'/'.join(events)}, got {event}")
+        return event
+
+    def send(self, command: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+
+    def round(self) -> None:
+        """Lets the run train one round while every other run waits; records the machine's load."""
+        before = CpuSample.read(self.proc.pid)
+        self.send("go")
+        self.trained = self.expect("paused", "trained")["event"] == "trained"
+        after = CpuSample.read(self.proc.pid)
+        self.rounds.append({**round_load(before, after), "start": before.wall, "end": after.wall})
+
+    def finish(self) -> dict[str, Any]:
+        """Lets the run validate, evaluate and write its result; returns it."""
+        self.send("finish")
+        self.expect("done")
+        self.proc.wait()
+        return json.loads(self.out_path.read_text())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
-def _run_one(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
-    name = f"{spec['config']['precision']['mode']}-{spec['runner'].replace('.', '')}"
-    spec_path, out_path = workdir / f"{name}.spec.json", workdir / f"{name}.result.json"
-    spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
-    p = subprocess.run([sys.executable, "-m", "vlamp.bench.worker", str(spec_path), str(out_path)],
-                       env=env, stdout=subprocess.PIPE, stderr=None, text=True, check=False)
-    if p.returncode != 0 or not out_path.exists():
-        raise VlampError(f"benchmark run {name} failed (exit {p.returncode}); its error is above")
-    return json.loads(out_path.read_text())
+def _run_interleaved(specs: list[tuple[str, dict[str, Any]]], workdir: Path, progress: bool
+                     ) -> list[dict[str, Any]]:
+    workers: list[_Worker] = []
+    try:
+        for name, spec in specs:
+            if progress:
+                print(f"  start {name}", file=sys.stderr, flush=True)
+            workers.append(_Worker(name, spec, workdir))
+            workers[-1].expect("ready")
+        turn = 0
+        while not all(w.trained for w in workers):
+            for w in workers[turn % len(workers):] + workers[:turn % len(workers)]:
+                if not w.trained:
+                    w.round()
+            turn += 1
+        results = []
+        for w, (_, spec) in zip(workers, specs):
+            r = w.finish()
+            r["load"] = summarize_rounds(w.rounds)
+            r["round_windows"] = [(x["start"], x["end"]) for x in w.rounds]
+            r["warnings"] = assess(r["load"], r["step_times"][spec["warmup"]:] or r["step_times"])
+            results.append(r)
+        return results
+    finally:
+        for w in workers:
+            w.stop()
 
 
 def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, seeds: int = 1,
           warmup: int = 5, eval_episodes: int = 5, baseline: bool = True, notes: list[str] | None = None,
-          progress: bool = True) -> dict[str, Any]:
+          threads: int | str = "auto", rounds: int = 10, progress: bool = True) -> dict[str, Any]:
     """Runs every mode (and the torch.amp baseline for the first low-precision mode), ``seeds``
     times each, writes ``out/results.json`` and the report, and returns the results.
 
-    Each (mode, seed) trains ``config.train.steps`` steps in a fresh process; the step-time median
-    skips the first ``warmup`` steps. Ratios are against the FP32 run of the same invocation and seed.
+    Each (mode, seed) trains ``config.train.steps`` steps in a process of its own; the runs of a seed
+    take turns in ``rounds`` rounds. The step-time median skips the first ``warmup`` steps. Ratios
+    are against the FP32 run of the same invocation and seed. ``threads``: torch threads per run, or
+    ``"auto"`` (each run measures 1 against all and takes the faster).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     low = next((m for m in modes if m != "fp32"), None)
     plan = [(m, "vlamp") for m in modes] + ([(low, "torch.amp")] if baseline and low else [])
+    round_steps = max(1, math.ceil(config.train.steps / max(1, rounds)))
     runs: list[dict[str, Any]] = []
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="vlamp-bench-") as tmp:
         for seed in range(seeds):
-            for i, (mode, runner) in enumerate(plan):
+            specs = []
+            for mode, runner in plan:
                 cfg = to_dict(config)
                 cfg["precision"]["mode"] = mode
                 cfg["train"]["seed"] = config.train.seed + seed
                 cfg["output_dir"] = str(Path(tmp) / f"run-{mode}-{runner}-{seed}")
                 cfg["resume"] = False
-                if progress:
-                    print(f"[{i + 1 + seed * len(plan)}/{len(plan) * seeds}] {mode} ({runner}), "
-                          f"seed {cfg['train']['seed']}", file=sys.stderr, flush=True)
-                spec = {"config": cfg, "runner": runner, "warmup": warmup,
-                        "eval_episodes": eval_episodes, "progress": progress}
-                runs.append({**_run_one(spec, Path(tmp)), "seed": cfg["train"]["seed"]})
+                specs.append((f"{mode}-{runner.replace('.', '')}-s{cfg['train']['seed']}",
+                              {"config": cfg, "runner": runner, "warmup": warmup, "threads": threads,
+                               "round_steps": round_steps, "eval_episodes": eval_episodes,
+                               "progress": progress}))
+            if progress:
+                print(f"seed {config.train.seed + seed}: {len(specs)} runs taking turns, "
+                      f"{round_steps} steps a turn", file=sys.stderr, flush=True)
+            for r in _run_interleaved(specs, Path(tmp), progress):
+                runs.append({**r, "seed": config.train.seed + seed})
     add_ratios(runs)
+    warned = [f"{_run_name(r)}: {w}" for r in runs for w in r["warnings"]]
     results = {"machine": machine_info(), "config": to_dict(config), "modes": modes,
-               "notes": list(notes or []), "seconds": time.time() - started, "runs": runs}
+               "notes": list(notes or []), "warnings": warned, "seconds": time.time() - started,
+               "interleaved": {"round_steps": round_steps, "threads": threads}, "runs": runs}
     write_json(results, out / "results.json")
     from vlamp.bench.report import write_report
 
     write_report(results, out)
     return results
+
+
+def _run_name(r: dict[str, Any]) -> str:
+    return f"{r['mode']} ({r['runner']}, seed {r['seed']})"
 
 
 def add_ratios(runs: list[dict[str, Any]]) -> None:

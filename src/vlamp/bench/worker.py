@@ -2,7 +2,17 @@
 
 ``python -m vlamp.bench.worker SPEC.json RESULT.json``: SPEC holds ``config`` (a run config as a
 dict), ``runner`` (``"vlamp"``, or ``"torch.amp"`` for the hand-written baseline loop), ``warmup``
-(steps left out of the step-time median) and ``eval_episodes``.
+(steps left out of the step-time median), ``eval_episodes``, ``threads`` (a count, or ``"auto"``:
+the faster of 1 and all, measured) and ``round_steps``.
+
+The run takes turns with the others (see :mod:`vlamp.bench.run`): it talks JSON lines on its
+standard output and reads commands on its standard input::
+
+    -> {"event": "ready", "threads": N}    <- go
+    -> {"event": "paused", "step": k}      <- go          (every round_steps steps)
+    -> {"event": "trained", "step": n}     <- finish      (then validation, evaluation, result)
+
+so no two runs are timed at once, and nothing else of the benchmark runs while one is.
 """
 
 from __future__ import annotations
@@ -48,6 +58,60 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+class _Channel:
+    """The worker's end of the protocol. Prints of the run itself go to stderr, so they cannot
+    mix with the protocol's lines."""
+
+    def __init__(self) -> None:
+        self.out = os.fdopen(os.dup(1), "w", buffering=1)
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
+
+    def send(self, **event: Any) -> None:
+        self.out.write(json.dumps(event) + "\n")
+        self.out.flush()
+
+    def wait(self, command: str) -> None:
+        line = sys.stdin.readline().strip()
+        if line != command:
+            sys.exit(f"bench worker: expected {command!r} from the coordinator, got {line!r}")
+
+    def pauser(self, round_steps: int, total: int):
+        """``on_step`` for the training loop: pause after every round and after the last step."""
+        def on_step(step: int) -> None:
+            if step >= total:
+                self.send(event="trained", step=step)
+                self.wait("finish")
+            elif step % round_steps == 0:
+                self.send(event="paused", step=step)
+                self.wait("go")
+        return on_step
+
+
+def choose_threads(trainer, autocast, repeats: int = 3) -> tuple[int, dict[str, float]]:
+    """Times the model's forward+backward at 1 thread and at all of them; returns the faster count
+    and the median times (ms). The model's weights, gradients and the RNG are left as they were."""
+    cores = torch.get_num_threads()
+    b = trainer._batch(np.arange(trainer.config.train.batch_size) % len(trainer.train_set), False)
+    rng = torch.get_rng_state()
+    times: dict[str, float] = {}
+    for n in dict.fromkeys((1, cores)):
+        torch.set_num_threads(n)
+        samples = []
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            with autocast():
+                loss = trainer.model(b)
+            loss.backward()
+            samples.append(time.perf_counter() - t0)
+            trainer.model.zero_grad(set_to_none=True)
+        times[str(n)] = 1e3 * statistics.median(samples[1:])
+    torch.set_rng_state(rng)
+    best = int(min(times, key=times.get))
+    torch.set_num_threads(best)
+    return best, times
+
+
 def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Bytes held by the model's parameters, FP32 master copies, gradients and optimizer state."""
     model_ids = {id(p) for p in model.parameters()}
@@ -61,10 +125,11 @@ def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dic
             "state_bytes": params + masters + grads + optim}
 
 
-def baseline_fit(trainer, dtype: torch.dtype, steps: int) -> tuple[list[float], list[float], list[float], int]:
+def baseline_fit(trainer, dtype: torch.dtype, steps: int, on_step=None
+                 ) -> tuple[list[float], list[float], list[float], int]:
     """The plain torch.amp loop a user would write by hand (autocast, GradScaler for FP16, clip,
     step), on the trainer's model, optimizer and batches. Returns losses, scales, step times and
-    skipped steps."""
+    skipped steps; ``on_step(step)`` is called after each step."""
     from vlamp.train.step import learning_rate
 
     c = trainer.config.train
@@ -98,11 +163,14 @@ def baseline_fit(trainer, dtype: torch.dtype, steps: int) -> tuple[list[float], 
         scales.append(scale)
         skipped += int(skip)
         applied += int(not skip)
+        if on_step is not None:
+            on_step(len(times))
     return losses, scales, times, skipped
 
 
-def run(spec: dict[str, Any]) -> dict[str, Any]:
+def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]:
     from vlamp.precision.dtypes import to_dtype
+    from vlamp.precision.verify import count_casts
     from vlamp.train.config import decode
     from vlamp.train.trainer import Trainer
 
@@ -114,20 +182,42 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     config.eval.final = False
     config.train.save_every = 0
     config.train.val_every = 0
-    torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
+    threads = spec.get("threads") or "auto"
+    if threads != "auto":
+        torch.set_num_threads(int(threads))
     trainer = Trainer(config, progress=spec.get("progress", True))
+    low = to_dtype(mode.split("-")[0]) if mode != "fp32" else torch.float32
+    autocast = _AmpAutocast(low).autocast if runner == "torch.amp" else trainer.mp.autocast
+    thread_times = None
+    if threads == "auto":
+        threads, thread_times = choose_threads(trainer, autocast)
+    steps = config.train.steps
+    on_step = None
+    if channel is not None:
+        channel.send(event="ready", threads=int(threads))
+        channel.wait("go")
+        on_step = channel.pauser(max(1, int(spec.get("round_steps") or steps)), steps)
     rss_before = _rss_now()
     reset = _reset_peak_rss()
     if runner == "torch.amp":
-        low = to_dtype(mode.split("-")[0]) if mode != "fp32" else torch.float32
-        losses, scales, times, skipped = baseline_fit(trainer, low, config.train.steps)
-        trainer.step = config.train.steps
+        losses, scales, times, skipped = baseline_fit(trainer, low, steps, on_step)
+        trainer.step = steps
         val = _validate_amp(trainer, low)
+        peak = _peak_rss()
     else:
-        r = trainer.fit()
+        r = trainer.fit(on_step)
+        peak = _peak_rss()
         losses, scales, times, skipped, val = r.losses, r.scales, r.step_times, r.skipped_steps, r.val_action_l1
-    peak = _peak_rss()
     memory = state_bytes(trainer.model, trainer.optimizer)
+    b = trainer._batch(np.arange(config.train.batch_size) % len(trainer.train_set), False)
+
+    def one_step() -> None:
+        with autocast():
+            loss = trainer.model(b)
+        loss.backward()
+
+    casts = count_casts(one_step)
+    trainer.model.zero_grad(set_to_none=True)
     timed = times[spec.get("warmup", 5):] or times
     median = statistics.median(timed)
     samples = config.train.batch_size * config.train.grad_accum
@@ -138,10 +228,15 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             trainer.mp = _AmpAutocast(low)  # the evaluated forward passes use the same autocast
         e = trainer.evaluate()
         success, per_task = e["success_rate"], {t["task"]: t["success_rate"] for t in e["per_task"]}
+    plan = getattr(trainer.mp, "plan", None)
     return {
         "mode": mode, "runner": runner, "steps": len(losses),
+        "precision": trainer.mp.mode.name if runner == "vlamp" else mode,
+        "precision_reason": (plan.measured or {}).get("reason") if plan is not None else None,
+        "fp32_rules": sum(1 for r in plan.user_rules if r.label.startswith("measured:")) if plan else 0,
+        "threads": int(threads), "threads_probe_ms": thread_times,
         "step_time_s_median": median, "step_time_s_p90": float(np.percentile(timed, 90)),
-        "samples_per_s": samples / median,
+        "step_times": times, "samples_per_s": samples / median, "casts_per_step": casts,
         "peak_rss_bytes": peak, "rss_before_training_bytes": rss_before,
         "training_rss_bytes": peak - rss_before if reset else None,  # what training itself added
         "peak_rss_is_training_only": reset, **memory,
@@ -172,8 +267,10 @@ def main(argv: list[str]) -> int:
     from vlamp.io import write_text_atomic
 
     spec_path, out_path = argv
-    result = run(json.loads(Path(spec_path).read_text()))
+    channel = _Channel()
+    result = run(json.loads(Path(spec_path).read_text()), channel)
     write_text_atomic(out_path, json.dumps(result))
+    channel.send(event="done")
     return 0
 
 

@@ -10,8 +10,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench", help="compare precision modes: speed, memory, quality lost against fp32",
         description="Train the same model on the same data once per precision mode, each in its own "
-                    "process (clean peak memory), plus a hand-written torch.amp loop as a baseline; "
-                    "measure median step time, samples/s, peak RSS, parameter+gradient+optimizer "
+                    "process (clean peak memory), plus a hand-written torch.amp loop as a baseline. "
+                    "The runs take turns, a round of steps each, so a slow spell hits every mode "
+                    "alike; the load of the machine is read around each round and runs timed while "
+                    "other processes were busy are flagged. It measures "
+                    "median step time, samples/s, casts per step, peak RSS, parameter+gradient+optimizer "
                     "bytes, validation action error, closed-loop success, skipped steps and the loss "
                     "scale. Writes DIR/results.json, DIR/report.md, DIR/report.html and plots.",
         epilog="examples:\n  vlamp bench --quick\n  vlamp bench --modes fp32,bf16-mixed --steps 300 "
@@ -28,6 +31,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--episodes", type=int, default=None,
                    help="closed-loop episodes per task per run, 0 for none (default: 5; --quick: 1)")
     p.add_argument("--no-baseline", action="store_true", help="skip the torch.amp baseline row")
+    p.add_argument("--threads", default="auto", metavar="N|auto",
+                   help="torch threads per run; auto (default): each run times 1 thread against all "
+                        "and takes the faster")
+    p.add_argument("--rounds", type=int, default=10,
+                   help="the runs take turns in this many rounds each (default: 10)")
     p.add_argument("--quick", action="store_true", help="a tiny model on a tiny dataset (seconds)")
     p.add_argument("--out", default="runs/bench", metavar="DIR", help="default: runs/bench")
     p.add_argument("--config", default=None, metavar="FILE", help="YAML training config")
@@ -42,9 +50,12 @@ def run(args: argparse.Namespace) -> int:
     from vlamp.precision.errors import VlampError
     from vlamp.train.config import load_config
 
-    for name in ("steps", "seeds"):
+    for name in ("steps", "seeds", "rounds"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise VlampError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    threads = args.threads.strip().lower()
+    if threads != "auto" and not (threads.isdigit() and int(threads) >= 1):
+        raise VlampError(f"--threads must be a count >= 1 or auto, got {args.threads!r}")
     if args.modes:
         modes, notes = parse_modes(args.modes)
     else:
@@ -60,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     results = bench(config, modes, args.out, seeds=args.seeds, warmup=warmup, eval_episodes=episodes,
-                    baseline=not args.no_baseline, notes=notes, progress=not args.no_progress)
+                    baseline=not args.no_baseline, notes=notes, progress=not args.no_progress,
+                    threads=threads if threads == "auto" else int(threads), rounds=args.rounds)
     print(text_table(results))
     print(f"\nresults: {args.out}/results.json; report: {args.out}/report.md, {args.out}/report.html")
     return 0

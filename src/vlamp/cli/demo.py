@@ -61,16 +61,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"      {len(data):,} frames, {data.num_episodes} episodes, tasks: {', '.join(data.tasks)}")
 
     hw = detect()
-    if args.mode == "auto":
-        choice = choose_mode(hw)
-        mode, why = choice.mode, choice.reason
-    else:
-        mode, why = args.mode, "asked for with --mode"
+    config.precision.mode = args.mode
+    trainer = Trainer(config, data=data, progress=progress)  # measures the plan (cached) for auto
+    mode = trainer.mp.mode.name
+    why = (trainer.mp.plan.measured or {}).get("reason") or (
+        "asked for with --mode" if args.mode != "auto" else choose_mode(hw).reason)
     print(f"[2/5] precision: {mode} ({why})", flush=True)
-    config.precision.mode = mode
 
     print(f"[3/5] train: TinyVLA, {steps} steps at batch {config.train.batch_size}", flush=True)
-    trainer = Trainer(config, data=data, progress=progress)
     result = trainer.fit()
     print(f"      {result.seconds:.0f} s, final loss {result.losses[-1]:.4f}, validation action L1 "
           f"{result.val_action_l1:.4f}, skipped steps {result.skipped_steps}")
@@ -85,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     notes = [] if mode != "fp32" or "bf16" in native_formats(hw) else [
         f"{hw.name} has no native bf16: bf16-mixed is benchmarked emulated, to show what it costs"]
     print(f"[5/5] bench: fp32 against {other}, {bench_steps} steps each at batch "
-          f"{config.train.batch_size}, each in its own process", flush=True)
+          f"{config.train.batch_size}, each in its own process, taking turns", flush=True)
     bench_config = load_config(None, base + [f"train.steps={bench_steps}"])
     results = bench(bench_config, ["fp32", other], out / "bench", warmup=min(2, bench_steps - 1),
                     eval_episodes=0, notes=notes, progress=progress)

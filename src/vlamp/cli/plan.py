@@ -11,12 +11,28 @@ from vlamp.precision import MODE_NAMES, PrecisionPlan
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plan", help="show which precision every module runs in",
-                       description="Resolve a precision plan (a mode plus rules) over TinyVLA, the default model, and "
-                                   "print, per module: parameter storage, compute, output, gradient "
-                                   "and optimizer-state dtype, parameter count and the deciding rule.")
-    p.add_argument("--mode", default="bf16-mixed", help=f"one of {', '.join(MODE_NAMES)}, auto "
-                                                         "(default: bf16-mixed)")
+    p = sub.add_parser(
+        "plan", help="show which precision every module runs in (--auto: measured on this machine)",
+        description="Resolve a precision plan (a mode plus rules) over TinyVLA, the default model, and "
+                    "print, per module: parameter storage, compute, output, gradient and "
+                    "optimizer-state dtype, parameter count and the deciding rule. With --auto, first "
+                    "time every low-precision module's forward+backward in low precision and in FP32 "
+                    "on a batch of the default shapes, keep FP32 where low precision is slower here, "
+                    "and (for mode auto) take the low-precision mode only if its whole step is faster. "
+                    "The measured plan is cached per machine, torch version, threads, model and batch "
+                    "shape; `vlamp train` uses the same cache.",
+        epilog="examples:\n  vlamp plan --depth 2\n  vlamp plan --auto --out plan.yaml\n"
+               "  vlamp plan --auto --mode bf16-mixed --batch-size 32 --refresh",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", default=None, help=f"one of {', '.join(MODE_NAMES)}, auto "
+                                                 "(default: bf16-mixed; with --auto: auto)")
+    p.add_argument("--auto", action="store_true",
+                   help="measure the plan on this machine (a few seconds; cached)")
+    p.add_argument("--batch-size", type=int, default=64, help="batch for --auto (default: 64, as "
+                                                              "`vlamp train`)")
+    p.add_argument("--refresh", action="store_true", help="with --auto: measure again, ignore the cache")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="write the plan as YAML (usable as precision.rules / --rules)")
     p.add_argument("--rules", default=None, metavar="FILE",
                    help="YAML rules file: {builtin_rules: bool, rules: [{pattern, policy}]}")
     p.add_argument("--no-builtin-rules", action="store_true",
@@ -31,21 +47,39 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from vlamp.models.tinyvla import ModelConfig, TinyVLA
     from vlamp.models.tokenizer import WordTokenizer
+    from vlamp.precision.autoplan import measure_plan
+    from vlamp.precision.errors import VlampError
     from vlamp.sim.tasks import DEFAULT_SUITE, TASKS
 
+    if args.batch_size < 1:
+        raise VlampError(f"--batch-size must be >= 1, got {args.batch_size}")
+    mode = args.mode or ("auto" if args.auto else "bf16-mixed")
     vocab = len(WordTokenizer.build(TASKS[t].instruction for t in DEFAULT_SUITE))
     model = TinyVLA(ModelConfig(vocab_size=vocab, head=args.head))
     if args.rules:
-        plan = PrecisionPlan.load(args.rules, mode=args.mode)
+        plan = PrecisionPlan.load(args.rules, mode=None if mode == "auto" else mode)
         if args.no_builtin_rules:
             plan.builtin_rules = False
     else:
-        plan = PrecisionPlan(args.mode, builtin_rules=not args.no_builtin_rules)
+        plan = PrecisionPlan(mode, builtin_rules=not args.no_builtin_rules)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         plan.resolve(model)
+        if args.auto:
+            plan = measure_plan(model, model.example_batch(args.batch_size), mode,
+                                rules=plan.user_rules, builtin_rules=plan.builtin_rules,
+                                refresh=args.refresh, log=lambda line: print(line, file=sys.stderr))
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     table = plan.describe(model, max_depth=args.depth)
     print(json.dumps(table.to_dicts(), indent=2) if args.json else table)
+    if plan.measured and plan.measured.get("step_ms") and not args.json:
+        steps = ", ".join(f"{k} {v:.1f} ms" for k, v in plan.measured["step_ms"].items())
+        print(f"measured forward+backward step at batch {args.batch_size}: {steps}")
+    if args.out:
+        try:
+            plan.save(args.out)
+        except OSError as e:
+            raise VlampError(f"--out {args.out!r}: cannot write ({e.strerror})") from None
+        print(f"plan written to {args.out} (use it with precision.rules={args.out})", file=sys.stderr)
     return 0

@@ -269,6 +269,16 @@ class TinyVLA(nn.Module):
         self.norm = nn.LayerNorm(d)
         self.action_out = nn.Linear(d, c.action_dim)
 
+    def example_batch(self, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
+        """A random training batch of this model's shapes (for measuring a plan without a dataset:
+        the kernels' speed depends on shapes, not values)."""
+        c, g = self.config, torch.Generator().manual_seed(seed)
+        return {"image": torch.rand(batch_size, 3, c.image_size, c.image_size, generator=g),
+                "state": torch.randn(batch_size, c.state_dim, generator=g),
+                "tokens": torch.randint(1, c.vocab_size, (batch_size, c.max_tokens), generator=g),
+                "actions": torch.randn(batch_size, c.chunk, c.action_dim, generator=g),
+                "action_mask": torch.ones(batch_size, c.chunk, dtype=torch.bool)}
+
     def _sequence_length(self) -> int:
         side = self.config.image_size // 2 ** len(self.config.channels)
         return side * side + self.config.max_tokens + 1 + self.config.chunk

@@ -67,6 +67,7 @@ def measure_plan(
     cache: bool = True,
     cache_dir: str | os.PathLike[str] | None = None,
     refresh: bool = False,
+    require_native: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> PrecisionPlan:
     """Measures which modules of ``model`` are faster in FP32 than in low precision, here.
@@ -89,6 +90,8 @@ def measure_plan(
         cache: Read and write the plan cache.
         cache_dir: Where the cache lives (default :func:`default_plan_cache`).
         refresh: Measure again even if a cached plan exists (and overwrite it).
+        require_native: With a named mode, measure only where this hardware computes its format
+            natively; ``False`` measures an emulated format too (to see per module what it costs).
         log: Called with one line for what is done (cache hit, measuring, the decision).
 
     Returns:
@@ -126,7 +129,7 @@ def measure_plan(
             say(f"precision: {low_mode.name} not measured ({reason})")
             return PrecisionPlan(low_mode, rules, builtin_rules=builtin_rules,
                                  measured={"requested": requested, "reason": reason})
-        if fmt not in native_formats(hw):
+        if require_native and fmt not in native_formats(hw):
             reason = (f"{hw.name} has no native {fmt}: it is emulated everywhere, so a measured plan "
                       f"would only move the whole model to FP32; the mode's plan is used as is")
             say(f"precision: {low_mode.name} not measured ({reason})")

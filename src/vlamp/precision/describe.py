@@ -105,7 +105,10 @@ def _measured_cell(entries: list[Mapping[str, Any]]) -> str:
     low = entries[0].get("dtype", "low")
     fp32 = sum(float(e["fp32_ms"]) for e in entries)
     lp = sum(float(e["low_ms"]) for e in entries)
-    return f"fp32 {fp32:.2f} / {low} {lp:.2f} ms"
+    if len(entries) == 1:
+        return f"fp32 {fp32:.2f} / {low} {lp:.2f} ms"
+    chosen = sum(float(e["fp32_ms"] if e.get("kept_fp32") else e["low_ms"]) for e in entries)
+    return f"fp32 {fp32:.2f} / {low} {lp:.2f} / plan {chosen:.2f} ms"
 
 
 __all__ = ["COLUMNS", "PlanTable", "Row"]

@@ -1,4 +1,5 @@
-"""Proof that precision is what the plan says: record the dtype every compute op actually ran in.
+"""Proof that precision is what the plan says: record the dtype every compute op actually ran in,
+and count the casts a step makes.
 
 A ``TorchDispatchMode`` sees each aten op after autocast has made its casts, so the dtype of its first
 floating-point input is the dtype the kernel computes in. Ops are charged to the innermost module
@@ -68,3 +69,27 @@ def trace_compute_dtypes(model: nn.Module, run: Callable[[], object]) -> dict[st
         for h in handles:
             h.remove()
     return dict(seen)
+
+
+class _CastCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in ("_to_copy", "copy_") and len(args) >= 1:
+            src, dst = (args[1], args[0]) if name == "copy_" else (args[0], out)
+            if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and \
+                    src.is_floating_point() and dst.is_floating_point() and src.dtype != dst.dtype:
+                self.count += 1
+        return out
+
+
+def count_casts(run: Callable[[], object]) -> int:
+    """The number of floating-point dtype conversions (``fp32 -> bf16`` and back, weights and
+    activations, forward and backward) that ``run()`` makes."""
+    with _CastCounter() as counter:
+        run()
+    return counter.count

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,8 +215,13 @@ class Trainer:
         b["tokens"] = self.tokens_by_task[b["task_index"]]
         return b
 
-    def fit(self) -> TrainResult:
-        """Trains to ``train.steps`` (from the resumed step, if any), evaluating on the way."""
+    def fit(self, on_step: Callable[[int], None] | None = None) -> TrainResult:
+        """Trains to ``train.steps`` (from the resumed step, if any), evaluating on the way.
+
+        Args:
+            on_step: Called with the step count after each step and its logging, validation,
+                evaluation and checkpoint (the benchmark pauses runs there to interleave them).
+        """
         c, t = self.config, self.config.train
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(c, self.run_dir / "config.yaml")
@@ -268,6 +274,8 @@ class Trainer:
                                                    "success_rate": result.eval["success_rate"]})
                 if (t.save_every and self.step % t.save_every == 0) or last:
                     self.save()
+                if on_step is not None:
+                    on_step(self.step)
         finally:
             bar.close()
             writer.close()

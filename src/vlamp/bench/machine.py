@@ -1,0 +1,114 @@
+"""What the machine is, and what else it was doing while a benchmark run was timed.
+
+Timing on a shared machine lies quietly: with another process busy on the other core, multi-threaded
+bf16 steps measured 100x slower than on a quiet machine. So the bench reads the kernel's CPU
+counters (``/proc/stat``, ``/proc/PID/stat``) around every round of every run: CPU time spent by
+anything but the run itself (other processes), time the hypervisor took (steal), and the load
+average; :func:`assess` turns those and the spread of step times into warnings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from vlamp.precision.hardware import choose_mode, detect, native_formats
+
+# Thresholds of :func:`assess`: above them a run's timings are not to be trusted.
+OTHER_CORES_LIMIT = 0.3   # mean cores busy with other work while the run was timed
+STEAL_LIMIT = 0.05        # fraction of CPU time the hypervisor took
+SPREAD_LIMIT = 1.5        # p90 step time / median step time
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def machine_info() -> dict[str, Any]:
+    """The device, CPU (model, flags, cores), torch and the mode ``auto`` proposes here."""
+    hw = detect()
+    return {"device": hw.device, "cpu": detect("cpu").name, "cpu_flags": list(hw.cpu_flags),
+            "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": hw.name if hw.device == "cuda" else None,
+            "cuda_capability": list(hw.cuda_capability) if hw.cuda_capability else None,
+            "torch": str(torch.__version__), "python": platform.python_version(),
+            "auto_mode": choose_mode(hw).mode, "native_low_precision": list(native_formats(hw))}
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuSample:
+    """The kernel's cumulative counters at one moment (clock ticks), and the 1-minute load."""
+
+    wall: float
+    busy: int       # user + nice + system + irq + softirq, all CPUs
+    steal: int
+    total: int
+    process: int    # user + system of the timed process (all its threads)
+    loadavg: float
+
+    @classmethod
+    def read(cls, pid: int) -> CpuSample:
+        busy = steal = total = process = 0
+        load = float("nan")
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+            user, nice, system, idle, iowait, irq, softirq, st = (fields + [0] * 8)[:8]
+            busy, steal, total = user + nice + system + irq + softirq, st, sum(fields[:8])
+            with open(f"/proc/{pid}/stat") as f:
+                after_name = f.read().rpartition(")")[2].split()
+            process = int(after_name[11]) + int(after_name[12])  # utime, stime
+            with open("/proc/loadavg") as f:
+                load = float(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # not Linux: no counters, so nothing will be flagged from them
+        return cls(time.perf_counter(), busy, steal, total, process, load)
+
+
+def round_load(before: CpuSample, after: CpuSample) -> dict[str, float]:
+    """What happened on the machine between two samples around one timed round."""
+    wall = max(after.wall - before.wall, 1e-9)
+    other = max(0, (after.busy - before.busy) - (after.process - before.process))
+    total = max(after.total - before.total, 1)
+    return {"wall_s": wall, "other_cores": other / _TICKS / wall,
+            "steal_frac": (after.steal - before.steal) / total, "loadavg": after.loadavg}
+
+
+def summarize_rounds(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Mean and worst of the rounds' loads (the mean weighted by each round's wall time)."""
+    if not rounds:
+        return {"other_cores_mean": 0.0, "other_cores_max": 0.0, "steal_frac": 0.0, "loadavg_max": 0.0}
+    wall = sum(r["wall_s"] for r in rounds)
+    loads = [r["loadavg"] for r in rounds if r["loadavg"] == r["loadavg"]]
+    return {"other_cores_mean": sum(r["other_cores"] * r["wall_s"] for r in rounds) / wall,
+            "other_cores_max": max(r["other_cores"] for r in rounds),
+            "steal_frac": sum(r["steal_frac"] * r["wall_s"] for r in rounds) / wall,
+            "loadavg_max": max(loads) if loads else 0.0}
+
+
+def assess(load: dict[str, float], step_times: list[float]) -> list[str]:
+    """Warnings that say why a run's timings should not be trusted (none: trust them).
+
+    Args:
+        load: :func:`summarize_rounds` of the run's timed rounds.
+        step_times: The run's timed step times (after warm-up).
+    """
+    warnings = []
+    if load["other_cores_mean"] > OTHER_CORES_LIMIT:
+        warnings.append(f"other processes kept {load['other_cores_mean']:.1f} cores busy while this "
+                        f"run was timed (limit {OTHER_CORES_LIMIT})")
+    if load["steal_frac"] > STEAL_LIMIT:
+        warnings.append(f"the hypervisor took {load['steal_frac']:.0%} of CPU time (steal)")
+    if len(step_times) >= 3:
+        spread = float(np.percentile(step_times, 90)) / statistics.median(step_times)
+        if spread > SPREAD_LIMIT:
+            warnings.append(f"step times spread widely: p90 is {spread:.1f}x the median")
+    return warnings
+
+
+__all__ = ["CpuSample", "assess", "machine_info", "round_load", "summarize_rounds"]

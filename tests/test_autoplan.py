@@ -1,0 +1,176 @@
+"""The measured plan: a module that is slower in low precision is kept in FP32 (and one that is
+faster is not), the whole-step check never picks a slower mode, and the cache hits, misses and is
+invalidated when what it was measured for changes."""
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from vlamp import MixedPrecision, PrecisionPlan, VlampError
+from vlamp.precision.autoplan import measure_plan
+from vlamp.precision.hardware import choose_mode, detect
+from vlamp.precision.verify import trace_compute_dtypes
+
+NATIVE_BF16 = choose_mode(detect("cpu")).mode == "bf16-mixed"
+DELAY = 0.004
+
+
+class SlowInLowPrecision(nn.Module):
+    """Built to be slow where its input is not FP32 (like bf16 attention on a CPU)."""
+
+    calls = 0
+
+    def forward(self, x):
+        SlowInLowPrecision.calls += 1
+        if x.dtype != torch.float32:
+            time.sleep(DELAY)
+        return x * 2.0
+
+
+class SlowInFP32(nn.Module):
+    """Built to be slow where its input is FP32 (like a matmul on tensor cores)."""
+
+    def forward(self, x):
+        if x.dtype == torch.float32:
+            time.sleep(DELAY)
+        return x * 2.0
+
+
+class Net(nn.Module):
+    def __init__(self, slow_root: bool = False):
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.slow_low = SlowInLowPrecision()
+        self.mid = nn.Linear(16, 16)
+        self.slow_fp32 = SlowInFP32()
+        self.out = nn.Linear(16, 1)
+        self.slow_root = slow_root
+
+    def forward(self, batch):
+        if self.slow_root and torch.is_autocast_enabled("cpu"):
+            time.sleep(4 * DELAY)  # the root's own work: no rule on a leaf can help
+        x = self.out(self.slow_fp32(self.mid(self.slow_low(self.inp(batch["x"])))))
+        return x.float().square().mean()
+
+
+def batch(n=4):
+    return {"x": torch.randn(n, 8)}
+
+
+def measure(model, b, tmp_path, mode="bf16-mixed", **kw):
+    return measure_plan(model, b, mode, cache_dir=tmp_path, require_native=False, repeats=3, **kw)
+
+
+def test_keeps_fp32_exactly_where_low_precision_is_slower(tmp_path):
+    model = Net()
+    plan = measure(model, batch(), tmp_path)
+    m = plan.measured
+    assert plan.mode.name == "bf16-mixed" and not m["from_cache"]
+    assert set(m["modules"]) == {"inp", "slow_low", "mid", "slow_fp32", "out"}
+    assert m["modules"]["slow_low"]["kept_fp32"] and not m["modules"]["slow_fp32"]["kept_fp32"]
+    assert m["modules"]["slow_low"]["low_ms"] > 1e3 * DELAY > m["modules"]["slow_low"]["fp32_ms"]
+    kept = [r.pattern for r in plan.user_rules]
+    assert "slow_low" in kept and "slow_fp32" not in kept
+    assert all(isinstance(p, nn.Parameter) and p.dtype == torch.float32 for p in model.parameters())
+
+    # applied, the rule changes what runs: slow_low sees FP32, the linears around it bf16
+    mp = MixedPrecision("bf16-mixed", plan)
+    mp.setup(model)
+    seen_inputs = {}  # hooks after setup's boundary hooks: they see what the module computes on
+    model.slow_low.register_forward_pre_hook(lambda mod, args: seen_inputs.update(low=args[0].dtype))
+    model.slow_fp32.register_forward_pre_hook(lambda mod, args: seen_inputs.update(fp32=args[0].dtype))
+    b = batch()
+
+    def forward():
+        with mp.autocast():
+            model(b)
+
+    seen = trace_compute_dtypes(model, forward)
+    assert seen_inputs == {"low": torch.float32, "fp32": torch.bfloat16}
+    assert seen["mid"] == {torch.bfloat16}
+    rows = {r["module"]: r for r in plan.describe(Net()).to_dicts()}
+    assert rows["slow_low"]["rule"].startswith("measured:bf16") and rows["slow_low"]["compute"] == "fp32"
+    assert rows["slow_fp32"]["rule"] == "inherited" and rows["slow_fp32"]["measured"].startswith("fp32 ")
+    assert "measured" in str(plan.describe(Net())).splitlines()[0]  # the column is shown
+
+
+def test_measured_plan_round_trips_through_yaml(tmp_path):
+    plan = measure(Net(), batch(), tmp_path / "cache")
+    plan.save(tmp_path / "plan.yaml")
+    again = PrecisionPlan.load(tmp_path / "plan.yaml")
+    assert again.to_dict() == plan.to_dict()
+    assert [r.label for r in again.user_rules] == [r.label for r in plan.user_rules]
+    assert again.measured["modules"]["slow_low"]["kept_fp32"]
+
+
+def test_cache_hit_miss_and_invalidation(tmp_path, monkeypatch):
+    first = measure(Net(), batch(), tmp_path)
+    assert not first.measured["from_cache"] and len(list(tmp_path.glob("*.yaml"))) == 1
+
+    SlowInLowPrecision.calls = 0
+    hit = measure(Net(), batch(), tmp_path)
+    assert hit.measured["from_cache"] and SlowInLowPrecision.calls == 0  # nothing was run
+    assert hit.to_dict()["rules"] == first.to_dict()["rules"]
+
+    assert not measure(Net(), batch(8), tmp_path).measured["from_cache"]     # another batch shape
+    assert not measure(nn.Sequential(Net()), batch(), tmp_path).measured["from_cache"]  # model
+    assert not measure(Net(), batch(), tmp_path, margin=0.5).measured["from_cache"]
+    assert not measure(Net(), batch(), tmp_path, refresh=True).measured["from_cache"]
+    monkeypatch.setattr(torch, "__version__", "9.9.9")                        # another torch
+    assert not measure(Net(), batch(), tmp_path).measured["from_cache"]
+    monkeypatch.undo()
+
+    # a damaged cache entry is said and measured again, not trusted
+    for path in tmp_path.glob("*.yaml"):
+        path.write_text("rules: [oops")
+    with pytest.warns(UserWarning, match="ignoring the cached plan"):
+        again = measure(Net(), batch(), tmp_path)
+    assert not again.measured["from_cache"]
+    assert measure(Net(), batch(), tmp_path).measured["from_cache"]          # and re-cached
+
+
+def test_the_model_is_left_untouched_and_a_set_up_model_is_refused(tmp_path):
+    model = Net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    b = batch()
+    rng = torch.get_rng_state()
+    measure(model, b, tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+    MixedPrecision("bf16-mixed").setup(model)
+    with pytest.raises(VlampError, match="already has a precision plan"):
+        measure(model, batch(), tmp_path)
+
+
+def test_true_modes_are_not_measured(tmp_path):
+    plan = measure(Net(), batch(), tmp_path, mode="bf16-true")
+    assert plan.mode.name == "bf16-true" and not plan.user_rules
+    assert "memory" in plan.measured["reason"]
+
+
+@pytest.mark.skipif(not NATIVE_BF16, reason="needs a CPU with native bf16 (auto proposes bf16-mixed)")
+def test_auto_never_picks_a_slower_mode(tmp_path):
+    slow = MixedPrecision("auto", model=Net(slow_root=True), example_batch=batch(), cache=False)
+    assert slow.mode.name == "fp32" and "fp32 is faster" in slow.plan.measured["reason"]
+    fast = measure_plan(Net(), batch(), "auto", cache_dir=tmp_path, repeats=3)
+    step = fast.measured["step_ms"]
+    assert (fast.mode.name == "bf16-mixed") == (step["bf16-mixed"] < step["fp32"])
+
+
+@pytest.mark.skipif(NATIVE_BF16, reason="checks the machines without native bf16")
+def test_auto_is_fp32_without_native_low_precision(tmp_path):
+    plan = measure_plan(Net(), batch(), "auto", cache_dir=tmp_path)
+    assert plan.mode.name == "fp32" and "emulated" in plan.measured["reason"]
+    named = measure_plan(Net(), batch(), "bf16-mixed", cache_dir=tmp_path)
+    assert not named.user_rules and "no native bf16" in named.measured["reason"]
+
+
+def test_bad_arguments_name_the_problem(tmp_path):
+    with pytest.raises(VlampError, match="repeats must be >= 1"):
+        measure_plan(Net(), batch(), "bf16-mixed", repeats=0, cache_dir=tmp_path)
+    with pytest.raises(VlampError, match="both model= and example_batch="):
+        MixedPrecision("auto", model=Net())
