@@ -206,3 +206,32 @@ def test_auto_on_this_machine_never_picks_fp16():
     mp = MixedPrecision("auto")
     assert mp.requested_mode == "auto"
     assert "fp16" not in mp.mode.name
+
+
+def test_accumulate_casts_each_weight_once_per_step_with_the_same_gradients():
+    import contextlib
+
+    from vlamp.precision.verify import count_casts
+
+    micro = [torch.randn(8, 4) for _ in range(3)]
+
+    def grads_and_casts(accumulate):
+        model = tiny()
+        mp = MixedPrecision("bf16-mixed", builtin_rules=False)
+        mp.setup(model)
+
+        def step():
+            with mp.accumulate() if accumulate else contextlib.nullcontext():
+                for x in micro:
+                    with mp.autocast():
+                        loss = model(x).float().square().mean()
+                    mp.backward(loss / len(micro))
+
+        casts = count_casts(step)
+        return [p.grad for p in model.parameters()], casts
+
+    plain, plain_casts = grads_and_casts(False)
+    reused, reused_casts = grads_and_casts(True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, reused))
+    # the 4 weights and biases are cast down once per step instead of once per micro-batch
+    assert plain_casts - reused_casts == 4 * (len(micro) - 1), (plain_casts, reused_casts)

@@ -8,10 +8,12 @@ Algorithm (``measure_plan``)::
             of every candidate: a leaf module that ``base`` runs in low precision by default
     for each candidate, on copies of it, interleaved, ``repeats`` times after a warm-up:
         t_low  = forward (under the mode's autocast) + backward
-        t_fp32 = the same behind the boundary an FP32 rule would put there (inputs cast up,
-                 autocast off, output cast back to the low dtype)
+        t_fp32 = the same behind the boundary an FP32 rule puts there (inputs cast up,
+                 autocast off)
         keep FP32  iff  t_low > t_fp32 * (1 + margin)
-    measured = base + one rule per kept module, ``name -> params=fp32,compute=fp32,output=<low>``
+    measured = base + one rule per kept module, ``name -> fp32`` (FP32 out, too: its consumer is
+               either an autocast op, which casts once anyway, or an element-wise op with FP32
+               partners, where a low-precision output would be cast straight back up)
     step: forward+backward of the whole model in FP32 against ``measured``, interleaved;
           ``auto`` takes the low-precision mode only when its step is faster (never a slower mode)
 
@@ -42,7 +44,7 @@ from vlamp.precision.errors import VlampError
 from vlamp.precision.hardware import choose_mode, detect, native_formats
 from vlamp.precision.modes import Mode, get_mode
 from vlamp.precision.plan import PrecisionPlan, Resolved, Rule, RuleSpec
-from vlamp.precision.policy import Policy
+from vlamp.precision.policy import FP32
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 CACHE_VERSION = 1
@@ -152,7 +154,7 @@ def measure_plan(
         for name in keep:
             modules[name]["kept_fp32"] = True
         low = low_mode.compute_dtype
-        measured_rules = [Rule(name, Policy(torch.float32, torch.float32, low),
+        measured_rules = [Rule(name, FP32,
                                f"measured:{dtype_name(low)} {modules[name]['low_ms']:.2f} ms > "
                                f"fp32 {modules[name]['fp32_ms']:.2f} ms") for name in keep]
         low_plan = PrecisionPlan(low_mode, (*base.user_rules, *measured_rules),
@@ -271,7 +273,6 @@ def _time_modules(model: nn.Module, batch: Any, base: PrecisionPlan, loss_fn: Lo
         _loss(probe, batch, loss_fn)
     for h in handles:
         h.remove()
-    fp32_boundary = Policy(torch.float32, torch.float32, low)
     out: dict[str, dict[str, Any]] = {}
     for r in candidates:
         if r.name not in inputs:
@@ -279,7 +280,7 @@ def _time_modules(model: nn.Module, batch: Any, base: PrecisionPlan, loss_fn: Lo
         args, kwargs = inputs[r.name]
         as_low, as_fp32 = copy.deepcopy(r.module), copy.deepcopy(r.module)
         delattr(as_fp32, _MARK)
-        apply_plan([Resolved("", as_fp32, fp32_boundary, "measure", r.policy)], device.type)
+        apply_plan([Resolved("", as_fp32, FP32, "measure", r.policy)], device.type)
 
         def run(m: nn.Module, a: tuple = args, kw: dict = kwargs) -> Callable[[], None]:
             def fn() -> None:

@@ -155,6 +155,19 @@ class MixedPrecision:
         with self.mode.autocast(self.device_type):
             yield
 
+    @contextlib.contextmanager
+    def accumulate(self) -> Iterator[None]:
+        """The context around all micro-batches of one step (forward *and* backward passes).
+
+        Autocast keeps the low-precision copy of each FP32 weight it casts until the outermost
+        autocast context closes; each micro-batch's :meth:`autocast` would close it and cast every
+        weight again. Inside this context (an outer, disabled autocast: it changes no op) the
+        copies live until the step's last backward, so each weight is cast once per step. The
+        weights do not change between micro-batches, so the gradients are the same bits.
+        """
+        with torch.autocast(self.device_type, enabled=False):
+            yield
+
     # -- backward and step -----------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, *, loss_id: int = 0, **kwargs: Any) -> None:
         """Backpropagates ``loss`` times its scaler's scale. Call once per micro-batch; gradients add

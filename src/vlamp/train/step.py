@@ -37,11 +37,12 @@ def train_step(model: nn.Module, micro_batches: Sequence[Batch], mp: MixedPrecis
         clip_grad_norm: Clip the unscaled gradient norm to this (``None``: no clipping).
     """
     total = torch.zeros(())
-    for batch in micro_batches:
-        with mp.autocast():
-            loss = model(batch)
-        mp.backward(loss / len(micro_batches))
-        total += loss.detach().float()
+    with mp.accumulate():  # each weight cast to low precision once per step, not per micro-batch
+        for batch in micro_batches:
+            with mp.autocast():
+                loss = model(batch)
+            mp.backward(loss / len(micro_batches))
+            total += loss.detach().float()
     outcome = mp.step(optimizer, clip_grad_norm=clip_grad_norm)
     return StepResult(loss=float(total) / len(micro_batches), outcome=outcome)
 
