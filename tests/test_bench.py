@@ -59,8 +59,16 @@ def test_bench_quick_writes_every_field_and_consistent_ratios(cache, tmp_path):
     assert fp32["speedup_vs_fp32"] == 1.0 and fp32["memory_vs_fp32"] == 1.0
     assert runs[2]["loss_scales"][0] == 2.0**16  # fp16 runs under the dynamic scaler
     assert set(runs[0]["loss_scales"]) == {1.0}
-    # fp32 casts nothing; the low-precision runs cast weights and activations
-    assert runs[0]["casts_per_step"] == 0 and all(x["casts_per_step"] > 0 for x in runs[1:])
+    # what each run computed in, counted at the aten level: fp32 ran no low-precision kernel, each
+    # low-precision run ran its format (and keeps its FP32 islands); fp32 casts nothing
+    ops = [x["compute_ops_per_step"] for x in runs]
+    assert set(ops[0]) == {"float32"} and runs[0]["casts_per_step"] == 0
+    for x, fmt in zip(runs[1:], ("bfloat16", "float16", "bfloat16")):
+        assert x["compute_ops_per_step"].get(fmt, 0) > 0 and x["compute_ops_per_step"]["float32"] > 0
+        assert x["casts_per_step"] > 0
+    # the workers' own step timings fit in the rounds the coordinator timed on its own clock
+    for x in runs:
+        assert sum(x["step_times"]) <= sum(end - start for start, end in x["round_windows"])
     # the runs took turns: 4 steps in rounds of 1, and no two runs' rounds overlap in time
     windows = sorted((w, x["mode"] + x["runner"]) for x in runs for w in x["round_windows"])
     assert all(len(x["round_windows"]) == 4 for x in runs)

@@ -94,22 +94,25 @@ def test_master_weights_keep_updates_bf16_would_round_away():
     assert w.float().mean().item() == 1.0
 
 
-def test_gradient_accumulation_in_fp32_masters_matches_one_big_batch():
-    x = torch.randn(8, 4)
-    grads = []
-    for micro in (1, 4):
-        model = tiny()
-        opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        mp = MixedPrecision("bf16-true", builtin_rules=False)
-        mp.setup(model, opt)
-        for chunk in x.chunk(micro):
-            with mp.autocast():
-                loss = model(chunk).float().sum()
-            mp.backward(loss)
-        grads.append([p.grad.clone() for g in opt.param_groups for p in g["params"]])
-        assert all(g.dtype == torch.float32 for g in grads[-1])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
+def test_gradient_accumulation_in_fp32_masters_keeps_what_bf16_would_round_away():
+    # One large micro-batch gradient, then 16 small ones. Summed in bf16 (8 significant bits) the
+    # small ones vanish: 1 + 1e-3 == 1. Summed into the FP32 masters they add up.
+    model = nn.Linear(1, 1, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    mp = MixedPrecision("bf16-true", builtin_rules=False)
+    mp.setup(model, opt)
+    small = torch.tensor(1e-3, dtype=torch.bfloat16)
+    for x in [1.0] + [1e-3] * 16:
+        with mp.autocast():
+            loss = model(torch.full((1, 1), x)).float().sum()  # d loss / d w = x (in bf16)
+        mp.backward(loss)
+    grad = mp._masters.masters[0].grad
+    assert grad.dtype == torch.float32
+    assert grad.item() == pytest.approx(1.0 + 16 * small.item(), rel=1e-6)
+    in_bf16 = torch.tensor(1.0, dtype=torch.bfloat16)
+    for _ in range(16):
+        in_bf16 += small
+    assert in_bf16.item() == 1.0  # what accumulating in the storage dtype would have given
 
 
 def test_several_losses_have_their_own_scales():

@@ -118,9 +118,15 @@ def test_learning_rate_schedule():
     assert lrs[110] == pytest.approx(0.1)
 
 
-def test_fp32_islands_compute_in_fp32_under_bf16_mixed():
+COMPUTE_MODULES = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.LayerNorm, torch.nn.GroupNorm)
+
+
+@pytest.mark.parametrize("head", ["act", "flow"])
+def test_fp32_islands_compute_in_fp32_under_bf16_mixed(head):
+    from vlamp.models.tinyvla import Attention
+
     model = TinyVLA(ModelConfig(vocab_size=8, dim=32, depth=1, heads=2, text_layers=1,
-                                channels=[8, 8], chunk=4, head="flow", image_size=16,
+                                channels=[8, 8], chunk=4, head=head, image_size=16,
                                 max_tokens=3))
     mp = MixedPrecision("bf16-mixed")
     mp.setup(model)
@@ -128,9 +134,10 @@ def test_fp32_islands_compute_in_fp32_under_bf16_mixed():
          "tokens": torch.tensor([[2, 3, 0], [4, 5, 6]]), "actions": torch.randn(2, 4, 4),
          "action_mask": torch.ones(2, 4, dtype=torch.bool)}
 
-    def step():
+    def step():  # forward and backward: gradient kernels are checked too
         with mp.autocast():
-            model(b).backward()
+            loss = model(b)
+        mp.backward(loss)
 
     outputs = {}
 
@@ -139,19 +146,21 @@ def test_fp32_islands_compute_in_fp32_under_bf16_mixed():
             outputs[name] = out if isinstance(out, tuple) else (out,)
         return hook
 
-    for name in ("loss_fn", "time_embed", "time_sampler"):  # element-wise islands: check outputs
+    islands = ["loss_fn"] + (["time_embed", "time_sampler"] if head == "flow" else [])
+    for name in islands:  # element-wise islands: check outputs
         getattr(model, name).register_forward_hook(record(name))
-    seen = trace_compute_dtypes(model, step)
+    seen = trace_compute_dtypes(model, step, backward=True)
     assert {name: {t.dtype for t in out} for name, out in outputs.items()} == {
-        "loss_fn": {torch.float32}, "time_embed": {torch.float32}, "time_sampler": {torch.float32}}
-    fp32 = ["action_out", "norm", "trunk.0.norm1", "vision.stages.0.norm1", "text.norm"]
-    bf16 = ["trunk.0.qkv", "trunk.0.mlp.0", "vision.stages.0.down", "time_mlp.0", "action_in",
-            "text.layers.0.proj", "trunk.0.attention"]
-    for name in fp32:
-        assert seen[name] == {torch.float32}, name
-    for name in bf16:
-        assert torch.bfloat16 in seen[name], name
-    assert len(seen) >= 20  # the trace saw the whole model, not a part of it
+        name: {torch.float32} for name in islands}
+    ruled = {r.name: r.policy.compute for r in mp.plan.resolve(model)}
+    # every module that computes was traced (none left unchecked), in exactly its ruled dtype
+    computing = {n for n, m in model.named_modules() if isinstance(m, (*COMPUTE_MODULES, Attention))}
+    assert computing <= set(seen), computing - set(seen)
+    for name, dtypes in seen.items():
+        assert dtypes == {ruled[name]}, (name, dtypes)
+    assert seen["action_out"] == {torch.float32} and seen["trunk.0.attention"] == {torch.bfloat16}
+    assert seen["vision.stages.0.norm1"] == {torch.float32} and seen["trunk.0.qkv"] == {torch.bfloat16}
+    assert len(computing) >= 20  # the whole model, not a part of it
 
 
 def cli(*args):

@@ -170,7 +170,7 @@ def baseline_fit(trainer, dtype: torch.dtype, steps: int, on_step=None
 
 def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]:
     from vlamp.precision.dtypes import to_dtype
-    from vlamp.precision.verify import count_casts
+    from vlamp.precision.verify import count_ops
     from vlamp.train.config import decode
     from vlamp.train.trainer import Trainer
 
@@ -216,7 +216,7 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
             loss = trainer.model(b)
         loss.backward()
 
-    casts = count_casts(one_step)
+    ops = count_ops(one_step)  # proof of what a step computes in, counted at the aten level
     trainer.model.zero_grad(set_to_none=True)
     timed = times[spec.get("warmup", 5):] or times
     median = statistics.median(timed)
@@ -236,7 +236,8 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
         "fp32_rules": sum(1 for r in plan.user_rules if r.label.startswith("measured:")) if plan else 0,
         "threads": int(threads), "threads_probe_ms": thread_times,
         "step_time_s_median": median, "step_time_s_p90": float(np.percentile(timed, 90)),
-        "step_times": times, "samples_per_s": samples / median, "casts_per_step": casts,
+        "step_times": times, "samples_per_s": samples / median, "casts_per_step": ops["casts"],
+        "compute_ops_per_step": ops["compute"],
         "peak_rss_bytes": peak, "rss_before_training_bytes": rss_before,
         "training_rss_bytes": peak - rss_before if reset else None,  # what training itself added
         "peak_rss_is_training_only": reset, **memory,

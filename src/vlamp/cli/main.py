@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 
 from vlamp.cli import bench, data, demo, doctor, evaluate, plan, train
@@ -43,13 +44,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.run(args) or 0)
+        with warnings.catch_warnings():  # every command says a warning in one line, the same way
+            warnings.simplefilter("always")
+            warnings.showwarning = _one_line_warning
+            return int(args.run(args) or 0)
     except VlampError as e:
         print(f"vlamp {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"vlamp {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def main_exit() -> None:

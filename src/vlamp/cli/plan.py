@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 
 from vlamp.precision import MODE_NAMES, PrecisionPlan
 
@@ -62,15 +61,11 @@ def run(args: argparse.Namespace) -> int:
             plan.builtin_rules = False
     else:
         plan = PrecisionPlan(mode, builtin_rules=not args.no_builtin_rules)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        plan.resolve(model)
-        if args.auto:
-            plan = measure_plan(model, model.example_batch(args.batch_size), mode,
-                                rules=plan.user_rules, builtin_rules=plan.builtin_rules,
-                                refresh=args.refresh, log=lambda line: print(line, file=sys.stderr))
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
+    plan.resolve(model)  # warns (one line, by vlamp's main) about rules that match nothing
+    if args.auto:
+        plan = measure_plan(model, model.example_batch(args.batch_size), mode,
+                            rules=plan.user_rules, builtin_rules=plan.builtin_rules,
+                            refresh=args.refresh, log=lambda line: print(line, file=sys.stderr))
     table = plan.describe(model, max_depth=args.depth)
     print(json.dumps(table.to_dicts(), indent=2) if args.json else table)
     if plan.measured and plan.measured.get("step_ms") and not args.json:

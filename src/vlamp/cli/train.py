@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
-import warnings
 
 EXAMPLES = """examples:
   vlamp train train.steps=3000 precision.mode=bf16-mixed output_dir=runs/bf16
@@ -47,15 +45,16 @@ def run(args: argparse.Namespace) -> int:
     from vlamp.train.trainer import Trainer
 
     config = load_config(args.config, list(args.overrides) + list(getattr(args, "extra", [])))
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = _one_line
-        trainer = Trainer(config, progress=not args.no_progress)
-        print(f"precision {trainer.mp.mode.name} (asked: {config.precision.mode}); "
-              f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters; "
-              f"{len(trainer.train_set):,} training samples; run dir {trainer.run_dir}")
-        result = trainer.fit()
-    print(f"trained {result.steps} steps in {result.seconds:.0f} s; skipped {result.skipped_steps}; "
+    trainer = Trainer(config, progress=not args.no_progress)
+    first = trainer.step
+    print(f"precision {trainer.mp.mode.name} (asked: {config.precision.mode}); "
+          f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters; "
+          f"{len(trainer.train_set):,} training samples; run dir {trainer.run_dir}"
+          + (f"; resumed at step {first}" if first else ""))
+    result = trainer.fit()
+    trained = len(result.losses)
+    span = f" (steps {first + 1}-{first + trained})" if first else ""
+    print(f"trained {trained} steps{span} in {result.seconds:.0f} s; skipped {result.skipped_steps}; "
           f"final loss {result.losses[-1]:.4f}" if result.losses else "nothing to train")
     if result.val_action_l1 is not None:
         print(f"validation action L1 (normalized) {result.val_action_l1:.4f}")
@@ -66,6 +65,3 @@ def run(args: argparse.Namespace) -> int:
           f"evaluate with: vlamp eval --checkpoint {trainer.run_dir}")
     return 0
 
-
-def _one_line(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"warning: {message}", file=sys.stderr)

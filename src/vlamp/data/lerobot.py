@@ -145,8 +145,10 @@ def check_output_dir(root: str | os.PathLike[str]) -> Path:
         root.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise VlampError(f"cannot write to {str(root.parent)!r}: {e.strerror}") from None
-    if not os.access(root.parent, os.W_OK):
-        raise VlampError(f"cannot write to {str(root.parent)!r}: permission denied")
+    try:  # what the writer will do; os.access says yes to root where writing still fails (/proc)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{root.name}.probe.", dir=root.parent))
+    except OSError as e:
+        raise VlampError(f"cannot write to {str(root.parent)!r}: {e.strerror}") from None
     return root
 
 

@@ -21,6 +21,7 @@ from vlamp.precision.plan import Resolved
 from vlamp.precision.policy import Policy
 
 _MARK = "_vlamp_policy"
+_CALLS = "_vlamp_boundary_calls"  # forward calls counted on each boundary module
 
 
 def cast_floating(value: Any, dtype: torch.dtype) -> Any:
@@ -51,7 +52,7 @@ class _Boundary:
         self.stack: list[torch.autocast] = []
 
     def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        del module
+        setattr(module, _CALLS, getattr(module, _CALLS, 0) + 1)
         low = self.policy.compute != torch.float32
         ctx = torch.autocast(self.device_type, dtype=self.policy.compute if low else None,
                              enabled=low)
@@ -89,6 +90,7 @@ def apply_plan(resolved: Sequence[Resolved], device_type: str) -> list[Removable
                 setattr(m, key, buf.to(r.policy.param))
         setattr(m, _MARK, r.policy)
         if r.policy != r.parent_policy:
+            setattr(m, _CALLS, 0)
             b = _Boundary(r.policy, device_type)
             handles.append(m.register_forward_pre_hook(b.pre, with_kwargs=True))
             handles.append(m.register_forward_hook(b.post, always_call=True))

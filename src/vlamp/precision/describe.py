@@ -47,8 +47,9 @@ class PlanTable:
 
     @classmethod
     def build(cls, resolved: Sequence[Resolved], mode: Mode, max_depth: int | None = None,
-              timings: Mapping[str, Mapping[str, Any]] | None = None) -> PlanTable:
-        timings = timings or {}
+              timings: Mapping[str, Mapping[str, Any]] | None = None,
+              uncalled: Mapping[str, str] | None = None) -> PlanTable:
+        timings, uncalled = timings or {}, uncalled or {}
         rows: list[Row] = []
         groups: list[list[Resolved]] = []
         for r in resolved:
@@ -75,7 +76,7 @@ class PlanTable:
                 grad=cell([dtype_name(d) for d in p_dtypes]),
                 optim=cell([dtype_name(mode.optimizer_state_dtype(d)) for d in p_dtypes]),
                 num_params=sum(n for _, n in owned),
-                rule=head.decided_by,
+                rule=head.decided_by + (" (never ran: storage only)" if head.name in uncalled else ""),
                 depth=0 if not head.name else head.name.count(".") + 1,
                 measured=_measured_cell([timings[r.name] for r in group if r.name in timings]),
             ))

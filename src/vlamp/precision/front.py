@@ -13,15 +13,17 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from vlamp.precision.apply import apply_plan
+from vlamp.precision.apply import _CALLS, apply_plan
 from vlamp.precision.autoplan import measure_plan
 from vlamp.precision.errors import VlampError
 from vlamp.precision.master import MasterWeights
 from vlamp.precision.modes import Mode, get_mode
 from vlamp.precision.plan import PrecisionPlan, RuleSpec
 from vlamp.precision.scaler import (
+    DynamicLossScaler,
     LossScaler,
     NoLossScaler,
+    StaticLossScaler,
     StepOutcome,
     make_scaler,
 )
@@ -58,6 +60,9 @@ class MixedPrecision:
         loss_fn: How the loss is computed from the model and a batch, for the measurement.
         cache: Read and write the measured-plan cache.
         log: Called with a line on what the measurement did (e.g. ``print``).
+        scaler_settings: Settings for a scaler given by name or chosen by the mode
+            (``DynamicLossScaler``'s arguments: ``init_scale``, ``min_scale``, ``growth_interval``,
+            ...; a static scaler takes ``init_scale``).
 
     Example:
         >>> mp = MixedPrecision("auto", model=model, example_batch=batch)  # doctest: +SKIP
@@ -80,6 +85,7 @@ class MixedPrecision:
         loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
         cache: bool = True,
         log: Callable[[str], None] | None = None,
+        scaler_settings: Mapping[str, Any] | None = None,
     ) -> None:
         self.requested_mode = mode if isinstance(mode, str) else mode.name
         if (model is None) != (example_batch is None):
@@ -106,19 +112,28 @@ class MixedPrecision:
         self.mode = self.plan.mode
         if int(num_losses) != num_losses or num_losses < 1:
             raise VlampError(f"MixedPrecision: num_losses must be an integer >= 1, got {num_losses}")
-        base = self._make_scaler(scaler)
+        base = self._make_scaler(scaler, dict(scaler_settings or {}))
         self.scalers: list[LossScaler] = [base] + [copy.deepcopy(base) for _ in range(num_losses - 1)]
         self._found_inf = [False] * num_losses
         self.model: nn.Module | None = None
         self.device_type = "cpu"
         self._masters: MasterWeights | None = None
+        self._resolved: list[Any] = []
+        self._buffers_before: list[torch.Tensor] | None = None
+        self._zero_grad_streak = 0
         self.steps = 0
         self.skipped_steps = 0
+        self.zero_grad_steps = 0
+        self.uncalled: dict[str, str] = {}
 
-    def _make_scaler(self, scaler: ScalerSpec) -> LossScaler:
+    def _make_scaler(self, scaler: ScalerSpec, settings: dict[str, Any]) -> LossScaler:
         if scaler is None:
-            return self.mode.default_scaler()
-        chosen = make_scaler(scaler) if isinstance(scaler, str) else scaler
+            default = self.mode.default_scaler()
+            if not settings:
+                return default
+            scaler = "dynamic" if isinstance(default, DynamicLossScaler) else \
+                "static" if isinstance(default, StaticLossScaler) else "none"
+        chosen = make_scaler(scaler, **settings) if isinstance(scaler, str) else scaler
         if not isinstance(chosen, LossScaler):
             raise VlampError(f"MixedPrecision: scaler must be dynamic, static, none or a LossScaler, "
                              f"got {scaler!r}")
@@ -142,16 +157,23 @@ class MixedPrecision:
         """
         first = next(model.parameters(), None)
         self.device_type = first.device.type if first is not None else "cpu"
-        apply_plan(self.plan.resolve(model), self.device_type)
+        self._resolved = self.plan.resolve(model)
+        apply_plan(self._resolved, self.device_type)
         self.model = model
         if optimizer is not None and self.mode.master_weights:
-            masters = MasterWeights(optimizer)
+            names = {id(p): n for n, p in model.named_parameters()}
+            masters = MasterWeights(optimizer, names)
             self._masters = masters if len(masters) else None
         return model, optimizer
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
-        """The context for forward passes (and the loss): the mode's autocast on the model's device."""
+        """The context for forward passes (and the loss): the mode's autocast on the model's device.
+
+        The first forward of a step also notes the model's buffers (running statistics), so a
+        step that is then skipped for inf/NaN gradients leaves them as they were."""
+        if self._buffers_before is None and self.model is not None and self.model.training:
+            self._buffers_before = [b.detach().clone() for b in self.model.buffers()]
         with self.mode.autocast(self.device_type):
             yield
 
@@ -204,6 +226,16 @@ class MixedPrecision:
         Returns:
             A :class:`StepOutcome`; ``skipped`` is true when any gradient was inf/NaN.
         """
+        if self._masters is not None:
+            stray = self._masters.stray_grads()
+            if stray:
+                raise VlampError(
+                    f"MixedPrecision.step: {stray[0]} (and {len(stray) - 1} more) got its gradient "
+                    f"from a plain loss.backward(); in {self.mode.name} the weights are stored in low "
+                    f"precision and the optimizer updates their FP32 masters, which only "
+                    f"mp.backward(loss) feeds. Call mp.backward(loss) instead")
+        if self.steps == 0:
+            self._check_boundaries_ran()
         params = [p for g in optimizer.param_groups for p in g["params"]]
         grads = [p.grad for p in params if p.grad is not None]
         scale = self.scalers[0].scale
@@ -222,9 +254,16 @@ class MixedPrecision:
             clip_inf = not math.isfinite(grad_norm)
         found = any(found_per_loss) or clip_inf
         if not found:
+            if not isinstance(self.scalers[0], NoLossScaler):
+                self._check_gradients_alive(grads, grad_norm, scale)
             optimizer.step()
             if self._masters is not None:
                 self._masters.copy_to_model()
+        elif self._buffers_before is not None and self.model is not None:
+            with torch.no_grad():  # the skipped step's forward moved running statistics: undo
+                for b, old in zip(self.model.buffers(), self._buffers_before):
+                    b.copy_(old)
+        self._buffers_before = None
         for i, scaler in enumerate(self.scalers):
             scaler.update(found_per_loss[i] or clip_inf)
         self._found_inf = [False] * len(self.scalers)
@@ -234,6 +273,56 @@ class MixedPrecision:
         self.steps += 1
         self.skipped_steps += int(found)
         return StepOutcome(skipped=found, scale=scale, grad_norm=grad_norm, found_inf=found)
+
+    def _check_gradients_alive(self, grads: list[torch.Tensor], grad_norm: float | None,
+                               scale: float) -> None:
+        """Says so, each time it starts, when a scaled step's gradients are all zero: the scale
+        has collapsed (or the loss is constant), and the step is applied without effect."""
+        norm = grad_norm if grad_norm is not None else (
+            float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) if grads else 0.0)
+        if norm != 0.0:
+            self._zero_grad_streak = 0
+            return
+        self.zero_grad_steps += 1
+        self._zero_grad_streak += 1
+        if self._zero_grad_streak == 1:
+            warnings.warn(f"MixedPrecision: step {self.steps + 1} was applied with all-zero gradients "
+                          f"at loss scale {scale:.3g}: the scale has collapsed after overflows, or "
+                          f"the loss does not depend on the weights. Give the dynamic scaler a floor "
+                          f"(precision.loss_scale.min_scale, e.g. 1) or look for the overflow",
+                          RuntimeWarning, stacklevel=3)
+
+    def _check_boundaries_ran(self) -> None:
+        """After the first step's forward: rules on modules whose forward never ran (their parent
+        uses their weights directly, as ``MultiheadAttention`` does with ``out_proj``) changed
+        their storage only. Says so, and ``describe`` marks them."""
+        for r in self._resolved:
+            if r.policy != r.parent_policy and getattr(r.module, _CALLS, 1) == 0 and r.name:
+                self.uncalled[r.name] = r.decided_by
+        if self.uncalled:
+            names = ", ".join(f"{n} ({rule})" for n, rule in list(self.uncalled.items())[:4])
+            warnings.warn(f"MixedPrecision: {len(self.uncalled)} ruled module(s) never ran their own "
+                          f"forward: {names}. Their parents use their weights directly, so the rule "
+                          f"changed only how their weights are stored; their compute follows the "
+                          f"parent. Rule the parent instead", UserWarning, stacklevel=3)
+
+    def master_weights(self) -> dict[str, torch.Tensor]:
+        """The model's state dict with each low-precision parameter replaced by its FP32 master:
+        the weights the optimizer really updates (what an EMA should average)."""
+        if self.model is None:
+            raise VlampError("MixedPrecision: call setup(model, optimizer) first")
+        sd = self.model.state_dict()
+        if self._masters is not None:
+            for i, m in enumerate(self._masters.masters):
+                sd[self._masters.name(i)] = m.detach()
+        return sd
+
+    def sync_masters(self, weights: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Sets the FP32 masters from ``weights`` (e.g. a checkpoint's full-precision weights, by
+        parameter name) or from the model's current weights. Call it after loading weights into
+        the model by hand: otherwise the next step writes the masters' older values back."""
+        if self._masters is not None:
+            self._masters.set_from(dict(weights) if weights is not None else None)
 
     def _params(self) -> list[torch.Tensor]:
         if self.model is None:
@@ -264,7 +353,9 @@ class MixedPrecision:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores :meth:`state_dict`. A different mode is allowed (the caller reports it); scaler
-        state is then only restored when the scaler types match."""
+        state is then only restored when the scaler types match, and FP32 masters that were not
+        saved (or not for these parameters) are taken from the model's current weights, so load
+        the weights into the model first."""
         self.steps = int(state.get("steps", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
         saved = state.get("scalers", [])
@@ -272,14 +363,20 @@ class MixedPrecision:
             if s.get("type") == type(scaler).__name__:
                 scaler.load_state_dict({k: v for k, v in s.items() if k != "type"})
         masters = state.get("master_weights") or {}
-        if masters and self._masters is not None:
-            self._masters.load_state_dict(masters)
+        if self._masters is not None:
+            try:
+                if not masters:
+                    raise VlampError("no masters saved")
+                self._masters.load_state_dict(masters)
+            except VlampError:  # saved by a mode without (these) masters: the model's weights
+                self._masters.set_from(None)
 
     def describe(self, max_depth: int | None = None):
-        """The describe table of the model given to :meth:`setup`."""
+        """The describe table of the model given to :meth:`setup`; after the first step, rules on
+        modules that never ran their own forward are marked as changing storage only."""
         if self.model is None:
             raise VlampError("MixedPrecision.describe: call setup(model, optimizer) first")
-        return self.plan.describe(self.model, max_depth=max_depth)
+        return self.plan.describe(self.model, max_depth=max_depth, uncalled=self.uncalled)
 
     def __repr__(self) -> str:
         return f"MixedPrecision(mode={self.mode.name!r}, scaler={type(self.scalers[0]).__name__})"

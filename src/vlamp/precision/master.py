@@ -24,10 +24,11 @@ class MasterWeights:
         VlampError: If the optimizer already holds state (it would refer to the old tensors).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, names: dict[int, str] | None = None) -> None:
         if optimizer.state:
             raise VlampError("MixedPrecision.setup: the optimizer already has state; "
                              "set it up before its first step")
+        self.names = names or {}
         self.model_params: list[torch.Tensor] = []
         self.masters: list[torch.Tensor] = []
         for group in optimizer.param_groups:
@@ -57,20 +58,66 @@ class MasterWeights:
                 m.grad.add_(p.grad)
             p.grad = None
 
+    def stray_grads(self) -> list[str]:
+        """Names of low-precision parameters holding a gradient that did not go through
+        :meth:`accumulate_grads` (a plain ``loss.backward()``)."""
+        return [self.name(i) for i, p in enumerate(self.model_params) if p.grad is not None]
+
+    def name(self, i: int) -> str:
+        return self.names.get(id(self.model_params[i]), f"parameter {i}")
+
     @torch.no_grad()
     def copy_to_model(self) -> None:
-        """Rounds the updated masters into the model's parameters."""
-        if self.masters:
-            torch._foreach_copy_(self.model_params, self.masters)
+        """Rounds the updated masters into the model's parameters.
+
+        Raises:
+            VlampError: If a master is beyond the largest finite value of its parameter's dtype
+                (65504 in FP16): the weight would silently become inf.
+        """
+        if not self.masters:
+            return
+        narrow = [i for i, p in enumerate(self.model_params) if p.dtype == torch.float16]
+        if narrow:
+            peaks = torch._foreach_norm([self.masters[i] for i in narrow], float("inf"))
+            limit = torch.finfo(torch.float16).max
+            over = [(self.name(i), float(v)) for i, v in zip(narrow, peaks) if not float(v) <= limit]
+            if over:
+                name, value = over[0]
+                raise VlampError(f"{name}: its FP32 master reached {value:.6g}, beyond FP16's largest "
+                                 f"value {limit:.0f}; stored in FP16 it would be inf. Keep that module "
+                                 f"in FP32 with a rule ({name.rpartition('.')[0] or name}: fp32) or train "
+                                 f"in bf16-true")
+        torch._foreach_copy_(self.model_params, self.masters)
+
+    @torch.no_grad()
+    def set_from(self, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """Sets every master from ``weights`` (name -> tensor, e.g. a checkpoint's full-precision
+        weights) where it holds the parameter's name, else from the model's parameter itself."""
+        for i, (p, m) in enumerate(zip(self.model_params, self.masters)):
+            source = (weights or {}).get(self.names.get(id(p), ""))
+            m.copy_(source if source is not None and source.shape == m.shape else p)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {str(i): m.detach() for i, m in enumerate(self.masters)}
+        """The masters by parameter name (so another mode can take them by name)."""
+        return {self.name(i): m.detach() for i, m in enumerate(self.masters)}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if len(state) != len(self.masters):
-            raise VlampError(f"master weights: checkpoint has {len(state)} tensors, "
-                             f"model has {len(self.masters)}")
-        for i, m in enumerate(self.masters):
-            m.copy_(state[str(i)])
+        """Restores :meth:`state_dict` (also an older one keyed by position) and rounds the masters
+        into the model.
+
+        Raises:
+            VlampError: If the saved masters are not this model's.
+        """
+        by_name = {self.name(i): i for i in range(len(self.masters))}
+        if set(state) == set(by_name):
+            order = [by_name[k] for k in state]
+            values = list(state.values())
+        elif len(state) == len(self.masters) and all(k.isdigit() for k in state):
+            order, values = list(range(len(self.masters))), [state[str(i)] for i in range(len(state))]
+        else:
+            raise VlampError(f"master weights: the checkpoint's {len(state)} do not match this "
+                             f"model's {len(self.masters)}")
+        for i, v in zip(order, values):
+            self.masters[i].copy_(v)
         self.copy_to_model()

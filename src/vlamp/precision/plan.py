@@ -140,9 +140,12 @@ class PrecisionPlan:
                                   f"{type(model).__name__}", UserWarning, stacklevel=2)
         return out
 
-    def describe(self, model: nn.Module, max_depth: int | None = None):
+    def describe(self, model: nn.Module, max_depth: int | None = None,
+                 uncalled: Mapping[str, str] | None = None):
         """The per-module table: storage / compute / output / grad / optimizer-state dtype, parameter
         count and deciding rule. Rows below ``max_depth`` are folded into their ancestor.
+        ``uncalled`` names modules whose rule changed storage only (their forward never ran; see
+        :meth:`MixedPrecision.describe`).
 
         Returns:
             A :class:`vlamp.precision.describe.PlanTable`; ``str()`` renders it.
@@ -151,7 +154,7 @@ class PrecisionPlan:
 
         timings = (self.measured or {}).get("modules", {})
         return PlanTable.build(self.resolve(model, warn_unmatched=False), self.mode, max_depth,
-                               timings=timings)
+                               timings=timings, uncalled=uncalled)
 
     # -- YAML ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

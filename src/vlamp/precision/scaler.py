@@ -127,7 +127,8 @@ class DynamicLossScaler(LossScaler):
             if hysteresis_left > 1:             # tolerate this overflow, keep the scale
                 hysteresis_left -= 1
             elif scale * backoff_factor < min_scale:   # at the floor: never abort
-                scale = min_scale; skips_at_min_scale += 1; warn once
+                scale = min_scale; skips_at_min_scale += 1
+                warn when the floor is reached (again after any finite step)
             else:
                 scale = scale * backoff_factor
         else:
@@ -199,6 +200,7 @@ class DynamicLossScaler(LossScaler):
         self.hysteresis_left = self.hysteresis
         self.skipped_steps = 0
         self.skips_at_min_scale = 0
+        self._at_floor = False
 
     @property
     def scale(self) -> float:
@@ -222,7 +224,8 @@ class DynamicLossScaler(LossScaler):
             if self.min_scale is not None and lowered < self.min_scale:
                 if self._scale <= self.min_scale:
                     self.skips_at_min_scale += 1
-                    if self.skips_at_min_scale == 1:
+                    if not self._at_floor:  # each time the floor is reached, not once a lifetime
+                        self._at_floor = True
                         warnings.warn(
                             f"DynamicLossScaler: gradients overflow at min_scale={self.min_scale}; "
                             "steps keep being skipped (see skips_at_min_scale)",
@@ -232,6 +235,7 @@ class DynamicLossScaler(LossScaler):
                 lowered = self.min_scale
             self._scale = lowered
         else:
+            self._at_floor = False
             self.growth_tracker += 1
             if self.growth_tracker == self.growth_interval:
                 self._scale = self._clamp(self._scale * self.growth_factor)
@@ -268,10 +272,15 @@ def _check_positive(cls: str, arg: str, value: float) -> None:
 SCALER_NAMES = ("dynamic", "static", "none")
 
 
-def make_scaler(name: str) -> LossScaler:
-    """Builds a scaler with default settings from its name: dynamic, static or none."""
-    table = {"dynamic": DynamicLossScaler, "static": StaticLossScaler, "none": NoLossScaler}
+def make_scaler(name: str, **settings: Any) -> LossScaler:
+    """Builds a scaler from its name (dynamic, static or none) and ``DynamicLossScaler``'s settings
+    (``init_scale``, ``growth_factor``, ``backoff_factor``, ``growth_interval``, ``min_scale``,
+    ``max_scale``, ``hysteresis``); a static scaler takes ``init_scale`` only, none takes none."""
     key = str(name).strip().lower()
-    if key not in table:
+    if key not in SCALER_NAMES:
         raise VlampError(f"scaler: unknown scaler {name!r}; legal: {', '.join(SCALER_NAMES)}")
-    return table[key]()
+    if key == "dynamic":
+        return DynamicLossScaler(**settings)
+    if key == "static":
+        return StaticLossScaler(settings.get("init_scale", 2.0**16))
+    return NoLossScaler()

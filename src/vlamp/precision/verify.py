@@ -8,6 +8,7 @@ running at the time (tracked with forward hooks on every module).
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -40,9 +41,17 @@ class _Recorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def trace_compute_dtypes(model: nn.Module, run: Callable[[], object]) -> dict[str, set[torch.dtype]]:
+def trace_compute_dtypes(model: nn.Module, run: Callable[[], object], *, backward: bool = False
+                         ) -> dict[str, set[torch.dtype]]:
     """Runs ``run()`` (which calls ``model``) and returns, per qualified module name (root ``""``),
     the set of dtypes its own compute ops ran in. Modules with no compute op of their own are absent.
+
+    Args:
+        model: The model ``run`` calls.
+        run: A forward pass, or (with ``backward``) a forward and backward pass.
+        backward: Also charge the backward pass's ops to the module whose gradients they compute
+            (through full backward hooks), so a module whose gradient kernels run in another dtype
+            than its forward is caught too.
 
     Example:
         >>> seen = trace_compute_dtypes(model, lambda: model(x))  # doctest: +SKIP
@@ -59,11 +68,23 @@ def trace_compute_dtypes(model: nn.Module, run: Callable[[], object]) -> dict[st
     def leave(module: nn.Module, args: object, output: object) -> None:
         stack.pop()  # returns None: the output is left as it is
 
+    def enter_backward(name: str) -> Callable[..., None]:
+        return lambda module, grad_output: stack.append(name)
+
+    def leave_backward(module: nn.Module, grad_input: object, grad_output: object) -> None:
+        stack.pop()
+
     for name, module in model.named_modules():
         handles.append(module.register_forward_pre_hook(enter(name)))
         handles.append(module.register_forward_hook(leave, always_call=True))
+        if backward:
+            handles.append(module.register_full_backward_pre_hook(enter_backward(name)))
+            handles.append(module.register_full_backward_hook(leave_backward))
     try:
-        with _Recorder(stack, seen):
+        with _Recorder(stack, seen), warnings.catch_warnings():
+            # a module whose inputs need no gradient (the first layer) still has its backward
+            # charged to it; torch says so for every such module
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
             run()
     finally:
         for h in handles:
@@ -71,10 +92,11 @@ def trace_compute_dtypes(model: nn.Module, run: Callable[[], object]) -> dict[st
     return dict(seen)
 
 
-class _CastCounter(TorchDispatchMode):
+class _OpCounter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
-        self.count = 0
+        self.casts = 0
+        self.compute: dict[str, int] = defaultdict(int)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -83,13 +105,23 @@ class _CastCounter(TorchDispatchMode):
             src, dst = (args[1], args[0]) if name == "copy_" else (args[0], out)
             if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and \
                     src.is_floating_point() and dst.is_floating_point() and src.dtype != dst.dtype:
-                self.count += 1
+                self.casts += 1
+        elif name in COMPUTE_OPS:
+            first = next((a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
+            if first is not None:
+                self.compute[str(first.dtype).removeprefix("torch.")] += 1
         return out
 
 
-def count_casts(run: Callable[[], object]) -> int:
-    """The number of floating-point dtype conversions (``fp32 -> bf16`` and back, weights and
-    activations, forward and backward) that ``run()`` makes."""
-    with _CastCounter() as counter:
+def count_ops(run: Callable[[], object]) -> dict[str, object]:
+    """What ``run()`` (a training step, say) computed: ``casts``, the number of floating-point dtype
+    conversions (weights and activations, forward and backward), and ``compute``, the number of
+    matmul/convolution/attention/normalization kernels per dtype (``{"bfloat16": 40, ...}``)."""
+    with _OpCounter() as counter:
         run()
-    return counter.count
+    return {"casts": counter.casts, "compute": dict(counter.compute)}
+
+
+def count_casts(run: Callable[[], object]) -> int:
+    """The number of floating-point dtype conversions that ``run()`` makes (see :func:`count_ops`)."""
+    return int(count_ops(run)["casts"])

@@ -26,6 +26,10 @@ from safetensors.torch import load, save_file
 from vlamp.precision.errors import VlampError
 
 FILES = ("model.safetensors", "train.safetensors", "state.json")
+FORMAT = 1  # the version of state.json's layout; written as "format", checked on load
+# What state.json must hold, and the tensor every train.safetensors has.
+STATE_KEYS = ("format", "step", "applied_steps", "config", "tokenizer", "stats", "tasks",
+              "image_size", "precision", "optimizer", "numpy_rng")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -153,9 +157,27 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         if hashlib.sha256(blobs[name]).hexdigest() != sums.get(name):
             raise CheckpointError(f"{path}: {name} does not match its checksum (truncated or corrupted)")
     try:
-        return Checkpoint(path, json.loads(blobs[FILES[2]]), load(blobs[FILES[0]]), load(blobs[FILES[1]]))
+        ckpt = Checkpoint(path, json.loads(blobs[FILES[2]]), load(blobs[FILES[0]]), load(blobs[FILES[1]]))
     except Exception as e:  # checksummed, so only a writer bug lands here
         raise CheckpointError(f"{path}: unreadable: {e}") from None
+    _validate(ckpt)
+    return ckpt
+
+
+def _validate(c: Checkpoint) -> None:
+    """A checksummed checkpoint can still be of another layout (older, or not vlamp's)."""
+    if not isinstance(c.state, dict):
+        raise CheckpointError(f"{c.path}: state.json is not a mapping")
+    version = c.state.get("format")
+    if version != FORMAT:
+        raise CheckpointError(f"{c.path}: checkpoint format {version!r}, this vlamp reads format "
+                              f"{FORMAT}")
+    missing = [k for k in STATE_KEYS if k not in c.state]
+    missing += [f"precision.{k}" for k in ("mode",) if k not in (c.state.get("precision") or {})]
+    missing += [f"train.safetensors:{k}" for k in ("rng.torch",) if k not in c.train]
+    if missing:
+        raise CheckpointError(f"{c.path}: state.json lacks {', '.join(missing)} (not a complete "
+                              f"vlamp checkpoint of format {FORMAT})")
 
 
 def latest_checkpoint(run_dir: str | Path) -> Checkpoint:

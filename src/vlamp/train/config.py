@@ -33,10 +33,45 @@ class DatasetConfig:
 
 
 @dataclasses.dataclass
+class LossScaleConfig:
+    """The loss scaler's settings (for ``scaler=dynamic``, or ``static``: ``init_scale`` only).
+    The defaults are ``torch.amp.GradScaler``'s.
+
+    Attributes:
+        init_scale: The first scale.
+        growth_factor: Factor after ``growth_interval`` finite steps in a row.
+        backoff_factor: Factor on overflow.
+        growth_interval: Finite steps in a row before growing.
+        min_scale: Floor of the scale (0: none). Without a floor a long overflow streak can
+            collapse the scale until every gradient is zero.
+        max_scale: Ceiling of the scale (0: none).
+        hysteresis: Overflows tolerated before backing off (DeepSpeed's meaning).
+    """
+
+    init_scale: float = 65536.0
+    growth_factor: float = 2.0
+    backoff_factor: float = 0.5
+    growth_interval: int = 2000
+    min_scale: float = 0.0
+    max_scale: float = 0.0
+    hysteresis: int = 1
+
+    def settings(self) -> dict[str, float | int | None]:
+        """``DynamicLossScaler``'s arguments; empty when every value is the default."""
+        if self == LossScaleConfig():
+            return {}
+        out = dataclasses.asdict(self)
+        out["min_scale"] = self.min_scale or None
+        out["max_scale"] = self.max_scale or None
+        return out
+
+
+@dataclasses.dataclass
 class PrecisionConfig:
     """Attributes:
         mode: ``fp32``, ``bf16-mixed``, ``fp16-mixed``, ``bf16-true``, ``fp16-true`` or ``auto``.
         scaler: ``dynamic``, ``static``, ``none``; empty for the mode's default.
+        loss_scale: The scaler's settings (``precision.loss_scale.min_scale=1``, ...).
         rules: A YAML file of per-module rules (see ``vlamp plan --rules``); empty for none.
         measure: Before training, time every low-precision module on a real batch in low precision
             and in FP32 and keep FP32 where low precision is slower on this machine (cached; see
@@ -49,6 +84,7 @@ class PrecisionConfig:
     scaler: str = ""
     rules: str = ""
     measure: bool = True
+    loss_scale: LossScaleConfig = dataclasses.field(default_factory=LossScaleConfig)
 
 
 @dataclasses.dataclass

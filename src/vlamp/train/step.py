@@ -4,7 +4,7 @@ and the benchmark share."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -61,20 +61,26 @@ class EMA:
     """An FP32 exponential moving average of a model's floating-point parameters and buffers.
 
     Args:
-        model: The model whose weights are averaged (read on every :meth:`update`).
+        model: The model whose weights are averaged.
         decay: Weight of the old average, e.g. 0.999.
+        source: Where the weights are read on every :meth:`update` (default
+            ``model.state_dict``). Pass ``mp.master_weights`` so that in the ``-true`` modes the
+            FP32 masters are averaged, not their rounded low-precision copies: an update too small
+            to move a bf16 weight still moves the average.
     """
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    def __init__(self, model: nn.Module, decay: float,
+                 source: Callable[[], dict[str, torch.Tensor]] | None = None) -> None:
         self.decay = decay
-        self.names = [n for n, t in model.state_dict().items() if t.is_floating_point()]
         self.model = model
-        sd = model.state_dict()
+        self.source = source or model.state_dict
+        sd = self.source()
+        self.names = [n for n, t in sd.items() if t.is_floating_point()]
         self.shadow = [sd[n].detach().float().clone() for n in self.names]
 
     @torch.no_grad()
     def update(self) -> None:
-        sd = self.model.state_dict()
+        sd = self.source()
         torch._foreach_lerp_(self.shadow, [sd[n].float() for n in self.names], 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -105,6 +107,12 @@ class Trainer:
                              f"resume=true to continue it or choose another output_dir")
         if config.resume and not existing:
             raise VlampError(f"resume=true but {str(self.run_dir)!r} has no checkpoints")
+        leftovers = [n for n in ("metrics.jsonl", "tb", "config.yaml") if (self.run_dir / n).exists()]
+        if leftovers and not existing:
+            raise VlampError(f"output_dir {str(self.run_dir)!r} holds an earlier run's "
+                             f"{', '.join(leftovers)} but no checkpoint; a new run would mix its logs "
+                             f"into them. Remove them or choose another output_dir")
+        _check_writable(self.run_dir)  # before minutes of loading, not after
         if config.train.threads:
             torch.set_num_threads(config.train.threads)
         self.data = data if data is not None else load_data(config, progress)
@@ -131,7 +139,8 @@ class Trainer:
         self.mp = self._precision(resume_from)
         self.optimizer = make_optimizer(self.model, config.train.lr, config.train.weight_decay)
         self.mp.setup(self.model, self.optimizer)
-        self.ema = EMA(self.model, config.train.ema_decay) if config.train.ema_decay else None
+        self.ema = EMA(self.model, config.train.ema_decay, self.mp.master_weights) \
+            if config.train.ema_decay else None
         self.step = 0
         self.applied_steps = 0
         if resume_from is not None:
@@ -143,15 +152,16 @@ class Trainer:
         this machine (``precision.measure``) or taken from the mode as is."""
         p = self.config.precision
         saved = resume_from.state["precision"].get("plan") if resume_from is not None else None
+        settings = p.loss_scale.settings()
         if saved is not None and p.mode in ("auto", saved.get("mode")):
             plan = PrecisionPlan.from_dict(saved, where=f"checkpoint {resume_from.path}")
-            return MixedPrecision(plan.mode, plan, p.scaler or None)
+            return MixedPrecision(plan.mode, plan, p.scaler or None, scaler_settings=settings)
         if p.measure and p.mode != "fp32":
             example = self._batch(np.arange(self.config.train.batch_size) % len(self.train_set), False)
             log = (lambda line: tqdm.write(line)) if self.progress else None
             return MixedPrecision(p.mode, p.rules or None, p.scaler or None, model=self.model,
-                                  example_batch=example, log=log)
-        return MixedPrecision(p.mode, p.rules or None, p.scaler or None)
+                                  example_batch=example, log=log, scaler_settings=settings)
+        return MixedPrecision(p.mode, p.rules or None, p.scaler or None, scaler_settings=settings)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -163,7 +173,7 @@ class Trainer:
         if self.ema is not None:
             tensors.update(self.ema.state_dict())
         state = {
-            "format": 1,
+            "format": ckpt.FORMAT,
             "applied_steps": self.applied_steps,
             "config": to_dict(self.config),
             "tokenizer": self.tokenizer.to_dict(),
@@ -187,14 +197,18 @@ class Trainer:
             warnings.warn(f"resuming a {saved_mode} run in {self.mp.mode.name}: weights and optimizer "
                           f"state carry over, loss-scaler state only where the scaler type matches",
                           stacklevel=2)
+        masters = {k.removeprefix("master."): v for k, v in c.train.items() if k.startswith("master.")}
+        # The most precise copy of each weight: its FP32 master where the run kept one, so a switch
+        # between modes (bf16-true -> fp16-true, -true -> mixed) carries the trained weights over.
+        exact = {**c.model, **{k: v for k, v in masters.items() if k in c.model}}
         try:
-            self.model.load_state_dict({k: v for k, v in c.model.items()}, strict=True)
+            self.model.load_state_dict(exact, strict=True)
         except RuntimeError as e:
             raise ckpt.CheckpointError(f"{c.path}: model weights do not fit: {str(e).splitlines()[0]}") from None
-        masters = {k.removeprefix("master."): v for k, v in c.train.items() if k.startswith("master.")}
         ckpt.optimizer_from_flat(self.optimizer, c.train, c.state["optimizer"])
-        self.mp.load_state_dict({**c.state["precision"],
-                                 "master_weights": masters if saved_mode == self.mp.mode.name else {}})
+        self.mp.load_state_dict({**c.state["precision"], "master_weights": masters})
+        if saved_mode != self.mp.mode.name:
+            self.mp.sync_masters(exact)
         if self.ema is not None:
             if any(k.startswith("ema.") for k in c.train):
                 self.ema.load_state_dict(c.train)
@@ -334,6 +348,22 @@ class _swapped:
     def __exit__(self, *exc: object) -> None:
         if self.saved is not None:
             self.model.load_state_dict(self.saved)
+
+
+def _check_writable(run_dir: Path) -> None:
+    """Checks that the run directory can be created and written, leaving nothing behind: a
+    directory is made and removed in its nearest existing ancestor (``os.access`` says yes to
+    root where writing still fails, as in /proc)."""
+    existing = run_dir.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, f"{existing} is not a directory")
+        os.rmdir(tempfile.mkdtemp(prefix=".vlamp-probe-", dir=existing))
+    except OSError as e:
+        raise VlampError(f"output_dir {str(run_dir)!r} cannot be written: "
+                         f"{e.strerror or e}; choose another output_dir") from None
 
 
 def _check_same_model(saved: dict[str, Any], now: dict[str, Any]) -> None:
