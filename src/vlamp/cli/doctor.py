@@ -50,4 +50,7 @@ def run(args: argparse.Namespace) -> int:
         cells = "  ".join(f"{k} {v:8.1f} ({v / d['fp32']:.2f}x)" for k, v in d.items())
         print(f"  {kind:<5} {cells}")
     print(f"\nauto mode  {choice.mode}: {choice.reason}")
+    if choice.mode != "fp32":
+        print(f"           proposed by the hardware; `vlamp plan --auto` measures it on the model "
+              f"(per module and per step) and keeps fp32 wherever {choice.mode} is slower")
     return 0

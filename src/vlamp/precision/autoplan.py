@@ -47,7 +47,7 @@ from vlamp.precision.plan import PrecisionPlan, Resolved, Rule, RuleSpec
 from vlamp.precision.policy import FP32
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: measured FP32 modules hand on FP32
 
 
 def default_plan_cache() -> Path:
