@@ -108,6 +108,9 @@ class _Worker:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 def _run_interleaved(specs: list[tuple[str, dict[str, Any]]], workdir: Path, progress: bool

@@ -92,7 +92,7 @@ def choose_threads(trainer, autocast, repeats: int = 3) -> tuple[int, dict[str, 
     """Times the model's forward+backward at 1 thread and at all of them; returns the faster count
     and the median times (ms). The model's weights, gradients and the RNG are left as they were."""
     cores = torch.get_num_threads()
-    b = trainer._batch(np.arange(trainer.config.train.batch_size) % len(trainer.train_set), False)
+    b = trainer.example_batch()
     rng = torch.get_rng_state()
     times: dict[str, float] = {}
     for n in dict.fromkeys((1, cores)):
@@ -209,7 +209,7 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
         peak = _peak_rss()
         losses, scales, times, skipped, val = r.losses, r.scales, r.step_times, r.skipped_steps, r.val_action_l1
     memory = state_bytes(trainer.model, trainer.optimizer)
-    b = trainer._batch(np.arange(config.train.batch_size) % len(trainer.train_set), False)
+    b = trainer.example_batch()
 
     def one_step() -> None:
         with autocast():

@@ -64,8 +64,11 @@ def run(args: argparse.Namespace) -> int:
     config.precision.mode = args.mode
     trainer = Trainer(config, data=data, progress=progress)  # measures the plan (cached) for auto
     mode = trainer.mp.mode.name
-    why = (trainer.mp.plan.measured or {}).get("reason") or (
+    measured = trainer.mp.plan.measured or {}
+    why = measured.get("reason") or (
         "asked for with --mode" if args.mode != "auto" else choose_mode(hw).reason)
+    if measured.get("from_cache"):
+        why += "; plan from the cache"
     print(f"[2/5] precision: {mode} ({why})", flush=True)
 
     print(f"[3/5] train: TinyVLA, {steps} steps at batch {config.train.batch_size}", flush=True)

@@ -45,7 +45,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         with warnings.catch_warnings():  # every command says a warning in one line, the same way
-            warnings.simplefilter("always")
             warnings.showwarning = _one_line_warning
             return int(args.run(args) or 0)
     except VlampError as e:

@@ -51,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
           f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters; "
           f"{len(trainer.train_set):,} training samples; run dir {trainer.run_dir}"
           + (f"; resumed at step {first}" if first else ""))
+    measured = trainer.mp.plan.measured or {}
+    if measured.get("reason"):
+        cached = f" (cached plan: {measured['cache_path']})" if measured.get("from_cache") else ""
+        print(f"precision plan: {measured['reason']}{cached}")
     result = trainer.fit()
     trained = len(result.losses)
     span = f" (steps {first + 1}-{first + trained})" if first else ""

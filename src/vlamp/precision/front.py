@@ -363,13 +363,15 @@ class MixedPrecision:
             if s.get("type") == type(scaler).__name__:
                 scaler.load_state_dict({k: v for k, v in s.items() if k != "type"})
         masters = state.get("master_weights") or {}
-        if self._masters is not None:
+        if self._masters is None:
+            return
+        if masters:
             try:
-                if not masters:
-                    raise VlampError("no masters saved")
                 self._masters.load_state_dict(masters)
-            except VlampError:  # saved by a mode without (these) masters: the model's weights
-                self._masters.set_from(None)
+                return
+            except VlampError:
+                pass  # saved for other parameters (another mode or plan)
+        self._masters.set_from(None)  # from the model's weights, which the caller loaded
 
     def describe(self, max_depth: int | None = None):
         """The describe table of the model given to :meth:`setup`; after the first step, rules on

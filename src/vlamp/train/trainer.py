@@ -157,7 +157,7 @@ class Trainer:
             plan = PrecisionPlan.from_dict(saved, where=f"checkpoint {resume_from.path}")
             return MixedPrecision(plan.mode, plan, p.scaler or None, scaler_settings=settings)
         if p.measure and p.mode != "fp32":
-            example = self._batch(np.arange(self.config.train.batch_size) % len(self.train_set), False)
+            example = self.example_batch()
             log = (lambda line: tqdm.write(line)) if self.progress else None
             return MixedPrecision(p.mode, p.rules or None, p.scaler or None, model=self.model,
                                   example_batch=example, log=log, scaler_settings=settings)
@@ -221,6 +221,11 @@ class Trainer:
         _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
 
     # -- the loop --------------------------------------------------------------------------------
+    def example_batch(self) -> Batch:
+        """A real training batch (the first samples, not augmented) drawn without touching the
+        run's random streams: for measuring, not training."""
+        return self._batch(np.arange(self.config.train.batch_size) % len(self.train_set), False)
+
     def _batch(self, positions: np.ndarray, augment: bool) -> Batch:
         dataset = self.train_set
         b = dataset.batch(positions)
