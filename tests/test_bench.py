@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from vlamp.bench.machine import OTHER_CORES_LIMIT
 from vlamp.bench.worker import state_bytes
 from vlamp.precision.front import MixedPrecision
 
@@ -34,8 +35,10 @@ def cli(cache, *args):
 
 def test_bench_quick_writes_every_field_and_consistent_ratios(cache, tmp_path):
     out = tmp_path / "bench"
+    # precision.measure=false: the measured plan of so tiny a model depends on timing noise (it may
+    # keep every module in FP32); the dtypes checked below must not
     p = cli(cache, "bench", "--quick", "--modes", "bf16-mixed,fp16-mixed", "--steps", "4",
-            "--warmup", "1", "--out", str(out), "--no-progress")
+            "--warmup", "1", "--out", str(out), "--no-progress", "precision.measure=false")
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads((out / "results.json").read_text())
     assert {"cpu", "cpu_flags", "gpu", "torch", "cpu_cores"} <= set(r["machine"])
@@ -129,7 +132,7 @@ def test_bench_flags_a_busy_machine(cache, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads((out / "results.json").read_text())
     run = r["runs"][0]
-    assert run["threads"] == 2 and run["load"]["other_cores_mean"] > 0.5
+    assert run["threads"] == 2 and run["load"]["other_cores_mean"] > OTHER_CORES_LIMIT
     assert any("other processes kept" in w for w in run["warnings"])
     assert "not trustworthy" in p.stdout and "fp32 !" in p.stdout
     assert "not trustworthy" in (out / "report.md").read_text()
