@@ -21,12 +21,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     defaults = RunConfig()
     lines = []
+    width = max(len(k) for k in keys()) + 2
     for key in keys():
         value = defaults
         for part in key.split("."):
             value = getattr(value, part)
         note = "  (set from the dataset)" if key in FROM_DATA else ""
-        lines.append(f"  {key:<24} default: {value!r}{note}")
+        lines.append(f"  {key:<{width}} default: {value!r}{note}")
     p = sub.add_parser(
         "train", help="train a policy (config file + key=value overrides)",
         description="Train TinyVLA by behaviour cloning on a LeRobot v3.0 dataset (default: the "
