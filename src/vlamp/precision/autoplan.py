@@ -113,7 +113,8 @@ def measure_plan(
     device = _device_of(model)
     hw = detect(device)
     requested = mode if isinstance(mode, str) else mode.name
-    if requested.strip().lower() == "auto":
+    is_auto = requested.strip().lower() == "auto"
+    if is_auto:
         choice = choose_mode(hw)
         if choice.mode == "fp32":
             say(f"precision: fp32 ({choice.reason}); nothing to measure")
@@ -162,7 +163,7 @@ def measure_plan(
         step = _time_steps(model, example_batch, low_plan, loss_fn, repeats, device)
     fp32_ms, low_ms = step["fp32"], step[low_mode.name]
     faster = low_ms < fp32_ms
-    if requested.strip().lower() == "auto" and not faster:
+    if is_auto and not faster:
         chosen = PrecisionPlan("fp32", rules, builtin_rules=builtin_rules)
         reason = (f"measured: a {low_mode.name} step takes {low_ms:.1f} ms against {fp32_ms:.1f} ms "
                   f"in fp32 here, so fp32 is faster")
