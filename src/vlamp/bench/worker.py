@@ -98,7 +98,7 @@ def choose_threads(trainer, autocast, repeats: int = 3) -> tuple[int, dict[str, 
     for n in dict.fromkeys((1, cores)):
         torch.set_num_threads(n)
         samples = []
-        for i in range(repeats + 1):
+        for _ in range(repeats + 1):
             t0 = time.perf_counter()
             with autocast():
                 loss = trainer.model(b)

@@ -9,7 +9,7 @@ inherit their parent's policy get no hook, so a plan costs nothing where it chan
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -24,18 +24,25 @@ _MARK = "_vlamp_policy"
 _CALLS = "_vlamp_boundary_calls"  # forward calls counted on each boundary module
 
 
+def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """Applies ``fn`` to every tensor in a (nested) tuple/namedtuple/list/dict, keeping the
+    structure; anything else is returned as it is."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple):
+        items = (map_tensors(v, fn) for v in value)
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    if isinstance(value, list):
+        return [map_tensors(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
 def cast_floating(value: Any, dtype: torch.dtype) -> Any:
     """Casts every floating-point tensor in a (nested) tuple/list/dict to ``dtype``."""
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
-    if isinstance(value, tuple):
-        return type(value)(*(cast_floating(v, dtype) for v in value)) if hasattr(value, "_fields") \
-            else tuple(cast_floating(v, dtype) for v in value)
-    if isinstance(value, list):
-        return [cast_floating(v, dtype) for v in value]
-    if isinstance(value, dict):
-        return {k: cast_floating(v, dtype) for k, v in value.items()}
-    return value
+    return map_tensors(value, lambda t: t.to(dtype) if t.is_floating_point() and t.dtype != dtype
+                       else t)
 
 
 class _Boundary:

@@ -31,14 +31,14 @@ import os
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from vlamp.precision.apply import _MARK, apply_plan
+from vlamp.precision.apply import _MARK, apply_plan, map_tensors
 from vlamp.precision.dtypes import dtype_name
 from vlamp.precision.errors import VlampError
 from vlamp.precision.hardware import choose_mode, detect, native_formats
@@ -200,30 +200,16 @@ def _loss(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> torch.Tensor:
     return loss_fn(model, batch) if loss_fn is not None else model(batch)
 
 
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _tensors(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
+def _tensors(value: Any) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    map_tensors(value, found.append)
+    return found
 
 
 def _leaf_copy(value: Any) -> Any:
     """Detached copies of captured inputs; those that needed a gradient become leaves that do."""
-    if isinstance(value, torch.Tensor):
-        out = value.detach().clone()
-        return out.requires_grad_(value.requires_grad and value.is_floating_point())
-    if isinstance(value, tuple):
-        return type(value)(*(_leaf_copy(v) for v in value)) if hasattr(value, "_fields") \
-            else tuple(_leaf_copy(v) for v in value)
-    if isinstance(value, list):
-        return [_leaf_copy(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _leaf_copy(v) for k, v in value.items()}
-    return value
+    return map_tensors(value, lambda t: t.detach().clone().requires_grad_(
+        t.requires_grad and t.is_floating_point()))
 
 
 def _backward(output: Any) -> None:
@@ -290,9 +276,9 @@ def _time_modules(model: nn.Module, batch: Any, base: PrecisionPlan, loss_fn: Lo
                 _backward(output)
             return fn
 
-        def cleanup(a: tuple = args, kw: dict = kwargs) -> None:
-            as_low.zero_grad(set_to_none=True)
-            as_fp32.zero_grad(set_to_none=True)
+        def cleanup(a: tuple = args, kw: dict = kwargs, copies: tuple = (as_low, as_fp32)) -> None:
+            for m in copies:
+                m.zero_grad(set_to_none=True)
             for t in _tensors((a, kw)):
                 t.grad = None
 

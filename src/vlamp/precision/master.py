@@ -93,8 +93,9 @@ class MasterWeights:
     def set_from(self, weights: dict[str, torch.Tensor] | None = None) -> None:
         """Sets every master from ``weights`` (name -> tensor, e.g. a checkpoint's full-precision
         weights) where it holds the parameter's name, else from the model's parameter itself."""
-        for i, (p, m) in enumerate(zip(self.model_params, self.masters)):
-            source = (weights or {}).get(self.names.get(id(p), ""))
+        weights = weights or {}
+        for p, m in zip(self.model_params, self.masters):
+            source = weights.get(self.names.get(id(p), ""))
             m.copy_(source if source is not None and source.shape == m.shape else p)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -33,12 +33,17 @@ class _Recorder(TorchDispatchMode):
         self.stack, self.seen = stack, seen
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if self.stack and func.overloadpacket.__name__ in COMPUTE_OPS:
-            for a in args:
-                if isinstance(a, torch.Tensor) and a.is_floating_point():
-                    self.seen[self.stack[-1]].add(a.dtype)
-                    break
+        dtype = _compute_dtype(func, args)
+        if self.stack and dtype is not None:
+            self.seen[self.stack[-1]].add(dtype)
         return func(*args, **(kwargs or {}))
+
+
+def _compute_dtype(func, args: tuple) -> torch.dtype | None:
+    """The dtype a compute op (``COMPUTE_OPS``) runs in: that of its first floating input."""
+    if func.overloadpacket.__name__ not in COMPUTE_OPS:
+        return None
+    return next((a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
 
 
 def trace_compute_dtypes(model: nn.Module, run: Callable[[], object], *, backward: bool = False
@@ -106,10 +111,8 @@ class _OpCounter(TorchDispatchMode):
             if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and \
                     src.is_floating_point() and dst.is_floating_point() and src.dtype != dst.dtype:
                 self.casts += 1
-        elif name in COMPUTE_OPS:
-            first = next((a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
-            if first is not None:
-                self.compute[str(first.dtype).removeprefix("torch.")] += 1
+        elif (dtype := _compute_dtype(func, args)) is not None:
+            self.compute[str(dtype).removeprefix("torch.")] += 1
         return out
 
 
