@@ -17,7 +17,8 @@ def test_doctor_json_has_the_documented_keys():
     rc, out, err = run_cli("doctor", "--json", "--budget", "0.02")
     assert rc == 0, err
     data = json.loads(out)
-    assert set(data) == {"hardware", "formats", "auto_mode", "reason", "throughput"}
+    assert set(data) == {"hardware", "formats", "auto_mode", "reason", "throughput", "tf32"}
+    assert (data["tf32"] is None) == (data["hardware"]["device"] == "cpu")
     assert set(data["formats"]) == {"fp32", "tf32", "fp16", "bf16", "fp8-e4m3", "fp8-e5m2"}
     assert set(data["throughput"]) == {"gemm", "conv"}
     assert set(data["throughput"]["gemm"]) == {"fp32", "bf16", "fp16"}

@@ -26,6 +26,8 @@ from vlamp.precision import (
     format_table,
     get_mode,
     measure_throughput,
+    resolve_device,
+    set_tf32,
     to_dtype,
 )
 
@@ -54,5 +56,5 @@ __all__ = [
     "BUILTIN_RULES", "FORMATS", "MODE_NAMES", "DynamicLossScaler", "Format", "Hardware",
     "LossScaler", "MixedPrecision", "Mode", "NoLossScaler", "PlanTable", "Policy", "PrecisionPlan",
     "Rule", "StaticLossScaler", "StepOutcome", "VlampError", "__version__", "choose_mode", "detect",
-    "format_table", "get_mode", "measure_throughput", "to_dtype", *_LAZY,
+    "format_table", "get_mode", "measure_throughput", "resolve_device", "set_tf32", "to_dtype", *_LAZY,
 ]

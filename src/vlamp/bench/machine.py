@@ -13,6 +13,7 @@ import dataclasses
 import os
 import platform
 import statistics
+import subprocess
 import time
 from typing import Any
 
@@ -29,15 +30,28 @@ SPREAD_LIMIT = 1.5        # p90 step time / median step time
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def machine_info() -> dict[str, Any]:
-    """The device, CPU (model, flags, cores), torch and the mode ``auto`` proposes here."""
-    hw = detect()
-    return {"device": hw.device, "cpu": detect("cpu").name, "cpu_flags": list(hw.cpu_flags),
+def machine_info(device: str | torch.device | None = "cpu") -> dict[str, Any]:
+    """The machine the runs used: CPU (model, flags, cores), torch, the mode ``auto`` proposes
+    for ``device``, and the GPU (name, capability, driver, CUDA) only when ``device`` is one."""
+    hw = detect(device)
+    gpu = hw.device == "cuda"
+    return {"device": str(device), "cpu": detect("cpu").name, "cpu_flags": list(hw.cpu_flags),
             "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "gpu": hw.name if hw.device == "cuda" else None,
+            "gpu": hw.name if gpu else None,
             "cuda_capability": list(hw.cuda_capability) if hw.cuda_capability else None,
+            "cuda": torch.version.cuda if gpu else None, "gpu_driver": _driver() if gpu else None,
             "torch": str(torch.__version__), "python": platform.python_version(),
             "auto_mode": choose_mode(hw).mode, "native_low_precision": list(native_formats(hw))}
+
+
+def _driver() -> str | None:
+    """The NVIDIA driver's version, from ``nvidia-smi`` (torch does not report it)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip().splitlines()[0] if out.strip() else None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,13 +24,17 @@ def _fmt(v: Any, pattern: str) -> str:
 
 def table_rows(results: dict[str, Any]) -> list[list[str]]:
     """Header plus one row per run; a run whose timings are not to be trusted is marked ``!``."""
+    gpu = any(r.get("gpu_peak_bytes") for r in results["runs"])
     rows = [["run", "seed", "threads", "step time (s)", "samples/s", "speed-up", "casts/step",
+             *(["peak GPU (MiB)", "GPU memory"] if gpu else []),
              "peak RSS (MiB)", "memory", "state (MiB)", "val action L1", "success", "skipped"]]
     for r in results["runs"]:
+        gpu_cells = [_fmt(r.get("gpu_peak_bytes") and r["gpu_peak_bytes"] / 2**20, "{:.0f}"),
+                     _fmt(r.get("gpu_memory_vs_fp32"), "{:.2f}x")] if gpu else []
         rows.append([_label(r) + (" !" if r.get("warnings") else ""), str(r["seed"]),
                      str(r.get("threads", "-")), f"{r['step_time_s_median']:.3f}",
                      f"{r['samples_per_s']:.0f}", f"{r['speedup_vs_fp32']:.2f}x",
-                     _fmt(r.get("casts_per_step"), "{}"),
+                     _fmt(r.get("casts_per_step"), "{}"), *gpu_cells,
                      f"{r['peak_rss_bytes'] / 2**20:.0f}", f"{r['memory_vs_fp32']:.2f}x",
                      f"{r['state_bytes'] / 2**20:.1f}", _fmt(r["final_val_action_l1"], "{:.4f}"),
                      _fmt(r["success_rate"], "{:.0%}"), str(r["skipped_steps"])])
@@ -78,7 +82,11 @@ def _plots(results: dict[str, Any], out: Path) -> None:
     names = [f"{_label(r)}\ns{r['seed']}" for r in runs]
     a.bar(names, [r["step_time_s_median"] for r in runs], color="tab:blue")
     a.set(ylabel="median step time (s)", title="Speed")
-    b.bar(names, [r["peak_rss_bytes"] / 2**20 for r in runs], color="tab:orange", label="peak RSS")
+    if all(r.get("gpu_peak_bytes") for r in runs):
+        b.bar(names, [r["gpu_peak_bytes"] / 2**20 for r in runs], color="tab:orange",
+              label="peak GPU memory")
+    else:
+        b.bar(names, [r["peak_rss_bytes"] / 2**20 for r in runs], color="tab:orange", label="peak RSS")
     b.bar(names, [r["state_bytes"] / 2**20 for r in runs], color="tab:green",
           label="params+grads+optimizer")
     b.set(ylabel="MiB", title="Memory")
@@ -119,8 +127,14 @@ def write_report(results: dict[str, Any], out: str | os.PathLike[str]) -> tuple[
     out = Path(out)
     _plots(results, out)
     m = results["machine"]
-    machine = (f"{m['gpu'] or m['cpu']} ({m['cpu_cores']} cores, flags: {', '.join(m['cpu_flags'])}), "
+    machine = (f"{m['cpu']} ({m['cpu_cores']} cores, flags: {', '.join(m['cpu_flags'])}), "
                f"torch {m['torch']}")
+    if m.get("gpu"):
+        cap = ".".join(map(str, m.get("cuda_capability") or [])) or "?"
+        tf32 = {r.get("tf32") for r in results["runs"]} - {None}
+        machine = (f"{m['gpu']} (compute capability {cap}, driver {m.get('gpu_driver') or '?'}, "
+                   f"CUDA {m.get('cuda') or '?'}, TF32 {'on' if tf32 == {True} else 'off' if tf32 == {False} else 'mixed'}) "
+                   f"on {machine}")
     t = results["config"]["train"]
     inter = results.get("interleaved") or {}
     setup = (f"{t['steps']} steps at batch {t['batch_size']} per run, the runs taking turns "

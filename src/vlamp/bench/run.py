@@ -22,15 +22,15 @@ from typing import Any
 from vlamp.io import write_text_atomic
 from vlamp.precision.errors import VlampError
 from vlamp.bench.machine import CpuSample, assess, machine_info, round_load, summarize_rounds
-from vlamp.precision.hardware import detect, native_formats
+from vlamp.precision.hardware import detect, native_formats, resolve_device
 from vlamp.precision.modes import MODE_NAMES
 from vlamp.train.config import RunConfig, to_dict
 
 
-def default_modes() -> tuple[list[str], list[str]]:
-    """FP32 plus each mixed mode whose format this machine computes natively; when it has none,
+def default_modes(device: str | None = "auto") -> tuple[list[str], list[str]]:
+    """FP32 plus each mixed mode whose format ``device`` computes natively; when it has none,
     FP32 against bf16-mixed (emulated, so slow). Returns the modes and notes on what was left out."""
-    hw = detect()
+    hw = detect(resolve_device(device))
     native = native_formats(hw)
     modes, notes = ["fp32"], []
     for fmt in ("bf16", "fp16"):
@@ -46,8 +46,8 @@ def default_modes() -> tuple[list[str], list[str]]:
     return modes, notes
 
 
-def parse_modes(text: str) -> tuple[list[str], list[str]]:
-    """``"bf16-mixed,fp16-mixed"`` -> the modes with fp32 first, and notes on modes this machine
+def parse_modes(text: str, device: str | None = "auto") -> tuple[list[str], list[str]]:
+    """``"bf16-mixed,fp16-mixed"`` -> the modes with fp32 first, and notes on modes ``device``
     only emulates."""
     modes = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODE_NAMES]
@@ -55,7 +55,7 @@ def parse_modes(text: str) -> tuple[list[str], list[str]]:
         raise VlampError(f"unknown mode(s) {', '.join(bad) or '(none)'}; legal: {', '.join(MODE_NAMES)}")
     if "fp32" not in modes:
         modes.insert(0, "fp32")  # the reference every ratio is taken against
-    hw = detect()
+    hw = detect(resolve_device(device))
     native = native_formats(hw)
     notes = [f"{m} runs emulated here: {hw.name} has no native {m.split('-')[0]} arithmetic"
              for m in dict.fromkeys(modes) if m != "fp32" and m.split("-")[0] not in native]
@@ -179,7 +179,8 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
                 runs.append({**r, "seed": config.train.seed + seed})
     add_ratios(runs)
     warned = [f"{_run_name(r)}: {w}" for r in runs for w in r["warnings"]]
-    results = {"machine": machine_info(), "config": to_dict(config), "modes": modes,
+    results = {"machine": machine_info(resolve_device(config.train.device)),
+               "config": to_dict(config), "modes": modes,
                "notes": list(notes or []), "warnings": warned, "seconds": time.time() - started,
                "interleaved": {"round_steps": round_steps, "threads": threads}, "runs": runs}
     write_json(results, out / "results.json")
@@ -195,14 +196,17 @@ def _run_name(r: dict[str, Any]) -> str:
 
 def add_ratios(runs: list[dict[str, Any]]) -> None:
     """``speedup_vs_fp32`` = FP32 median step time / this run's; ``memory_vs_fp32`` = this run's
-    peak RSS / FP32's; ``state_vs_fp32`` likewise for parameter+gradient+optimizer bytes; each
-    against the vlamp FP32 run of the same seed."""
+    peak RSS / FP32's; ``state_vs_fp32`` likewise for parameter+gradient+optimizer bytes;
+    ``gpu_memory_vs_fp32`` for peak GPU memory (runs on a GPU); each against the vlamp FP32 run of
+    the same seed."""
     ref = {r["seed"]: r for r in runs if r["mode"] == "fp32" and r["runner"] == "vlamp"}
     for r in runs:
         f = ref[r["seed"]]
         r["speedup_vs_fp32"] = f["step_time_s_median"] / r["step_time_s_median"]
         r["memory_vs_fp32"] = r["peak_rss_bytes"] / f["peak_rss_bytes"]
         r["state_vs_fp32"] = r["state_bytes"] / f["state_bytes"]
+        gpu, gpu_ref = r.get("gpu_peak_bytes"), f.get("gpu_peak_bytes")
+        r["gpu_memory_vs_fp32"] = gpu / gpu_ref if gpu and gpu_ref else None
 
 
 def write_json(obj: Any, path: str | os.PathLike[str]) -> None:

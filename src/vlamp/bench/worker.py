@@ -130,11 +130,11 @@ def baseline_fit(trainer, dtype: torch.dtype, steps: int, on_step=None
     """The plain torch.amp loop a user would write by hand (autocast, GradScaler for FP16, clip,
     step), on the trainer's model, optimizer and batches. Returns losses, scales, step times and
     skipped steps; ``on_step(step)`` is called after each step."""
-    from vlamp.train.step import learning_rate
+    from vlamp.train.step import learning_rate, synchronize
 
     c = trainer.config.train
-    model, opt = trainer.model, trainer.optimizer
-    scaler = torch.amp.GradScaler("cpu", enabled=dtype == torch.float16)
+    model, opt, device = trainer.model, trainer.optimizer, trainer.device
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     losses, scales, times, skipped, applied = [], [], [], 0, 0
     for _ in range(steps):
         for g in opt.param_groups:
@@ -142,7 +142,7 @@ def baseline_fit(trainer, dtype: torch.dtype, steps: int, on_step=None
         positions = trainer.rng.integers(0, len(trainer.train_set), size=c.batch_size)
         batch = trainer._batch(positions, trainer.config.dataset.augment)
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=dtype):
+        with torch.autocast(device.type, dtype=dtype):
             loss = model(batch)
         scale = scaler.get_scale() if scaler.is_enabled() else 1.0
         scaler.scale(loss).backward()
@@ -158,6 +158,7 @@ def baseline_fit(trainer, dtype: torch.dtype, steps: int, on_step=None
             if not skip:
                 opt.step()
         opt.zero_grad(set_to_none=True)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
         losses.append(float(loss.detach()))
         scales.append(scale)
@@ -186,10 +187,14 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
     if threads != "auto":
         torch.set_num_threads(int(threads))
     trainer = Trainer(config, progress=spec.get("progress", True))
+    device = trainer.device
     low = to_dtype(mode.split("-")[0]) if mode != "fp32" else torch.float32
-    autocast = _AmpAutocast(low).autocast if runner == "torch.amp" else trainer.mp.autocast
+    amp = _AmpAutocast(low, device.type)
+    autocast = amp.autocast if runner == "torch.amp" else trainer.mp.autocast
     thread_times = None
-    if threads == "auto":
+    if threads == "auto" and device.type == "cuda":
+        threads = torch.get_num_threads()  # the GPU computes; CPU threads only feed it
+    elif threads == "auto":
         threads, thread_times = choose_threads(trainer, autocast)
     steps = config.train.steps
     on_step = None
@@ -199,14 +204,15 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
         on_step = channel.pauser(max(1, int(spec.get("round_steps") or steps)), steps)
     rss_before = _rss_now()
     reset = _reset_peak_rss()
+    gpu_before = _reset_gpu_peak(device)
     if runner == "torch.amp":
         losses, scales, times, skipped = baseline_fit(trainer, low, steps, on_step)
         trainer.step = steps
-        val = _validate_amp(trainer, low)
-        peak = _peak_rss()
+        val = _validate_amp(trainer, amp)  # as the vlamp runs' fit ends with validation
+        peak, gpu_peak = _peak_rss(), _gpu_peak(device)
     else:
         r = trainer.fit(on_step)
-        peak = _peak_rss()
+        peak, gpu_peak = _peak_rss(), _gpu_peak(device)
         losses, scales, times, skipped, val = r.losses, r.scales, r.step_times, r.skipped_steps, r.val_action_l1
     memory = state_bytes(trainer.model, trainer.optimizer)
     b = trainer.example_batch()
@@ -225,7 +231,7 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
     if spec.get("eval_episodes", 0) > 0:
         config.eval.episodes = spec["eval_episodes"]
         if runner == "torch.amp":
-            trainer.mp = _AmpAutocast(low)  # the evaluated forward passes use the same autocast
+            trainer.mp = amp  # the evaluated forward passes use the same autocast
         e = trainer.evaluate()
         success, per_task = e["success_rate"], {t["task"]: t["success_rate"] for t in e["per_task"]}
     plan = getattr(trainer.mp, "plan", None)
@@ -241,6 +247,9 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
         "peak_rss_bytes": peak, "rss_before_training_bytes": rss_before,
         "training_rss_bytes": peak - rss_before if reset else None,  # what training itself added
         "peak_rss_is_training_only": reset, **memory,
+        "device": str(device), "tf32": config.precision.tf32 if device.type == "cuda" else None,
+        "gpu_peak_bytes": gpu_peak,  # torch.cuda.max_memory_allocated over training
+        "gpu_training_bytes": gpu_peak - gpu_before if gpu_peak is not None else None,
         "final_val_action_l1": val, "success_rate": success, "success_per_task": per_task,
         "skipped_steps": skipped, "losses": losses, "loss_scales": scales,
         "batch_size": config.train.batch_size,
@@ -250,18 +259,34 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
 class _AmpAutocast:
     """Stands in for ``MixedPrecision`` where the baseline's forward passes need only autocast."""
 
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype
+    def __init__(self, dtype: torch.dtype, device_type: str) -> None:
+        self.dtype, self.device_type = dtype, device_type
 
     def autocast(self):
-        return torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype != torch.float32)
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
 
-def _validate_amp(trainer, dtype: torch.dtype) -> float | None:
+def _validate_amp(trainer, amp: _AmpAutocast) -> float | None:
     if trainer.val_set is None:
         return None
-    trainer.mp = _AmpAutocast(dtype)
+    trainer.mp = amp
     return trainer.validate()
+
+
+def _reset_gpu_peak(device: torch.device) -> int | None:
+    """Resets the CUDA allocator's peak mark; returns the bytes allocated now (model, optimizer)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def _gpu_peak(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
 
 
 def main(argv: list[str]) -> int:

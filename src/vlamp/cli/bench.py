@@ -18,7 +18,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "bytes, validation action error, closed-loop success, skipped steps and the loss "
                     "scale. Writes DIR/results.json, DIR/report.md, DIR/report.html and plots.",
         epilog="examples:\n  vlamp bench --quick\n  vlamp bench --modes fp32,bf16-mixed --steps 300 "
-               "--seeds 3\n  vlamp bench train.batch_size=32 model.head=flow",
+               "--seeds 3\n  vlamp bench train.batch_size=32 model.head=flow\n"
+               "  vlamp bench --modes fp32,bf16-mixed train.device=cuda model.size=base "
+               "dataset.path=DATA_128PX",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modes", default=None,
                    help="comma-separated modes; fp32 is always added as the reference (default: fp32 "
@@ -48,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from vlamp.bench.report import text_table
     from vlamp.bench.run import bench, default_modes, parse_modes, quick_overrides
     from vlamp.precision.errors import VlampError
+    from vlamp.precision.hardware import resolve_device
     from vlamp.train.config import load_config
 
     for name in ("steps", "seeds", "rounds"):
@@ -56,14 +59,15 @@ def run(args: argparse.Namespace) -> int:
     threads = args.threads.strip().lower()
     if threads != "auto" and not (threads.isdigit() and int(threads) >= 1):
         raise VlampError(f"--threads must be a count >= 1 or auto, got {args.threads!r}")
-    if args.modes:
-        modes, notes = parse_modes(args.modes)
-    else:
-        modes, notes = default_modes()
     base = quick_overrides() if args.quick else ["train.steps=300"]
     steps = args.steps or (10 if args.quick else 300)
     config = load_config(args.config, base + list(args.overrides) + list(getattr(args, "extra", []))
                          + [f"train.steps={steps}"])
+    device = resolve_device(config.train.device)
+    if args.modes:
+        modes, notes = parse_modes(args.modes, device)
+    else:
+        modes, notes = default_modes(device)
     warmup = args.warmup if args.warmup is not None else (2 if args.quick else 10)
     if warmup >= steps:
         raise VlampError(f"--warmup ({warmup}) must be below --steps ({steps})")

@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
             "hardware": hw.as_dict(),
             "formats": {name: f.as_dict() for name, f in FORMATS.items()},
             "auto_mode": choice.mode,
+            "tf32": "off unless precision.tf32=true" if hw.device == "cuda" else None,
             "reason": choice.reason,
             "throughput": {kind: {k: round(v, 2) for k, v in d.items()} for kind, d in throughput.items()},
         }, indent=2))
@@ -43,6 +44,10 @@ def run(args: argparse.Namespace) -> int:
     if hw.cuda_capability:
         print(f"capability {hw.cuda_capability[0]}.{hw.cuda_capability[1]}")
     print(f"cpu flags  {' '.join(hw.cpu_flags) or '(none of interest)'}")
+    if hw.device == "cuda":
+        print(f"tf32       off in vlamp unless precision.tf32=true (then FP32 matmuls and "
+              f"convolutions, FP32 islands included, run on TF32 tensor cores); the tf32 column "
+              f"below is what it buys")
     print(f"torch      {hw.torch_version}\n")
     print(format_table() + "\n")
     print("measured throughput, GFLOP/s (ratio to fp32)")

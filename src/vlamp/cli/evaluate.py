@@ -25,6 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                 "(default: the mode it was trained in)")
     p.add_argument("--no-ema", action="store_true", help="with --checkpoint: use the live weights "
                                                          "even when EMA weights were saved")
+    p.add_argument("--device", default="auto",
+                   help="with --checkpoint: where the policy computes: auto (CUDA when present), "
+                        "cpu, cuda, cuda:N; the simulator always runs on the CPU (default: auto)")
     p.add_argument("--tasks", default=None,
                    help=f"comma-separated task names (default: the 6-task suite, or the "
                         f"checkpoint's tasks); valid: {', '.join(TASKS)}")
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         from vlamp.sim.tasks import tasks_for_instructions
         from vlamp.train.policy import load_policy
 
-        loaded = load_policy(args.checkpoint, args.mode, not args.no_ema)
+        loaded = load_policy(args.checkpoint, args.mode, not args.no_ema, device=args.device)
         policy, image_size = loaded.policy, loaded.image_size
         if args.image_size not in (None, image_size):
             raise VlampError(f"--image-size {args.image_size}: the checkpoint was trained on "
@@ -65,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         name = f"checkpoint {args.checkpoint} (step {loaded.step})"
         if args.tasks is None:
             tasks = ",".join(t.name for t in tasks_for_instructions(loaded.instructions))
-        print(f"policy {name}: precision {policy.mp.mode.name}, head {loaded.config['model']['head']}")
+        print(f"policy {name}: precision {policy.mp.mode.name}, head "
+              f"{loaded.config['model']['head']}, on {policy.device}")
     else:
         policy = ExpertPolicy() if args.policy == "expert" else RandomPolicy(seed=0)
     result = evaluate(policy, tasks, args.episodes,

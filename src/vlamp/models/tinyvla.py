@@ -20,12 +20,38 @@ from vlamp.precision.errors import VlampError
 
 HEADS = ("act", "flow")
 
+# Model sizes: ``model.size=NAME`` fills these keys unless they are given too. ``small`` is the
+# CPU-sized default (1.9 M parameters). On a GPU it is launch-bound, so a precision's speed-up means
+# nothing there; ``base`` (75 M parameters) and ``large`` (377 M) load one. Train them on images of
+# 128 px or more (``vlamp data generate --image-size 128``).
+SIZES: dict[str, dict[str, object]] = {
+    "small": {"dim": 128, "depth": 4, "heads": 4, "text_layers": 2, "channels": [32, 64, 128, 128]},
+    "base": {"dim": 640, "depth": 12, "heads": 10, "text_layers": 2, "channels": [64, 128, 256, 512]},
+    "large": {"dim": 1024, "depth": 24, "heads": 16, "text_layers": 4,
+              "channels": [128, 256, 512, 1024]},
+}
+
+
+def with_size(model: dict[str, object]) -> dict[str, object]:
+    """A ``model`` config section with its ``size`` preset filled in under the keys it gives.
+
+    Raises:
+        VlampError: On an unknown size.
+    """
+    size = model.get("size")
+    if size is None:
+        return model
+    if size not in SIZES:
+        raise VlampError(f"model.size must be one of {', '.join(SIZES)}, got {size!r}")
+    return {**SIZES[str(size)], **model}
+
 
 @dataclasses.dataclass
 class ModelConfig:
     """TinyVLA's shape. ``vocab_size``, ``state_dim`` and ``action_dim`` come from the dataset.
 
     Attributes:
+        size: The preset the shape started from (see ``SIZES``; keys given beside it win).
         dim: Width of the text encoder, the trunk and the head.
         depth: Trunk transformer layers.
         heads: Attention heads.
@@ -38,6 +64,7 @@ class ModelConfig:
         image_size: Side of the (square) input images; sizes the positional table.
     """
 
+    size: str = "small"
     dim: int = 128
     depth: int = 4
     heads: int = 4
@@ -53,6 +80,8 @@ class ModelConfig:
     image_size: int = 64
 
     def __post_init__(self) -> None:
+        if self.size not in SIZES:
+            raise VlampError(f"model.size must be one of {', '.join(SIZES)}, got {self.size!r}")
         if self.head not in HEADS:
             raise VlampError(f"model.head must be one of {', '.join(HEADS)}, got {self.head!r}")
         for name in ("dim", "depth", "heads", "text_layers", "chunk", "flow_steps", "max_tokens"):

@@ -5,7 +5,14 @@ from vlamp.precision.dtypes import to_dtype
 from vlamp.precision.errors import VlampError
 from vlamp.precision.formats import FORMATS, Format, format_table
 from vlamp.precision.front import MixedPrecision
-from vlamp.precision.hardware import Hardware, choose_mode, detect, measure_throughput
+from vlamp.precision.hardware import (
+    Hardware,
+    choose_mode,
+    detect,
+    measure_throughput,
+    resolve_device,
+    set_tf32,
+)
 from vlamp.precision.modes import MODE_NAMES, Mode, get_mode
 from vlamp.precision.plan import BUILTIN_RULES, PrecisionPlan, Rule
 from vlamp.precision.policy import Policy
@@ -21,5 +28,5 @@ __all__ = [
     "BUILTIN_RULES", "FORMATS", "MODE_NAMES", "DynamicLossScaler", "Format", "Hardware",
     "LossScaler", "MixedPrecision", "Mode", "NoLossScaler", "PlanTable", "Policy", "PrecisionPlan",
     "Rule", "StaticLossScaler", "StepOutcome", "VlampError", "choose_mode", "detect",
-    "format_table", "get_mode", "measure_throughput", "to_dtype",
+    "format_table", "get_mode", "measure_throughput", "resolve_device", "set_tf32", "to_dtype",
 ]

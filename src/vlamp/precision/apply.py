@@ -50,9 +50,8 @@ class _Boundary:
     module called re-entrantly nests correctly; the post hook is registered ``always_call`` so the
     autocast state is restored even when the forward raises."""
 
-    def __init__(self, policy: Policy, device_type: str) -> None:
+    def __init__(self, policy: Policy) -> None:
         self.policy = policy
-        self.device_type = device_type
         # Low-precision compute over FP32 weights is autocast's job; otherwise the inputs are cast.
         low = policy.compute != torch.float32
         self.cast_inputs_to = None if low and policy.param != policy.compute else policy.compute
@@ -61,7 +60,7 @@ class _Boundary:
     def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         setattr(module, _CALLS, getattr(module, _CALLS, 0) + 1)
         low = self.policy.compute != torch.float32
-        ctx = torch.autocast(self.device_type, dtype=self.policy.compute if low else None,
+        ctx = torch.autocast(_device_type(module, args, kwargs), dtype=self.policy.compute if low else None,
                              enabled=low)
         ctx.__enter__()
         self.stack.append(ctx)
@@ -75,7 +74,18 @@ class _Boundary:
         return cast_floating(output, self.policy.output)
 
 
-def apply_plan(resolved: Sequence[Resolved], device_type: str) -> list[RemovableHandle]:
+def _device_type(module: nn.Module, args: tuple, kwargs: dict) -> str:
+    """Where this call computes: the module's own weights' device, else its first input's (the
+    boundary follows a model moved after setup)."""
+    for p in module.parameters():
+        return p.device.type
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a.device.type
+    return "cpu"
+
+
+def apply_plan(resolved: Sequence[Resolved]) -> list[RemovableHandle]:
     """Stores each module's own parameters and floating buffers in its policy's ``param`` dtype and
     hooks the boundaries. Returns the hook handles (``handle.remove()`` undoes the hooks).
 
@@ -98,7 +108,7 @@ def apply_plan(resolved: Sequence[Resolved], device_type: str) -> list[Removable
         setattr(m, _MARK, r.policy)
         if r.policy != r.parent_policy:
             setattr(m, _CALLS, 0)
-            b = _Boundary(r.policy, device_type)
+            b = _Boundary(r.policy)
             handles.append(m.register_forward_pre_hook(b.pre, with_kwargs=True))
             handles.append(m.register_forward_hook(b.post, always_call=True))
     return handles

@@ -110,7 +110,7 @@ def measure_plan(
     if any(hasattr(m, _MARK) for m in model.modules()):
         raise VlampError("measure_plan: the model already has a precision plan applied; "
                          "measure before MixedPrecision.setup")
-    device = _device_of(model)
+    device = model_device(model)
     hw = detect(device)
     requested = mode if isinstance(mode, str) else mode.name
     is_auto = requested.strip().lower() == "auto"
@@ -186,8 +186,11 @@ def measure_plan(
 
 
 # -- timing ---------------------------------------------------------------------------------------
-def _device_of(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); the CPU for an empty model."""
     first = next(model.parameters(), None)
+    if first is None:
+        first = next(model.buffers(), None)
     return first.device if first is not None else torch.device("cpu")
 
 
@@ -246,7 +249,7 @@ def _time_modules(model: nn.Module, batch: Any, base: PrecisionPlan, loss_fn: Lo
     mode, low = base.mode, base.mode.compute_dtype
     probe = copy.deepcopy(model)
     resolved = base.resolve(probe, warn_unmatched=False)
-    apply_plan(resolved, device.type)
+    apply_plan(resolved)
     inputs: dict[str, tuple[tuple, dict]] = {}
 
     def capture(name: str) -> Callable[..., None]:
@@ -267,7 +270,7 @@ def _time_modules(model: nn.Module, batch: Any, base: PrecisionPlan, loss_fn: Lo
         args, kwargs = inputs[r.name]
         as_low, as_fp32 = copy.deepcopy(r.module), copy.deepcopy(r.module)
         delattr(as_fp32, _MARK)
-        apply_plan([Resolved("", as_fp32, FP32, "measure", r.policy)], device.type)
+        apply_plan([Resolved("", as_fp32, FP32, "measure", r.policy)])
 
         def run(m: nn.Module, a: tuple = args, kw: dict = kwargs) -> Callable[[], None]:
             def fn() -> None:
@@ -294,7 +297,7 @@ def _time_steps(model: nn.Module, batch: Any, low_plan: PrecisionPlan, loss_fn: 
     """Forward+backward of the whole model in FP32 and under ``low_plan``, interleaved (ms)."""
     reference = copy.deepcopy(model)
     mixed = copy.deepcopy(model)
-    apply_plan(low_plan.resolve(mixed, warn_unmatched=False), device.type)
+    apply_plan(low_plan.resolve(mixed, warn_unmatched=False))
     mode = low_plan.mode
 
     def fp32_step() -> None:
@@ -349,6 +352,8 @@ def _cache_key(model: nn.Module, batch: Any, requested: str, base: PrecisionPlan
         "mode": requested, "rules": [[r.pattern, str(r.policy)] for r in base.user_rules],
         "builtin_rules": base.builtin_rules, "margin": margin,
         "loss_fn": getattr(loss_fn, "__qualname__", None),
+        "tf32": getattr(getattr(torch.backends.cuda, "matmul", None), "fp32_precision", None)
+        if hardware.get("device") == "cuda" else None,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 

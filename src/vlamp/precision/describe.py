@@ -40,10 +40,12 @@ class Row:
 
 @dataclasses.dataclass
 class PlanTable:
-    """Rows of a resolved plan; ``str(table)`` renders aligned text, ``to_dicts()`` plain data."""
+    """Rows of a resolved plan; ``str(table)`` renders aligned text, ``to_dicts()`` plain data.
+    ``notes`` are lines printed under the table (the device, TF32)."""
 
     mode: str
     rows: list[Row]
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @classmethod
     def build(cls, resolved: Sequence[Resolved], mode: Mode, max_depth: int | None = None,
@@ -97,7 +99,7 @@ class PlanTable:
         lines.insert(1, "-" * len(lines[0]))
         total = sum(r.num_params for r in self.rows)
         lines.append(f"mode {self.mode}: {total:,} parameters in {len(self.rows)} rows")
-        return "\n".join(lines)
+        return "\n".join(lines + self.notes)
 
 
 def _measured_cell(entries: list[Mapping[str, Any]]) -> str:

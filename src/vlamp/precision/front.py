@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from vlamp.precision.apply import _CALLS, apply_plan
-from vlamp.precision.autoplan import measure_plan
+from vlamp.precision.autoplan import measure_plan, model_device
 from vlamp.precision.errors import VlampError
+from vlamp.precision.hardware import set_tf32
 from vlamp.precision.master import MasterWeights
 from vlamp.precision.modes import Mode, get_mode
 from vlamp.precision.plan import PrecisionPlan, RuleSpec
@@ -25,6 +26,7 @@ from vlamp.precision.scaler import (
     NoLossScaler,
     StaticLossScaler,
     StepOutcome,
+    found_inf_flag,
     make_scaler,
 )
 
@@ -63,6 +65,12 @@ class MixedPrecision:
         scaler_settings: Settings for a scaler given by name or chosen by the mode
             (``DynamicLossScaler``'s arguments: ``init_scale``, ``min_scale``, ``growth_interval``,
             ...; a static scaler takes ``init_scale``).
+        device: For ``mode="auto"`` without ``model``: the device to decide for (default: CUDA
+            when present, else the CPU). With ``model``, its own device decides.
+        tf32: Let CUDA run FP32 matmuls and convolutions on TF32 tensor cores (10-bit mantissa)
+            — FP32 modules and FP32 islands included. Off (the default) keeps them IEEE FP32, the
+            reference the other modes are measured against. Set for the process at
+            :meth:`setup`; no effect on CPUs.
 
     Example:
         >>> mp = MixedPrecision("auto", model=model, example_batch=batch)  # doctest: +SKIP
@@ -86,8 +94,12 @@ class MixedPrecision:
         cache: bool = True,
         log: Callable[[str], None] | None = None,
         scaler_settings: Mapping[str, Any] | None = None,
+        device: str | torch.device | None = None,
+        tf32: bool = False,
     ) -> None:
         self.requested_mode = mode if isinstance(mode, str) else mode.name
+        if self.requested_mode == "auto" and model is None and not isinstance(rules, PrecisionPlan):
+            mode = get_mode("auto", device)  # for the device it will run on, not whatever is here
         if (model is None) != (example_batch is None):
             raise VlampError("MixedPrecision: pass both model= and example_batch= to measure the plan, "
                              "or neither")
@@ -104,6 +116,7 @@ class MixedPrecision:
             if isinstance(rules, PrecisionPlan):
                 rules, builtin_rules = rules.user_rules, rules.builtin_rules
             if model is not None:
+                set_tf32(tf32)  # measured as it will run
                 self.plan = measure_plan(model, example_batch, mode, rules=rules,
                                          builtin_rules=builtin_rules, loss_fn=loss_fn, cache=cache,
                                          log=log)
@@ -115,8 +128,10 @@ class MixedPrecision:
         base = self._make_scaler(scaler, dict(scaler_settings or {}))
         self.scalers: list[LossScaler] = [base] + [copy.deepcopy(base) for _ in range(num_losses - 1)]
         self._found_inf = [False] * num_losses
+        self.tf32 = bool(tf32)
         self.model: nn.Module | None = None
-        self.device_type = "cpu"
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.device = torch.device("cpu")
         self._masters: MasterWeights | None = None
         self._resolved: list[Any] = []
         self._buffers_before: list[torch.Tensor] | None = None
@@ -155,16 +170,39 @@ class MixedPrecision:
         Returns:
             ``(model, optimizer)``, the same objects, changed in place.
         """
-        first = next(model.parameters(), None)
-        self.device_type = first.device.type if first is not None else "cpu"
+        self.device = model_device(model)
+        set_tf32(self.tf32)
         self._resolved = self.plan.resolve(model)
-        apply_plan(self._resolved, self.device_type)
-        self.model = model
+        apply_plan(self._resolved)
+        self.model, self.optimizer = model, optimizer
         if optimizer is not None and self.mode.master_weights:
             names = {id(p): n for n, p in model.named_parameters()}
             masters = MasterWeights(optimizer, names)
             self._masters = masters if len(masters) else None
         return model, optimizer
+
+    @property
+    def device_type(self) -> str:
+        """``"cpu"`` or ``"cuda"``: where the model is now (autocast follows it)."""
+        return self._follow_model().type
+
+    def _follow_model(self) -> torch.device:
+        """The model's device now. When the model moved since :meth:`setup` (``model.cuda()``),
+        the FP32 masters move with it, as long as the optimizer has no state yet to move."""
+        if self.model is None:
+            return self.device
+        now = model_device(self.model)
+        if now != self.device:
+            if self.optimizer is not None and self.optimizer.state:
+                raise VlampError(
+                    f"MixedPrecision: the model moved from {self.device} to {now} after its "
+                    f"optimizer had stepped; the optimizer's state (and FP32 masters) stay on "
+                    f"{self.device}. Move the model first, then build the optimizer and call "
+                    f"mp.setup(model, optimizer)")
+            if self._masters is not None:
+                self._masters.to(now)
+            self.device = now
+        return now
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
@@ -239,8 +277,15 @@ class MixedPrecision:
         params = [p for g in optimizer.param_groups for p in g["params"]]
         grads = [p.grad for p in params if p.grad is not None]
         scale = self.scalers[0].scale
+        # A fused optimizer unscales and skips inside its own kernel: no pass that rewrites every
+        # gradient, and the inf/NaN flag is read back only once the step is queued. Clipping
+        # needs the unscaled gradients first, so it takes the plain path.
+        handoff = (len(self.scalers) == 1 and scale != 1.0 and clip_grad_norm is None
+                   and bool(grads) and unscales_itself(optimizer))
         if len(self.scalers) > 1:
             found_per_loss = list(self._found_inf)
+        elif handoff:
+            found_per_loss = [_step_unscaling_inside(optimizer, grads, scale)]
         elif scale != 1.0 or clip_grad_norm is None:
             found_per_loss = [self.scalers[0].unscale_(grads)]
         else:
@@ -256,7 +301,8 @@ class MixedPrecision:
         if not found:
             if not isinstance(self.scalers[0], NoLossScaler):
                 self._check_gradients_alive(grads, grad_norm, scale)
-            optimizer.step()
+            if not handoff:
+                optimizer.step()
             if self._masters is not None:
                 self._masters.copy_to_model()
         elif self._buffers_before is not None and self.model is not None:
@@ -348,6 +394,7 @@ class MixedPrecision:
             "skipped_steps": self.skipped_steps,
             "scalers": [{"type": type(s).__name__, **s.state_dict()} for s in self.scalers],
             "plan": self.plan.to_dict(),
+            "tf32": self.tf32,
             "master_weights": self._masters.state_dict() if self._masters is not None else {},
         }
 
@@ -378,7 +425,34 @@ class MixedPrecision:
         modules that never ran their own forward are marked as changing storage only."""
         if self.model is None:
             raise VlampError("MixedPrecision.describe: call setup(model, optimizer) first")
-        return self.plan.describe(self.model, max_depth=max_depth, uncalled=self.uncalled)
+        table = self.plan.describe(self.model, max_depth=max_depth, uncalled=self.uncalled)
+        device = self.device_type
+        fp32 = ("TF32 tensor cores (tf32=True)" if self.tf32 else "IEEE FP32 (tf32=False)") \
+            if device == "cuda" else "IEEE FP32"
+        table.notes.append(f"device {self.device}; FP32 matmuls and convolutions run in {fp32}")
+        return table
 
     def __repr__(self) -> str:
         return f"MixedPrecision(mode={self.mode.name!r}, scaler={type(self.scalers[0]).__name__})"
+
+
+def unscales_itself(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` takes ``grad_scale``/``found_inf`` and unscales and skips inside its
+    own kernel: torch's fused Adam/AdamW/SGD (``fused=True``) on CPU and CUDA."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+        g.get("fused") for g in optimizer.param_groups)
+
+
+def _step_unscaling_inside(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor],
+                           scale: float) -> bool:
+    """Steps a fused optimizer on gradients still multiplied by ``scale``: it divides them in its
+    kernel and changes nothing (state included) where the flag says inf/NaN. Returns the flag."""
+    device = grads[0].device
+    found = found_inf_flag(grads, device)
+    optimizer.grad_scale = torch.tensor(scale, dtype=torch.float32, device=device)
+    optimizer.found_inf = found
+    try:
+        optimizer.step()
+    finally:
+        optimizer.grad_scale = optimizer.found_inf = None
+    return bool(found.item())

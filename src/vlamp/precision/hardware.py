@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from vlamp.precision.dtypes import CANONICAL
+from vlamp.precision.errors import VlampError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,40 @@ def _cpu_info() -> tuple[str, tuple[str, ...]]:
     return name, tuple(f for f in _INTERESTING if f in flags)
 
 
+DEVICE_NAMES = "auto, cpu, cuda, cuda:N"
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """The device a run trains on: ``"auto"`` (or ``None``/empty) is the first CUDA GPU when there
+    is one, else the CPU; ``"cpu"``, ``"cuda"`` and ``"cuda:N"`` are taken as they are.
+
+    Raises:
+        VlampError: On another name, or a CUDA device this machine does not have (the message
+            says how many it has).
+    """
+    text = str(name if name is not None else "").strip().lower() or "auto"
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index):
+        raise VlampError(f"device {name!r} is not one of {DEVICE_NAMES}")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise VlampError(f"device {name!r}: this machine has no CUDA device (torch "
+                             f"{torch.__version__}{'' if torch.version.cuda else ', a CPU-only build'}); "
+                             f"use device=cpu or auto")
+        if (dev.index or 0) >= count:
+            raise VlampError(f"device {name!r}: this machine has {count} CUDA device(s), "
+                             f"cuda:0..cuda:{count - 1}")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
 def detect(device: str | torch.device | None = None) -> Hardware:
     """Describes ``device`` (default: the first CUDA GPU if there is one, else the CPU)."""
     dev = torch.device(device) if device is not None else torch.device(
@@ -93,6 +128,28 @@ def choose_mode(hw: Hardware) -> Choice:
     return Choice("fp32", "CPU without AVX512-BF16 or AMX: low precision would only be emulated")
 
 
+def set_tf32(enabled: bool) -> None:
+    """Lets (or forbids) CUDA FP32 matmuls and cuDNN convolutions use TF32, for the process.
+    Uses torch's ``fp32_precision`` switches (torch >= 2.9), else the older ``allow_tf32`` flags;
+    torch refuses a mix of the two, so nothing else here touches TF32."""
+    value = "tf32" if enabled else "ieee"
+    try:
+        torch.backends.cuda.matmul.fp32_precision = value
+        torch.backends.cudnn.conv.fp32_precision = value
+    except AttributeError:
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
+def tf32_enabled() -> bool:
+    """Whether CUDA FP32 matmuls may use TF32 now (read through the same switches as
+    :func:`set_tf32`)."""
+    try:
+        return torch.backends.cuda.matmul.fp32_precision == "tf32"
+    except AttributeError:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
 def _time(fn: Callable[[], object], budget_s: float, sync: Callable[[], None]) -> float:
     fn()  # warm-up
     sync()
@@ -107,7 +164,8 @@ def _time(fn: Callable[[], object], budget_s: float, sync: Callable[[], None]) -
 
 
 def measure_throughput(device: str = "cpu", budget_s: float = 0.15) -> dict[str, dict[str, float]]:
-    """Measures GEMM and conv throughput (GFLOP/s) in fp32, bf16 and fp16 on ``device``.
+    """Measures GEMM and conv throughput (GFLOP/s) in fp32, bf16 and fp16 on ``device`` (and
+    FP32 on TF32 tensor cores, ``tf32``, on CUDA; FP32 itself runs as IEEE FP32 there).
 
     Small problems, ``budget_s`` seconds each: a sanity check of what a precision buys here, not a
     full benchmark. Returns ``{"gemm": {"fp32": ..., ...}, "conv": {...}}``.
@@ -119,15 +177,21 @@ def measure_throughput(device: str = "cpu", budget_s: float = 0.15) -> dict[str,
     b, c, hw = (64, 128, 64) if big else (8, 64, 32)
     out: dict[str, dict[str, float]] = {"gemm": {}, "conv": {}}
     gen = torch.Generator(device="cpu").manual_seed(0)
-    for name, dtype in CANONICAL.items():
-        a = torch.randn(n, n, generator=gen).to(dev, dtype)
-        w = torch.randn(n, n, generator=gen).to(dev, dtype)
-        t = _time(lambda: a @ w, budget_s, sync)
-        out["gemm"][name] = 2 * n**3 / t / 1e9
-        x = torch.randn(b, c, hw, hw, generator=gen).to(dev, dtype)
-        k = torch.randn(c, c, 3, 3, generator=gen).to(dev, dtype)
-        t = _time(lambda: F.conv2d(x, k, padding=1), budget_s, sync)
-        out["conv"][name] = 2 * b * c * c * 9 * hw * hw / t / 1e9
+    before = tf32_enabled()
+    set_tf32(False)
+    try:
+        for name, dtype in CANONICAL.items():
+            a, w = (torch.randn(n, n, generator=gen).to(dev, dtype) for _ in range(2))
+            x = torch.randn(b, c, hw, hw, generator=gen).to(dev, dtype)
+            k = torch.randn(c, c, 3, 3, generator=gen).to(dev, dtype)
+            kinds = [name] + (["tf32"] if dev.type == "cuda" and dtype == torch.float32 else [])
+            for kind in kinds:  # tf32: FP32 tensors on TF32 tensor cores, what tf32=true buys
+                set_tf32(kind == "tf32")
+                out["gemm"][kind] = 2 * n**3 / _time(lambda a=a, w=w: a @ w, budget_s, sync) / 1e9
+                out["conv"][kind] = 2 * b * c * c * 9 * hw * hw / _time(
+                    lambda x=x, k=k: F.conv2d(x, k, padding=1), budget_s, sync) / 1e9
+    finally:
+        set_tf32(before)
     return out
 
 

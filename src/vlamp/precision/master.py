@@ -43,6 +43,14 @@ class MasterWeights:
                     params.append(p)
             group["params"] = params
 
+    @torch.no_grad()
+    def to(self, device: torch.device) -> None:
+        """Moves the masters (the same parameter objects the optimizer holds) to ``device``."""
+        for m in self.masters:
+            m.data = m.data.to(device)
+            if m.grad is not None:
+                m.grad = m.grad.to(device)
+
     def __len__(self) -> int:
         return len(self.masters)
 

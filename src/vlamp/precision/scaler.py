@@ -39,6 +39,22 @@ class StepOutcome:
     found_inf: bool
 
 
+def found_inf_flag(grads: Iterable[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """A 0-dim FP32 tensor on ``device``, 1 where any of ``grads`` is inf/NaN, else 0, computed
+    without unscaling them and without reading it back: for optimizers that unscale and skip
+    inside their own kernel (``found_inf``/``grad_scale``, as ``torch.amp.GradScaler`` hands them
+    to fused optimizers)."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+    for g in grads:
+        groups[(g.device, g.dtype)].append(g)
+    flag = torch.zeros((), device=device)
+    for (dev, _), tensors in groups.items():
+        part = torch.zeros(1, device=dev)
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, part, torch.ones(1, device=dev))
+        flag = flag.add(part.to(device, non_blocking=True).reshape(()))
+    return flag.clamp_(max=1.0)
+
+
 def unscale_and_check(grads: Iterable[torch.Tensor], inv_scale: float) -> bool:
     """Multiplies ``grads`` in place by ``inv_scale`` and reports whether any was non-finite.
 

@@ -112,8 +112,8 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any],
     tmp = root / f".tmp-step_{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().contiguous() for k, v in model.items()}, tmp / FILES[0])
-    save_file({k: v.detach().contiguous() for k, v in train.items()}, tmp / FILES[1])
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.items()}, tmp / FILES[0])
+    save_file({k: v.detach().cpu().contiguous() for k, v in train.items()}, tmp / FILES[1])
     (tmp / FILES[2]).write_text(json.dumps({**state, "step": step}, indent=1))
     (tmp / "checksums.json").write_text(json.dumps({f: _sha256(tmp / f) for f in FILES}, indent=1))
     if final.exists():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,9 @@ import draccus
 import yaml
 
 from vlamp.io import write_text_atomic
-from vlamp.models.tinyvla import ModelConfig
+from vlamp.models.tinyvla import ModelConfig, with_size
 from vlamp.precision.errors import VlampError
+from vlamp.precision.hardware import DEVICE_NAMES
 
 
 @dataclasses.dataclass
@@ -78,12 +80,15 @@ class PrecisionConfig:
             ``vlamp plan --auto``); with ``mode=auto`` the measured step also decides between the
             low-precision mode and FP32. Off: the mode's plan as is (``auto`` from the hardware
             table alone).
+        tf32: On CUDA, let FP32 matmuls and convolutions (the fp32 mode, and FP32 islands) run
+            on TF32 tensor cores; off keeps them IEEE FP32. No effect on CPUs.
     """
 
     mode: str = "auto"
     scaler: str = ""
     rules: str = ""
     measure: bool = True
+    tf32: bool = False
     loss_scale: LossScaleConfig = dataclasses.field(default_factory=LossScaleConfig)
 
 
@@ -106,6 +111,11 @@ class TrainConfig:
         save_every: Steps between checkpoints (the last step is always saved).
         keep_last: Checkpoints kept on disk.
         threads: Torch CPU threads (0: torch's default).
+        device: ``auto`` (the first CUDA GPU when there is one, else the CPU), ``cpu``, ``cuda`` or
+            ``cuda:N``. The model, optimizer state and batches live there; closed-loop evaluation
+            runs the policy there and the simulator on the CPU.
+        compile: Run the training forward/backward through ``torch.compile`` (the precision plan's
+            boundaries are traced with it). Costs compile time at the start.
     """
 
     steps: int = 1300
@@ -123,6 +133,8 @@ class TrainConfig:
     save_every: int = 500
     keep_last: int = 3
     threads: int = 0
+    device: str = "auto"
+    compile: bool = False
 
 
 @dataclasses.dataclass
@@ -167,6 +179,8 @@ class RunConfig:
         for name in ("warmup_steps", "val_every", "save_every", "threads"):
             if getattr(t, name) < 0:
                 raise VlampError(f"train.{name} must be >= 0, got {getattr(t, name)}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device.strip().lower()):
+            raise VlampError(f"train.device must be one of {DEVICE_NAMES}, got {t.device!r}")
         if not 0.0 <= t.ema_decay < 1.0:
             raise VlampError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
         if t.lr <= 0 or t.clip_grad_norm < 0:
@@ -268,6 +282,8 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
 
 def decode(tree: dict[str, Any]) -> RunConfig:
     """A :class:`RunConfig` from a nested dict, with types checked by draccus."""
+    if isinstance(tree.get("model"), dict):
+        tree = {**tree, "model": with_size(tree["model"])}
     try:
         return draccus.decode(RunConfig, tree)
     except VlampError:

@@ -11,6 +11,7 @@ from vlamp.data.dataset import Normalizer
 from vlamp.models.tinyvla import TinyVLA
 from vlamp.models.tokenizer import WordTokenizer
 from vlamp.precision.front import MixedPrecision
+from vlamp.precision.hardware import resolve_device
 from vlamp.precision.plan import PrecisionPlan
 from vlamp.sim.env import Observation
 
@@ -30,20 +31,22 @@ class VLAPolicy:
                  seed: int = 0) -> None:
         self.model, self.tokenizer, self.mp = model, tokenizer, mp
         self.normalizer = Normalizer(stats)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.device = next(model.parameters()).device
+        self.generator = torch.Generator(self.device).manual_seed(seed)
         self._tokens: dict[str, torch.Tensor] = {}
 
     def __call__(self, obs: Observation) -> np.ndarray:
         if obs.instruction not in self._tokens:
-            self._tokens[obs.instruction] = self.tokenizer.encode([obs.instruction])
-        image = torch.from_numpy(np.ascontiguousarray(obs.image)).permute(2, 0, 1)[None].float() / 255.0
-        state = torch.from_numpy(self.normalizer.normalize_state(obs.state))[None]
+            self._tokens[obs.instruction] = self.tokenizer.encode([obs.instruction]).to(self.device)
+        image = torch.from_numpy(np.ascontiguousarray(obs.image)).to(self.device)
+        image = image.permute(2, 0, 1)[None].float() / 255.0
+        state = torch.from_numpy(self.normalizer.normalize_state(obs.state))[None].to(self.device)
         was_training = self.model.training
         self.model.eval()
         with self.mp.autocast():
             chunk = self.model.predict(image, state, self._tokens[obs.instruction], self.generator)
         self.model.train(was_training)
-        actions = self.normalizer.unnormalize_action(chunk[0].float().numpy())
+        actions = self.normalizer.unnormalize_action(chunk[0].float().cpu().numpy())
         return np.clip(actions, -1.0, 1.0)
 
 
@@ -58,7 +61,8 @@ class LoadedPolicy:
     step: int
 
 
-def load_policy(path: str, mode: str | None = None, use_ema: bool = True) -> LoadedPolicy:
+def load_policy(path: str, mode: str | None = None, use_ema: bool = True,
+                device: str | torch.device | None = "auto") -> LoadedPolicy:
     """A closed-loop policy from a checkpoint (a ``step_*`` directory or a run directory, whose
     newest valid checkpoint is used).
 
@@ -66,6 +70,8 @@ def load_policy(path: str, mode: str | None = None, use_ema: bool = True) -> Loa
         path: Checkpoint or run directory.
         mode: Run the policy in this precision mode instead of the one it was trained in.
         use_ema: Use the EMA weights when the checkpoint has them.
+        device: Where the policy computes (``auto``: CUDA when present); the simulator stays on
+            the CPU.
 
     Returns:
         A :class:`LoadedPolicy`.
@@ -76,14 +82,17 @@ def load_policy(path: str, mode: str | None = None, use_ema: bool = True) -> Loa
     from vlamp.models.tinyvla import ModelConfig
     from vlamp.train.checkpoint import load_checkpoint
 
+    dev = resolve_device(device)
     c = load_checkpoint(path)
     config = c.state["config"]
     saved = c.state["precision"].get("plan")
     if mode is None and saved is not None:  # the plan it was trained with, measured rules included
-        mp = MixedPrecision(saved["mode"], PrecisionPlan.from_dict(saved, where=f"checkpoint {c.path}"))
+        mp = MixedPrecision(saved["mode"], PrecisionPlan.from_dict(saved, where=f"checkpoint {c.path}"),
+                            tf32=bool(c.state["precision"].get("tf32", False)))
     else:
-        mp = MixedPrecision(mode or c.state["precision"]["mode"], config["precision"]["rules"] or None)
-    model = TinyVLA(ModelConfig(**config["model"]))
+        mp = MixedPrecision(mode or c.state["precision"]["mode"], config["precision"]["rules"] or None,
+                            device=dev)
+    model = TinyVLA(ModelConfig(**config["model"])).to(dev)
     mp.setup(model)
     model.load_state_dict(c.model)
     ema = {k.removeprefix("ema."): v for k, v in c.train.items() if k.startswith("ema.")}

@@ -36,15 +36,37 @@ def train_step(model: nn.Module, micro_batches: Sequence[Batch], mp: MixedPrecis
         optimizer: The optimizer given to ``mp.setup``.
         clip_grad_norm: Clip the unscaled gradient norm to this (``None``: no clipping).
     """
-    total = torch.zeros(())
+    losses = []
     with mp.accumulate():  # each weight cast to low precision once per step, not per micro-batch
         for batch in micro_batches:
             with mp.autocast():
                 loss = model(batch)
             mp.backward(loss / len(micro_batches))
-            total += loss.detach().float()
+            losses.append(loss.detach().float())
     outcome = mp.step(optimizer, clip_grad_norm=clip_grad_norm)
-    return StepResult(loss=float(total) / len(micro_batches), outcome=outcome)
+    # One read of the device (after the step is queued), not one per micro-batch.
+    return StepResult(loss=float(torch.stack(losses).mean()), outcome=outcome)
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """A batch's tensors on ``device``. To a GPU they go through pinned (page-locked) memory and
+    are copied without blocking, so the copy overlaps the work already queued."""
+    if device.type == "cpu":
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
+def synchronize(device: torch.device) -> None:
+    """Waits for the work queued on ``device`` (a GPU runs asynchronously; a timer must wait)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """``torch.compile`` of a model already set up by ``MixedPrecision`` (its precision boundaries
+    are forward hooks, which the compiler traces). The returned module shares the weights."""
+    return torch.compile(model)
 
 
 def learning_rate(applied_steps: int, peak: float, warmup: int, total: int, min_ratio: float) -> float:

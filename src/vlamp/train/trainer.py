@@ -24,11 +24,20 @@ from vlamp.models.tinyvla import TinyVLA
 from vlamp.models.tokenizer import WordTokenizer
 from vlamp.precision.errors import VlampError
 from vlamp.precision.front import MixedPrecision
+from vlamp.precision.hardware import resolve_device
 from vlamp.precision.plan import PrecisionPlan
 from vlamp.train import checkpoint as ckpt
 from vlamp.train.config import RunConfig, save_config, to_dict
 from vlamp.train.policy import VLAPolicy
-from vlamp.train.step import EMA, Batch, learning_rate, train_step
+from vlamp.train.step import (
+    EMA,
+    Batch,
+    compile_model,
+    learning_rate,
+    synchronize,
+    to_device,
+    train_step,
+)
 
 
 def load_data(config: RunConfig, progress: bool = True) -> LeRobotData:
@@ -113,6 +122,7 @@ class Trainer:
                              f"{', '.join(leftovers)} but no checkpoint; a new run would mix its logs "
                              f"into them. Remove them or choose another output_dir")
         _check_writable(self.run_dir)  # before minutes of loading, not after
+        self.device = resolve_device(config.train.device)
         if config.train.threads:
             torch.set_num_threads(config.train.threads)
         self.data = data if data is not None else load_data(config, progress)
@@ -135,10 +145,11 @@ class Trainer:
 
         torch.manual_seed(config.train.seed)
         self.rng = np.random.default_rng(config.train.seed)
-        self.model = TinyVLA(m)
+        self.model = TinyVLA(m).to(self.device)
         self.mp = self._precision(resume_from)
         self.optimizer = make_optimizer(self.model, config.train.lr, config.train.weight_decay)
         self.mp.setup(self.model, self.optimizer)
+        self.forward = self.model if not config.train.compile else compile_model(self.model)
         self.ema = EMA(self.model, config.train.ema_decay, self.mp.master_weights) \
             if config.train.ema_decay else None
         self.step = 0
@@ -153,15 +164,16 @@ class Trainer:
         p = self.config.precision
         saved = resume_from.state["precision"].get("plan") if resume_from is not None else None
         settings = p.loss_scale.settings()
+        common = {"scaler_settings": settings, "tf32": p.tf32}
         if saved is not None and p.mode in ("auto", saved.get("mode")):
             plan = PrecisionPlan.from_dict(saved, where=f"checkpoint {resume_from.path}")
-            return MixedPrecision(plan.mode, plan, p.scaler or None, scaler_settings=settings)
+            return MixedPrecision(plan.mode, plan, p.scaler or None, **common)
         if p.measure and p.mode != "fp32":
             example = self.example_batch()
             log = (lambda line: tqdm.write(line)) if self.progress else None
             return MixedPrecision(p.mode, p.rules or None, p.scaler or None, model=self.model,
-                                  example_batch=example, log=log, scaler_settings=settings)
-        return MixedPrecision(p.mode, p.rules or None, p.scaler or None, scaler_settings=settings)
+                                  example_batch=example, log=log, **common)
+        return MixedPrecision(p.mode, p.rules or None, p.scaler or None, device=self.device, **common)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -170,6 +182,8 @@ class Trainer:
         masters = mp_state.pop("master_weights")
         tensors = {**optim_tensors, **{f"master.{k}": v for k, v in masters.items()},
                    "rng.torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         if self.ema is not None:
             tensors.update(self.ema.state_dict())
         state = {
@@ -216,6 +230,8 @@ class Trainer:
                 warnings.warn("the checkpoint has no EMA weights; the average starts from the "
                               "current weights", stacklevel=2)
         torch.set_rng_state(c.train["rng.torch"])
+        if self.device.type == "cuda" and "rng.cuda" in c.train:
+            torch.cuda.set_rng_state(c.train["rng.cuda"], self.device)
         self.rng.bit_generator.state = c.state["numpy_rng"]
         self.step, self.applied_steps = c.step, int(c.state["applied_steps"])
         _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
@@ -232,7 +248,7 @@ class Trainer:
         if augment:
             b["image"] = random_shift(b["image"])
         b["tokens"] = self.tokens_by_task[b["task_index"]]
-        return b
+        return to_device(b, self.device)
 
     def fit(self, on_step: Callable[[int], None] | None = None) -> TrainResult:
         """Trains to ``train.steps`` (from the resumed step, if any), evaluating on the way.
@@ -262,7 +278,8 @@ class Trainer:
                 batches = [self._batch(chunk, c.dataset.augment)
                            for chunk in np.split(positions, t.grad_accum)]
                 t0 = time.perf_counter()
-                r = train_step(self.model, batches, self.mp, self.optimizer, clip)
+                r = train_step(self.forward, batches, self.mp, self.optimizer, clip)
+                synchronize(self.device)
                 result.step_times.append(time.perf_counter() - t0)
                 self.step += 1
                 window_n += len(positions)
@@ -314,11 +331,12 @@ class Trainer:
         with _swapped(self.model, self.eval_weights()):
             self.model.eval()
             err, count = 0.0, 0.0
-            g = torch.Generator().manual_seed(0)
+            g = torch.Generator(self.device).manual_seed(0)
             for s in range(0, len(self.val_set), batch_size):
                 b = self.val_set.batch(np.arange(s, min(s + batch_size, len(self.val_set))))
+                b = to_device({**b, "tokens": self.tokens_by_task[b["task_index"]]}, self.device)
                 with self.mp.autocast():
-                    pred = self.model.predict(b["image"], b["state"], self.tokens_by_task[b["task_index"]], g)
+                    pred = self.model.predict(b["image"], b["state"], b["tokens"], g)
                 w = b["action_mask"].unsqueeze(-1).float()
                 err += float(((pred.float() - b["actions"]).abs() * w).sum())
                 count += float(w.sum()) * pred.shape[-1]
