@@ -59,6 +59,11 @@ def test_bench_quick_writes_every_field_and_consistent_ratios(cache, tmp_path):
         assert x["state_bytes"] == x["params_bytes"] + x["grads_bytes"] + x["optimizer_bytes"]
         assert 0.0 <= x["success_rate"] <= 1.0 and set(x["success_per_task"]) == {"drawer-open", "drawer-close"}
         assert x["final_val_action_l1"] > 0
+        # ran on the CPU: no GPU memory, no TF32, and the machine names no GPU
+        assert x["device"] == "cpu" and x["gpu_peak_bytes"] is None and x["tf32"] is None
+        assert x["gpu_memory_vs_fp32"] is None
+    assert r["machine"]["gpu"] is None and r["machine"]["device"] == "cpu"
+    assert "peak GPU" not in p.stdout
     assert fp32["speedup_vs_fp32"] == 1.0 and fp32["memory_vs_fp32"] == 1.0
     assert runs[2]["loss_scales"][0] == 2.0**16  # fp16 runs under the dynamic scaler
     assert set(runs[0]["loss_scales"]) == {1.0}

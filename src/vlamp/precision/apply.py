@@ -1,10 +1,16 @@
 """What a resolved plan does to a model: one walk that stores parameters in their policy's dtype and
-puts a precision boundary (forward hooks) on each module whose policy differs from its parent's.
+puts a precision boundary on each module whose policy differs from its parent's.
 
 A boundary module with FP32 compute runs with autocast off and its floating inputs cast up to FP32;
 one with low-precision compute runs under autocast in that dtype (inputs cast to it when its own
 parameters are stored in it). Floating outputs leave in the policy's output dtype. Modules that only
-inherit their parent's policy get no hook, so a plan costs nothing where it changes nothing.
+inherit their parent's policy are left alone, so a plan costs nothing where it changes nothing.
+
+A boundary is the module's own ``forward`` run inside a ``with torch.autocast(...)`` block: the
+module's class is swapped for a subclass of it (same name, same state dict, ``isinstance`` still
+true) whose ``forward`` does that, as ``torch.distributed.fsdp.fully_shard`` does. A plain ``with``
+block, unlike an autocast entered in a pre-hook and left in a post-hook, is what ``torch.compile``
+can trace, and the autocast state is restored however the forward ends.
 """
 
 from __future__ import annotations
@@ -14,7 +20,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from vlamp.precision.errors import VlampError
 from vlamp.precision.plan import Resolved
@@ -45,33 +50,57 @@ def cast_floating(value: Any, dtype: torch.dtype) -> Any:
                        else t)
 
 
+_BOUNDARY = "_vlamp_boundary"
+_SWAPPED: dict[type, type] = {}  # module class -> its boundary subclass
+
+
 class _Boundary:
-    """The pre- and post-forward hooks of one boundary module. Contexts are kept on a stack so a
-    module called re-entrantly nests correctly; the post hook is registered ``always_call`` so the
-    autocast state is restored even when the forward raises."""
+    """What one boundary module does around its forward."""
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         # Low-precision compute over FP32 weights is autocast's job; otherwise the inputs are cast.
         low = policy.compute != torch.float32
         self.cast_inputs_to = None if low and policy.param != policy.compute else policy.compute
-        self.stack: list[torch.autocast] = []
 
-    def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        setattr(module, _CALLS, getattr(module, _CALLS, 0) + 1)
+    def __call__(self, forward: Callable[..., Any], module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if not torch.compiler.is_compiling():  # a compiled graph would guard on the count
+            setattr(module, _CALLS, getattr(module, _CALLS, 0) + 1)
         low = self.policy.compute != torch.float32
-        ctx = torch.autocast(_device_type(module, args, kwargs), dtype=self.policy.compute if low else None,
-                             enabled=low)
-        ctx.__enter__()
-        self.stack.append(ctx)
         if self.cast_inputs_to is not None:
             args, kwargs = cast_floating(args, self.cast_inputs_to), cast_floating(kwargs, self.cast_inputs_to)
-        return args, kwargs
-
-    def post(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        del module, args
-        self.stack.pop().__exit__(None, None, None)
+        with torch.autocast(_device_type(module, args, kwargs),
+                            dtype=self.policy.compute if low else None, enabled=low):
+            output = forward(module, *args, **kwargs)
         return cast_floating(output, self.policy.output)
+
+
+def _boundary_class(cls: type) -> type:
+    """The subclass of ``cls`` whose ``forward`` runs ``cls.forward`` inside the instance's boundary."""
+    if getattr(cls, "_vlamp_boundary_of", None) is not None:
+        return cls  # already one: the instance's boundary object is replaced instead
+    sub = _SWAPPED.get(cls)
+    if sub is None:
+        def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            return getattr(self, _BOUNDARY)(cls.forward, self, args, kwargs)
+
+        sub = type(cls.__name__, (cls,), {"forward": forward, "__qualname__": cls.__qualname__,
+                                          "__module__": cls.__module__, "_vlamp_boundary_of": cls})
+        _SWAPPED[cls] = sub
+    return sub
+
+
+class Undo:
+    """Takes the boundaries a plan put on a model off again (weights keep their dtypes)."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.modules = modules
+
+    def remove(self) -> None:
+        for m in self.modules:
+            m.__class__ = type(m)._vlamp_boundary_of
+            for name in (_BOUNDARY, _CALLS):
+                m.__dict__.pop(name, None)
 
 
 def _device_type(module: nn.Module, args: tuple, kwargs: dict) -> str:
@@ -85,18 +114,18 @@ def _device_type(module: nn.Module, args: tuple, kwargs: dict) -> str:
     return "cpu"
 
 
-def apply_plan(resolved: Sequence[Resolved]) -> list[RemovableHandle]:
+def apply_plan(resolved: Sequence[Resolved]) -> Undo:
     """Stores each module's own parameters and floating buffers in its policy's ``param`` dtype and
-    hooks the boundaries. Returns the hook handles (``handle.remove()`` undoes the hooks).
+    puts the boundaries on. Returns an :class:`Undo` (``.remove()`` takes the boundaries off).
 
     Raises:
         VlampError: If the model was already set up by a plan.
     """
-    handles: list[RemovableHandle] = []
     for r in resolved:
         if hasattr(r.module, _MARK):
             raise VlampError(f"module {r.name or '(root)'!r} already has a precision plan applied; "
                              "set up each model once")
+    bounded: list[nn.Module] = []
     for r in resolved:
         m = r.module
         for p in m.parameters(recurse=False):
@@ -108,7 +137,7 @@ def apply_plan(resolved: Sequence[Resolved]) -> list[RemovableHandle]:
         setattr(m, _MARK, r.policy)
         if r.policy != r.parent_policy:
             setattr(m, _CALLS, 0)
-            b = _Boundary(r.policy)
-            handles.append(m.register_forward_pre_hook(b.pre, with_kwargs=True))
-            handles.append(m.register_forward_hook(b.post, always_call=True))
-    return handles
+            setattr(m, _BOUNDARY, _Boundary(r.policy))
+            m.__class__ = _boundary_class(type(m))
+            bounded.append(m)
+    return Undo(bounded)

@@ -199,6 +199,18 @@ class MixedPrecision:
                     f"optimizer had stepped; the optimizer's state (and FP32 masters) stay on "
                     f"{self.device}. Move the model first, then build the optimizer and call "
                     f"mp.setup(model, optimizer)")
+            if self.optimizer is not None:
+                held = {id(p) for p in self.model.parameters()}
+                tracked = list(self._masters.model_params) if self._masters is not None else []
+                masters = {id(m) for m in (self._masters.masters if self._masters is not None else [])}
+                tracked += [p for g in self.optimizer.param_groups for p in g["params"]
+                            if id(p) not in masters]
+                if any(id(p) not in held for p in tracked):
+                    raise VlampError(
+                        f"MixedPrecision: moving the model from {self.device} to {now} replaced its "
+                        f"parameters (as moves from or to the meta device do), so the optimizer "
+                        f"updates tensors the model no longer has. Move the model first, then build "
+                        f"the optimizer and call mp.setup(model, optimizer)")
             if self._masters is not None:
                 self._masters.to(now)
             self.device = now
@@ -342,8 +354,11 @@ class MixedPrecision:
         """After the first step's forward: rules on modules whose forward never ran (their parent
         uses their weights directly, as ``MultiheadAttention`` does with ``out_proj``) changed
         their storage only. Says so, and ``describe`` marks them."""
-        for r in self._resolved:
-            if r.policy != r.parent_policy and getattr(r.module, _CALLS, 1) == 0 and r.name:
+        bounded = [r for r in self._resolved if r.policy != r.parent_policy and r.name]
+        if not any(getattr(r.module, _CALLS, 1) for r in bounded):
+            return  # no count at all: the forward ran compiled (torch.compile), which counts nothing
+        for r in bounded:
+            if getattr(r.module, _CALLS, 1) == 0:
                 self.uncalled[r.name] = r.decided_by
         if self.uncalled:
             names = ", ".join(f"{n} ({rule})" for n, rule in list(self.uncalled.items())[:4])
