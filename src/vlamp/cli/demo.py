@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from vlamp.bench.report import text_table
     from vlamp.bench.run import bench, quick_overrides, write_json
     from vlamp.precision.errors import VlampError
-    from vlamp.precision.hardware import choose_mode, detect, native_formats
+    from vlamp.precision.hardware import choose_mode, detect, native_formats, resolve_device
     from vlamp.precision.modes import MODE_NAMES
     from vlamp.train.config import load_config
     from vlamp.train.trainer import Trainer, load_data
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     data = load_data(config, progress)
     print(f"      {len(data):,} frames, {data.num_episodes} episodes, tasks: {', '.join(data.tasks)}")
 
-    hw = detect()
+    hw = detect(resolve_device(config.train.device))
     config.precision.mode = args.mode
     trainer = Trainer(config, data=data, progress=progress)  # measures the plan (cached) for auto
     mode = trainer.mp.mode.name
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         "asked for with --mode" if args.mode != "auto" else choose_mode(hw).reason)
     if measured.get("from_cache"):
         why += "; plan from the cache"
-    print(f"[2/5] precision: {mode} ({why})", flush=True)
+    print(f"[2/5] precision: {mode} on {trainer.device} ({why})", flush=True)
 
     print(f"[3/5] train: TinyVLA, {steps} steps at batch {config.train.batch_size}", flush=True)
     result = trainer.fit()

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from vlamp.models.tinyvla import SIZES
 from vlamp.precision import MODE_NAMES, PrecisionPlan
 
 
@@ -38,13 +39,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="drop the built-in FP32 islands (norms, embeddings, action output, loss)")
     p.add_argument("--head", default="act", choices=("act", "flow"),
                    help="TinyVLA's action head (default: act)")
+    p.add_argument("--size", default="small", choices=tuple(SIZES),
+                   help="TinyVLA's size preset, as model.size (default: small)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="image side for --auto's batch (default: 64; 128 for base and large)")
+    p.add_argument("--device", default="auto",
+                   help="where --auto measures and mode auto decides for: auto (CUDA when present), "
+                        "cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--depth", type=int, default=None, help="fold modules deeper than this")
     p.add_argument("--json", action="store_true", help="print rows as JSON")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlamp.models.tinyvla import ModelConfig, TinyVLA
+    from vlamp.models.tinyvla import ModelConfig, TinyVLA, with_size
+    from vlamp.precision.hardware import resolve_device
+    from vlamp.precision.modes import get_mode
     from vlamp.models.tokenizer import WordTokenizer
     from vlamp.precision.autoplan import measure_plan
     from vlamp.precision.errors import VlampError
@@ -52,9 +62,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise VlampError(f"--batch-size must be >= 1, got {args.batch_size}")
+    device = resolve_device(args.device)
     mode = args.mode or ("auto" if args.auto else "bf16-mixed")
+    if mode == "auto" and not args.auto:
+        mode = get_mode("auto", device).name  # the hardware table, for the device asked about
     vocab = len(WordTokenizer.build(TASKS[t].instruction for t in DEFAULT_SUITE))
-    model = TinyVLA(ModelConfig(vocab_size=vocab, head=args.head))
+    image_size = args.image_size or (64 if args.size == "small" else 128)
+    shape = with_size({"size": args.size, "vocab_size": vocab, "head": args.head, "image_size": image_size})
+    model = TinyVLA(ModelConfig(**shape)).to(device)
     if args.rules:
         plan = PrecisionPlan.load(args.rules, mode=None if mode == "auto" else mode)
         if args.no_builtin_rules:
