@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from vlamp.sim.tasks import DEFAULT_SUITE, TASKS
+from vlamp.sim.tasks import DEFAULT_SUITE, SUITES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +17,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                     "the successful episodes and write them as a LeRobot v3.0 "
                                     "dataset. Deterministic for a seed; uses all cores.")
     g.add_argument("--tasks", default=",".join(DEFAULT_SUITE),
-                   help=f"comma-separated task names (default: the 6-task suite); valid: {', '.join(TASKS)}")
+                   help=f"comma-separated task and suite names, mixed as you like (default: the "
+                        f"6-task suite); suites: {', '.join(SUITES)}; the 50 task names are "
+                        f"Meta-World's without -v3 (mt50 is all of them)")
     g.add_argument("--episodes-per-task", type=int, default=25, metavar="N", help="default: 25")
     g.add_argument("--image-size", type=int, default=64, help="camera image side in pixels (default: 64)")
     g.add_argument("--seed", type=int, default=0, help="base seed (default: 0)")
@@ -30,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from vlamp.data.generate import generate
+    from vlamp.data.generate import generate, generation_report
     from vlamp.data.reader import read_dataset
 
     start = time.perf_counter()
@@ -39,4 +41,14 @@ def run_generate(args: argparse.Namespace) -> int:
     data = read_dataset(root)
     print(f"{root}\n  {data.num_episodes} episodes, {len(data)} frames, {len(data.tasks)} tasks, "
           f"{data.images.shape[1]}x{data.images.shape[2]} images, {time.perf_counter() - start:.1f} s")
+    report = generation_report(root)
+    if report:
+        tasks = report["tasks"]
+        w = max(len(n) for n in tasks)
+        print(f"  {'task':<{w}}  episodes  expert success (rollouts)")
+        for name, st in tasks.items():
+            rate = st["expert_success_rate"]
+            note = "  given up" if st["given_up"] else ""
+            print(f"  {name:<{w}}  {st['kept']:>3}/{st['asked']:<4}  "
+                  f"{'-' if rate is None else f'{rate:.0%}':>5} ({st['rollouts']}){note}")
     return 0

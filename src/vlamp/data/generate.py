@@ -1,8 +1,12 @@
 """Scripted-expert demonstrations in Meta-World, written as a LeRobot v3.0 dataset.
 
 Episode ``k`` of a task is the first successful expert rollout among seeds
-``seed * 100_000 + 1_000 * k + j`` (j = 0, 1, ...), so a dataset is a pure function of its
-arguments, whatever the number of worker processes. Only successful episodes are kept.
+``seed * 100_000 + 1_000 * k + j`` (j = 0, 1, ..., at most ``MAX_TRIES``), so a dataset is a pure
+function of its arguments, whatever the number of worker processes. Only successful episodes are
+kept. The tasks take turns (episode 0 of every task, then episode 1, ...), so a task whose expert
+fails shows it within its first episode, and a task whose expert fails ``GIVE_UP`` episodes in a
+row is given up; the other tasks' episodes are written all the same, and the shortfall is said and
+recorded in ``meta/vlamp_generation.json`` with each task's expert success rate.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,15 +27,29 @@ from vlamp.precision.errors import VlampError
 from vlamp.sim.tasks import Task, resolve_tasks
 
 FPS = 80  # Meta-World: 2.5 ms physics step x frame_skip 5
-MAX_TRIES = 20
+MAX_TRIES = 20  # rollouts (fresh seeds) tried for one episode before it counts as failed
+GIVE_UP = 3  # episodes of one task failed in a row before the task's others are not tried
+REPORT = "vlamp_generation.json"
 
 _ENVS: dict[tuple[str, int, int], object] = {}  # per worker process: one env per task
 
 
-def _rollout(job: tuple[Task, int, int, int, int]) -> tuple[str, int, Episode | None, int]:
+_GIVEN_UP = None  # per worker process: a shared flag per task, set once the task is given up
+
+
+def _init_worker(given_up) -> None:
+    global _GIVEN_UP
+    _GIVEN_UP = given_up
+
+
+def _rollout(job: tuple[int, Task, int, int, int, int]) -> tuple[str, int, Episode | None, int]:
+    """Episode ``k`` of a task: its first successful rollout, ``None`` after ``MAX_TRIES``
+    failures, or ``None`` with 0 tries when the task was given up meanwhile."""
     from vlamp.sim.env import MetaWorldEnv
 
-    task, k, seed, image_size, max_steps = job
+    index, task, k, seed, image_size, max_steps = job
+    if _GIVEN_UP is not None and _GIVEN_UP[index]:
+        return task.name, k, None, 0
     key = (task.name, image_size, max_steps)
     if key not in _ENVS:
         _ENVS[key] = MetaWorldEnv(task, image_size=image_size, max_steps=max_steps)
@@ -55,9 +74,11 @@ def default_cache_dir() -> Path:
     return Path(base) / "vlamp" / "datasets"
 
 
+# v2: goal-conditioned tasks show their goal, and every expert sees the goal (before, the env's cached
+# observation bounds zeroed it after the first step); the default suite's episodes came out the same.
 def dataset_id(tasks: Sequence[Task], episodes_per_task: int, image_size: int, seed: int,
                max_steps: int) -> str:
-    spec = json.dumps([[t.name for t in tasks], episodes_per_task, image_size, seed, max_steps, "v1"])
+    spec = json.dumps([[t.name for t in tasks], episodes_per_task, image_size, seed, max_steps, "v2"])
     return f"metaworld-{len(tasks)}t-{episodes_per_task}e-{image_size}px-s{seed}-" \
            f"{hashlib.sha1(spec.encode()).hexdigest()[:8]}"
 
@@ -104,36 +125,78 @@ def generate(
     else:
         root = Path(out)
     check_output_dir(root)  # fail before minutes of simulation rather than after
-    jobs = [(t, k, seed, image_size, max_steps) for t in chosen for k in range(episodes_per_task)]
+    # Tasks take turns, so every task's first episode comes early.
+    jobs = [(i, t, k, seed, image_size, max_steps) for k in range(episodes_per_task)
+            for i, t in enumerate(chosen)]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    say = tqdm.write if progress else (lambda line: print(line, file=sys.stderr))
     results: dict[tuple[str, int], Episode] = {}
-    failed = []
-    bar = tqdm(total=len(jobs), desc="generate", unit="ep", disable=not progress)
+    stats = {t.name: {"asked": episodes_per_task, "kept": 0, "rollouts": 0, "failed_episodes": 0,
+                      "given_up": False} for t in chosen}
+    streak = dict.fromkeys(stats, 0)
+    index = {t.name: i for i, t in enumerate(chosen)}
     ctx = mp.get_context("spawn")  # a fresh process per worker: EGL contexts do not survive fork
-    with ctx.Pool(workers) if workers > 1 else _InProcess() as pool:
-        for name, k, episode, _tries in pool.imap_unordered(_rollout, jobs):
-            if episode is None:
-                failed.append((name, k))
-            else:
-                results[(name, k)] = episode
+    given_up = ctx.Array("b", len(chosen), lock=False)
+    bar = tqdm(total=len(jobs), desc="generate", unit="ep", disable=not progress)
+    pool = ctx.Pool(workers, _init_worker, (given_up,)) if workers > 1 else _InProcess(given_up)
+    with pool:
+        for name, k, episode, tries in pool.imap_unordered(_rollout, jobs):
             bar.update()
+            st = stats[name]
+            st["rollouts"] += tries
+            if episode is not None:
+                results[(name, k)] = episode
+                st["kept"] += 1
+                streak[name] = 0
+                continue
+            if tries == 0:
+                continue  # given up before this episode started
+            st["failed_episodes"] += 1
+            streak[name] += 1
+            say(f"warning: {name}: the expert failed {MAX_TRIES} rollouts in a row for episode {k} "
+                f"(episodes end after {max_steps} steps)")
+            if streak[name] >= GIVE_UP and not st["given_up"]:
+                st["given_up"] = True
+                given_up[index[name]] = 1
+                say(f"warning: {name}: given up after {GIVE_UP} failed episodes in a row; the other "
+                    f"tasks go on (a larger --max-steps may help)")
     bar.close()
-    if failed:
-        raise VlampError(f"the expert failed {MAX_TRIES} times in a row on {failed[:3]}; "
-                         "try a larger --max-steps")
-    episodes = [results[(t.name, k)] for t in chosen for k in range(episodes_per_task)]
+    for name, st in stats.items():
+        st["expert_success_rate"] = st["kept"] / st["rollouts"] if st["rollouts"] else None
+    short = {n: st for n, st in stats.items() if st["kept"] < st["asked"]}
+    for name, st in short.items():
+        say(f"warning: {name}: {st['kept']} of {st['asked']} episodes (the expert succeeded in "
+            f"{st['kept']} of {st['rollouts']} rollouts)")
+    episodes = [results[(t.name, k)] for t in chosen for k in range(episodes_per_task)
+                if (t.name, k) in results]
+    if not episodes:
+        raise VlampError(f"the expert succeeded in no episode of {', '.join(stats)}; "
+                         f"try a larger --max-steps (now {max_steps})")
     from vlamp.sim.env import ACTION_NAMES, STATE_NAMES
 
+    report = {"max_tries": MAX_TRIES, "give_up": GIVE_UP, "max_steps": max_steps, "tasks": stats}
     try:
-        return write_dataset(root, episodes, fps=FPS, state_names=STATE_NAMES, action_names=ACTION_NAMES)
+        return write_dataset(root, episodes, fps=FPS, state_names=STATE_NAMES,
+                             action_names=ACTION_NAMES, extra_meta={REPORT: report})
     except VlampError:
         if out is None and (root / "meta/info.json").is_file():
             return root  # another process filled the cache meanwhile
         raise
 
 
+def generation_report(root: str | os.PathLike[str]) -> dict | None:
+    """What :func:`generate` recorded about a dataset (per task: episodes asked and kept,
+    rollouts, the expert's success rate, whether the task was given up); ``None`` for datasets
+    it did not write."""
+    path = Path(root) / "meta" / REPORT
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 class _InProcess:
     """The ``Pool`` interface run in this process (one worker: no spawn cost)."""
+
+    def __init__(self, given_up) -> None:
+        _init_worker(given_up)
 
     def __enter__(self) -> _InProcess:
         return self
@@ -142,6 +205,7 @@ class _InProcess:
         for env in _ENVS.values():
             env.close()
         _ENVS.clear()
+        _init_worker(None)
 
     def imap_unordered(self, fn, jobs):
         return map(fn, jobs)

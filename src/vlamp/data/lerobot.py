@@ -49,8 +49,10 @@ class Episode:
 
 def write_dataset(root: str | os.PathLike[str], episodes: Sequence[Episode], *, fps: int,
                   state_names: Sequence[str], action_names: Sequence[str],
-                  robot_type: str = "sawyer") -> Path:
+                  robot_type: str = "sawyer", extra_meta: dict[str, Any] | None = None) -> Path:
     """Writes ``episodes`` as a LeRobot v3.0 dataset at ``root`` (which must not exist yet).
+    ``extra_meta`` maps file names to JSON data written beside ``meta/info.json`` (vlamp's own
+    records; LeRobot readers ignore them).
 
     Raises:
         VlampError: If ``root`` exists or its parent is not writable.
@@ -124,6 +126,8 @@ def write_dataset(root: str | os.PathLike[str], episodes: Sequence[Episode], *, 
         }
         (tmp / "meta/info.json").write_text(json.dumps(info, indent=4))
         (tmp / "meta/stats.json").write_text(json.dumps(stats, indent=4))
+        for name, data in (extra_meta or {}).items():
+            (tmp / "meta" / name).write_text(json.dumps(data, indent=1))
         os.replace(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,8 +1,10 @@
 """One Meta-World task as vlamp sees it: an RGB camera image, proprio state and an instruction.
 
 Rendering is MuJoCo's own offscreen renderer with shadows, reflections, skybox and anti-aliasing off
-and the marker sites hidden (goal markers would give the task away), which makes a 64x64 frame cost a
-few milliseconds on a CPU through Mesa's EGL.
+and the marker sites hidden (in paired scenes a goal marker would give the task away), which makes a
+64x64 frame cost a few milliseconds on a CPU through Mesa's EGL. Tasks whose goal is a point in free
+space (reach, push, pick-place, ...) show their goal marker, enlarged to be seen at 64 px: nothing
+else in the image says where to go.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from vlamp.sim.tasks import Task
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-CAMERA = "corner"  # sees the gripper and the object in every scene of the default suite
+GOAL_GROUP = 5  # the site group a shown goal marker is moved to; the only one rendered
+GOAL_RADIUS = 0.035  # metres; Meta-World's 0.01-0.02 is one or two pixels at 64 px
 STATE_NAMES = ("hand_x", "hand_y", "hand_z", "gripper")
 ACTION_NAMES = ("dx", "dy", "dz", "grip")
 
@@ -57,6 +60,10 @@ class MetaWorldEnv:
         env = metaworld.ALL_V3_ENVIRONMENTS[task.env_name]()
         # Goal-observable, with per-reset random object positions drawn from the env's own seeded RNG.
         env._partially_observable = False
+        # The observation bounds were cached at construction, when the goal was hidden: bounds of
+        # zero, to which every step's observation is clipped. Dropped, they are computed again with
+        # the goal's range, or each step hands the expert a goal at the origin.
+        env.__dict__.pop("sawyer_observation_space", None)
         env._freeze_rand_vec = False
         env.seeded_rand_vec = True
         env._set_task_called = True
@@ -66,6 +73,7 @@ class MetaWorldEnv:
         self._renderer = mujoco.Renderer(env.model, image_size, image_size)
         self._scene_option = mujoco.MjvOption()
         self._scene_option.sitegroup[:] = 0
+        self._goal_shown = not task.show_goal
         self._off = [mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION,
                      mujoco.mjtRndFlag.mjRND_SKYBOX]
         self._expert = getattr(metaworld.policies, task.expert)()
@@ -77,7 +85,23 @@ class MetaWorldEnv:
         self._env.seed(int(seed))
         self._raw, _ = self._env.reset()
         self.steps = 0
+        if not self._goal_shown:
+            self._show_goal()
         return self._observe()
+
+    def _show_goal(self) -> None:
+        """Moves the task's goal marker sites (known once the env has been reset) into the one
+        rendered site group, and enlarges them."""
+        import mujoco
+
+        model = self._env.model
+        for name, _ in self._env._target_site_config:
+            sid = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_SITE, name)
+            if sid >= 0:
+                model.site_group[sid] = GOAL_GROUP
+                model.site_size[sid][0] = max(float(model.site_size[sid][0]), GOAL_RADIUS)
+        self._scene_option.sitegroup[GOAL_GROUP] = 1
+        self._goal_shown = True
 
     def step(self, action: np.ndarray) -> tuple[Observation, bool, bool]:
         """Applies a 4-d action (clipped to [-1, 1]). Returns ``(obs, success, done)``."""
@@ -97,7 +121,7 @@ class MetaWorldEnv:
 
     def render(self) -> np.ndarray:
         r = self._renderer
-        r.update_scene(self._env.data, camera=CAMERA, scene_option=self._scene_option)
+        r.update_scene(self._env.data, camera=self.task.camera, scene_option=self._scene_option)
         for flag in self._off:
             r.scene.flags[flag] = False
         return np.ascontiguousarray(r.render()[::-1])  # MuJoCo's image rows run bottom-up

@@ -103,13 +103,14 @@ class EvalResult:
         }
 
     def table(self) -> str:
-        lines = [f"{'task':<14} {'success':>8} {'95% CI':>14} {'mean len':>9}"]
+        w = max([14, *(len(t.task) for t in self.tasks)])
+        lines = [f"{'task':<{w}} {'success':>8} {'95% CI':>14} {'mean len':>9}"]
         for t in self.tasks:
             lo, hi = wilson_interval(t.successes, t.episodes)
-            lines.append(f"{t.task:<14} {t.successes:>3}/{t.episodes:<4} [{lo:5.0%}, {hi:5.0%}] "
+            lines.append(f"{t.task:<{w}} {t.successes:>3}/{t.episodes:<4} [{lo:5.0%}, {hi:5.0%}] "
                          f"{t.mean_length:>9.1f}")
         d = self.as_dict()
-        lines.append(f"{'mean':<14} {self.success_rate:>8.0%} [{d['ci95'][0]:5.0%}, {d['ci95'][1]:5.0%}] "
+        lines.append(f"{'mean':<{w}} {self.success_rate:>8.0%} [{d['ci95'][0]:5.0%}, {d['ci95'][1]:5.0%}] "
                      f"{d['mean_length']:>9.1f}   ({self.steps_per_s:.0f} env steps/s)")
         return "\n".join(lines)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Sequence
 
 from vlamp.precision.errors import VlampError
@@ -13,59 +14,130 @@ class Task:
     """One language-conditioned task.
 
     Attributes:
-        name: vlamp's name (``"drawer-open"``).
+        name: vlamp's name, Meta-World's without ``-v3`` (``"drawer-open"``).
         env_name: Meta-World's environment name (``"drawer-open-v3"``).
         expert: Class name of Meta-World's scripted expert in ``metaworld.policies``.
-        instruction: What the policy is told.
+        instruction: What the policy is told (at most 8 words: the tokenizer's default length).
+        show_goal: Render the goal marker. For tasks whose goal is a point in free space (reach,
+            push, pick-place, ...) nothing else shows the policy where to go; elsewhere the marker
+            stays hidden, since in paired scenes (drawer open/close) it would give the task away.
+        camera: The MuJoCo camera the image comes from.
     """
 
     name: str
     env_name: str
     expert: str
     instruction: str
+    show_goal: bool = False
+    camera: str = "corner"
 
 
-def _task(name: str, expert: str, instruction: str) -> Task:
-    return Task(name, f"{name}-v3", expert, instruction)
+def _task(name: str, instruction: str, *, show_goal: bool = False, camera: str = "corner",
+          expert: str | None = None) -> Task:
+    camel = "".join(w.capitalize() for w in name.split("-"))
+    return Task(name, f"{name}-v3", expert or f"Sawyer{camel}V3Policy", instruction, show_goal, camera)
 
 
-# Paired tasks share a scene, so the instruction is the only cue which of the two to do.
+# All 50 Meta-World v3 tasks. Paired tasks share a scene, so the instruction is the only cue which
+# of the two to do.
 TASKS: dict[str, Task] = {t.name: t for t in (
-    _task("drawer-open", "SawyerDrawerOpenV3Policy", "open the drawer"),
-    _task("drawer-close", "SawyerDrawerCloseV3Policy", "close the drawer"),
-    _task("window-open", "SawyerWindowOpenV3Policy", "open the window"),
-    _task("window-close", "SawyerWindowCloseV3Policy", "close the window"),
-    _task("faucet-open", "SawyerFaucetOpenV3Policy", "turn the faucet on"),
-    _task("faucet-close", "SawyerFaucetCloseV3Policy", "turn the faucet off"),
-    _task("button-press", "SawyerButtonPressV3Policy", "press the button"),
-    _task("door-open", "SawyerDoorOpenV3Policy", "open the door"),
-    _task("reach", "SawyerReachV3Policy", "reach the target"),
+    _task("assembly", "put the ring on the peg"),
+    _task("basketball", "dunk the ball into the hoop"),
+    _task("bin-picking", "move the cube to the other bin"),
+    _task("box-close", "put the lid on the box"),
+    _task("button-press-topdown", "press the button down from above"),
+    _task("button-press-topdown-wall", "press the button down behind the wall"),
+    _task("button-press", "press the button"),
+    _task("button-press-wall", "press the button past the wall"),
+    _task("coffee-button", "press the button of the coffee machine"),
+    _task("coffee-pull", "pull the mug from the coffee machine", show_goal=True),
+    _task("coffee-push", "push the mug under the coffee machine"),
+    _task("dial-turn", "turn the dial"),
+    _task("disassemble", "take the ring off the peg"),
+    _task("door-close", "close the door"),
+    _task("door-lock", "lock the door"),
+    _task("door-open", "open the door"),
+    _task("door-unlock", "unlock the door"),
+    _task("hand-insert", "put the cube into the hole"),
+    _task("drawer-close", "close the drawer"),
+    _task("drawer-open", "open the drawer"),
+    _task("faucet-open", "turn the faucet on"),
+    _task("faucet-close", "turn the faucet off"),
+    _task("hammer", "hammer the nail in"),
+    _task("handle-press-side", "press the handle down from the side"),
+    _task("handle-press", "press the handle down"),
+    _task("handle-pull-side", "pull the handle up from the side"),
+    _task("handle-pull", "pull the handle up"),
+    _task("lever-pull", "pull the lever up"),
+    _task("pick-place-wall", "place the puck over the wall", show_goal=True),
+    _task("pick-out-of-hole", "pick the cube out of the hole", show_goal=True),
+    _task("pick-place", "place the puck at the target", show_goal=True),
+    _task("plate-slide", "slide the plate into the net"),
+    _task("plate-slide-side", "slide the plate sideways into the net"),
+    _task("plate-slide-back", "slide the plate out of the net"),
+    _task("plate-slide-back-side", "slide the plate sideways out of the net"),
+    _task("peg-insert-side", "insert the peg into the hole", expert="SawyerPegInsertionSideV3Policy"),
+    _task("peg-unplug-side", "unplug the peg"),
+    _task("soccer", "kick the ball into the goal"),
+    _task("stick-push", "push the bottle with the stick"),
+    _task("stick-pull", "pull the bottle with the stick"),
+    _task("push", "push the puck to the target", show_goal=True),
+    _task("push-wall", "push the puck around the wall", show_goal=True),
+    _task("push-back", "pull the puck back to the target", show_goal=True),
+    _task("reach", "reach the target", show_goal=True),
+    _task("reach-wall", "reach the target past the wall", show_goal=True),
+    _task("shelf-place", "put the block on the shelf"),
+    _task("sweep-into", "sweep the cube into the hole"),
+    _task("sweep", "sweep the cube off the table"),
+    _task("window-open", "open the window"),
+    _task("window-close", "close the window"),
 )}
 
 DEFAULT_SUITE: tuple[str, ...] = (
     "drawer-open", "drawer-close", "window-open", "window-close", "faucet-open", "faucet-close",
 )
 
+# Named suites, usable wherever a task list is. MT10 and MT50 are Meta-World's multi-task
+# benchmarks (metaworld.MT10's and MT50's training tasks).
+SUITES: dict[str, tuple[str, ...]] = {
+    "default": DEFAULT_SUITE,
+    "mt10": ("reach", "push", "pick-place", "door-open", "drawer-open", "drawer-close",
+             "button-press-topdown", "peg-insert-side", "window-open", "window-close"),
+    "mt50": tuple(TASKS),
+}
+
 
 def resolve_tasks(names: str | Sequence[str] | None) -> list[Task]:
-    """Turns ``"drawer-open,window-close"`` (or a list, or ``None`` for the default suite) into tasks.
+    """Turns ``"mt10,drawer-close"`` (task names and suite names, mixed; or a list; or ``None`` for
+    the default suite) into tasks, each once, in the order given.
 
     Raises:
-        VlampError: On an unknown name; the message lists the valid ones.
+        VlampError: On an unknown name; the message names the closest one and lists the suites
+            and tasks.
     """
     if names is None:
         names = DEFAULT_SUITE
     if isinstance(names, str):
         names = [n for n in names.split(",") if n.strip()]
-    out = []
+    out: dict[str, Task] = {}
     for n in names:
-        key = n.strip().removesuffix("-v3")
-        if key not in TASKS:
-            raise VlampError(f"unknown task {n!r}; valid: {', '.join(TASKS)}")
-        out.append(TASKS[key])
+        key = n.strip().lower().removesuffix("-v3")
+        if key in SUITES:
+            out.update((t, TASKS[t]) for t in SUITES[key])
+        elif key in TASKS:
+            out[key] = TASKS[key]
+        else:
+            close = difflib.get_close_matches(key, [*SUITES, *TASKS], n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise VlampError(f"unknown task {n.strip()!r}; {hint}{legal_names()}")
     if not out:
-        raise VlampError(f"no tasks given; valid: {', '.join(TASKS)}")
-    return out
+        raise VlampError(f"no tasks given; {legal_names()}")
+    return list(out.values())
+
+
+def legal_names() -> str:
+    """The legal task-list words, for errors and ``--help``."""
+    return f"suites: {', '.join(SUITES)}; tasks: {', '.join(TASKS)}"
 
 
 def tasks_for_instructions(instructions: Sequence[str]) -> list[Task]:
