@@ -66,7 +66,7 @@ def test_user_errors_are_one_line_and_exit_2(args, fragment):
 
 
 @pytest.mark.parametrize(("args", "fragment"), [
-    (["eval", "--tasks", "drawer-open,fly"], "unknown task 'fly'; valid: drawer-open"),
+    (["eval", "--tasks", "drawer-open,fly"], "unknown task 'fly'; suites: default, mt10, mt50"),
     (["eval", "--policy", "oracle"], "unknown policy 'oracle'; legal: expert, random"),
     (["data", "generate", "--tasks", "nope"], "unknown task 'nope'"),
     (["data", "generate", "--out", "/"], "already exists"),

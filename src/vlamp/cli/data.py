@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from vlamp.data.generate import GIVE_UP, MAX_TRIES
 from vlamp.sim.tasks import DEFAULT_SUITE, SUITES
 
 
@@ -27,6 +28,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="where to write (must not exist); default: the user cache, reused if present")
     g.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     g.add_argument("--max-steps", type=int, default=200, help="episode limit (default: 200)")
+    g.add_argument("--max-tries", type=int, default=MAX_TRIES, metavar="N",
+                   help=f"rollouts tried per episode before it counts as failed; a task is given up "
+                        f"after {GIVE_UP} failed episodes in a row and the others go on "
+                        f"(default: {MAX_TRIES})")
     g.set_defaults(run=run_generate)
     p.set_defaults(run=lambda args: p.print_help() or 2)
 
@@ -37,7 +42,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     root = generate(args.tasks, args.episodes_per_task, image_size=args.image_size, seed=args.seed,
-                    out=args.out, workers=args.workers, max_steps=args.max_steps)
+                    out=args.out, workers=args.workers, max_steps=args.max_steps,
+                    max_tries=args.max_tries)
     data = read_dataset(root)
     print(f"{root}\n  {data.num_episodes} episodes, {len(data)} frames, {len(data.tasks)} tasks, "
           f"{data.images.shape[1]}x{data.images.shape[2]} images, {time.perf_counter() - start:.1f} s")

@@ -40,6 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="camera image side (default: 64, or the checkpoint's)")
     p.add_argument("--gif", default=None, metavar="FILE", help="save the first episode of each task")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
 
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate(policy, tasks, args.episodes,
                       seed=EVAL_SEED if args.seed is None else args.seed,
                       replan_every=args.replan_every, image_size=image_size,
-                      max_steps=args.max_steps, gif_path=args.gif)
+                      max_steps=args.max_steps, gif_path=args.gif, progress=not args.no_progress)
     print(result.table())
     if args.policy == "expert" and not args.checkpoint:
         weak = [t for t in result.tasks if t.successes < 0.9 * t.episodes]

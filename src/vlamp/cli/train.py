@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, list(args.overrides) + list(getattr(args, "extra", [])))
     trainer = Trainer(config, progress=not args.no_progress)
     first = trainer.step
-    print(f"precision {trainer.mp.mode.name} (asked: {config.precision.mode}); "
+    print(f"precision {trainer.mp.mode.name} (asked: {config.precision.mode}) on {trainer.device}; "
           f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters; "
           f"{len(trainer.train_set):,} training samples; run dir {trainer.run_dir}"
           + (f"; resumed at step {first}" if first else ""))
@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"validation action L1 (normalized) {result.val_action_l1:.4f}")
     if result.eval is not None:
         print(f"closed-loop success {result.eval['success_rate']:.0%} over "
-              f"{result.eval['episodes']} episodes")
+              f"{result.eval['episodes']} episodes: "
+              + ", ".join(f"{t['task']} {t['successes']}/{t['episodes']}" for t in result.eval["per_task"]))
     print(f"checkpoints in {trainer.run_dir / 'checkpoints'}; "
           f"evaluate with: vlamp eval --checkpoint {trainer.run_dir}")
     return 0

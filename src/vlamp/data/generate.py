@@ -42,19 +42,19 @@ def _init_worker(given_up) -> None:
     _GIVEN_UP = given_up
 
 
-def _rollout(job: tuple[int, Task, int, int, int, int]) -> tuple[str, int, Episode | None, int]:
-    """Episode ``k`` of a task: its first successful rollout, ``None`` after ``MAX_TRIES``
+def _rollout(job: tuple[int, Task, int, int, int, int, int]) -> tuple[str, int, Episode | None, int]:
+    """Episode ``k`` of a task: its first successful rollout, ``None`` after ``max_tries``
     failures, or ``None`` with 0 tries when the task was given up meanwhile."""
     from vlamp.sim.env import MetaWorldEnv
 
-    index, task, k, seed, image_size, max_steps = job
+    index, task, k, seed, image_size, max_steps, max_tries = job
     if _GIVEN_UP is not None and _GIVEN_UP[index]:
         return task.name, k, None, 0
     key = (task.name, image_size, max_steps)
     if key not in _ENVS:
         _ENVS[key] = MetaWorldEnv(task, image_size=image_size, max_steps=max_steps)
     env = _ENVS[key]
-    for j in range(MAX_TRIES):
+    for j in range(max_tries):
         obs = env.reset(seed * 100_000 + 1_000 * k + j)
         images, states, actions, success, done = [], [], [], False, False
         while not done:
@@ -66,7 +66,7 @@ def _rollout(job: tuple[int, Task, int, int, int, int]) -> tuple[str, int, Episo
         if success:
             return task.name, k, Episode(np.stack(images), np.stack(states), np.stack(actions),
                                          task.instruction), j + 1
-    return task.name, k, None, MAX_TRIES
+    return task.name, k, None, max_tries
 
 
 def default_cache_dir() -> Path:
@@ -77,8 +77,9 @@ def default_cache_dir() -> Path:
 # v2: goal-conditioned tasks show their goal, and every expert sees the goal (before, the env's cached
 # observation bounds zeroed it after the first step); the default suite's episodes came out the same.
 def dataset_id(tasks: Sequence[Task], episodes_per_task: int, image_size: int, seed: int,
-               max_steps: int) -> str:
-    spec = json.dumps([[t.name for t in tasks], episodes_per_task, image_size, seed, max_steps, "v2"])
+               max_steps: int, max_tries: int = MAX_TRIES) -> str:
+    spec = json.dumps([[t.name for t in tasks], episodes_per_task, image_size, seed, max_steps,
+                       max_tries, "v2"])
     return f"metaworld-{len(tasks)}t-{episodes_per_task}e-{image_size}px-s{seed}-" \
            f"{hashlib.sha1(spec.encode()).hexdigest()[:8]}"
 
@@ -92,6 +93,7 @@ def generate(
     out: str | os.PathLike[str] | None = None,
     workers: int | None = None,
     max_steps: int = 200,
+    max_tries: int = MAX_TRIES,
     progress: bool = True,
 ) -> Path:
     """Generates (or finds in the cache) a dataset of expert demonstrations.
@@ -105,6 +107,8 @@ def generate(
             existing dataset with the same arguments is reused.
         workers: Worker processes (default: all cores).
         max_steps: Episode limit of each rollout.
+        max_tries: Rollouts (fresh seeds) tried for one episode before it counts as failed; a task
+            is given up after ``GIVE_UP`` failed episodes in a row.
         progress: Show a progress bar.
 
     Returns:
@@ -118,15 +122,18 @@ def generate(
         raise VlampError(f"episodes per task must be >= 1, got {episodes_per_task}")
     if image_size < 8:
         raise VlampError(f"image size must be >= 8, got {image_size}")
+    if max_tries < 1:
+        raise VlampError(f"max tries must be >= 1, got {max_tries}")
     if out is None:
-        root = default_cache_dir() / dataset_id(chosen, episodes_per_task, image_size, seed, max_steps)
+        root = default_cache_dir() / dataset_id(chosen, episodes_per_task, image_size, seed, max_steps,
+                                                max_tries)
         if (root / "meta/info.json").is_file():
             return root
     else:
         root = Path(out)
     check_output_dir(root)  # fail before minutes of simulation rather than after
     # Tasks take turns, so every task's first episode comes early.
-    jobs = [(i, t, k, seed, image_size, max_steps) for k in range(episodes_per_task)
+    jobs = [(i, t, k, seed, image_size, max_steps, max_tries) for k in range(episodes_per_task)
             for i, t in enumerate(chosen)]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     say = tqdm.write if progress else (lambda line: print(line, file=sys.stderr))
@@ -153,7 +160,7 @@ def generate(
                 continue  # given up before this episode started
             st["failed_episodes"] += 1
             streak[name] += 1
-            say(f"warning: {name}: the expert failed {MAX_TRIES} rollouts in a row for episode {k} "
+            say(f"warning: {name}: the expert failed {max_tries} rollouts in a row for episode {k} "
                 f"(episodes end after {max_steps} steps)")
             if streak[name] >= GIVE_UP and not st["given_up"]:
                 st["given_up"] = True
@@ -174,7 +181,7 @@ def generate(
                          f"try a larger --max-steps (now {max_steps})")
     from vlamp.sim.env import ACTION_NAMES, STATE_NAMES
 
-    report = {"max_tries": MAX_TRIES, "give_up": GIVE_UP, "max_steps": max_steps, "tasks": stats}
+    report = {"max_tries": max_tries, "give_up": GIVE_UP, "max_steps": max_steps, "tasks": stats}
     try:
         return write_dataset(root, episodes, fps=FPS, state_names=STATE_NAMES,
                              action_names=ACTION_NAMES, extra_meta={REPORT: report})

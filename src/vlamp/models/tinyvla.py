@@ -299,14 +299,16 @@ class TinyVLA(nn.Module):
         self.action_out = nn.Linear(d, c.action_dim)
 
     def example_batch(self, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
-        """A random training batch of this model's shapes (for measuring a plan without a dataset:
-        the kernels' speed depends on shapes, not values)."""
+        """A random training batch of this model's shapes, on the model's device (for measuring a
+        plan without a dataset: the kernels' speed depends on shapes, not values)."""
         c, g = self.config, torch.Generator().manual_seed(seed)
-        return {"image": torch.rand(batch_size, 3, c.image_size, c.image_size, generator=g),
-                "state": torch.randn(batch_size, c.state_dim, generator=g),
-                "tokens": torch.randint(1, c.vocab_size, (batch_size, c.max_tokens), generator=g),
-                "actions": torch.randn(batch_size, c.chunk, c.action_dim, generator=g),
-                "action_mask": torch.ones(batch_size, c.chunk, dtype=torch.bool)}
+        batch = {"image": torch.rand(batch_size, 3, c.image_size, c.image_size, generator=g),
+                 "state": torch.randn(batch_size, c.state_dim, generator=g),
+                 "tokens": torch.randint(1, c.vocab_size, (batch_size, c.max_tokens), generator=g),
+                 "actions": torch.randn(batch_size, c.chunk, c.action_dim, generator=g),
+                 "action_mask": torch.ones(batch_size, c.chunk, dtype=torch.bool)}
+        device = self.action_queries.device
+        return {k: v.to(device) for k, v in batch.items()}
 
     def _sequence_length(self) -> int:
         side = self.config.image_size // 2 ** len(self.config.channels)

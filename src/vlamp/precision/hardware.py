@@ -98,9 +98,12 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
 
 
 def detect(device: str | torch.device | None = None) -> Hardware:
-    """Describes ``device`` (default: the first CUDA GPU if there is one, else the CPU)."""
-    dev = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    """Describes ``device`` (default: the first CUDA GPU if there is one, else the CPU).
+
+    Raises:
+        VlampError: On a device name this machine does not have (see :func:`resolve_device`).
+    """
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
     cpu_name, flags = _cpu_info()
     if dev.type == "cuda":
         idx = dev.index or 0

@@ -98,7 +98,7 @@ DEFAULT_SUITE: tuple[str, ...] = (
 )
 
 # Named suites, usable wherever a task list is. MT10 and MT50 are Meta-World's multi-task
-# benchmarks (metaworld.MT10's and MT50's training tasks).
+# benchmarks (metaworld.env_dict.MT10_V3 and MT50_V3, in their order; tested).
 SUITES: dict[str, tuple[str, ...]] = {
     "default": DEFAULT_SUITE,
     "mt10": ("reach", "push", "pick-place", "door-open", "drawer-open", "drawer-close",
