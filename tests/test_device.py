@@ -76,6 +76,15 @@ def test_autocast_follows_a_model_moved_after_setup(mode):
     assert seen["inp"] == {torch.bfloat16} and seen["norm"] == {torch.float32}
 
 
+def test_masters_live_on_their_parameters_device():
+    model = Net().to("meta")  # a device that is not the CPU, where the masters must not land
+    opt = torch.optim.AdamW(model.parameters())
+    MixedPrecision("bf16-true").setup(model, opt)
+    masters = [p for g in opt.param_groups for p in g["params"]]
+    assert all(m.device.type == "meta" and m.dtype == torch.float32 for m in masters)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters() if p.ndim > 1)
+
+
 def test_a_move_that_replaces_parameters_is_refused():
     model = Net().to("meta")
     opt = torch.optim.AdamW(model.parameters())
