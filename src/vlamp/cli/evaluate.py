@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 
+from vlamp.io import write_text_atomic
 from vlamp.precision.errors import VlampError
 from vlamp.sim.tasks import DEFAULT_SUITE, SUITES
 
@@ -16,17 +17,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="closed-loop success in the simulator",
                        description="Run a policy in Meta-World for N seeded episodes per task and "
                                    "report per-task and mean success (95%% Wilson intervals), mean "
-                                   "episode length and environment steps per second.")
+                                   "episode length and environment steps per second. With --compare A "
+                                   "B, two checkpoints run on the same episodes and the paired "
+                                   "difference in success is reported with its interval and test.")
     p.add_argument("--policy", default="expert", help=f"one of {', '.join(POLICIES)} (default: expert)")
     p.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="evaluate a trained policy: a run directory (its newest valid checkpoint) "
                         "or a checkpoints/step_* directory; replaces --policy")
-    p.add_argument("--mode", default=None, help="with --checkpoint: run in this precision mode "
+    p.add_argument("--compare", nargs=2, default=None, metavar=("A", "B"),
+                   help="evaluate two checkpoints (run directories or step_* directories) on the "
+                        "same episodes and say whether B's success differs from A's: the difference "
+                        "with its 95%% interval and McNemar's exact test on the paired episodes")
+    p.add_argument("--mode", default=None, help="with --checkpoint or --compare: run in this precision mode "
                                                 "(default: the mode it was trained in)")
-    p.add_argument("--no-ema", action="store_true", help="with --checkpoint: use the live weights "
+    p.add_argument("--no-ema", action="store_true", help="with --checkpoint or --compare: use the live weights "
                                                          "even when EMA weights were saved")
     p.add_argument("--device", default="auto",
-                   help="with --checkpoint: where the policy computes: auto (CUDA when present), "
+                   help="with --checkpoint or --compare: where the policy computes: auto (CUDA when present), "
                         "cpu, cuda, cuda:N; the simulator always runs on the CPU (default: auto)")
     p.add_argument("--tasks", default=None,
                    help=f"comma-separated task and suite names, mixed as you like (default: the "
@@ -52,32 +59,29 @@ def run(args: argparse.Namespace) -> int:
         raise VlampError(f"unknown policy {args.policy!r}; legal: {', '.join(POLICIES)}")
     if args.episodes < 1:
         raise VlampError(f"--episodes must be >= 1, got {args.episodes}")
+    if args.checkpoint and args.compare:
+        raise VlampError("--checkpoint and --compare exclude each other (--compare A B evaluates both)")
     if args.tasks is not None:
         resolve_tasks(args.tasks)  # fail on a bad name before the simulator starts
     for path in (args.json, args.gif):
         if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
             raise VlampError(f"cannot write {path!r}: its directory is missing or not writable")
+    seed = EVAL_SEED if args.seed is None else args.seed
+
+    def run_one(policy, tasks: str, image_size: int, gif: str | None = None):
+        return evaluate(policy, tasks, args.episodes, seed=seed, replan_every=args.replan_every,
+                        image_size=image_size, max_steps=args.max_steps, gif_path=gif,
+                        progress=not args.no_progress)
+
+    if args.compare:
+        return _compare(args, run_one)
     tasks, image_size, name = args.tasks or ",".join(DEFAULT_SUITE), args.image_size or 64, args.policy
     if args.checkpoint:
-        from vlamp.sim.tasks import tasks_for_instructions
-        from vlamp.train.policy import load_policy
-
-        loaded = load_policy(args.checkpoint, args.mode, not args.no_ema, device=args.device)
-        policy, image_size = loaded.policy, loaded.image_size
-        if args.image_size not in (None, image_size):
-            raise VlampError(f"--image-size {args.image_size}: the checkpoint was trained on "
-                             f"{image_size}x{image_size} images")
-        name = f"checkpoint {args.checkpoint} (step {loaded.step})"
-        if args.tasks is None:
-            tasks = ",".join(t.name for t in tasks_for_instructions(loaded.instructions))
-        print(f"policy {name}: precision {policy.mp.mode.name}, head "
-              f"{loaded.config['model']['head']}, on {policy.device}")
+        policy, image_size, name, own_tasks = _load(args, args.checkpoint)
+        tasks = args.tasks or own_tasks
     else:
         policy = ExpertPolicy() if args.policy == "expert" else RandomPolicy(seed=0)
-    result = evaluate(policy, tasks, args.episodes,
-                      seed=EVAL_SEED if args.seed is None else args.seed,
-                      replan_every=args.replan_every, image_size=image_size,
-                      max_steps=args.max_steps, gif_path=args.gif, progress=not args.no_progress)
+    result = run_one(policy, tasks, image_size, args.gif)
     print(result.table())
     if args.policy == "expert" and not args.checkpoint:
         weak = [t for t in result.tasks if t.successes < 0.9 * t.episodes]
@@ -85,7 +89,47 @@ def run(args: argparse.Namespace) -> int:
             print(f"note: the scripted expert itself succeeds in only {t.successes}/{t.episodes} "
                   f"episodes of {t.task}: a policy learned from it is bounded by that")
     if args.json:
-        from vlamp.io import write_text_atomic
-
         write_text_atomic(args.json, json.dumps({"policy": name, **result.as_dict()}, indent=2))
+    return 0
+
+
+def _load(args: argparse.Namespace, path: str):
+    """A checkpoint's policy, its image size, a name for it and its tasks (as a task list)."""
+    from vlamp.sim.tasks import tasks_for_instructions
+    from vlamp.train.policy import load_policy
+
+    loaded = load_policy(path, args.mode, not args.no_ema, device=args.device)
+    policy, image_size = loaded.policy, loaded.image_size
+    if args.image_size not in (None, image_size):
+        raise VlampError(f"--image-size {args.image_size}: the checkpoint {path} was trained on "
+                         f"{image_size}x{image_size} images")
+    name = f"checkpoint {path} (step {loaded.step})"
+    print(f"policy {name}: precision {policy.mp.mode.name}, head "
+          f"{loaded.config['model']['head']}, on {policy.device}")
+    tasks = ",".join(t.name for t in tasks_for_instructions(loaded.instructions))
+    return policy, image_size, name, tasks
+
+
+def _compare(args: argparse.Namespace, run_one) -> int:
+    """``--compare A B``: both checkpoints on the same episodes, then the paired comparison."""
+    from vlamp.sim.compare import compare_paired
+
+    (pa, size_a, name_a, tasks_a), (pb, size_b, name_b, tasks_b) = (_load(args, p) for p in args.compare)
+    if size_a != size_b:
+        raise VlampError(f"--compare: the checkpoints see different images ({size_a} and {size_b} px)")
+    if args.tasks is None and tasks_a != tasks_b:
+        raise VlampError(f"--compare: the checkpoints were trained on different tasks ({tasks_a} and "
+                         f"{tasks_b}); name the tasks to compare on with --tasks")
+    tasks = args.tasks or tasks_a
+    results = []
+    for label, policy in (("A", pa), ("B", pb)):
+        print(f"\n{label}: {name_a if label == 'A' else name_b}")
+        results.append(run_one(policy, tasks, size_a))
+        print(results[-1].table())
+    comparison = compare_paired(*results)
+    print("\n" + comparison.text())
+    if args.json:
+        write_text_atomic(args.json, json.dumps({"a": {"policy": name_a, **results[0].as_dict()},
+                                                 "b": {"policy": name_b, **results[1].as_dict()},
+                                                 "comparison": comparison.as_dict()}, indent=2))
     return 0

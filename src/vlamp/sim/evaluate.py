@@ -58,10 +58,14 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
 
 @dataclasses.dataclass
 class TaskResult:
+    """One task's episodes; ``outcomes[i]`` is whether episode ``i`` (seed ``seed + i``) succeeded,
+    so two policies run on the same seeds can be compared episode by episode."""
+
     task: str
     episodes: int
     successes: int
     mean_length: float
+    outcomes: list[bool] = dataclasses.field(default_factory=list)
 
     @property
     def success_rate(self) -> float:
@@ -70,7 +74,8 @@ class TaskResult:
     def as_dict(self) -> dict[str, Any]:
         lo, hi = wilson_interval(self.successes, self.episodes)
         return {"task": self.task, "episodes": self.episodes, "successes": self.successes,
-                "success_rate": self.success_rate, "ci95": [lo, hi], "mean_length": self.mean_length}
+                "success_rate": self.success_rate, "ci95": [lo, hi], "mean_length": self.mean_length,
+                "outcomes": [int(o) for o in self.outcomes]}
 
 
 @dataclasses.dataclass
@@ -148,7 +153,7 @@ def evaluate(
     results, frames, total_steps, elapsed = [], [], 0, 0.0
     bar = tqdm(total=len(chosen) * episodes, desc="eval", unit="ep", disable=not progress, leave=False)
     for task in chosen:
-        successes, lengths = 0, []
+        successes, lengths, outcomes = 0, [], []
         with MetaWorldEnv(task, image_size=image_size, max_steps=max_steps) as env:
             for i in range(episodes):
                 start = time.perf_counter()
@@ -167,10 +172,11 @@ def evaluate(
                 elapsed += time.perf_counter() - start
                 total_steps += env.steps
                 successes += int(success)
+                outcomes.append(bool(success))
                 lengths.append(env.steps)
                 bar.update()
                 bar.set_postfix(task=task.name, success=f"{successes}/{i + 1}")
-        results.append(TaskResult(task.name, episodes, successes, float(np.mean(lengths))))
+        results.append(TaskResult(task.name, episodes, successes, float(np.mean(lengths)), outcomes))
     bar.close()
     if gif_path is not None and frames:
         _save_gif(gif_path, frames)

@@ -1,0 +1,72 @@
+"""The paired comparison of two policies on the same episodes: its statistics against values worked
+by hand, a real comparison of the expert against a random policy, and `vlamp eval --compare`."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import tiny_overrides
+
+from vlamp import VlampError
+from vlamp.sim.compare import compare_paired, mcnemar_exact, paired_difference_interval
+from vlamp.sim.evaluate import EvalResult, ExpertPolicy, RandomPolicy, TaskResult, evaluate
+
+
+def test_mcnemar_exact_by_hand():
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(0, 10) == pytest.approx(2 / 2**10)
+    assert mcnemar_exact(3, 7) == pytest.approx(2 * (1 + 10 + 45 + 120) / 1024)  # 0.34375
+    assert mcnemar_exact(5, 5) == 1.0
+
+
+def test_agresti_min_interval():
+    lo, hi = paired_difference_interval(80, 0, 0, 20)  # identical policies
+    assert lo < 0 < hi and hi - lo < 0.05
+    lo, hi = paired_difference_interval(70, 2, 12, 16)  # B solves 10 more of 100
+    assert 0 < lo < 0.10 < hi < 0.2
+
+
+def result(*outcomes):
+    return EvalResult([TaskResult(f"t{i}", len(o), sum(o), 1.0, list(o)) for i, o in enumerate(outcomes)],
+                      1, 1.0)
+
+
+def test_pairs_episode_by_episode():
+    a = result([1, 1, 0, 0], [1, 0])
+    b = result([1, 0, 1, 1], [1, 1])
+    c = compare_paired(a, b)
+    assert (c.both, c.only_a, c.only_b, c.neither) == (2, 1, 3, 0)
+    assert c.difference == pytest.approx(2 / 6) and c.per_task == {"t0": (1, 2, 4), "t1": (0, 1, 2)}
+    assert c.verdict == "no difference shown"
+    with pytest.raises(VlampError, match="same tasks and episodes"):
+        compare_paired(a, result([1, 1, 0], [1, 0]))
+
+
+def test_the_expert_beats_a_random_policy_on_the_same_episodes():
+    kw = {"episodes": 4, "image_size": 16, "max_steps": 100, "progress": False}
+    expert = evaluate(ExpertPolicy(), "handle-press,coffee-button", **kw)
+    random = evaluate(RandomPolicy(seed=0), "handle-press,coffee-button", **kw)
+    c = compare_paired(random, expert)
+    assert c.only_b == 8 and c.only_a == 0 and c.difference == 1.0
+    assert c.p_value == pytest.approx(2 / 2**8) and c.verdict == "B better"
+    assert "B - A: +100.0 points" in c.text()
+
+
+def test_eval_compare_cli(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "vlamp", "train",
+                        *tiny_overrides(tiny_dataset, run, "fp32", "train.steps=3")],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = tmp_path / "cmp.json"
+    p = subprocess.run([sys.executable, "-m", "vlamp", "eval", "--compare", str(run), str(run),
+                        "--episodes", "2", "--max-steps", "20", "--no-progress", "--json", str(out)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "paired comparison over 4 episodes" in p.stdout and "B - A: +0.0 points" in p.stdout
+    c = json.loads(out.read_text())["comparison"]
+    assert c["only_a"] == c["only_b"] == 0 and c["p_value"] == 1.0  # a policy against itself
+    p = subprocess.run([sys.executable, "-m", "vlamp", "eval", "--compare", str(run), str(run),
+                        "--checkpoint", str(run)], capture_output=True, text=True)
+    assert p.returncode == 2 and "exclude each other" in p.stderr
