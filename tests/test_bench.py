@@ -63,6 +63,11 @@ def test_bench_quick_writes_every_field_and_consistent_ratios(cache, tmp_path):
         assert x["device"] == "cpu" and x["gpu_peak_bytes"] is None and x["tf32"] is None
         assert x["gpu_memory_vs_fp32"] is None
     assert r["machine"]["gpu"] is None and r["machine"]["device"] == "cpu"
+    # the same evaluation episodes in every run, so success is compared pair by pair with fp32
+    assert all(set(map(len, x["success_outcomes"].values())) == {1} for x in runs)
+    summary = {(s["mode"], s["runner"]): s for s in r["summary"]}
+    assert len(summary) == 4 and summary[("bf16-mixed", "vlamp")]["success_pairs"]["episodes"] == 2
+    assert "across seeds, against the fp32 run of each seed:" in p.stdout
     assert "peak GPU" not in p.stdout
     assert fp32["speedup_vs_fp32"] == 1.0 and fp32["memory_vs_fp32"] == 1.0
     assert runs[2]["loss_scales"][0] == 2.0**16  # fp16 runs under the dynamic scaler
@@ -152,3 +157,31 @@ def test_assess_names_each_reason_and_is_quiet_on_a_quiet_machine():
     assert "1.0 cores busy" in assess({**quiet, "other_cores_mean": 1.0}, even)[0]
     assert "steal" in assess({**quiet, "steal_frac": 0.2}, even)[0]
     assert "spread widely" in assess(quiet, [0.1] * 8 + [0.5, 0.5])[0]
+
+
+def test_summary_across_seeds_pairs_each_mode_with_its_seeds_fp32():
+    from vlamp.bench.summary import summarize, summary_lines
+
+    def run(mode, seed, l1, outcomes, runner="vlamp", speed=1.0):
+        return {"mode": mode, "runner": runner, "seed": seed, "speedup_vs_fp32": speed,
+                "final_val_action_l1": l1, "success_rate": sum(outcomes) / len(outcomes),
+                "success_outcomes": {"t": outcomes}}
+
+    runs = [run("fp32", 0, 0.10, [1, 1, 0, 0]), run("fp32", 1, 0.20, [1, 0, 1, 0]),
+            run("fp32", 2, 0.30, [1, 1, 1, 0]),
+            # bf16 is 1% worse than its own seed's fp32 each time: a tiny but consistent difference
+            run("bf16-mixed", 0, 0.101, [1, 1, 0, 0], speed=1.4),
+            run("bf16-mixed", 1, 0.202, [1, 0, 1, 1], speed=1.5),
+            run("bf16-mixed", 2, 0.303, [1, 1, 1, 0], speed=1.3)]
+    rows = {r["mode"]: r for r in summarize(runs)}
+    b = rows["bf16-mixed"]
+    assert b["seeds"] == [0, 1, 2] and b["speedup_mean"] == pytest.approx(1.4)
+    assert b["speedup_sd"] == pytest.approx(0.1)
+    assert b["val_l1_vs_fp32_pct"] == pytest.approx(1.0) and b["val_l1_verdict"] == "differs"
+    # success: 12 paired episodes, one solved only by bf16: +8.3 points, within noise
+    assert b["success_pairs"] == {"episodes": 12, "only_fp32": 0, "only_this": 1}
+    assert b["success_vs_fp32_points"] == pytest.approx(100 / 12) and b["success_p"] == 1.0
+    assert b["success_verdict"] == "within noise"
+    assert rows["fp32"]["val_l1_vs_fp32_pct"] is None and rows["fp32"]["success_p"] is None
+    text = "\n".join(summary_lines(list(rows.values())))
+    assert "bf16-mixed, 3 seed(s): speed-up 1.40x +- 0.10x" in text and "+1.0% vs fp32" in text

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from vlamp.bench.summary import summary_lines
 from vlamp.io import write_text_atomic
 
 PLOTS = ("loss.png", "speed_memory.png", "loss_scale.png", "success.png")
@@ -56,7 +57,10 @@ def text_table(results: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in rows]
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:], *trust_lines(results)])
+    summary = summary_lines(results.get("summary") or [])
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:], *trust_lines(results),
+                      *(["", "across seeds, against the fp32 run of each seed:"] if summary else []),
+                      *[f"  {line}" for line in summary]])
 
 
 def _plots(results: dict[str, Any], out: Path) -> None:
@@ -147,6 +151,9 @@ def write_report(results: dict[str, Any], out: str | os.PathLike[str]) -> tuple[
     md += [f"- {n}" for n in results["notes"]] + ([""] if results["notes"] else [])
     md += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    summary = summary_lines(results.get("summary") or [])
+    if summary:
+        md += ["", "Across seeds, against the fp32 run of each seed:", ""] + [f"- {line}" for line in summary]
     md += ["", *[f"![{p[:-4]}]({p})" for p in PLOTS], ""]
     page = ["<!doctype html><meta charset=utf-8><title>vlamp bench</title>",
             "<style>body{font-family:sans-serif;max-width:960px;margin:2em auto}"
@@ -157,7 +164,11 @@ def write_report(results: dict[str, Any], out: str | os.PathLike[str]) -> tuple[
     page += ["<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in results["notes"]) + "</ul>"]
     page += ["<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in rows[0]) + "</tr>"]
     page += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:]]
-    page += ["</table>", *[f'<p><img src="{p}" alt="{p[:-4]}"></p>' for p in PLOTS]]
+    page += ["</table>"]
+    if summary:
+        page += ["<p>Across seeds, against the fp32 run of each seed:</p><ul>"
+                 + "".join(f"<li>{html.escape(line)}</li>" for line in summary) + "</ul>"]
+    page += [f'<p><img src="{p}" alt="{p[:-4]}"></p>' for p in PLOTS]
     paths = out / "report.md", out / "report.html"
     for path, text in zip(paths, ("\n".join(md), "\n".join(page))):
         write_text_atomic(path, text)

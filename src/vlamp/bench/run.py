@@ -22,6 +22,7 @@ from typing import Any
 from vlamp.io import write_text_atomic
 from vlamp.precision.errors import VlampError
 from vlamp.bench.machine import CpuSample, assess, machine_info, round_load, summarize_rounds
+from vlamp.bench.summary import summarize
 from vlamp.precision.hardware import detect, native_formats, resolve_device
 from vlamp.precision.modes import MODE_NAMES
 from vlamp.train.config import RunConfig, to_dict
@@ -180,7 +181,7 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
     add_ratios(runs)
     warned = [f"{_run_name(r)}: {w}" for r in runs for w in r["warnings"]]
     results = {"machine": machine_info(resolve_device(config.train.device)),
-               "config": to_dict(config), "modes": modes,
+               "config": to_dict(config), "modes": modes, "summary": summarize(runs),
                "notes": list(notes or []), "warnings": warned, "seconds": time.time() - started,
                "interleaved": {"round_steps": round_steps, "threads": threads}, "runs": runs}
     write_json(results, out / "results.json")

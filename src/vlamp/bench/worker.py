@@ -227,13 +227,14 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
     timed = times[spec.get("warmup", 5):] or times
     median = statistics.median(timed)
     samples = config.train.batch_size * config.train.grad_accum
-    success, per_task = None, None
+    success, per_task, outcomes = None, None, None
     if spec.get("eval_episodes", 0) > 0:
         config.eval.episodes = spec["eval_episodes"]
         if runner == "torch.amp":
             trainer.mp = amp  # the evaluated forward passes use the same autocast
         e = trainer.evaluate()
         success, per_task = e["success_rate"], {t["task"]: t["success_rate"] for t in e["per_task"]}
+        outcomes = {t["task"]: t["outcomes"] for t in e["per_task"]}
     plan = getattr(trainer.mp, "plan", None)
     return {
         "mode": mode, "runner": runner, "steps": len(losses),
@@ -251,6 +252,7 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
         "gpu_peak_bytes": gpu_peak,  # torch.cuda.max_memory_allocated over training
         "gpu_training_bytes": gpu_peak - gpu_before if gpu_peak is not None else None,
         "final_val_action_l1": val, "success_rate": success, "success_per_task": per_task,
+        "success_outcomes": outcomes,  # per task, episode by episode (the same seeds in every run)
         "skipped_steps": skipped, "losses": losses, "loss_scales": scales,
         "batch_size": config.train.batch_size,
     }

@@ -1,0 +1,120 @@
+"""What the bench's runs say across seeds: each mode's mean and spread, and whether its difference
+from FP32 is more than the noise.
+
+Runs of the same seed start from the same weights and see the same batches, so each mode is compared
+with the FP32 run *of its seed*: validation error by a paired t-test over seeds (it needs two seeds
+or more), closed-loop success by pooling every seed's episode pairs (the evaluation seeds are the
+same in every run) into one paired table — McNemar's exact test and the Agresti-Min interval of
+:mod:`vlamp.sim.compare`.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+from vlamp.sim.compare import mcnemar_exact, paired_difference_interval
+
+ALPHA = 0.05
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _paired_t(diffs: Sequence[float]) -> float | None:
+    """Two-sided p-value of a paired t-test (``None`` below two pairs)."""
+    if len(diffs) < 2:
+        return None
+    if statistics.stdev(diffs) == 0:
+        return 1.0 if statistics.fmean(diffs) == 0 else 0.0
+    from scipy.stats import ttest_1samp
+
+    return float(ttest_1samp(diffs, 0.0).pvalue)
+
+
+def _success_pairs(run: dict[str, Any], ref: dict[str, Any]) -> list[int] | None:
+    """The paired table (both, only FP32, only this run, neither) of one seed, or ``None``."""
+    a, b = ref.get("success_outcomes"), run.get("success_outcomes")
+    if not a or not b or list(a) != list(b):
+        return None
+    cells = [0, 0, 0, 0]
+    for task in a:
+        for x, y in zip(a[task], b[task]):
+            cells[0 if x and y else 1 if x else 2 if y else 3] += 1
+    return cells
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (mode, runner): seeds, speed-up, validation L1 and success as mean and standard
+    deviation over seeds, and against the FP32 run of each seed: the L1 difference (percent) with a
+    paired t-test, the success difference (points) with its paired interval and McNemar's test, and
+    a verdict for each (``within noise`` / ``differs``, at 5%)."""
+    fp32 = {r["seed"]: r for r in runs if r["mode"] == "fp32" and r["runner"] == "vlamp"}
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["mode"], r["runner"]), []).append(r)
+    rows = []
+    for (mode, runner), group in groups.items():
+        row: dict[str, Any] = {"mode": mode, "runner": runner, "seeds": [r["seed"] for r in group]}
+        row["speedup_mean"], row["speedup_sd"] = _mean_sd([r["speedup_vs_fp32"] for r in group])
+        vals = [r["final_val_action_l1"] for r in group if r["final_val_action_l1"] is not None]
+        row["val_l1_mean"], row["val_l1_sd"] = _mean_sd(vals) if vals else (None, None)
+        succ = [r["success_rate"] for r in group if r["success_rate"] is not None]
+        row["success_mean"], row["success_sd"] = _mean_sd(succ) if succ else (None, None)
+        is_ref = mode == "fp32" and runner == "vlamp"
+        diffs = [100 * (r["final_val_action_l1"] / fp32[r["seed"]]["final_val_action_l1"] - 1)
+                 for r in group if not is_ref and r["final_val_action_l1"] is not None
+                 and fp32[r["seed"]]["final_val_action_l1"]]
+        row["val_l1_vs_fp32_pct"] = statistics.fmean(diffs) if diffs else None
+        row["val_l1_p"] = _paired_t(diffs) if diffs else None
+        row["val_l1_verdict"] = _verdict(row["val_l1_p"])
+        tables = [t for r in group if not is_ref for t in [_success_pairs(r, fp32[r["seed"]])] if t]
+        if tables:
+            both, only_ref, only_run, neither = (sum(t[i] for t in tables) for i in range(4))
+            n = both + only_ref + only_run + neither
+            row["success_vs_fp32_points"] = 100 * (only_run - only_ref) / n
+            lo, hi = paired_difference_interval(both, only_ref, only_run, neither)
+            row["success_vs_fp32_ci95"] = [100 * lo, 100 * hi]
+            row["success_p"] = mcnemar_exact(only_ref, only_run)
+            row["success_pairs"] = {"episodes": n, "only_fp32": only_ref, "only_this": only_run}
+        else:
+            row["success_vs_fp32_points"] = row["success_vs_fp32_ci95"] = row["success_p"] = None
+            row["success_pairs"] = None
+        row["success_verdict"] = _verdict(row["success_p"])
+        rows.append(row)
+    return rows
+
+
+def _verdict(p: float | None) -> str | None:
+    if p is None:
+        return None
+    return "differs" if p < ALPHA else "within noise"
+
+
+def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The summary as text lines (for the printed table and the report)."""
+    def pm(mean, sd, pattern):
+        if mean is None:
+            return "-"
+        return pattern.format(mean) + ("" if sd is None else " +- " + pattern.format(sd))
+
+    out = []
+    for r in rows:
+        name = r["mode"] if r["runner"] == "vlamp" else f"{r['mode']} (torch.amp loop)"
+        parts = [f"{name}, {len(r['seeds'])} seed(s): speed-up {pm(r['speedup_mean'], r['speedup_sd'], '{:.2f}x')}",
+                 f"val L1 {pm(r['val_l1_mean'], r['val_l1_sd'], '{:.4f}')}"]
+        if r["val_l1_vs_fp32_pct"] is not None:
+            p = r["val_l1_p"]
+            parts.append(f"{r['val_l1_vs_fp32_pct']:+.1f}% vs fp32"
+                         + ("" if p is None else f" (paired t p={p:.2g}: {r['val_l1_verdict']})"))
+        if r["success_mean"] is not None:
+            parts.append(f"success {pm(100 * r['success_mean'], None if r['success_sd'] is None else 100 * r['success_sd'], '{:.0f}')}%")
+        if r["success_vs_fp32_points"] is not None:
+            lo, hi = r["success_vs_fp32_ci95"]
+            parts.append(f"{r['success_vs_fp32_points']:+.1f} points vs fp32 [{lo:+.1f}, {hi:+.1f}] "
+                         f"(McNemar p={r['success_p']:.2g} over {r['success_pairs']['episodes']} "
+                         f"paired episodes: {r['success_verdict']})")
+        out.append("; ".join(parts))
+    return out
