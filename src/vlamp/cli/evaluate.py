@@ -16,7 +16,7 @@ POLICIES = ("expert", "random")
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="closed-loop success in the simulator",
                        description="Run a policy in Meta-World for N seeded episodes per task and "
-                                   "report per-task and mean success (95%% Wilson intervals), mean "
+                                   "report per-task and mean success (95% Wilson intervals), mean "
                                    "episode length and environment steps per second. With --compare A "
                                    "B, two checkpoints run on the same episodes and the paired "
                                    "difference in success is reported with its interval and test.")
