@@ -80,3 +80,14 @@ def test_generation_gives_up_a_failing_task_and_keeps_the_others(tmp_path):
     assert failing["given_up"] and failing["kept"] == 0 and failing["failed_episodes"] == GIVE_UP
     assert failing["rollouts"] == GIVE_UP * 2  # bounded: the last episode was not tried
     assert failing["expert_success_rate"] == 0.0
+
+
+def test_generation_never_uses_the_evaluation_episodes_seeds(tmp_path):
+    with pytest.raises(VlampError, match=r"seeds up to 1,000,019; evaluation episodes use 1,000,000 "
+                                         r"and up.*choose a seed from 0 to 9"):
+        generate("drawer-open", 1, seed=10, out=tmp_path / "ds", progress=False)
+    p = subprocess.run([sys.executable, "-m", "vlamp", "data", "generate", "--seed", "9",
+                        "--episodes-per-task", "200", "--out", str(tmp_path / "ds")],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "choose a seed from 0 to 8" in p.stderr
+    assert not (tmp_path / "ds").exists()

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from vlamp.data.lerobot import Episode, check_output_dir, write_dataset
 from vlamp.precision.errors import VlampError
+from vlamp.sim.evaluate import EVAL_SEED
 from vlamp.sim.tasks import Task, resolve_tasks
 
 FPS = 80  # Meta-World: 2.5 ms physics step x frame_skip 5
@@ -124,6 +125,12 @@ def generate(
         raise VlampError(f"image size must be >= 8, got {image_size}")
     if max_tries < 1:
         raise VlampError(f"max tries must be >= 1, got {max_tries}")
+    last = seed * 100_000 + 1_000 * (episodes_per_task - 1) + max_tries - 1
+    if seed < 0 or last >= EVAL_SEED:
+        raise VlampError(f"seed {seed} with {episodes_per_task} episodes per task would use simulator "
+                         f"seeds up to {last:,}; evaluation episodes use {EVAL_SEED:,} and up, and a "
+                         f"policy must not be evaluated on episodes it was trained on: choose a seed "
+                         f"from 0 to {(EVAL_SEED - 1_000 * episodes_per_task) // 100_000}")
     if out is None:
         root = default_cache_dir() / dataset_id(chosen, episodes_per_task, image_size, seed, max_steps,
                                                 max_tries)
