@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 
@@ -47,6 +48,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="camera image side (default: 64, or the checkpoint's)")
     p.add_argument("--gif", default=None, metavar="FILE", help="save the first episode of each task")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--workers", default="auto", metavar="N|auto",
+                   help="processes the tasks are spread over, one torch thread each (auto: one per "
+                        "core, 1 with --gif). Same episodes, same seeds; a policy computing on one "
+                        "thread can round differently from one on several, so an episode may end a "
+                        "step apart (default: auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
@@ -66,12 +72,22 @@ def run(args: argparse.Namespace) -> int:
     for path in (args.json, args.gif):
         if path and not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
             raise VlampError(f"cannot write {path!r}: its directory is missing or not writable")
+    text = str(args.workers).strip().lower()
+    if text == "auto":
+        args.workers = 1 if args.gif else os.cpu_count() or 1
+    elif text.isdigit() and int(text) >= 1:
+        args.workers = int(text)
+    else:
+        raise VlampError(f"--workers must be a count >= 1 or auto, got {args.workers!r}")
+    if args.workers > 1 and args.gif:
+        raise VlampError("--gif records in one process: use it with --workers 1")
     seed = EVAL_SEED if args.seed is None else args.seed
 
     def run_one(policy, tasks: str, image_size: int, gif: str | None = None):
+        """``policy``: the policy, or with --workers > 1 the recipe each process builds it from."""
         return evaluate(policy, tasks, args.episodes, seed=seed, replan_every=args.replan_every,
                         image_size=image_size, max_steps=args.max_steps, gif_path=gif,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, workers=args.workers)
 
     if args.compare:
         return _compare(args, run_one)
@@ -80,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
         policy, image_size, name, own_tasks = _load(args, args.checkpoint)
         tasks = args.tasks or own_tasks
     else:
-        policy = ExpertPolicy() if args.policy == "expert" else RandomPolicy(seed=0)
+        recipe = ExpertPolicy if args.policy == "expert" else functools.partial(RandomPolicy, seed=0)
+        policy = recipe if args.workers > 1 else recipe()
     result = run_one(policy, tasks, image_size, args.gif)
     print(result.table())
     if args.policy == "expert" and not args.checkpoint:
@@ -96,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace, path: str):
     """A checkpoint's policy, its image size, a name for it and its tasks (as a task list)."""
     from vlamp.sim.tasks import tasks_for_instructions
-    from vlamp.train.policy import load_policy
+    from vlamp.train.policy import load_policy, policy_recipe
 
     loaded = load_policy(path, args.mode, not args.no_ema, device=args.device)
     policy, image_size = loaded.policy, loaded.image_size
@@ -107,6 +124,8 @@ def _load(args: argparse.Namespace, path: str):
     print(f"policy {name}: precision {policy.mp.mode.name}, head "
           f"{loaded.config['model']['head']}, on {policy.device}")
     tasks = ",".join(t.name for t in tasks_for_instructions(loaded.instructions))
+    if args.workers > 1:  # each process loads it again
+        policy = policy_recipe(path, args.mode, not args.no_ema, args.device)
     return policy, image_size, name, tasks
 
 

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
+from vlamp.precision.errors import VlampError
 from vlamp.sim.env import MetaWorldEnv, Observation
 from vlamp.sim.tasks import Task, resolve_tasks
 
@@ -131,12 +132,15 @@ def evaluate(
     max_steps: int = 200,
     gif_path: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    workers: int = 1,
 ) -> EvalResult:
     """Runs ``policy`` closed-loop for ``episodes`` seeded episodes of each task.
 
     Args:
-        policy: Observation -> action chunk ``(H, 4)`` or one action ``(4,)``.
-        tasks: Task names (default: the default suite).
+        policy: Observation -> action chunk ``(H, 4)`` or one action ``(4,)``. A policy with a
+            ``reset(seed)`` method is reset before every episode with the episode's seed, so its
+            own randomness (a flow head's noise) does not depend on what ran before.
+        tasks: Task names and suite names (default: the default suite).
         episodes: Episodes per task; episode ``i`` of every task uses seed ``seed + i``.
         seed: First episode seed.
         replan_every: Receding horizon: execute at most this many actions of a chunk, then query
@@ -145,42 +149,91 @@ def evaluate(
         max_steps: Episode limit; an episode that has not succeeded by then fails.
         gif_path: If given, the first episode of each task is saved there as an animated GIF.
         progress: Show a progress bar.
+        workers: Processes the tasks are spread over. With more than one, ``policy`` must be a
+            picklable *recipe*: a callable of no arguments that builds the policy in each process
+            (:func:`vlamp.train.policy.policy_recipe`, ``ExpertPolicy``), built there with one
+            torch thread. Same episodes and seeds as with one process; a policy computing on one
+            thread can round differently, so an episode may end a step apart (measured on the
+            demo's policy: every outcome the same, one of 60 episodes one step shorter). No GIF.
 
     Returns:
         An :class:`EvalResult`.
     """
     chosen: list[Task] = resolve_tasks(tasks)
-    results, frames, total_steps, elapsed = [], [], 0, 0.0
+    if workers < 1:
+        raise VlampError(f"workers must be >= 1, got {workers}")
+    settings = (episodes, seed, replan_every, image_size, max_steps)
     bar = tqdm(total=len(chosen) * episodes, desc="eval", unit="ep", disable=not progress, leave=False)
-    for task in chosen:
-        successes, lengths, outcomes = 0, [], []
-        with MetaWorldEnv(task, image_size=image_size, max_steps=max_steps) as env:
-            for i in range(episodes):
-                start = time.perf_counter()
-                obs, done, success = env.reset(seed + i), False, False
-                if hasattr(policy, "bind"):
-                    policy.bind(env)
-                record = gif_path is not None and i == 0
-                while not done:
-                    chunk = np.asarray(policy(obs), dtype=np.float32).reshape(-1, 4)
-                    for action in chunk[:max(1, replan_every)]:
-                        if record:
-                            frames.append(obs.image)
-                        obs, success, done = env.step(action)
-                        if done:
-                            break
-                elapsed += time.perf_counter() - start
-                total_steps += env.steps
-                successes += int(success)
-                outcomes.append(bool(success))
-                lengths.append(env.steps)
-                bar.update()
-                bar.set_postfix(task=task.name, success=f"{successes}/{i + 1}")
-        results.append(TaskResult(task.name, episodes, successes, float(np.mean(lengths)), outcomes))
+    start = time.perf_counter()
+    if workers > 1 and len(chosen) > 1 and gif_path is None:
+        import multiprocessing as mp
+
+        jobs = [(policy, task, settings) for task in chosen]
+        with mp.get_context("spawn").Pool(min(workers, len(chosen))) as pool:
+            done = {}
+            for result, steps in pool.imap_unordered(_task_job, jobs):
+                done[result.task] = (result, steps)
+                bar.update(episodes)
+                bar.set_postfix(task=result.task, success=f"{result.successes}/{episodes}")
+        results = [done[t.name][0] for t in chosen]
+        total_steps, frames = sum(s for _, s in done.values()), []
+    else:
+        if workers > 1:  # a recipe was given, but one task (or a GIF) runs here: build it here
+            policy = policy()
+        results, frames, total_steps = [], [], 0
+        for task in chosen:
+            result, steps = _run_task(policy, task, settings, bar, frames if gif_path else None)
+            results.append(result)
+            total_steps += steps
     bar.close()
     if gif_path is not None and frames:
         _save_gif(gif_path, frames)
-    return EvalResult(results, total_steps, elapsed)
+    return EvalResult(results, total_steps, time.perf_counter() - start)
+
+
+def _run_task(policy, task: Task, settings: tuple, bar=None, frames: list | None = None
+              ) -> tuple[TaskResult, int]:
+    """One task's episodes; ``frames`` (if given) collects the first episode's images."""
+    episodes, seed, replan_every, image_size, max_steps = settings
+    successes, lengths, outcomes, steps = 0, [], [], 0
+    with MetaWorldEnv(task, image_size=image_size, max_steps=max_steps) as env:
+        for i in range(episodes):
+            obs, done, success = env.reset(seed + i), False, False
+            if hasattr(policy, "bind"):
+                policy.bind(env)
+            if hasattr(policy, "reset"):
+                policy.reset(seed + i)
+            record = frames is not None and i == 0
+            while not done:
+                chunk = np.asarray(policy(obs), dtype=np.float32).reshape(-1, 4)
+                for action in chunk[:max(1, replan_every)]:
+                    if record:
+                        frames.append(obs.image)
+                    obs, success, done = env.step(action)
+                    if done:
+                        break
+            steps += env.steps
+            successes += int(success)
+            outcomes.append(bool(success))
+            lengths.append(env.steps)
+            if bar is not None:
+                bar.update()
+                bar.set_postfix(task=task.name, success=f"{successes}/{i + 1}")
+    return TaskResult(task.name, episodes, successes, float(np.mean(lengths)), outcomes), steps
+
+
+_POLICY: dict[str, Any] = {}  # per worker process: the policy built from the recipe
+
+
+def _task_job(job: tuple) -> tuple[TaskResult, int]:
+    """A worker's job: one task, with the policy built once per process from its recipe."""
+    import torch
+
+    recipe, task, settings = job
+    torch.set_num_threads(1)  # one process per core: the simulator and the policy share it
+    if "policy" not in _POLICY:
+        _POLICY["policy"] = recipe()
+    return _run_task(_POLICY["policy"], task, settings)
 
 
 def _save_gif(path: str | os.PathLike[str], frames: list[np.ndarray]) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -34,6 +36,11 @@ class VLAPolicy:
         self.device = next(model.parameters()).device
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self._tokens: dict[str, torch.Tensor] = {}
+
+    def reset(self, seed: int) -> None:
+        """Seeds the sampling noise for an episode (the evaluation calls it with the episode's
+        seed), so an episode's actions do not depend on the episodes run before it."""
+        self.generator.manual_seed(int(seed))
 
     def __call__(self, obs: Observation) -> np.ndarray:
         if obs.instruction not in self._tokens:
@@ -102,3 +109,14 @@ def load_policy(path: str, mode: str | None = None, use_ema: bool = True,
     tokenizer = WordTokenizer.from_dict(c.state["tokenizer"])
     return LoadedPolicy(VLAPolicy(model, tokenizer, c.state["stats"], mp), config,
                         int(c.state["image_size"]), list(c.state["tasks"]), c.step)
+
+
+def policy_recipe(path: str, mode: str | None = None, use_ema: bool = True,
+                  device: str | torch.device | None = "auto") -> Callable[[], VLAPolicy]:
+    """A picklable callable that loads the checkpoint's policy: what
+    :func:`vlamp.sim.evaluate.evaluate` builds in each worker process (``workers=N``)."""
+    return functools.partial(_loaded, path, mode, use_ema, device)
+
+
+def _loaded(path: str, mode: str | None, use_ema: bool, device: str | torch.device | None) -> VLAPolicy:
+    return load_policy(path, mode, use_ema, device=device).policy
