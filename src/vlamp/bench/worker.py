@@ -130,7 +130,8 @@ def baseline_fit(trainer, dtype: torch.dtype, steps: int, on_step=None
     """The plain torch.amp loop a user would write by hand (autocast, GradScaler for FP16, clip,
     step), on the trainer's model, optimizer and batches. Returns losses, scales, step times and
     skipped steps; ``on_step(step)`` is called after each step."""
-    from vlamp.train.step import learning_rate, synchronize
+    from vlamp.precision.hardware import synchronize
+    from vlamp.train.step import learning_rate
 
     c = trainer.config.train
     model, opt, device = trainer.model, trainer.optimizer, trainer.device

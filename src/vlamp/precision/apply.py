@@ -60,17 +60,16 @@ class _Boundary:
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         # Low-precision compute over FP32 weights is autocast's job; otherwise the inputs are cast.
-        low = policy.compute != torch.float32
-        self.cast_inputs_to = None if low and policy.param != policy.compute else policy.compute
+        self.low = policy.compute != torch.float32
+        self.cast_inputs_to = None if self.low and policy.param != policy.compute else policy.compute
 
     def __call__(self, forward: Callable[..., Any], module: nn.Module, args: tuple, kwargs: dict) -> Any:
         if not torch.compiler.is_compiling():  # a compiled graph would guard on the count
             setattr(module, _CALLS, getattr(module, _CALLS, 0) + 1)
-        low = self.policy.compute != torch.float32
         if self.cast_inputs_to is not None:
             args, kwargs = cast_floating(args, self.cast_inputs_to), cast_floating(kwargs, self.cast_inputs_to)
         with torch.autocast(_device_type(module, args, kwargs),
-                            dtype=self.policy.compute if low else None, enabled=low):
+                            dtype=self.policy.compute if self.low else None, enabled=self.low):
             output = forward(module, *args, **kwargs)
         return cast_floating(output, self.policy.output)
 

@@ -41,7 +41,7 @@ from torch import nn
 from vlamp.precision.apply import _MARK, apply_plan, map_tensors
 from vlamp.precision.dtypes import dtype_name
 from vlamp.precision.errors import VlampError
-from vlamp.precision.hardware import choose_mode, detect, native_formats
+from vlamp.precision.hardware import choose_mode, detect, native_formats, synchronize
 from vlamp.precision.modes import Mode, get_mode
 from vlamp.precision.plan import PrecisionPlan, Resolved, Rule, RuleSpec
 from vlamp.precision.policy import FP32
@@ -194,11 +194,6 @@ def model_device(model: nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _loss(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> torch.Tensor:
     return loss_fn(model, batch) if loss_fn is not None else model(batch)
 
@@ -230,10 +225,10 @@ def _median_times(fns: Mapping[str, Callable[[], None]], cleanup: Callable[[], N
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             fn()
-            _sync(device)
+            synchronize(device)
             samples[k].append((time.perf_counter() - t0) * 1e3)
             cleanup()
     return {k: statistics.median(v) for k, v in samples.items()}

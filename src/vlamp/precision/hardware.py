@@ -66,6 +66,34 @@ def _cpu_info() -> tuple[str, tuple[str, ...]]:
 DEVICE_NAMES = "auto, cpu, cuda, cuda:N"
 
 
+def _parse_device(name: object) -> torch.device | None:
+    """``"cpu"``, ``"cuda"``, ``"cuda:N"`` as a device; ``None`` for ``auto``/empty. No check of
+    what this machine has.
+
+    Raises:
+        VlampError: On any other name.
+    """
+    text = str(name if name is not None else "").strip().lower() or "auto"
+    if text == "auto":
+        return None
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index):
+        raise VlampError(f"device {name!r} is not one of {DEVICE_NAMES}")
+    return dev
+
+
+def check_device_name(name: str) -> None:
+    """Checks the spelling of a device name (for configs read on one machine and run on another).
+
+    Raises:
+        VlampError: If it is not one of ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+    """
+    _parse_device(name)
+
+
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     """The device a run trains on: ``"auto"`` (or ``None``/empty) is the first CUDA GPU when there
     is one, else the CPU; ``"cpu"``, ``"cuda"`` and ``"cuda:N"`` are taken as they are.
@@ -74,15 +102,9 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
         VlampError: On another name, or a CUDA device this machine does not have (the message
             says how many it has).
     """
-    text = str(name if name is not None else "").strip().lower() or "auto"
-    if text == "auto":
+    dev = _parse_device(name)
+    if dev is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(text)
-    except RuntimeError:
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index):
-        raise VlampError(f"device {name!r} is not one of {DEVICE_NAMES}")
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
@@ -144,6 +166,13 @@ def set_tf32(enabled: bool) -> None:
         torch.backends.cudnn.allow_tf32 = enabled
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Waits for the work queued on ``device`` (a GPU runs asynchronously; a timer must wait)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def tf32_enabled() -> bool:
     """Whether CUDA FP32 matmuls may use TF32 now (read through the same switches as
     :func:`set_tf32`)."""
@@ -153,14 +182,14 @@ def tf32_enabled() -> bool:
         return bool(torch.backends.cuda.matmul.allow_tf32)
 
 
-def _time(fn: Callable[[], object], budget_s: float, sync: Callable[[], None]) -> float:
+def _time(fn: Callable[[], object], budget_s: float, device: torch.device) -> float:
     fn()  # warm-up
-    sync()
+    synchronize(device)
     n, start = 0, time.perf_counter()
     while True:
         fn()
         n += 1
-        sync()
+        synchronize(device)
         elapsed = time.perf_counter() - start
         if elapsed >= budget_s:
             return elapsed / n
@@ -174,7 +203,6 @@ def measure_throughput(device: str = "cpu", budget_s: float = 0.15) -> dict[str,
     full benchmark. Returns ``{"gemm": {"fp32": ..., ...}, "conv": {...}}``.
     """
     dev = torch.device(device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     big = dev.type == "cuda"
     n = 4096 if big else 512
     b, c, hw = (64, 128, 64) if big else (8, 64, 32)
@@ -190,9 +218,9 @@ def measure_throughput(device: str = "cpu", budget_s: float = 0.15) -> dict[str,
             kinds = [name] + (["tf32"] if dev.type == "cuda" and dtype == torch.float32 else [])
             for kind in kinds:  # tf32: FP32 tensors on TF32 tensor cores, what tf32=true buys
                 set_tf32(kind == "tf32")
-                out["gemm"][kind] = 2 * n**3 / _time(lambda a=a, w=w: a @ w, budget_s, sync) / 1e9
+                out["gemm"][kind] = 2 * n**3 / _time(lambda a=a, w=w: a @ w, budget_s, dev) / 1e9
                 out["conv"][kind] = 2 * b * c * c * 9 * hw * hw / _time(
-                    lambda x=x, k=k: F.conv2d(x, k, padding=1), budget_s, sync) / 1e9
+                    lambda x=x, k=k: F.conv2d(x, k, padding=1), budget_s, dev) / 1e9
     finally:
         set_tf32(before)
     return out

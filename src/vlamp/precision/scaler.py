@@ -39,37 +39,37 @@ class StepOutcome:
     found_inf: bool
 
 
+def _check_and_unscale(grads: Iterable[torch.Tensor], inv_scale: float,
+                       device: torch.device | None = None) -> torch.Tensor:
+    """Multiplies ``grads`` in place by ``inv_scale`` (a pure check when it is 1): one fused
+    kernel per (device, dtype) group. Returns a 0-dim FP32 flag on ``device`` (default: the first
+    gradient's), > 0 where any gradient was inf/NaN; nothing is read back to the host."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+    for g in grads:
+        groups[(g.device, g.dtype)].append(g)
+    if device is None:
+        device = next(iter(groups))[0] if groups else torch.device("cpu")
+    flag = torch.zeros((), device=device)
+    for (dev, _), tensors in groups.items():
+        part = torch.zeros(1, device=dev)
+        inv = torch.full((1,), inv_scale, dtype=torch.float32, device=dev)
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, part, inv)
+        flag = flag.add(part.to(device, non_blocking=True).reshape(()))
+    return flag
+
+
 def found_inf_flag(grads: Iterable[torch.Tensor], device: torch.device) -> torch.Tensor:
     """A 0-dim FP32 tensor on ``device``, 1 where any of ``grads`` is inf/NaN, else 0, computed
     without unscaling them and without reading it back: for optimizers that unscale and skip
     inside their own kernel (``found_inf``/``grad_scale``, as ``torch.amp.GradScaler`` hands them
     to fused optimizers)."""
-    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
-    for g in grads:
-        groups[(g.device, g.dtype)].append(g)
-    flag = torch.zeros((), device=device)
-    for (dev, _), tensors in groups.items():
-        part = torch.zeros(1, device=dev)
-        torch._amp_foreach_non_finite_check_and_unscale_(tensors, part, torch.ones(1, device=dev))
-        flag = flag.add(part.to(device, non_blocking=True).reshape(()))
-    return flag.clamp_(max=1.0)
+    return _check_and_unscale(grads, 1.0, device).clamp_(max=1.0)
 
 
 def unscale_and_check(grads: Iterable[torch.Tensor], inv_scale: float) -> bool:
-    """Multiplies ``grads`` in place by ``inv_scale`` and reports whether any was non-finite.
-
-    One fused kernel per (device, dtype) group; with ``inv_scale == 1`` it is a pure check.
-    """
-    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
-    for g in grads:
-        groups[(g.device, g.dtype)].append(g)
-    found = False
-    for (device, _), tensors in groups.items():
-        flag = torch.zeros(1, device=device)
-        inv = torch.full((1,), inv_scale, dtype=torch.float32, device=device)
-        torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, inv)
-        found = found or bool(flag.item())
-    return found
+    """Multiplies ``grads`` in place by ``inv_scale`` and reports whether any was non-finite
+    (one read of the device, whatever the number of groups)."""
+    return bool(_check_and_unscale(grads, inv_scale).item())
 
 
 class LossScaler(abc.ABC):

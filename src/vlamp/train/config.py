@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import yaml
 from vlamp.io import write_text_atomic
 from vlamp.models.tinyvla import ModelConfig, with_size
 from vlamp.precision.errors import VlampError
-from vlamp.precision.hardware import DEVICE_NAMES
+from vlamp.precision.hardware import DEVICE_NAMES, check_device_name
 
 
 @dataclasses.dataclass
@@ -179,8 +178,10 @@ class RunConfig:
         for name in ("warmup_steps", "val_every", "save_every", "threads"):
             if getattr(t, name) < 0:
                 raise VlampError(f"train.{name} must be >= 0, got {getattr(t, name)}")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device.strip().lower()):
-            raise VlampError(f"train.device must be one of {DEVICE_NAMES}, got {t.device!r}")
+        try:
+            check_device_name(t.device)
+        except VlampError:
+            raise VlampError(f"train.device must be one of {DEVICE_NAMES}, got {t.device!r}") from None
         if not 0.0 <= t.ema_decay < 1.0:
             raise VlampError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
         if t.lr <= 0 or t.clip_grad_norm < 0:

@@ -12,6 +12,7 @@ import torch
 from vlamp.data.dataset import Normalizer
 from vlamp.models.tinyvla import TinyVLA
 from vlamp.models.tokenizer import WordTokenizer
+from vlamp.precision.autoplan import model_device
 from vlamp.precision.front import MixedPrecision
 from vlamp.precision.hardware import resolve_device
 from vlamp.precision.plan import PrecisionPlan
@@ -33,7 +34,7 @@ class VLAPolicy:
                  seed: int = 0) -> None:
         self.model, self.tokenizer, self.mp = model, tokenizer, mp
         self.normalizer = Normalizer(stats)
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self._tokens: dict[str, torch.Tensor] = {}
 

@@ -57,12 +57,6 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
             for k, v in batch.items()}
 
 
-def synchronize(device: torch.device) -> None:
-    """Waits for the work queued on ``device`` (a GPU runs asynchronously; a timer must wait)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def compile_model(model: nn.Module) -> nn.Module:
     """``torch.compile`` of a model already set up by ``MixedPrecision`` (its precision boundaries
     are forward hooks, which the compiler traces). The returned module shares the weights."""

@@ -24,7 +24,7 @@ from vlamp.models.tinyvla import TinyVLA
 from vlamp.models.tokenizer import WordTokenizer
 from vlamp.precision.errors import VlampError
 from vlamp.precision.front import MixedPrecision
-from vlamp.precision.hardware import resolve_device
+from vlamp.precision.hardware import resolve_device, synchronize
 from vlamp.precision.plan import PrecisionPlan
 from vlamp.train import checkpoint as ckpt
 from vlamp.train.config import RunConfig, save_config, to_dict
@@ -34,7 +34,6 @@ from vlamp.train.step import (
     Batch,
     compile_model,
     learning_rate,
-    synchronize,
     to_device,
     train_step,
 )
