@@ -8,6 +8,8 @@ EXAMPLES = """examples:
   vlamp train train.steps=3000 precision.mode=bf16-mixed output_dir=runs/bf16
   vlamp train --config my.yaml train.batch_size=32
   vlamp train output_dir=runs/bf16 resume=true       # continue from the newest valid checkpoint
+  torchrun --standalone --nproc-per-node 2 -m vlamp train distributed.strategy=fsdp \
+      precision.mode=bf16-mixed train.batch_size=32   # 2 ranks x 32: the same steps as 1 x 64
 
 config keys (KEY=VALUE, or --KEY=VALUE):
 """
@@ -42,16 +44,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vlamp.train import distributed
     from vlamp.train.config import load_config
     from vlamp.train.trainer import Trainer
 
     config = load_config(args.config, list(args.overrides) + list(getattr(args, "extra", [])))
-    trainer = Trainer(config, progress=not args.no_progress)
+    try:
+        trainer = Trainer(config, progress=not args.no_progress)
+        if trainer.world.main:
+            _report(trainer, config)
+        else:
+            trainer.fit()
+    finally:
+        distributed.close()
+    return 0
+
+
+def _report(trainer, config) -> None:
     first = trainer.step
+    world, t = trainer.world, config.train
+    ranks = (f" x {world.size} ranks ({config.distributed.strategy}, {world.backend})"
+             if world.distributed else "")
     print(f"precision {trainer.mp.mode.name} (asked: {config.precision.mode}) on {trainer.device}; "
-          f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters; "
-          f"{len(trainer.train_set):,} training samples; run dir {trainer.run_dir}"
+          f"{trainer.num_params:,} parameters; "
+          f"{len(trainer.train_set):,} training samples; effective batch {trainer.effective_batch} "
+          f"= {t.batch_size} x {t.grad_accum} accumulated{ranks}; run dir {trainer.run_dir}"
           + (f"; resumed at step {first}" if first else ""))
+    for line in trainer.mp.parallel_notes:
+        print(line)
     measured = trainer.mp.plan.measured or {}
     if measured.get("reason"):
         cached = f" (cached plan: {measured['cache_path']})" if measured.get("from_cache") else ""
@@ -69,5 +89,4 @@ def run(args: argparse.Namespace) -> int:
               + ", ".join(f"{t['task']} {t['successes']}/{t['episodes']}" for t in result.eval["per_task"]))
     print(f"checkpoints in {trainer.run_dir / 'checkpoints'}; "
           f"evaluate with: vlamp eval --checkpoint {trainer.run_dir}")
-    return 0
 

@@ -102,11 +102,20 @@ class ChunkDataset(torch.utils.data.Dataset):
         }
 
 
-def random_shift(images: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None
-                 ) -> torch.Tensor:
+def random_shift_offsets(n: int, pad: int = 4, generator: torch.Generator | None = None
+                         ) -> torch.Tensor:
+    """The crop offsets :func:`random_shift` draws for ``n`` images: a ``(2, n)`` tensor of x
+    and y offsets in ``[0, 2 * pad]``."""
+    return torch.randint(0, 2 * pad + 1, (2, n), generator=generator)
+
+
+def random_shift(images: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None,
+                 offsets: torch.Tensor | None = None) -> torch.Tensor:
     """DrQ's augmentation: pad each image by replicating its border, then crop it back at a random
-    offset (one per image)."""
+    offset (one per image; ``offsets`` from :func:`random_shift_offsets` to give them)."""
     b, _, h, w = images.shape
     padded = torch.nn.functional.pad(images, (pad, pad, pad, pad), mode="replicate")
-    dx, dy = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).tolist()
+    if offsets is None:
+        offsets = random_shift_offsets(b, pad, generator)
+    dx, dy = offsets.tolist()
     return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])

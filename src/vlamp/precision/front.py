@@ -16,6 +16,7 @@ from torch import nn
 from vlamp.precision.apply import _CALLS, apply_plan
 from vlamp.precision.autoplan import measure_plan, model_device
 from vlamp.precision.errors import VlampError
+from vlamp.precision.fsdp import ShardGroup, shard_model
 from vlamp.precision.hardware import set_tf32
 from vlamp.precision.master import MasterWeights
 from vlamp.precision.modes import Mode, get_mode
@@ -26,6 +27,7 @@ from vlamp.precision.scaler import (
     NoLossScaler,
     StaticLossScaler,
     StepOutcome,
+    across_ranks,
     found_inf_flag,
     make_scaler,
 )
@@ -140,6 +142,7 @@ class MixedPrecision:
         self.skipped_steps = 0
         self.zero_grad_steps = 0
         self.uncalled: dict[str, str] = {}
+        self.parallel_notes: list[str] = []  # how a data-parallel wrapper holds and reduces the model
 
     def _make_scaler(self, scaler: ScalerSpec, settings: dict[str, Any]) -> LossScaler:
         if scaler is None:
@@ -167,19 +170,61 @@ class MixedPrecision:
         gives ``optimizer`` FP32 master weights. Create the optimizer over ``model.parameters()``
         before calling this, and call it before the first step.
 
+        To wrap the model for data-parallel or sharded training (DDP, FSDP2), call it twice:
+        ``mp.setup(model)`` applies the plan, then wrap (see :func:`vlamp.precision.fsdp.shard_model`),
+        build the optimizer over the wrapped parameters, and ``mp.setup(model, optimizer)``.
+
         Returns:
             ``(model, optimizer)``, the same objects, changed in place.
         """
-        self.device = model_device(model)
-        set_tf32(self.tf32)
-        self._resolved = self.plan.resolve(model)
-        apply_plan(self._resolved)
+        if self.model is not model or optimizer is None:
+            self.device = model_device(model)
+            set_tf32(self.tf32)
+            self._resolved = self.plan.resolve(model)
+            apply_plan(self._resolved)
+        elif self.optimizer is not None:
+            raise VlampError("MixedPrecision.setup: this model already has its optimizer; set up "
+                             "each model and optimizer once")
         self.model, self.optimizer = model, optimizer
         if optimizer is not None and self.mode.master_weights:
             names = {id(p): n for n, p in model.named_parameters()}
             masters = MasterWeights(optimizer, names)
             self._masters = masters if len(masters) else None
         return model, optimizer
+
+    @property
+    def resolved(self) -> list[Any]:
+        """The plan resolved on the model given to :meth:`setup`: one entry per module."""
+        return list(self._resolved)
+
+    @property
+    def low_precision_storage(self) -> list[str]:
+        """Modules whose own parameters the plan stores in low precision (the ``-true`` modes, or
+        a ``params=bf16`` rule): the optimizer updates FP32 masters of them."""
+        return [r.name or "(root)" for r in self._resolved if r.policy.param != torch.float32
+                and any(True for _ in r.module.parameters(recurse=False))]
+
+    def shard(self, reduce_dtype: torch.dtype = torch.float32, mesh: Any = None) -> list[ShardGroup]:
+        """Shards the model (set up by ``setup(model)``, no optimizer yet) with FSDP2, in groups
+        whose gathered dtype follows the plan: low-precision layers travel in the compute dtype,
+        FP32 islands in FP32, gradients reduced in ``reduce_dtype``
+        (see :mod:`vlamp.precision.fsdp`). Call it in every rank, then build the optimizer over
+        ``model.parameters()`` and call ``setup(model, optimizer)``. ``describe`` lists the groups.
+
+        Raises:
+            VlampError: Before ``setup(model)``, after the optimizer was given, or in a ``-true``
+                mode (its FP32 masters would sit outside the shards).
+        """
+        if self.model is None or self.optimizer is not None:
+            raise VlampError("MixedPrecision.shard: call setup(model) first and shard before "
+                             "building the optimizer")
+        if self.low_precision_storage:
+            raise VlampError(f"MixedPrecision.shard: {self.low_precision_storage[0]} stores its "
+                             f"weights in low precision with FP32 masters beside them ({self.mode.name}); "
+                             f"shard a -mixed mode instead (FP32 shards, low-precision gathers)")
+        groups = shard_model(self.model, self._resolved, mesh=mesh, reduce_dtype=reduce_dtype)
+        self.parallel_notes = [f"FSDP2 shard groups ({len(groups)}):"] + [f"  {g.line()}" for g in groups]
+        return groups
 
     @property
     def device_type(self) -> str:
@@ -307,8 +352,10 @@ class MixedPrecision:
         if clip_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in params if p.grad is not None], clip_grad_norm, foreach=True)
-            grad_norm = float(norm)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             clip_inf = not math.isfinite(grad_norm)
+            if found_per_loss == [False] and scale == 1.0:  # the norm was the only check: one verdict
+                clip_inf = bool(across_ranks(torch.tensor(float(clip_inf), device=self.device)).item())
         found = any(found_per_loss) or clip_inf
         if not found:
             if not isinstance(self.scalers[0], NoLossScaler):
@@ -445,6 +492,7 @@ class MixedPrecision:
         fp32 = ("TF32 tensor cores (tf32=True)" if self.tf32 else "IEEE FP32 (tf32=False)") \
             if device == "cuda" else "IEEE FP32"
         table.notes.append(f"device {self.device}; FP32 matmuls and convolutions run in {fp32}")
+        table.notes.extend(self.parallel_notes)
         return table
 
     def __repr__(self) -> str:

@@ -4,6 +4,11 @@ A scaler multiplies the loss by ``scale`` before backward, divides the gradients
 one fused pass that also checks them for inf/NaN (``torch._amp_foreach_non_finite_check_and_unscale_``,
 grouped per device and dtype, as ``torch.amp.GradScaler`` does), and then ``update(found_inf)``
 moves its schedule. The optimizer step is skipped by the caller when ``found_inf`` is true.
+
+Across ranks (``torch.distributed`` initialized, more than one rank) the inf/NaN flag is summed over
+every rank before anyone reads it, so all ranks skip the same steps and their scalers stay one state
+(as ``ShardedGradScaler`` does): a rank whose gradient shard overflowed would otherwise step alone.
+Sharded gradients (FSDP2's DTensors) are checked and unscaled shard by shard, in place.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ def _check_and_unscale(grads: Iterable[torch.Tensor], inv_scale: float,
     gradient's), > 0 where any gradient was inf/NaN; nothing is read back to the host."""
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
     for g in grads:
+        g = _local(g)
         groups[(g.device, g.dtype)].append(g)
     if device is None:
         device = next(iter(groups))[0] if groups else torch.device("cpu")
@@ -55,6 +61,22 @@ def _check_and_unscale(grads: Iterable[torch.Tensor], inv_scale: float,
         inv = torch.full((1,), inv_scale, dtype=torch.float32, device=dev)
         torch._amp_foreach_non_finite_check_and_unscale_(tensors, part, inv)
         flag = flag.add(part.to(device, non_blocking=True).reshape(()))
+    return across_ranks(flag)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor's own shard (an FSDP2 DTensor's local tensor), else the tensor."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
+def across_ranks(flag: torch.Tensor) -> torch.Tensor:
+    """``flag`` summed over all ranks, in place, when ``torch.distributed`` runs with more than one
+    rank (one small all-reduce); else ``flag`` itself."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag)
     return flag
 
 

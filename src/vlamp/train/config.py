@@ -154,6 +154,24 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
+class DistributedConfig:
+    """How a run launched by ``torchrun --nproc-per-node N -m vlamp train ...`` splits the work
+    (ignored in one process). ``train.batch_size`` is per rank: the effective batch is
+    ``batch_size x grad_accum x N``.
+
+    Attributes:
+        strategy: ``ddp`` (every rank holds the model; gradients all-reduced) or ``fsdp``
+            (FSDP2: parameters, gradients and optimizer state sharded; the precision plan decides
+            each shard group's gathered dtype).
+        reduce_dtype: Dtype gradients are reduced in: ``fp32``, or ``bf16``/``fp16`` to halve
+            the traffic (a recorded loss of precision in the sum).
+    """
+
+    strategy: str = "ddp"
+    reduce_dtype: str = "fp32"
+
+
+@dataclasses.dataclass
 class RunConfig:
     """Everything a training run needs; ``vlamp train --help`` lists every key.
 
@@ -167,6 +185,7 @@ class RunConfig:
     precision: PrecisionConfig = dataclasses.field(default_factory=PrecisionConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     output_dir: str = "runs/train"
     resume: bool = False
 
@@ -186,6 +205,12 @@ class RunConfig:
             raise VlampError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
         if t.lr <= 0 or t.clip_grad_norm < 0:
             raise VlampError("train.lr must be > 0 and train.clip_grad_norm >= 0")
+        if self.distributed.strategy not in ("ddp", "fsdp"):
+            raise VlampError(f"distributed.strategy must be one of ddp, fsdp, got "
+                             f"{self.distributed.strategy!r}")
+        if self.distributed.reduce_dtype not in ("fp32", "bf16", "fp16"):
+            raise VlampError(f"distributed.reduce_dtype must be one of fp32, bf16, fp16, got "
+                             f"{self.distributed.reduce_dtype!r}")
         if self.eval.episodes < 1 or self.eval.every < 0 or self.dataset.val_episodes < 0:
             raise VlampError("eval.episodes must be >= 1; eval.every and dataset.val_episodes >= 0")
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from vlamp.precision.front import MixedPrecision
 from vlamp.precision.scaler import StepOutcome
+from vlamp.train.distributed import gradient_sync, mean_over_ranks
 
 Batch = dict[str, torch.Tensor]
 
@@ -25,27 +26,36 @@ class StepResult:
 
 
 def train_step(model: nn.Module, micro_batches: Sequence[Batch], mp: MixedPrecision,
-               optimizer: torch.optim.Optimizer, clip_grad_norm: float | None = None) -> StepResult:
+               optimizer: torch.optim.Optimizer, clip_grad_norm: float | None = None,
+               loss_weights: Sequence[float] | None = None) -> StepResult:
     """autocast -> scaled backward (per micro-batch) -> unscale -> clip -> step -> scaler update ->
     zero_grad. ``model(batch)`` must return the loss. Skipped (inf/NaN) steps change no weight.
 
     Args:
-        model: A model set up by ``mp.setup``.
+        model: A model set up by ``mp.setup`` (or its DDP wrapper).
         micro_batches: One batch, or several whose gradients are accumulated into one step.
         mp: The precision object.
         optimizer: The optimizer given to ``mp.setup``.
         clip_grad_norm: Clip the unscaled gradient norm to this (``None``: no clipping).
+        loss_weights: A factor per micro-batch loss (default 1): this rank's share of a mean
+            over all ranks (see :func:`vlamp.train.distributed.loss_shares`).
     """
     losses = []
+    last = len(micro_batches) - 1
     with mp.accumulate():  # each weight cast to low precision once per step, not per micro-batch
-        for batch in micro_batches:
-            with mp.autocast():
-                loss = model(batch)
-            mp.backward(loss / len(micro_batches))
+        for i, batch in enumerate(micro_batches):
+            # Under DDP/FSDP2 gradients are reduced across ranks once, after the last micro-batch.
+            with gradient_sync(model, i == last):
+                with mp.autocast():
+                    loss = model(batch)
+                    if loss_weights is not None:
+                        loss = loss * loss_weights[i]
+                mp.backward(loss / len(micro_batches))
             losses.append(loss.detach().float())
     outcome = mp.step(optimizer, clip_grad_norm=clip_grad_norm)
-    # One read of the device (after the step is queued), not one per micro-batch.
-    return StepResult(loss=float(torch.stack(losses).mean()), outcome=outcome)
+    # One read of the device (after the step is queued), not one per micro-batch; the loss of
+    # the whole (all ranks') batch.
+    return StepResult(loss=float(mean_over_ranks(torch.stack(losses).mean())), outcome=outcome)
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

@@ -17,16 +17,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from vlamp.data.dataset import ChunkDataset, random_shift
+from vlamp.data.dataset import ChunkDataset, random_shift, random_shift_offsets
 from vlamp.data.reader import LeRobotData, read_dataset
 from vlamp.io import write_text_atomic
 from vlamp.models.tinyvla import TinyVLA
 from vlamp.models.tokenizer import WordTokenizer
 from vlamp.precision.errors import VlampError
 from vlamp.precision.front import MixedPrecision
-from vlamp.precision.hardware import resolve_device, synchronize
+from vlamp.precision.hardware import synchronize
 from vlamp.precision.plan import PrecisionPlan
 from vlamp.train import checkpoint as ckpt
+from vlamp.train import distributed
 from vlamp.train.config import RunConfig, save_config, to_dict
 from vlamp.train.policy import VLAPolicy
 from vlamp.train.step import (
@@ -121,10 +122,15 @@ class Trainer:
                              f"{', '.join(leftovers)} but no checkpoint; a new run would mix its logs "
                              f"into them. Remove them or choose another output_dir")
         _check_writable(self.run_dir)  # before minutes of loading, not after
-        self.device = resolve_device(config.train.device)
+        self.world, self.device = distributed.init(config.train.device)
+        self.progress = progress and self.world.main
         if config.train.threads:
             torch.set_num_threads(config.train.threads)
-        self.data = data if data is not None else load_data(config, progress)
+        if data is None and not self.world.main:
+            distributed.barrier(self.world)  # rank 0 generates the default dataset, once
+        self.data = data if data is not None else load_data(config, self.progress)
+        if data is None and self.world.main:
+            distributed.barrier(self.world)
         self.image_size = int(self.data.images.shape[1])
         train_eps, val_eps = split_episodes(self.data, config.dataset.val_episodes)
         self.train_set = ChunkDataset(self.data, config.model.chunk, train_eps)
@@ -144,17 +150,36 @@ class Trainer:
 
         torch.manual_seed(config.train.seed)
         self.rng = np.random.default_rng(config.train.seed)
-        self.model = TinyVLA(m).to(self.device)
+        self.model = TinyVLA(m).to(self.device)  # the same initial weights on every rank
         self.mp = self._precision(resume_from)
+        self.mp.setup(self.model)
+        d = config.distributed
+        wrapped = distributed.wrap(self.model, self.mp, d.strategy, d.reduce_dtype, self.world)
         self.optimizer = make_optimizer(self.model, config.train.lr, config.train.weight_decay)
         self.mp.setup(self.model, self.optimizer)
-        self.forward = self.model if not config.train.compile else compile_model(self.model)
+        self.forward = wrapped if not config.train.compile else compile_model(wrapped)
         self.ema = EMA(self.model, config.train.ema_decay, self.mp.master_weights) \
             if config.train.ema_decay else None
         self.step = 0
         self.applied_steps = 0
         if resume_from is not None:
             self._restore(resume_from)
+        distributed.barrier(self.world)  # every rank checked the run directory before any writes
+
+    @property
+    def effective_batch(self) -> int:
+        """Samples per optimizer step, over all ranks and micro-batches."""
+        t = self.config.train
+        return t.batch_size * t.grad_accum * self.world.size
+
+    @property
+    def num_params(self) -> int:
+        """Parameters of the whole model (not of this rank's shards)."""
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def sharded(self) -> bool:
+        return self.world.distributed and self.config.distributed.strategy == "fsdp"
 
     def _precision(self, resume_from: ckpt.Checkpoint | None) -> MixedPrecision:
         """The precision object: a resumed run keeps the plan it was trained with (so it is not
@@ -168,10 +193,18 @@ class Trainer:
             plan = PrecisionPlan.from_dict(saved, where=f"checkpoint {resume_from.path}")
             return MixedPrecision(plan.mode, plan, p.scaler or None, **common)
         if p.measure and p.mode != "fp32":
-            example = self.example_batch()
-            log = (lambda line: tqdm.write(line)) if self.progress else None
-            return MixedPrecision(p.mode, p.rules or None, p.scaler or None, model=self.model,
-                                  example_batch=example, log=log, **common)
+            plan = None
+            if self.world.main:  # measured once, on rank 0; every rank trains on its plan
+                example = self.example_batch()
+                log = (lambda line: tqdm.write(line)) if self.progress else None
+                measured = MixedPrecision(p.mode, p.rules or None, p.scaler or None, model=self.model,
+                                          example_batch=example, log=log, **common)
+                plan = measured.plan.to_dict()
+                if not self.world.distributed:
+                    return measured
+            plan = distributed.broadcast_json(plan, self.world)
+            plan = PrecisionPlan.from_dict(plan, where="rank 0's measured plan")
+            return MixedPrecision(plan.mode, plan, p.scaler or None, **common)
         return MixedPrecision(p.mode, p.rules or None, p.scaler or None, device=self.device, **common)
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -199,10 +232,17 @@ class Trainer:
         }
         return state, tensors
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Writes a checkpoint (rank 0; the other ranks help gather sharded tensors). Returns its
+        directory on rank 0, ``None`` elsewhere."""
         state, tensors = self._state()
-        return ckpt.save_checkpoint(self.run_dir, self.step, state, self.model.state_dict(), tensors,
-                                    keep_last=self.config.train.keep_last)
+        model, tensors = distributed.gather(self.model.state_dict()), distributed.gather(tensors)
+        path = None
+        if self.world.main:
+            path = ckpt.save_checkpoint(self.run_dir, self.step, state, model, tensors,
+                                        keep_last=self.config.train.keep_last)
+        distributed.barrier(self.world)
+        return path
 
     def _restore(self, c: ckpt.Checkpoint) -> None:
         saved_mode = c.state["precision"]["mode"]
@@ -214,11 +254,15 @@ class Trainer:
         # The most precise copy of each weight: its FP32 master where the run kept one, so a switch
         # between modes (bf16-true -> fp16-true, -true -> mixed) carries the trained weights over.
         exact = {**c.model, **{k: v for k, v in masters.items() if k in c.model}}
+        if self.sharded:  # full tensors from the file; each rank keeps its shard
+            exact = distributed.shard_like(exact, self.model.state_dict())
         try:
             self.model.load_state_dict(exact, strict=True)
         except RuntimeError as e:
             raise ckpt.CheckpointError(f"{c.path}: model weights do not fit: {str(e).splitlines()[0]}") from None
         ckpt.optimizer_from_flat(self.optimizer, c.train, c.state["optimizer"])
+        if self.sharded:
+            distributed.shard_optimizer_state(self.optimizer)
         self.mp.load_state_dict({**c.state["precision"], "master_weights": masters})
         if saved_mode != self.mp.mode.name:
             self.mp.sync_masters(exact)
@@ -233,7 +277,8 @@ class Trainer:
             torch.cuda.set_rng_state(c.train["rng.cuda"], self.device)
         self.rng.bit_generator.state = c.state["numpy_rng"]
         self.step, self.applied_steps = c.step, int(c.state["applied_steps"])
-        _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        if self.world.main:
+            _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
 
     # -- the loop --------------------------------------------------------------------------------
     def example_batch(self) -> Batch:
@@ -245,7 +290,11 @@ class Trainer:
         dataset = self.train_set
         b = dataset.batch(positions)
         if augment:
-            b["image"] = random_shift(b["image"])
+            # Offsets drawn for the whole batch of all ranks (the same stream on each), this
+            # rank's slice used: N ranks augment exactly as one process does.
+            n, rank = len(positions), self.world.rank
+            shifts = random_shift_offsets(n * self.world.size)[:, rank * n:(rank + 1) * n]
+            b["image"] = random_shift(b["image"], offsets=shifts)
         b["tokens"] = self.tokens_by_task[b["task_index"]]
         return to_device(b, self.device)
 
@@ -257,12 +306,14 @@ class Trainer:
                 evaluation and checkpoint (the benchmark pauses runs there to interleave them).
         """
         c, t = self.config, self.config.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(c, self.run_dir / "config.yaml")
-        from torch.utils.tensorboard import SummaryWriter
+        writer = metrics = None  # rank 0 logs; the other ranks only train
+        if self.world.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(c, self.run_dir / "config.yaml")
+            from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step or None)
-        metrics = open(self.run_dir / "metrics.jsonl", "a")
+            writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step or None)
+            metrics = open(self.run_dir / "metrics.jsonl", "a")
         result = TrainResult(self.run_dir, t.steps)
         bar = tqdm(total=t.steps, initial=self.step, desc=f"train {self.mp.mode.name}", unit="step",
                    disable=not self.progress, dynamic_ncols=True)
@@ -273,15 +324,16 @@ class Trainer:
                 lr = learning_rate(self.applied_steps, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                positions = self.rng.integers(0, len(self.train_set), size=t.batch_size * t.grad_accum)
+                positions = self.rng.integers(0, len(self.train_set), size=self.effective_batch)
                 batches = [self._batch(chunk, c.dataset.augment)
-                           for chunk in np.split(positions, t.grad_accum)]
+                           for chunk in distributed.my_share(positions, t.grad_accum, self.world)]
                 t0 = time.perf_counter()
-                r = train_step(self.forward, batches, self.mp, self.optimizer, clip)
+                shares = distributed.loss_shares([b["action_mask"] for b in batches], self.world)
+                r = train_step(self.forward, batches, self.mp, self.optimizer, clip, shares)
                 synchronize(self.device)
                 result.step_times.append(time.perf_counter() - t0)
                 self.step += 1
-                window_n += len(positions)
+                window_n += len(positions)  # samples of all ranks
                 if not r.outcome.skipped:
                     self.applied_steps += 1
                     if self.ema is not None:
@@ -313,8 +365,9 @@ class Trainer:
                     on_step(self.step)
         finally:
             bar.close()
-            writer.close()
-            metrics.close()
+            if writer is not None:
+                writer.close()
+                metrics.close()
         result.skipped_steps = self.mp.skipped_steps
         result.seconds = time.perf_counter() - start
         return result
@@ -348,12 +401,28 @@ class Trainer:
         from vlamp.sim.tasks import tasks_for_instructions
 
         tasks = [task.name for task in tasks_for_instructions(self.data.tasks)]
-        policy = VLAPolicy(self.model, self.tokenizer, self.data.stats, self.mp)
         e = self.config.eval
-        with _swapped(self.model, self.eval_weights()):
-            res = evaluate(policy, tasks, e.episodes, replan_every=e.replan_every,
-                           image_size=self.image_size, max_steps=e.max_steps, progress=self.progress)
-        return res.as_dict()
+        model, weights = self.model, self.eval_weights()
+        if self.sharded:  # a whole copy on rank 0, from the gathered shards
+            weights = distributed.gather(weights if weights is not None else self.model.state_dict())
+            model = self._unsharded_copy() if self.world.main else None
+        result = None
+        if self.world.main:
+            mp = self.mp
+            if model is not self.model:
+                mp = MixedPrecision(self.mp.mode, self.mp.plan, tf32=self.mp.tf32)
+                mp.setup(model)
+            policy = VLAPolicy(model, self.tokenizer, self.data.stats, mp)
+            with _swapped(model, weights):
+                res = evaluate(policy, tasks, e.episodes, replan_every=e.replan_every,
+                               image_size=self.image_size, max_steps=e.max_steps, progress=self.progress)
+            result = res.as_dict()
+        return distributed.broadcast_json(result, self.world)  # the other ranks waited here
+
+    def _unsharded_copy(self) -> TinyVLA:
+        """A plain (unsharded) model of the same config on this rank's device: its weights are
+        loaded by the caller."""
+        return TinyVLA(self.config.model).to(self.device)
 
 
 class _swapped:
@@ -397,6 +466,8 @@ def _check_same_model(saved: dict[str, Any], now: dict[str, Any]) -> None:
 
 
 def _log(writer, metrics, prefix: str, row: dict[str, Any]) -> None:
+    if writer is None:
+        return
     step = row["step"]
     for k, v in row.items():
         if k != "step" and v is not None:
