@@ -229,8 +229,9 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 def gather(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Each sharded tensor (FSDP2 DTensor) assembled in full, on every rank; others as they are.
-    Every rank must call it with the same keys (one collective per sharded tensor, in key order)."""
-    return {k: _full(v) for k, v in tensors.items()}
+    Every rank must call it with the same keys: one collective per sharded tensor, in sorted key
+    order (a dict's order can differ between ranks: safetensors loads in hash order)."""
+    return {k: _full(tensors[k]) for k in sorted(tensors)}
 
 
 def shard_like(full: dict[str, torch.Tensor], like: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -421,8 +421,10 @@ class Trainer:
 
     def _unsharded_copy(self) -> TinyVLA:
         """A plain (unsharded) model of the same config on this rank's device: its weights are
-        loaded by the caller."""
-        return TinyVLA(self.config.model).to(self.device)
+        loaded by the caller. Built without drawing from the training's random stream (only
+        rank 0 builds it; the ranks' streams must stay the same)."""
+        with torch.random.fork_rng(devices=[]):
+            return TinyVLA(self.config.model).to(self.device)
 
 
 class _swapped:
