@@ -26,12 +26,12 @@ CONFIG = dict(vocab_size=50, state_dim=39, action_dim=4, image_size=32, chunk=4,
 STEPS, BATCH = 4, 8
 
 
-def build(mode: str, world: distributed.World | None, strategy: str):
+def build(mode: str, world: distributed.World | None, strategy: str, reduce: str = "fp32"):
     torch.manual_seed(0)
     model = TinyVLA(ModelConfig(**CONFIG))
     mp = MixedPrecision(mode)
     mp.setup(model)
-    forward = model if world is None else distributed.wrap(model, mp, strategy, "fp32", world)
+    forward = model if world is None else distributed.wrap(model, mp, strategy, reduce, world)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     mp.setup(model, opt)
     return model, forward, mp, opt
@@ -46,56 +46,59 @@ def main(out: str) -> None:
     world, _ = distributed.init("cpu")
     torch.set_num_threads(1)
     report: dict = {"rank": world.rank, "runs": {}}
-    for strategy in ("ddp", "fsdp"):
-        for mode in ("bf16-mixed", "fp16-mixed"):
-            model, forward, mp, opt = build(mode, world, strategy)
-            ref_model, _, ref_mp, ref_opt = build(mode, None, strategy)
-            losses, ref_losses = [], []
-            for step in range(STEPS):
-                batch = ref_model.example_batch(BATCH, seed=step)
-                batch["action_mask"][: BATCH // 2, -1] = False  # ranks hold unequal valid steps
-                shares = distributed.loss_shares([half(batch, world)["action_mask"]], world)
-                losses.append(train_step(forward, [half(batch, world)], mp, opt, 1.0, shares).loss)
-                ref_losses.append(train_step(ref_model, [batch], ref_mp, ref_opt, 1.0).loss)
-            run = {"losses": losses, "ref_losses": ref_losses, "scale": mp.scale,
-                   "notes": mp.parallel_notes}
-            if strategy == "fsdp" and mode == "bf16-mixed":
-                batch = half(ref_model.example_batch(BATCH, seed=99), world)
+    cases = [(strategy, mode, "fp32") for strategy in ("ddp", "fsdp")
+             for mode in ("bf16-mixed", "fp16-mixed")]
+    cases += [(strategy, "bf16-mixed", "bf16") for strategy in ("ddp", "fsdp")]  # halved traffic
+    for strategy, mode, reduce in cases:
+        model, forward, mp, opt = build(mode, world, strategy, reduce)
+        ref_model, _, ref_mp, ref_opt = build(mode, None, strategy)
+        losses, ref_losses = [], []
+        for step in range(STEPS):
+            batch = ref_model.example_batch(BATCH, seed=step)
+            batch["action_mask"][: BATCH // 2, -1] = False  # ranks hold unequal valid steps
+            shares = distributed.loss_shares([half(batch, world)["action_mask"]], world)
+            losses.append(train_step(forward, [half(batch, world)], mp, opt, 1.0, shares).loss)
+            ref_losses.append(train_step(ref_model, [batch], ref_mp, ref_opt, 1.0).loss)
+        run = {"losses": losses, "ref_losses": ref_losses, "scale": mp.scale,
+               "notes": mp.parallel_notes}
+        if strategy == "fsdp" and mode == "bf16-mixed" and reduce == "fp32":
+            batch = half(ref_model.example_batch(BATCH, seed=99), world)
 
-                def step() -> None:
-                    with mp.autocast():
-                        loss = forward(batch)
-                    mp.backward(loss)
-
-                def ref_step() -> None:
-                    with ref_mp.autocast():
-                        loss = ref_model(batch)
-                    ref_mp.backward(loss)
-
-                for key, (m, fn, o) in {"dtypes": (model, step, opt),
-                                        "ref_dtypes": (ref_model, ref_step, ref_opt)}.items():
-                    seen = trace_compute_dtypes(m, fn, backward=True)
-                    o.zero_grad(set_to_none=True)
-                    run[key] = {k: sorted(str(d) for d in v) for k, v in seen.items()}
-            if mode == "fp16-mixed":
-                # An overflow on one rank only, after the gradients were reduced.
-                before = mp.scale
-                batch = half(ref_model.example_batch(BATCH, seed=7), world)
+            def step() -> None:
                 with mp.autocast():
                     loss = forward(batch)
                 mp.backward(loss)
-                if world.rank == 1:
-                    grad = next(p.grad for p in model.parameters() if p.grad is not None)
-                    grad = grad.to_local() if hasattr(grad, "to_local") else grad
-                    grad.view(-1)[0] = float("inf")
-                weights = [p.detach().clone() for p in model.parameters()]
-                outcome = mp.step(opt, clip_grad_norm=None)
-                run["overflow"] = {
-                    "skipped": outcome.skipped, "scale_before": before, "scale_after": mp.scale,
-                    "weights_unchanged": all(torch.equal(a, b) for a, b in
-                                             zip(weights, (p.detach() for p in model.parameters()))),
-                }
-            report["runs"][f"{strategy}/{mode}"] = run
+
+            def ref_step() -> None:
+                with ref_mp.autocast():
+                    loss = ref_model(batch)
+                ref_mp.backward(loss)
+
+            for key, (m, fn, o) in {"dtypes": (model, step, opt),
+                                    "ref_dtypes": (ref_model, ref_step, ref_opt)}.items():
+                seen = trace_compute_dtypes(m, fn, backward=True)
+                o.zero_grad(set_to_none=True)
+                run[key] = {k: sorted(str(d) for d in v) for k, v in seen.items()}
+        if mode == "fp16-mixed":  # (reduced in fp32)
+            # An overflow on one rank only, after the gradients were reduced.
+            before = mp.scale
+            batch = half(ref_model.example_batch(BATCH, seed=7), world)
+            with mp.autocast():
+                loss = forward(batch)
+            mp.backward(loss)
+            if world.rank == 1:
+                grad = next(p.grad for p in model.parameters() if p.grad is not None)
+                grad = grad.to_local() if hasattr(grad, "to_local") else grad
+                grad.view(-1)[0] = float("inf")
+            weights = [p.detach().clone() for p in model.parameters()]
+            outcome = mp.step(opt, clip_grad_norm=None)
+            run["overflow"] = {
+                "skipped": outcome.skipped, "scale_before": before, "scale_after": mp.scale,
+                "weights_unchanged": all(torch.equal(a, b) for a, b in
+                                         zip(weights, (p.detach() for p in model.parameters()))),
+            }
+        key = f"{strategy}/{mode}" if reduce == "fp32" else f"{strategy}+{reduce}-reduce/{mode}"
+        report["runs"][key] = run
     with open(os.path.join(out, f"rank{world.rank}.json"), "w") as f:
         json.dump(report, f)
     dist.barrier()

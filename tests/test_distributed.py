@@ -140,11 +140,18 @@ def test_mixed_precision_across_ranks(tmp_path):
     backward, the same as one process's), and an overflow on one rank skips the step on both."""
     torchrun(str(Path(__file__).parent / "dist_worker.py"), str(tmp_path))
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text())["runs"] for r in (0, 1))
-    assert set(r0) == {"ddp/bf16-mixed", "ddp/fp16-mixed", "fsdp/bf16-mixed", "fsdp/fp16-mixed"}
+    assert set(r0) == {"ddp/bf16-mixed", "ddp/fp16-mixed", "fsdp/bf16-mixed", "fsdp/fp16-mixed",
+                       "ddp+bf16-reduce/bf16-mixed", "fsdp+bf16-reduce/bf16-mixed"}
     for key, run in r0.items():
         assert run["losses"] == r1[key]["losses"], key
         assert run["losses"][0] == pytest.approx(run["ref_losses"][0], rel=1e-6), key
         assert close(run["losses"], run["ref_losses"], 2e-3), key
+    # bf16 reduction really ran in bf16 (later losses move), the same way under DDP and FSDP2.
+    low, full = r0["ddp+bf16-reduce/bf16-mixed"]["losses"], r0["ddp/bf16-mixed"]["losses"]
+    assert low[0] == full[0] and all(a != b for a, b in zip(low[1:], full[1:]))
+    assert low == r0["fsdp+bf16-reduce/bf16-mixed"]["losses"]
+    assert "gradients all-reduced in bf16" in r0["ddp+bf16-reduce/bf16-mixed"]["notes"][0]
+    assert "gradients reduced in bf16" in r0["fsdp+bf16-reduce/bf16-mixed"]["notes"][2]
     dtypes = r0["fsdp/bf16-mixed"]["dtypes"]
     assert dtypes == r0["fsdp/bf16-mixed"]["ref_dtypes"]
     islands = [k for k in dtypes if k.endswith(("norm1", "norm2", "norm", "action_out"))]

@@ -22,6 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "The measured plan is cached per machine, torch version, threads, model and batch "
                     "shape; `vlamp train` uses the same cache.",
         epilog="examples:\n  vlamp plan --depth 2\n  vlamp plan --auto --out plan.yaml\n"
+               "  vlamp plan --fsdp --depth 1\n"
                "  vlamp plan --auto --mode bf16-mixed --batch-size 32 --refresh",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", default=None, help=f"one of {', '.join(MODE_NAMES)}, auto "
@@ -47,6 +48,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="where --auto measures and mode auto decides for: auto (CUDA when present), "
                         "cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--depth", type=int, default=None, help="fold modules deeper than this")
+    p.add_argument("--fsdp", action="store_true",
+                   help="also list the FSDP2 shard groups the plan gives under torchrun "
+                        "(distributed.strategy=fsdp): each group's gathered and reduced dtype")
     p.add_argument("--json", action="store_true", help="print rows as JSON")
     p.set_defaults(run=run)
 
@@ -86,6 +90,21 @@ def run(args: argparse.Namespace) -> int:
     if plan.measured and plan.measured.get("step_ms") and not args.json:
         steps = ", ".join(f"{k} {v:.1f} ms" for k, v in plan.measured["step_ms"].items())
         print(f"measured forward+backward step at batch {args.batch_size}: {steps}")
+    if args.fsdp and not args.json:
+        import torch
+
+        from vlamp.precision.apply import apply_plan
+        from vlamp.precision.fsdp import plan_groups
+
+        resolved = plan.resolve(model, warn_unmatched=False)
+        apply_plan(resolved)
+        groups = [g for g, _ in plan_groups(model, resolved)]
+        print(f"\nFSDP2 shard groups ({len(groups)}), as `torchrun ... vlamp train "
+              f"distributed.strategy=fsdp` shards this plan:")
+        for g in groups:
+            print(f"  {g.line()}")
+        low = sum(g.num_params for g in groups if g.param_dtype != torch.float32)
+        print(f"{low:,} of {sum(g.num_params for g in groups):,} parameters travel in low precision")
     if args.out:
         try:
             plan.save(args.out)

@@ -69,7 +69,8 @@ def _blocks(model: nn.Module) -> list[str]:
     names = [n for n, m in model.named_modules() if n and isinstance(m, nn.ModuleList)]
     items = [f"{n}.{k}" for n in names for k, _ in model.get_submodule(n).named_children()]
     tops = [n for n, _ in model.named_children()]
-    ordered = sorted(set(items), key=lambda n: -n.count(".")) + [t for t in tops if t not in items]
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    ordered = sorted(set(items), key=lambda n: (-n.count("."), order[n])) + [t for t in tops if t not in items]
     return [n for n in ordered if any(True for _ in model.get_submodule(n).parameters())] + [""]
 
 

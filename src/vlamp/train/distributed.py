@@ -202,11 +202,7 @@ def wrap(model: nn.Module, mp: MixedPrecision, strategy: str, reduce_dtype: str,
         device_ids = [world.local_rank] if world.backend == "nccl" else None
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         if reduce != torch.float32:
-            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-            hook = default_hooks.bf16_compress_hook if reduce == torch.bfloat16 \
-                else default_hooks.fp16_compress_hook
-            wrapped.register_comm_hook(None, hook)
+            wrapped.register_comm_hook(reduce, _compress_hook)
         mp.parallel_notes = [f"DDP over {world.size} ranks ({world.backend}): every rank holds the "
                              f"whole model; gradients all-reduced in {dtype_name(reduce)}"]
         return wrapped
@@ -220,6 +216,22 @@ def wrap(model: nn.Module, mp: MixedPrecision, strategy: str, reduce_dtype: str,
         register_fsdp_forward_method(model, "predict")
     mp.parallel_notes[0] = f"FSDP2 over {world.size} ranks ({world.backend}); " + mp.parallel_notes[0]
     return model
+
+
+def _compress_hook(dtype, bucket):  # no annotations: DDP checks them, and they are strings here
+    """DDP's gradient all-reduce in ``dtype``: each bucket (a ``dist.GradBucket``) is cast down,
+    summed across ranks, divided by the rank count and cast back; returns a future of the bucket.
+    (torch's own bf16 hook asks for NCCL; this one runs on gloo too.)"""
+    group = dist.group.WORLD
+    world = dist.get_world_size(group)
+    grads = bucket.buffer()
+    low = grads.to(dtype).div_(world)
+
+    def back(fut: torch.futures.Future) -> torch.Tensor:
+        grads.copy_(fut.value()[0])
+        return grads
+
+    return dist.all_reduce(low, group=group, async_op=True).get_future().then(back)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
