@@ -227,3 +227,24 @@ def test_my_share_and_loss_shares_in_one_process():
         [list(range(6)), list(range(6, 12))]
     assert [list(x) for x in distributed.my_share(positions, 2, two)] == [[3, 4, 5], [9, 10, 11]]
     assert distributed.loss_shares([torch.ones(3, 4)], distributed.World()) is None
+
+
+def test_bench_runs_a_mode_on_two_torchrun_ranks(tmp_path):
+    """``vlamp bench --nproc 2``: the modes on 2 real ranks (FSDP2 here) beside a 1-process fp32
+    run; throughput reported in total and per rank, and against the single process."""
+    out = tmp_path / "bench"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "MUJOCO_GL": "egl"}
+    p = subprocess.run([sys.executable, "-m", "vlamp", "bench", "--quick", "--nproc", "2",
+                        "--modes", "fp32", "--steps", "4", "--warmup", "1", "--episodes", "0",
+                        "--no-progress", "--out", str(out), "distributed.strategy=fsdp"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [(r["mode"], r["ranks"], r["strategy"]) for r in runs] == [("fp32", 2, "fsdp"), ("fp32", 1, None)]
+    two, one = runs
+    assert two["samples_per_s"] == pytest.approx(2 * two["batch_size"] / two["step_time_s_median"])
+    assert two["samples_per_s_per_rank"] == pytest.approx(two["samples_per_s"] / 2)
+    assert two["scaleout_vs_1_process"] == pytest.approx(two["samples_per_s"] / one["samples_per_s"])
+    assert one["scaleout_vs_1_process"] is None
+    assert two["state_bytes"] < one["state_bytes"]  # each rank holds its shards only
+    assert "fp32 x2 ranks (fsdp)" in p.stdout and "vs 1 process" in p.stdout

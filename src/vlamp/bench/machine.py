@@ -74,14 +74,42 @@ class CpuSample:
                 fields = [int(v) for v in f.readline().split()[1:]]
             user, nice, system, idle, iowait, irq, softirq, st = (fields + [0] * 8)[:8]
             busy, steal, total = user + nice + system + irq + softirq, st, sum(fields[:8])
-            with open(f"/proc/{pid}/stat") as f:
-                after_name = f.read().rpartition(")")[2].split()
-            process = int(after_name[11]) + int(after_name[12])  # utime, stime
+            process = sum(_cpu_ticks(p) for p in _tree(pid))  # a torchrun launcher: its ranks too
             with open("/proc/loadavg") as f:
                 load = float(f.read().split()[0])
         except (OSError, ValueError, IndexError):
             pass  # not Linux: no counters, so nothing will be flagged from them
         return cls(time.perf_counter(), busy, steal, total, process, load)
+
+
+def _stat(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()  # fields after the command name
+
+
+def _cpu_ticks(pid: int) -> int:
+    try:
+        fields = _stat(pid)
+    except OSError:
+        return 0  # exited meanwhile
+    return int(fields[11]) + int(fields[12])  # utime, stime
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a torchrun launcher's ranks)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                children.setdefault(int(_stat(int(entry))[1]), []).append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
 
 
 def round_load(before: CpuSample, after: CpuSample) -> dict[str, float]:

@@ -9,14 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from vlamp.bench.summary import summary_lines
+from vlamp.bench.summary import run_label, summary_lines
 from vlamp.io import write_text_atomic
 
 PLOTS = ("loss.png", "speed_memory.png", "loss_scale.png", "success.png")
 
 
-def _label(r: dict[str, Any]) -> str:
-    return r["mode"] if r["runner"] == "vlamp" else f"{r['mode']} (torch.amp loop)"
 
 
 def _fmt(v: Any, pattern: str) -> str:
@@ -26,15 +24,20 @@ def _fmt(v: Any, pattern: str) -> str:
 def table_rows(results: dict[str, Any]) -> list[list[str]]:
     """Header plus one row per run; a run whose timings are not to be trusted is marked ``!``."""
     gpu = any(r.get("gpu_peak_bytes") for r in results["runs"])
-    rows = [["run", "seed", "threads", "step time (s)", "samples/s", "speed-up", "casts/step",
+    ranks = any(r.get("ranks", 1) > 1 for r in results["runs"])
+    rows = [["run", "seed", "threads", "step time (s)", "samples/s",
+             *(["per rank", "vs 1 process"] if ranks else []), "speed-up", "casts/step",
              *(["peak GPU (MiB)", "GPU memory"] if gpu else []),
              "peak RSS (MiB)", "memory", "state (MiB)", "val action L1", "success", "skipped"]]
     for r in results["runs"]:
         gpu_cells = [_fmt(r.get("gpu_peak_bytes") and r["gpu_peak_bytes"] / 2**20, "{:.0f}"),
                      _fmt(r.get("gpu_memory_vs_fp32"), "{:.2f}x")] if gpu else []
-        rows.append([_label(r) + (" !" if r.get("warnings") else ""), str(r["seed"]),
+        rows.append([run_label(r) + (" !" if r.get("warnings") else ""), str(r["seed"]),
                      str(r.get("threads", "-")), f"{r['step_time_s_median']:.3f}",
-                     f"{r['samples_per_s']:.0f}", f"{r['speedup_vs_fp32']:.2f}x",
+                     f"{r['samples_per_s']:.0f}",
+                     *([_fmt(r.get("samples_per_s_per_rank"), "{:.0f}"),
+                        _fmt(r.get("scaleout_vs_1_process"), "{:.2f}x")] if ranks else []),
+                     f"{r['speedup_vs_fp32']:.2f}x",
                      _fmt(r.get("casts_per_step"), "{}"), *gpu_cells,
                      f"{r['peak_rss_bytes'] / 2**20:.0f}", f"{r['memory_vs_fp32']:.2f}x",
                      f"{r['state_bytes'] / 2**20:.1f}", _fmt(r["final_val_action_l1"], "{:.4f}"),
@@ -75,7 +78,7 @@ def _plots(results: dict[str, Any], out: Path) -> None:
         losses = np.asarray(r["losses"])
         k = max(1, len(losses) // 50)
         smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
-        ax.plot(np.arange(len(smooth)) + k, smooth, label=f"{_label(r)} s{r['seed']}")
+        ax.plot(np.arange(len(smooth)) + k, smooth, label=f"{run_label(r)} s{r['seed']}")
     ax.set(xlabel="step", ylabel="training loss", yscale="log", title="Loss curves")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -83,7 +86,7 @@ def _plots(results: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
-    names = [f"{_label(r)}\ns{r['seed']}" for r in runs]
+    names = [f"{run_label(r)}\ns{r['seed']}" for r in runs]
     a.bar(names, [r["step_time_s_median"] for r in runs], color="tab:blue")
     a.set(ylabel="median step time (s)", title="Speed")
     if all(r.get("gpu_peak_bytes") for r in runs):
@@ -103,7 +106,7 @@ def _plots(results: dict[str, Any], out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 3.2))
     for r in runs:
-        ax.plot(r["loss_scales"], label=f"{_label(r)} s{r['seed']}")
+        ax.plot(r["loss_scales"], label=f"{run_label(r)} s{r['seed']}")
     ax.set(xlabel="step", ylabel="loss scale", yscale="log", title="Loss scale (1 = no scaling)")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -116,7 +119,7 @@ def _plots(results: dict[str, Any], out: Path) -> None:
     width = 0.8 / max(1, len(evaluated))
     for i, r in enumerate(evaluated):
         ax.bar(np.arange(len(tasks)) + i * width, [100 * r["success_per_task"][t] for t in tasks],
-               width, label=f"{_label(r)} s{r['seed']}")
+               width, label=f"{run_label(r)} s{r['seed']}")
     ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks, fontsize=8)
     ax.set(ylabel="success (%)", ylim=(0, 105), title="Closed-loop success per task")
     if evaluated:

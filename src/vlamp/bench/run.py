@@ -71,8 +71,13 @@ class _Worker:
         spec_path, self.out_path = workdir / f"{name}.spec.json", workdir / f"{name}.result.json"
         spec_path.write_text(json.dumps(spec))
         env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
+        launch = [sys.executable]
+        if spec.get("ranks", 1) > 1:  # real torchrun; rank 0 talks to us, the others only train
+            launch += ["-m", "torch.distributed.run", "--standalone",
+                       "--nproc-per-node", str(spec["ranks"])]
+            env.setdefault("OMP_NUM_THREADS", "1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vlamp.bench.worker", str(spec_path), str(self.out_path)],
+            [*launch, "-m", "vlamp.bench.worker", str(spec_path), str(self.out_path)],
             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, text=True)
 
     def expect(self, *events: str) -> dict[str, Any]:
@@ -144,33 +149,40 @@ def _run_interleaved(specs: list[tuple[str, dict[str, Any]]], workdir: Path, pro
 
 def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, seeds: int = 1,
           warmup: int = 5, eval_episodes: int = 5, baseline: bool = True, notes: list[str] | None = None,
-          threads: int | str = "auto", rounds: int = 10, progress: bool = True) -> dict[str, Any]:
+          threads: int | str = "auto", rounds: int = 10, progress: bool = True,
+          nproc: int = 1) -> dict[str, Any]:
     """Runs every mode (and the torch.amp baseline for the first low-precision mode), ``seeds``
     times each, writes ``out/results.json`` and the report, and returns the results.
 
     Each (mode, seed) trains ``config.train.steps`` steps in a process of its own; the runs of a seed
     take turns in ``rounds`` rounds. The step-time median skips the first ``warmup`` steps. Ratios
-    are against the FP32 run of the same invocation and seed. ``threads``: torch threads per run, or
-    ``"auto"`` (each run measures 1 against all and takes the faster).
+    are against the FP32 run of the same invocation, seed and rank count. ``threads``: torch
+    threads per run, or ``"auto"`` (each run measures 1 against all and takes the faster).
+    ``nproc`` > 1: every mode trains on that many torchrun ranks (``config.distributed`` says
+    DDP or FSDP2; ``train.batch_size`` is per rank), beside one single-process FP32 run that the
+    ranks' total throughput is compared with (``scaleout_vs_1_process``); the torch.amp baseline
+    stays in one process.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     low = next((m for m in modes if m != "fp32"), None)
-    plan = [(m, "vlamp") for m in modes] + ([(low, "torch.amp")] if baseline and low else [])
+    plan = [(m, "vlamp", nproc) for m in modes] + ([("fp32", "vlamp", 1)] if nproc > 1 else []) \
+        + ([(low, "torch.amp", 1)] if baseline and low else [])
     round_steps = max(1, math.ceil(config.train.steps / max(1, rounds)))
     runs: list[dict[str, Any]] = []
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="vlamp-bench-") as tmp:
         for seed in range(seeds):
             specs = []
-            for mode, runner in plan:
+            for mode, runner, ranks in plan:
                 cfg = to_dict(config)
                 cfg["precision"]["mode"] = mode
                 cfg["train"]["seed"] = config.train.seed + seed
-                cfg["output_dir"] = str(Path(tmp) / f"run-{mode}-{runner}-{seed}")
+                cfg["output_dir"] = str(Path(tmp) / f"run-{mode}-{runner}-{ranks}-{seed}")
                 cfg["resume"] = False
-                specs.append((f"{mode}-{runner.replace('.', '')}-s{cfg['train']['seed']}",
-                              {"config": cfg, "runner": runner, "warmup": warmup, "threads": threads,
+                specs.append((f"{mode}-{runner.replace('.', '')}-x{ranks}-s{cfg['train']['seed']}",
+                              {"config": cfg, "runner": runner, "warmup": warmup,
+                               "threads": threads if ranks == 1 else 1, "ranks": ranks,
                                "round_steps": round_steps, "eval_episodes": eval_episodes,
                                "progress": progress}))
             if progress:
@@ -199,10 +211,14 @@ def add_ratios(runs: list[dict[str, Any]]) -> None:
     """``speedup_vs_fp32`` = FP32 median step time / this run's; ``memory_vs_fp32`` = this run's
     peak RSS / FP32's; ``state_vs_fp32`` likewise for parameter+gradient+optimizer bytes;
     ``gpu_memory_vs_fp32`` for peak GPU memory (runs on a GPU); each against the vlamp FP32 run of
-    the same seed."""
-    ref = {r["seed"]: r for r in runs if r["mode"] == "fp32" and r["runner"] == "vlamp"}
+    the same seed and rank count. ``scaleout_vs_1_process``: a multi-rank run's samples/s (all
+    ranks) over the single-process FP32 run's."""
+    ref = {(r["seed"], r.get("ranks", 1)): r for r in runs if r["mode"] == "fp32" and r["runner"] == "vlamp"}
     for r in runs:
-        f = ref[r["seed"]]
+        f = ref[(r["seed"], r.get("ranks", 1))]
+        one = ref.get((r["seed"], 1))
+        r["scaleout_vs_1_process"] = r["samples_per_s"] / one["samples_per_s"] \
+            if r.get("ranks", 1) > 1 and one is not None else None
         r["speedup_vs_fp32"] = f["step_time_s_median"] / r["step_time_s_median"]
         r["memory_vs_fp32"] = r["peak_rss_bytes"] / f["peak_rss_bytes"]
         r["state_vs_fp32"] = r["state_bytes"] / f["state_bytes"]

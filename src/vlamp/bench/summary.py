@@ -46,18 +46,30 @@ def _success_pairs(run: dict[str, Any], ref: dict[str, Any]) -> list[int] | None
     return cells
 
 
+def run_label(r: dict[str, Any]) -> str:
+    """How a run is named in tables and plots: its mode, and its runner or rank count."""
+    if r["runner"] != "vlamp":
+        return f"{r['mode']} (torch.amp loop)"
+    ranks = r.get("ranks", 1)
+    return r["mode"] if ranks == 1 else f"{r['mode']} x{ranks} ranks ({r.get('strategy')})"
+
+
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (mode, runner): seeds, speed-up, validation L1 and success as mean and standard
+    """One row per (mode, runner, ranks): seeds, speed-up, validation L1 and success as mean and standard
     deviation over seeds, and against the FP32 run of each seed: the L1 difference (percent) with a
     paired t-test, the success difference (points) with its paired interval and McNemar's test, and
     a verdict for each (``within noise`` / ``differs``, at 5%)."""
-    fp32 = {r["seed"]: r for r in runs if r["mode"] == "fp32" and r["runner"] == "vlamp"}
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    refs = {(r["seed"], r.get("ranks", 1)): r for r in runs
+            if r["mode"] == "fp32" and r["runner"] == "vlamp"}
+    groups: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
-        groups.setdefault((r["mode"], r["runner"]), []).append(r)
+        groups.setdefault(run_label(r), []).append(r)
     rows = []
-    for (mode, runner), group in groups.items():
-        row: dict[str, Any] = {"mode": mode, "runner": runner, "seeds": [r["seed"] for r in group]}
+    for name, group in groups.items():
+        mode, runner, ranks = group[0]["mode"], group[0]["runner"], group[0].get("ranks", 1)
+        fp32 = {seed: ref for (seed, n), ref in refs.items() if n == ranks}
+        row: dict[str, Any] = {"name": name, "mode": mode, "runner": runner, "ranks": ranks,
+                               "seeds": [r["seed"] for r in group]}
         row["speedup_mean"], row["speedup_sd"] = _mean_sd([r["speedup_vs_fp32"] for r in group])
         vals = [r["final_val_action_l1"] for r in group if r["final_val_action_l1"] is not None]
         row["val_l1_mean"], row["val_l1_sd"] = _mean_sd(vals) if vals else (None, None)
@@ -102,7 +114,7 @@ def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
 
     out = []
     for r in rows:
-        name = r["mode"] if r["runner"] == "vlamp" else f"{r['mode']} (torch.amp loop)"
+        name = r.get("name") or (r["mode"] if r["runner"] == "vlamp" else f"{r['mode']} (torch.amp loop)")
         parts = [f"{name}, {len(r['seeds'])} seed(s): speed-up {pm(r['speedup_mean'], r['speedup_sd'], '{:.2f}x')}",
                  f"val L1 {pm(r['val_l1_mean'], r['val_l1_sd'], '{:.4f}')}"]
         if r["val_l1_vs_fp32_pct"] is not None:

@@ -113,13 +113,18 @@ def choose_threads(trainer, autocast, repeats: int = 3) -> tuple[int, dict[str, 
 
 
 def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """Bytes held by the model's parameters, FP32 master copies, gradients and optimizer state."""
+    """Bytes this process holds in the model's parameters, FP32 master copies, gradients and
+    optimizer state (under FSDP2: its shards)."""
+    def size(t: torch.Tensor) -> int:
+        local = t.to_local() if hasattr(t, "to_local") else t
+        return local.numel() * local.element_size()
+
     model_ids = {id(p) for p in model.parameters()}
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    params = sum(size(p) for p in model.parameters())
     opt_params = [p for g in optimizer.param_groups for p in g["params"]]
-    masters = sum(p.numel() * p.element_size() for p in opt_params if id(p) not in model_ids)
-    grads = sum(p.numel() * p.element_size() for p in opt_params if p.requires_grad)
-    optim = sum(t.numel() * t.element_size() for st in optimizer.state.values()
+    masters = sum(size(p) for p in opt_params if id(p) not in model_ids)
+    grads = sum(size(p) for p in opt_params if p.requires_grad)
+    optim = sum(size(t) for st in optimizer.state.values()
                 for t in st.values() if isinstance(t, torch.Tensor))
     return {"params_bytes": params + masters, "grads_bytes": grads, "optimizer_bytes": optim,
             "state_bytes": params + masters + grads + optim}
@@ -218,16 +223,19 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
     memory = state_bytes(trainer.model, trainer.optimizer)
     b = trainer.example_batch()
 
+    # Ranks run it together (their wrapper's collectives must match); one process, eagerly.
+    counted = trainer.forward if trainer.world.distributed else trainer.model
+
     def one_step() -> None:
         with autocast():
-            loss = trainer.model(b)
+            loss = counted(b)
         loss.backward()
 
     ops = count_ops(one_step)  # proof of what a step computes in, counted at the aten level
     trainer.model.zero_grad(set_to_none=True)
     timed = times[spec.get("warmup", 5):] or times
     median = statistics.median(timed)
-    samples = config.train.batch_size * config.train.grad_accum
+    samples = trainer.effective_batch  # all ranks' samples per step
     success, per_task, outcomes = None, None, None
     if spec.get("eval_episodes", 0) > 0:
         config.eval.episodes = spec["eval_episodes"]
@@ -255,7 +263,9 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
         "final_val_action_l1": val, "success_rate": success, "success_per_task": per_task,
         "success_outcomes": outcomes,  # per task, episode by episode (the same seeds in every run)
         "skipped_steps": skipped, "losses": losses, "loss_scales": scales,
-        "batch_size": config.train.batch_size,
+        "batch_size": config.train.batch_size, "ranks": trainer.world.size,
+        "strategy": config.distributed.strategy if trainer.world.distributed else None,
+        "samples_per_s_per_rank": samples / median / trainer.world.size,
     }
 
 
@@ -296,11 +306,24 @@ def main(argv: list[str]) -> int:
     from vlamp.io import write_text_atomic
 
     spec_path, out_path = argv
+    spec = json.loads(Path(spec_path).read_text())
+    if int(os.environ.get("RANK", "0")) != 0:  # a torchrun rank other than 0: train, say nothing
+        os.dup2(2, 1)
+        run(spec, None)
+        _close_distributed()
+        return 0
     channel = _Channel()
-    result = run(json.loads(Path(spec_path).read_text()), channel)
+    result = run(spec, channel)
     write_text_atomic(out_path, json.dumps(result))
     channel.send(event="done")
+    _close_distributed()
     return 0
+
+
+def _close_distributed() -> None:
+    from vlamp.train import distributed
+
+    distributed.close()
 
 
 if __name__ == "__main__":

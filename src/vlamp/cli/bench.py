@@ -19,6 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "scale. Writes DIR/results.json, DIR/report.md, DIR/report.html and plots.",
         epilog="examples:\n  vlamp bench --quick\n  vlamp bench --modes fp32,bf16-mixed --steps 300 "
                "--seeds 3\n  vlamp bench train.batch_size=32 model.head=flow\n"
+               "  vlamp bench --quick --nproc 2 distributed.strategy=fsdp\n"
                "  vlamp bench --modes fp32,bf16-mixed train.device=cuda model.size=base "
                "dataset.path=DATA_128PX",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,6 +39,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "and takes the faster")
     p.add_argument("--rounds", type=int, default=10,
                    help="the runs take turns in this many rounds each (default: 10)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train every mode on N torchrun ranks (DDP; distributed.strategy=fsdp for "
+                        "FSDP2), beside a 1-process fp32 run to compare total throughput with; "
+                        "train.batch_size is per rank (default: 1)")
     p.add_argument("--quick", action="store_true", help="a tiny model on a tiny dataset (seconds)")
     p.add_argument("--out", default="runs/bench", metavar="DIR", help="default: runs/bench")
     p.add_argument("--config", default=None, metavar="FILE", help="YAML training config")
@@ -53,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from vlamp.precision.hardware import resolve_device
     from vlamp.train.config import load_config
 
-    for name in ("steps", "seeds", "rounds"):
+    for name in ("steps", "seeds", "rounds", "nproc"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise VlampError(f"--{name} must be >= 1, got {getattr(args, name)}")
     threads = args.threads.strip().lower()
@@ -76,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     results = bench(config, modes, args.out, seeds=args.seeds, warmup=warmup, eval_episodes=episodes,
                     baseline=not args.no_baseline, notes=notes, progress=not args.no_progress,
-                    threads=threads if threads == "auto" else int(threads), rounds=args.rounds)
+                    threads=threads if threads == "auto" else int(threads), rounds=args.rounds,
+                    nproc=args.nproc)
     print(text_table(results))
     print(f"\nresults: {args.out}/results.json; report: {args.out}/report.md, {args.out}/report.html")
     return 0
