@@ -248,3 +248,21 @@ def test_bench_runs_a_mode_on_two_torchrun_ranks(tmp_path):
     assert one["scaleout_vs_1_process"] is None
     assert two["state_bytes"] < one["state_bytes"]  # each rank holds its shards only
     assert "fp32 x2 ranks (fsdp)" in p.stdout and "vs 1 process" in p.stdout
+
+
+def test_each_rank_draws_its_own_forward_noise_and_the_shared_stream_stays():
+    """The flow head's noise must differ between ranks (as between one process's samples); the
+    stream that draws positions and augmentation must stay the same on every rank."""
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    draws = []
+    for rank in (0, 1):
+        with distributed.own_noise(distributed.World(rank, 2, rank, "gloo"), 0, 5, torch.device("cpu")):
+            draws.append(torch.rand(4))
+    assert not torch.equal(draws[0], draws[1])
+    assert torch.equal(torch.get_rng_state(), before)
+    with distributed.own_noise(distributed.World(0, 2, 0, "gloo"), 0, 5, torch.device("cpu")):
+        assert torch.equal(torch.rand(4), draws[0])  # seeded by (seed, step, rank): resumable
+    with distributed.own_noise(distributed.World(), 0, 5, torch.device("cpu")):
+        torch.rand(1)
+    assert not torch.equal(torch.get_rng_state(), before)  # one process: the shared stream itself

@@ -131,6 +131,21 @@ def loss_shares(masks: list[torch.Tensor], world: World) -> list[float] | None:
     return (counts * world.size / total.clamp(min=1)).tolist()
 
 
+@contextlib.contextmanager
+def own_noise(world: World, seed: int, step: int, device: torch.device) -> Iterator[None]:
+    """Inside, each rank draws from a random stream of its own (seeded by seed, step and rank),
+    and the shared stream is left as it was: the global draws (sample positions, augmentation)
+    stay the same on every rank, while noise drawn in the forward pass (the flow head's time and
+    noise samples) differs between ranks as it does between the samples of one process. One
+    process: the shared stream, untouched."""
+    if not world.distributed:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(hash((seed, step, world.rank)) & 0xFFFF_FFFF)
+        yield
+
+
 def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     """The mean of a tensor over all ranks (itself for one process)."""
     if dist.is_initialized() and dist.get_world_size() > 1:

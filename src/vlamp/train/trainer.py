@@ -329,7 +329,8 @@ class Trainer:
                            for chunk in distributed.my_share(positions, t.grad_accum, self.world)]
                 t0 = time.perf_counter()
                 shares = distributed.loss_shares([b["action_mask"] for b in batches], self.world)
-                r = train_step(self.forward, batches, self.mp, self.optimizer, clip, shares)
+                with distributed.own_noise(self.world, t.seed, self.step, self.device):
+                    r = train_step(self.forward, batches, self.mp, self.optimizer, clip, shares)
                 synchronize(self.device)
                 result.step_times.append(time.perf_counter() - t0)
                 self.step += 1
