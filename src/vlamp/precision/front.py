@@ -15,6 +15,7 @@ from torch import nn
 
 from vlamp.precision.apply import _CALLS, apply_plan
 from vlamp.precision.autoplan import measure_plan, model_device
+from vlamp.precision.diagnostics import ROOT, Diagnostics, parse_every
 from vlamp.precision.errors import VlampError
 from vlamp.precision.fsdp import ShardGroup, shard_model
 from vlamp.precision.hardware import set_tf32
@@ -73,6 +74,10 @@ class MixedPrecision:
             — FP32 modules and FP32 islands included. Off (the default) keeps them IEEE FP32, the
             reference the other modes are measured against. Set for the process at
             :meth:`setup`; no effect on CPUs.
+        diagnostics: ``"off"`` (default) or ``"every:N"``: on every N-th step (and the first),
+            record per module the overflow, underflow and headroom of its activations and
+            gradients and the updates its parameters lost to rounding
+            (:mod:`vlamp.precision.diagnostics`); read :attr:`last_diagnostics` after each step.
 
     Example:
         >>> mp = MixedPrecision("auto", model=model, example_batch=batch)  # doctest: +SKIP
@@ -98,6 +103,7 @@ class MixedPrecision:
         scaler_settings: Mapping[str, Any] | None = None,
         device: str | torch.device | None = None,
         tf32: bool = False,
+        diagnostics: str | int | None = None,
     ) -> None:
         self.requested_mode = mode if isinstance(mode, str) else mode.name
         if self.requested_mode == "auto" and model is None and not isinstance(rules, PrecisionPlan):
@@ -143,6 +149,10 @@ class MixedPrecision:
         self.zero_grad_steps = 0
         self.uncalled: dict[str, str] = {}
         self.parallel_notes: list[str] = []  # how a data-parallel wrapper holds and reduces the model
+        every = parse_every(diagnostics)
+        self.diagnostics = Diagnostics(every) if every else None
+        self.last_diagnostics: dict[str, Any] | None = None  # the last step's record, if sampled
+        self._diag_started = False
 
     def _make_scaler(self, scaler: ScalerSpec, settings: dict[str, Any]) -> LossScaler:
         if scaler is None:
@@ -190,6 +200,11 @@ class MixedPrecision:
             names = {id(p): n for n, p in model.named_parameters()}
             masters = MasterWeights(optimizer, names)
             self._masters = masters if len(masters) else None
+        if optimizer is not None and self.diagnostics is not None:
+            self.diagnostics.compute_dtypes = {r.name or ROOT: r.policy.compute for r in self._resolved}
+            m = self._masters
+            self.diagnostics.attach(model, {id(x): m.name(i) for i, x in enumerate(m.masters)}
+                                    if m is not None else None)
         return model, optimizer
 
     @property
@@ -269,6 +284,10 @@ class MixedPrecision:
         step that is then skipped for inf/NaN gradients leaves them as they were."""
         if self._buffers_before is None and self.model is not None and self.model.training:
             self._buffers_before = [b.detach().clone() for b in self.model.buffers()]
+        if self.diagnostics is not None and not self._diag_started and self.model is not None \
+                and self.model.training:
+            self.diagnostics.begin(self.steps + 1)
+            self._diag_started = True
         with self.mode.autocast(self.device_type):
             yield
 
@@ -339,6 +358,8 @@ class MixedPrecision:
         # needs the unscaled gradients first, so it takes the plain path.
         handoff = (len(self.scalers) == 1 and scale != 1.0 and clip_grad_norm is None
                    and bool(grads) and unscales_itself(optimizer))
+        if self.diagnostics is not None:
+            self.diagnostics.before_update(optimizer)
         if len(self.scalers) > 1:
             found_per_loss = list(self._found_inf)
         elif handoff:
@@ -369,6 +390,10 @@ class MixedPrecision:
                 for b, old in zip(self.model.buffers(), self._buffers_before):
                     b.copy_(old)
         self._buffers_before = None
+        if self.diagnostics is not None:
+            self.diagnostics.after_update(optimizer, applied=not found)
+            self.last_diagnostics = self.diagnostics.end(scale)
+            self._diag_started = False
         for i, scaler in enumerate(self.scalers):
             scaler.update(found_per_loss[i] or clip_inf)
         self._found_inf = [False] * len(self.scalers)

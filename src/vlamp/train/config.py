@@ -15,6 +15,7 @@ import yaml
 
 from vlamp.io import write_text_atomic
 from vlamp.models.tinyvla import ModelConfig, with_size
+from vlamp.precision.diagnostics import parse_every
 from vlamp.precision.errors import VlampError
 from vlamp.precision.hardware import DEVICE_NAMES, check_device_name
 
@@ -81,6 +82,10 @@ class PrecisionConfig:
             table alone).
         tf32: On CUDA, let FP32 matmuls and convolutions (the fp32 mode, and FP32 islands) run
             on TF32 tensor cores; off keeps them IEEE FP32. No effect on CPUs.
+        diagnostics: ``off`` or ``every:N``: on every N-th step (and the first) record per module
+            the overflow, underflow and headroom of activations and gradients and the updates
+            lost to rounding, into metrics.jsonl and TensorBoard; ``vlamp diagnose RUN`` reports
+            them.
     """
 
     mode: str = "auto"
@@ -88,6 +93,7 @@ class PrecisionConfig:
     rules: str = ""
     measure: bool = True
     tf32: bool = False
+    diagnostics: str = "off"
     loss_scale: LossScaleConfig = dataclasses.field(default_factory=LossScaleConfig)
 
 
@@ -205,6 +211,7 @@ class RunConfig:
             raise VlampError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
         if t.lr <= 0 or t.clip_grad_norm < 0:
             raise VlampError("train.lr must be > 0 and train.clip_grad_norm >= 0")
+        parse_every(self.precision.diagnostics, what="precision.diagnostics")
         if self.distributed.strategy not in ("ddp", "fsdp"):
             raise VlampError(f"distributed.strategy must be one of ddp, fsdp, got "
                              f"{self.distributed.strategy!r}")

@@ -188,7 +188,7 @@ class Trainer:
         p = self.config.precision
         saved = resume_from.state["precision"].get("plan") if resume_from is not None else None
         settings = p.loss_scale.settings()
-        common = {"scaler_settings": settings, "tf32": p.tf32}
+        common = {"scaler_settings": settings, "tf32": p.tf32, "diagnostics": p.diagnostics}
         if saved is not None and p.mode in ("auto", saved.get("mode")):
             plan = PrecisionPlan.from_dict(saved, where=f"checkpoint {resume_from.path}")
             return MixedPrecision(plan.mode, plan, p.scaler or None, **common)
@@ -340,6 +340,8 @@ class Trainer:
                     if self.ema is not None:
                         self.ema.update()
                 result.losses.append(r.loss)
+                if self.mp.last_diagnostics is not None:
+                    _log_diagnostics(writer, metrics, {**self.mp.last_diagnostics, "step": self.step})
                 result.scales.append(r.outcome.scale)
                 if self.step % t.log_every == 0 or self.step == t.steps:
                     now = time.perf_counter()
@@ -476,6 +478,24 @@ def _log(writer, metrics, prefix: str, row: dict[str, Any]) -> None:
         if k != "step" and v is not None:
             writer.add_scalar(f"{prefix}/{k}", v, step)
     metrics.write(json.dumps({"kind": prefix, **row}) + "\n")
+    metrics.flush()
+
+
+def _log_diagnostics(writer, metrics, record: dict[str, Any]) -> None:
+    """A sampled step's numerical health: one metrics.jsonl row (``kind: diag``), per-module
+    TensorBoard scalars, and a histogram across modules of each statistic."""
+    if writer is None:
+        return
+    step = record["step"]
+    by_stat: dict[str, list[float]] = {}
+    for module, stats in record["modules"].items():
+        for stat, value in stats.items():
+            if value is not None:
+                writer.add_scalar(f"diag/{stat}/{module}", value, step)
+                by_stat.setdefault(stat, []).append(value)
+    for stat, values in by_stat.items():
+        writer.add_histogram(f"diag_across_modules/{stat}", np.asarray(values), step)
+    metrics.write(json.dumps({"kind": "diag", **record}) + "\n")
     metrics.flush()
 
 
