@@ -115,3 +115,36 @@ def test_only_sampled_steps_are_recorded_and_a_run_logs_them(tiny_dataset, tmp_p
     # (8-bit exponent), so a bf16 layer and its FP32 norm both have over 100 bits.
     assert modules["trunk.0.qkv"]["act_headroom_bits"] > 100
     assert any(f.name.startswith("events") for f in (out / "tb").iterdir())
+
+
+def test_vlamp_diagnose_names_the_modules_at_risk_first(tiny_dataset, tmp_path):
+    """FP16 without a scaler on a tiny TinyVLA: the report ranks the fp16 layers whose gradients
+    flush to zero, says what to do, draws the heatmaps; a run without records is one line."""
+    import subprocess
+    import sys
+
+    from vlamp.train.diagnose import read, risks
+
+    out = tmp_path / "fp16"
+    cfg = load_config(None, tiny_overrides(tiny_dataset, out, "fp16-mixed", "precision.scaler=none",
+                                           "precision.diagnostics=every:2"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Trainer(cfg, progress=False).fit()
+    found = risks(read(out))
+    assert found and all(r.dtype == "fp16" for r in found[:5])
+    assert "zero or subnormal in fp16" in found[0].findings[0]
+    assert "raise the loss scale" in found[0].advice[0]
+    p = subprocess.run([sys.executable, "-m", "vlamp", "diagnose", str(out), "--top", "3"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert found[0].module in p.stdout
+    for name in ("report.md", "report.html", "grad_underflow.png", "headroom.png",
+                 "lost_updates.png", "loss_scale.png"):
+        assert (out / "diagnose" / name).stat().st_size > 0, name
+    assert found[0].module in (out / "diagnose" / "report.md").read_text()
+    plain = tmp_path / "plain"
+    Trainer(load_config(None, tiny_overrides(tiny_dataset, plain, "fp32")), progress=False).fit()
+    p = subprocess.run([sys.executable, "-m", "vlamp", "diagnose", str(plain)], capture_output=True, text=True)
+    assert p.returncode == 2 and "precision.diagnostics=every:50" in p.stderr
+    assert "Traceback" not in p.stderr

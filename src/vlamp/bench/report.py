@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import os
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from vlamp.bench.summary import run_label, summary_lines
-from vlamp.io import write_text_atomic
+from vlamp.report import Report
 
 PLOTS = ("loss.png", "speed_memory.png", "loss_scale.png", "success.png")
 
@@ -147,32 +146,17 @@ def write_report(results: dict[str, Any], out: str | os.PathLike[str]) -> tuple[
     setup = (f"{t['steps']} steps at batch {t['batch_size']} per run, the runs taking turns "
              f"{inter.get('round_steps', '?')} steps at a time; medians after warm-up; ratios "
              f"against the FP32 run of the same invocation")
-    rows = table_rows(results)
-    trust = trust_lines(results)
-    md = ["# vlamp bench", "", f"Machine: {machine}.", "", setup + ".", ""]
-    md += [f"> {line}" for line in trust] + ([""] if trust else [])
-    md += [f"- {n}" for n in results["notes"]] + ([""] if results["notes"] else [])
-    md += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    report = Report("vlamp bench")
+    report.paragraph(f"Machine: {machine}.")
+    report.paragraph(setup + ".")
+    for line in trust_lines(results):
+        report.paragraph(line, warn=True)
+    report.bullets(list(results["notes"]))
+    report.table(table_rows(results))
     summary = summary_lines(results.get("summary") or [])
     if summary:
-        md += ["", "Across seeds, against the fp32 run of each seed:", ""] + [f"- {line}" for line in summary]
-    md += ["", *[f"![{p[:-4]}]({p})" for p in PLOTS], ""]
-    page = ["<!doctype html><meta charset=utf-8><title>vlamp bench</title>",
-            "<style>body{font-family:sans-serif;max-width:960px;margin:2em auto}"
-            "td,th{padding:2px 8px;text-align:right}td:first-child{text-align:left}</style>",
-            "<h1>vlamp bench</h1>", f"<p>Machine: {html.escape(machine)}.</p>",
-            f"<p>{html.escape(setup)}.</p>"]
-    page += [f'<p style="color:#b00"><b>{html.escape(line)}</b></p>' for line in trust]
-    page += ["<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in results["notes"]) + "</ul>"]
-    page += ["<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in rows[0]) + "</tr>"]
-    page += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:]]
-    page += ["</table>"]
-    if summary:
-        page += ["<p>Across seeds, against the fp32 run of each seed:</p><ul>"
-                 + "".join(f"<li>{html.escape(line)}</li>" for line in summary) + "</ul>"]
-    page += [f'<p><img src="{p}" alt="{p[:-4]}"></p>' for p in PLOTS]
-    paths = out / "report.md", out / "report.html"
-    for path, text in zip(paths, ("\n".join(md), "\n".join(page))):
-        write_text_atomic(path, text)
-    return paths
+        report.paragraph("Across seeds, against the fp32 run of each seed:")
+        report.bullets(summary)
+    for plot in PLOTS:
+        report.image(plot)
+    return report.write(out)

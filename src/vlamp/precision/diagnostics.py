@@ -5,9 +5,10 @@ On a sampled step every watched module reports, for its forward output (activati
 gradient flowing back into that output:
 
 - ``overflow``: fraction of values that are inf/NaN;
-- ``underflow``: fraction that are zero or subnormal in the module's compute dtype (below its
-  smallest normal number: FP16 flushes below 2^-24 and loses bits below 2^-14). Structural zeros
-  (masked positions) count too, so read it against an FP32 run or against the loss scaler's effect;
+- ``underflow``: fraction that are zero or subnormal in the dtype the tensor is held in (the
+  module's compute dtype for a low-precision layer): below its smallest normal number (FP16 flushes
+  below 2^-24 and loses bits below 2^-14). Structural zeros (masked positions) count too, so read
+  it against an FP32 run or against the loss scaler's effect;
 - ``headroom_bits``: log2 of the format's largest value over the largest finite magnitude seen
   (0 bits: at the edge of overflow; FP16's largest value is 65504; ``None`` when all were zero);
 
@@ -37,6 +38,7 @@ import torch
 from torch import nn
 
 from vlamp.precision.apply import map_tensors
+from vlamp.precision.dtypes import dtype_name
 from vlamp.precision.errors import VlampError
 
 STATS = ("overflow", "underflow", "headroom_bits")
@@ -89,13 +91,10 @@ class Diagnostics:
     Args:
         every: Sample one step in this many (the first step counts as step 1; step N is sampled when
             N % every == 0, and always step 1).
-        compute_dtypes: Per module name, the dtype it computes in (thresholds come from it); modules
-            not named are judged against their output's dtype.
     """
 
-    def __init__(self, every: int, compute_dtypes: Mapping[str, torch.dtype] | None = None) -> None:
+    def __init__(self, every: int) -> None:
         self.every = parse_every(every)
-        self.compute_dtypes = dict(compute_dtypes or {})
         self.modules: dict[str, nn.Module] = {}
         self.names: dict[int, str] = {}  # id(parameter) -> module name
         self.armed = False
@@ -139,10 +138,9 @@ class Diagnostics:
 
             def watch(t: torch.Tensor) -> torch.Tensor:
                 if t.is_floating_point():
-                    dtype = self.compute_dtypes.get(name, t.dtype)
-                    self._acts.setdefault(name, _Accumulator(dtype)).add(t)
+                    self._acts.setdefault(name, _Accumulator(t.dtype)).add(t)
                     if t.requires_grad:
-                        grads = self._grads.setdefault(name, _Accumulator(dtype))
+                        grads = self._grads.setdefault(name, _Accumulator(t.dtype))
                         t.register_hook(grads.add)
                 return t
 
@@ -185,8 +183,8 @@ class Diagnostics:
 
     def end(self, loss_scale: float = 1.0) -> dict[str, Any] | None:
         """The step's record (``None`` when the step was not sampled): per module the activation
-        and gradient statistics and the lost-update fraction, and the loss scale. One read of the
-        device."""
+        and gradient statistics and the lost-update fraction (``modules``), the dtype each module
+        was judged in (``dtypes``), and the loss scale. One read of the device."""
         self.armed = False
         if not (self._acts or self._grads or self._lost):
             return None
@@ -212,6 +210,8 @@ class Diagnostics:
                 continue
             for stat, value in accs[i].read(v).items():
                 row[f"{kind}_{stat}"] = value
+        dtypes = {name: dtype_name(acc.dtype) for table in (self._acts, self._grads)
+                  for name, acc in table.items()}
         self._acts, self._grads, self._lost = {}, {}, {}
-        return {"step": self.step, "loss_scale": loss_scale, "modules": modules}
+        return {"step": self.step, "loss_scale": loss_scale, "modules": modules, "dtypes": dtypes}
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from vlamp.precision.apply import _CALLS, apply_plan
 from vlamp.precision.autoplan import measure_plan, model_device
-from vlamp.precision.diagnostics import ROOT, Diagnostics, parse_every
+from vlamp.precision.diagnostics import Diagnostics, parse_every
 from vlamp.precision.errors import VlampError
 from vlamp.precision.fsdp import ShardGroup, shard_model
 from vlamp.precision.hardware import set_tf32
@@ -201,7 +201,6 @@ class MixedPrecision:
             masters = MasterWeights(optimizer, names)
             self._masters = masters if len(masters) else None
         if optimizer is not None and self.diagnostics is not None:
-            self.diagnostics.compute_dtypes = {r.name or ROOT: r.policy.compute for r in self._resolved}
             m = self._masters
             self.diagnostics.attach(model, {id(x): m.name(i) for i, x in enumerate(m.masters)}
                                     if m is not None else None)
