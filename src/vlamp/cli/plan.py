@@ -48,6 +48,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="where --auto measures and mode auto decides for: auto (CUDA when present), "
                         "cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--depth", type=int, default=None, help="fold modules deeper than this")
+    p.add_argument("--sensitivity", type=float, default=None, metavar="ERROR",
+                   help="measure each module's relative error in low precision against fp32 on a "
+                        "batch and keep in fp32 those above ERROR (e.g. 0.02), instead of the "
+                        "built-in islands; with --auto, the speed measurement follows")
     p.add_argument("--fsdp", action="store_true",
                    help="also list the FSDP2 shard groups the plan gives under torchrun "
                         "(distributed.strategy=fsdp): each group's gathered and reduced dtype")
@@ -81,10 +85,23 @@ def run(args: argparse.Namespace) -> int:
     else:
         plan = PrecisionPlan(mode, builtin_rules=not args.no_builtin_rules)
     plan.resolve(model)  # warns (one line, by vlamp's main) about rules that match nothing
+    if args.sensitivity is not None and args.sensitivity <= 0:
+        raise VlampError(f"--sensitivity must be a relative error > 0, got {args.sensitivity}")
+    if args.sensitivity is not None and not args.auto:
+        from vlamp.precision.sensitivity import sensitivity_plan
+
+        if plan.mode.name == "fp32":
+            raise VlampError("--sensitivity needs a low-precision --mode (fp32 has no error to measure)")
+        accurate, errors = sensitivity_plan(model, model.example_batch(args.batch_size), plan.mode,
+                                            threshold=args.sensitivity)
+        plan = PrecisionPlan(plan.mode, [*plan.user_rules, *accurate.user_rules], builtin_rules=False)
+        if not args.json:
+            _print_errors(errors, args.sensitivity)
     if args.auto:
         plan = measure_plan(model, model.example_batch(args.batch_size), mode,
                             rules=plan.user_rules, builtin_rules=plan.builtin_rules,
-                            refresh=args.refresh, log=lambda line: print(line, file=sys.stderr))
+                            refresh=args.refresh, log=lambda line: print(line, file=sys.stderr),
+                            sensitivity=args.sensitivity)
     table = plan.describe(model, max_depth=args.depth)
     print(json.dumps(table.to_dicts(), indent=2) if args.json else table)
     if plan.measured and plan.measured.get("step_ms") and not args.json:
@@ -112,3 +129,16 @@ def run(args: argparse.Namespace) -> int:
             raise VlampError(f"--out {args.out!r}: cannot write ({e.strerror})") from None
         print(f"plan written to {args.out} (use it with precision.rules={args.out})", file=sys.stderr)
     return 0
+
+
+def _print_errors(errors: dict, threshold: float, top: int = 12) -> None:
+    """The modules with the largest low-precision error, and how many passed ``threshold``."""
+    ranked = sorted(errors.items(), key=lambda kv: -max(kv[1]["output_error"], kv[1]["grad_error"]))
+    kept = sum(1 for _, r in ranked if r["kept_fp32"])
+    print(f"relative error in low precision against fp32, per module ({kept} of {len(ranked)} above "
+          f"{threshold:g}, kept in fp32):")
+    for name, r in ranked[:top]:
+        mark = "  fp32" if r["kept_fp32"] else ""
+        print(f"  {name:40s} {r['class']:24s} output {r['output_error']:.1e}  gradient "
+              f"{r['grad_error']:.1e}{mark}")
+    print()

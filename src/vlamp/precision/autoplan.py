@@ -71,8 +71,10 @@ def measure_plan(
     refresh: bool = False,
     require_native: bool = True,
     log: Callable[[str], None] | None = None,
+    sensitivity: float | None = None,
 ) -> PrecisionPlan:
-    """Measures which modules of ``model`` are faster in FP32 than in low precision, here.
+    """Measures which modules of ``model`` are faster in FP32 than in low precision, here, and,
+    with ``sensitivity``, which lose too much accuracy in low precision.
 
     ``model`` is not changed: every measurement runs on copies.
 
@@ -95,6 +97,10 @@ def measure_plan(
         require_native: With a named mode, measure only where this hardware computes its format
             natively; ``False`` measures an emulated format too (to see per module what it costs).
         log: Called with one line for what is done (cache hit, measuring, the decision).
+        sensitivity: The accuracy half: first measure each module's error in low precision
+            against FP32 (:mod:`vlamp.precision.sensitivity`) and keep in FP32 those above this
+            relative error, *instead of* the built-in islands; then the speed half as above. Also
+            for the ``-true`` modes and emulated formats, whose speed is not measured.
 
     Returns:
         A :class:`PrecisionPlan` for the chosen mode; ``plan.measured`` holds per-module times
@@ -113,6 +119,8 @@ def measure_plan(
     device = model_device(model)
     hw = detect(device)
     requested = mode if isinstance(mode, str) else mode.name
+    if sensitivity is not None and sensitivity <= 0:
+        raise VlampError(f"measure_plan: sensitivity must be a relative error > 0, got {sensitivity}")
     is_auto = requested.strip().lower() == "auto"
     if is_auto:
         choice = choose_mode(hw)
@@ -126,6 +134,10 @@ def measure_plan(
         if low_mode.name == "fp32":
             return PrecisionPlan("fp32", rules, builtin_rules=builtin_rules)
         fmt = dtype_name(low_mode.compute_dtype)
+        if sensitivity is not None and (low_mode.default_policy.param != torch.float32
+                                        or (require_native and fmt not in native_formats(hw))):
+            rules, builtin_rules = _accurate_rules(model, example_batch, low_mode, rules, sensitivity,
+                                                   loss_fn, say)
         if low_mode.default_policy.param != torch.float32:
             reason = (f"{low_mode.name} stores weights in {fmt} to save memory; keeping modules in "
                       f"FP32 for speed would undo that, so its plan is not measured")
@@ -139,7 +151,8 @@ def measure_plan(
             return PrecisionPlan(low_mode, rules, builtin_rules=builtin_rules,
                                  measured={"requested": requested, "reason": reason})
     base = PrecisionPlan(low_mode, rules, builtin_rules=builtin_rules)
-    key = _cache_key(model, example_batch, requested, base, hw.as_dict(), margin, loss_fn)
+    asked = requested if sensitivity is None else f"{requested}|sensitivity={sensitivity:g}"
+    key = _cache_key(model, example_batch, asked, base, hw.as_dict(), margin, loss_fn)
     path = Path(cache_dir) if cache_dir is not None else default_plan_cache()
     path = path / f"{key[:24]}.yaml"
     if cache and not refresh:
@@ -147,6 +160,10 @@ def measure_plan(
         if cached is not None:
             say(f"precision: {cached.mode.name}, measured plan from the cache ({path})")
             return cached
+    if sensitivity is not None:
+        rules, builtin_rules = _accurate_rules(model, example_batch, low_mode, rules, sensitivity,
+                                               loss_fn, say)
+        base = PrecisionPlan(low_mode, rules, builtin_rules=builtin_rules)
     say(f"precision: measuring {low_mode.name} against fp32 per module on {hw.name} "
         f"({torch.get_num_threads()} threads)...")
     with _rng_kept():
@@ -183,6 +200,20 @@ def measure_plan(
     if cache:
         _write_cached(path, chosen)
     return chosen
+
+
+def _accurate_rules(model: nn.Module, batch: Any, mode: Mode, rules: Any, threshold: float,
+                    loss_fn: LossFn | None, say: Callable[[str], None]) -> tuple[list[Rule], bool]:
+    """The user's rules followed by FP32 rules for the modules whose low-precision error passes
+    ``threshold``; the built-in islands are then off (the measurement replaces them)."""
+    from vlamp.precision.sensitivity import sensitivity_plan
+
+    say(f"precision: measuring each module's {dtype_name(mode.compute_dtype)} error against fp32...")
+    accurate, table = sensitivity_plan(model, batch, mode, threshold=threshold, loss_fn=loss_fn)
+    kept = [r.pattern for r in accurate.user_rules]
+    say(f"precision: {len(kept)} of {len(table)} modules above {threshold:g} relative error, kept "
+        f"in fp32{': ' + ', '.join(kept[:6]) if kept else ''}{' ...' if len(kept) > 6 else ''}")
+    return [*PrecisionPlan(mode, rules).user_rules, *accurate.user_rules], False
 
 
 # -- timing ---------------------------------------------------------------------------------------
@@ -234,6 +265,27 @@ def _median_times(fns: Mapping[str, Callable[[], None]], cleanup: Callable[[], N
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def capture_inputs(model: nn.Module, batch: Any, modules: Mapping[str, nn.Module],
+                   loss_fn: LossFn | None = None) -> dict[str, tuple[tuple, dict]]:
+    """Runs one forward pass of ``model`` (in the caller's autocast context, autograd on, so inputs
+    that need a gradient say so) and returns detached copies of the first inputs each of
+    ``modules`` received (by name; modules never called are absent)."""
+    inputs: dict[str, tuple[tuple, dict]] = {}
+
+    def capture(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            inputs.setdefault(name, (_leaf_copy(args), _leaf_copy(kwargs)))
+        return hook
+
+    handles = [m.register_forward_pre_hook(capture(n), with_kwargs=True) for n, m in modules.items()]
+    try:
+        _loss(model, batch, loss_fn)
+    finally:
+        for h in handles:
+            h.remove()
+    return inputs
+
+
 def _candidates(resolved: Sequence[Resolved], low: torch.dtype) -> list[Resolved]:
     return [r for r in resolved if r.name and r.policy.compute == low
             and r.decided_by in ("inherited", "mode default") and next(r.module.children(), None) is None]
@@ -245,19 +297,9 @@ def _time_modules(model: nn.Module, batch: Any, base: PrecisionPlan, loss_fn: Lo
     probe = copy.deepcopy(model)
     resolved = base.resolve(probe, warn_unmatched=False)
     apply_plan(resolved)
-    inputs: dict[str, tuple[tuple, dict]] = {}
-
-    def capture(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            inputs.setdefault(name, (_leaf_copy(args), _leaf_copy(kwargs)))
-        return hook
-
     candidates = _candidates(resolved, low)
-    handles = [r.module.register_forward_pre_hook(capture(r.name), with_kwargs=True) for r in candidates]
-    with mode.autocast(device.type):  # with autograd on, so inputs that need a gradient say so
-        _loss(probe, batch, loss_fn)
-    for h in handles:
-        h.remove()
+    with mode.autocast(device.type):
+        inputs = capture_inputs(probe, batch, {r.name: r.module for r in candidates}, loss_fn)
     out: dict[str, dict[str, Any]] = {}
     for r in candidates:
         if r.name not in inputs:

@@ -78,6 +78,9 @@ class MixedPrecision:
             record per module the overflow, underflow and headroom of its activations and
             gradients and the updates its parameters lost to rounding
             (:mod:`vlamp.precision.diagnostics`); read :attr:`last_diagnostics` after each step.
+        sensitivity: With ``model``/``example_batch``: also measure each module's error in low
+            precision against FP32 and keep in FP32 those above this relative error, in place
+            of the built-in islands (see :func:`vlamp.precision.autoplan.measure_plan`).
 
     Example:
         >>> mp = MixedPrecision("auto", model=model, example_batch=batch)  # doctest: +SKIP
@@ -104,10 +107,14 @@ class MixedPrecision:
         device: str | torch.device | None = None,
         tf32: bool = False,
         diagnostics: str | int | None = None,
+        sensitivity: float | None = None,
     ) -> None:
         self.requested_mode = mode if isinstance(mode, str) else mode.name
         if self.requested_mode == "auto" and model is None and not isinstance(rules, PrecisionPlan):
             mode = get_mode("auto", device)  # for the device it will run on, not whatever is here
+        if sensitivity is not None and model is None:
+            raise VlampError("MixedPrecision: sensitivity= measures the model's modules; pass model= "
+                             "and example_batch= too")
         if (model is None) != (example_batch is None):
             raise VlampError("MixedPrecision: pass both model= and example_batch= to measure the plan, "
                              "or neither")
@@ -127,7 +134,7 @@ class MixedPrecision:
                 set_tf32(tf32)  # measured as it will run
                 self.plan = measure_plan(model, example_batch, mode, rules=rules,
                                          builtin_rules=builtin_rules, loss_fn=loss_fn, cache=cache,
-                                         log=log)
+                                         log=log, sensitivity=sensitivity)
             else:
                 self.plan = PrecisionPlan(mode, rules, builtin_rules=builtin_rules)
         self.mode = self.plan.mode

@@ -198,7 +198,8 @@ class Trainer:
                 example = self.example_batch()
                 log = (lambda line: tqdm.write(line)) if self.progress else None
                 measured = MixedPrecision(p.mode, p.rules or None, p.scaler or None, model=self.model,
-                                          example_batch=example, log=log, **common)
+                                          example_batch=example, log=log,
+                                          sensitivity=p.sensitivity or None, **common)
                 plan = measured.plan.to_dict()
                 if not self.world.distributed:
                     return measured
