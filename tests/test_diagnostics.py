@@ -34,6 +34,8 @@ def one_step(model: nn.Module, mp: MixedPrecision, loss_factor: float = 1.0):
 
 def test_parse_every():
     assert parse_every("off") == parse_every(None) == parse_every(0) == 0
+    assert load_config(None, ["precision.diagnostics=off"]).precision.diagnostics in ("off", "False")
+    assert parse_every(load_config(None, ["precision.diagnostics=off"]).precision.diagnostics) == 0
     assert parse_every("every:50") == parse_every(50) == 50
     for bad in ("every:0", "every:x", "sometimes", -3):
         with pytest.raises(VlampError, match="must be 'off' or 'every:N'"):

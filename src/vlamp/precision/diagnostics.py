@@ -9,8 +9,8 @@ gradient flowing back into that output:
   module's compute dtype for a low-precision layer): below its smallest normal number (FP16 flushes
   below 2^-24 and loses bits below 2^-14). Structural zeros (masked positions) count too, so read
   it against an FP32 run or against the loss scaler's effect;
-- ``headroom_bits``: log2 of the format's largest value over the largest finite magnitude seen
-  (0 bits: at the edge of overflow; FP16's largest value is 65504; ``None`` when all were zero);
+- ``headroom_bits``: log2 of the format's largest value over the largest magnitude seen (0 bits:
+  at the edge of overflow, or past it; FP16's largest value is 65504; ``None`` when all were zero);
 
 and, for each module's parameters, ``lost_updates``: the fraction of elements that had a non-zero
 gradient but did not move in the step, in the tensor the optimizer updates (an FP32 master where
@@ -51,7 +51,9 @@ def parse_every(spec: str | int | None, what: str = "diagnostics") -> int:
     Raises:
         VlampError: On anything else.
     """
-    if spec is None or spec == 0 or (isinstance(spec, str) and spec.strip().lower() in ("off", "")):
+    # YAML (and so a command-line override) reads a bare ``off`` as false.
+    if spec is None or spec is False or spec == 0 or (
+            isinstance(spec, str) and spec.strip().lower() in ("off", "", "false", "none", "0")):
         return 0
     if isinstance(spec, int) and not isinstance(spec, bool) and spec > 0:
         return spec
@@ -62,27 +64,39 @@ def parse_every(spec: str | int | None, what: str = "diagnostics") -> int:
 
 
 class _Accumulator:
-    """Counts of one module's tensors on one step, on the device: [n, nonfinite, tiny, amax],
-    judged against ``dtype``'s range."""
+    """Counts of one module's tensors on one step, on the device: [n, nonfinite, tiny, peak],
+    judged against ``dtype``'s range (``peak``: the largest magnitude, inf/NaN included)."""
 
     def __init__(self, dtype: torch.dtype) -> None:
         self.parts: list[torch.Tensor] = []
         self.dtype = dtype
 
     def add(self, t: torch.Tensor) -> None:
+        # Few passes over the tensor (the cost of a sampled step): the extremes, and the values
+        # below the smallest normal; inf/NaN are counted only where the extremes hold one (a host
+        # branch on the CPU, where reading a value costs nothing; on a GPU they are always counted
+        # rather than wait for the device). count_nonzero, not a boolean sum: 27x faster on a CPU.
+        t = t.detach()
         tiny = torch.finfo(self.dtype).tiny
-        a = t.detach().abs()
-        finite = torch.isfinite(a)
-        amax = torch.where(finite, a, torch.zeros((), dtype=a.dtype, device=a.device)).amax()
+        lo, hi = torch.aminmax(t)
+        peak = torch.maximum(-lo, hi).float()
+        if t.device.type == "cpu" and bool(torch.isfinite(peak)):
+            nonfinite = torch.zeros((), device=t.device)
+        else:
+            nonfinite = torch.count_nonzero(~torch.isfinite(t)).float()
         self.parts.append(torch.stack([
-            torch.tensor(float(a.numel()), device=a.device), (~finite).sum().float(),
-            (a < tiny).sum().float(), amax.float()]))
+            torch.tensor(float(t.numel()), device=t.device), nonfinite,
+            torch.count_nonzero(t.abs() < tiny).float(), peak]))
 
     def read(self, parts: list[float]) -> dict[str, float]:
         n, nonfinite, low, amax = parts
         largest = torch.finfo(self.dtype).max
+        if nonfinite or not amax < math.inf:
+            headroom = 0.0  # overflowed: no room left
+        else:
+            headroom = math.log2(largest / amax) if amax > 0 else None
         return {"overflow": nonfinite / max(n, 1), "underflow": low / max(n, 1),
-                "headroom_bits": math.log2(largest / amax) if 0 < amax < math.inf else None}
+                "headroom_bits": headroom}
 
 
 class Diagnostics:
