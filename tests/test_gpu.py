@@ -127,3 +127,24 @@ def test_bench_on_cuda_reports_gpu_memory(tiny_dataset, tmp_path):
         assert run["device"].startswith("cuda") and run["gpu_peak_bytes"] > 0
         assert run["gpu_memory_vs_fp32"] > 0
     assert "peak GPU (MiB)" in p.stdout
+
+
+def test_diagnostics_and_sensitivity_on_cuda():
+    """The GPU path of the diagnostics (inf/NaN always counted, no host read per tensor) and of
+    the sensitivity measurement; an overflow planted in fp16 is found."""
+    from vlamp.precision.sensitivity import measure_sensitivity
+
+    model = Net().cuda()
+    with torch.no_grad():
+        model.inp.weight.mul_(1e4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    mp = MixedPrecision("fp16-mixed", diagnostics="every:1")
+    mp.setup(model, opt)
+    with mp.autocast():
+        loss = model(torch.randn(32, 64, device="cuda") * 10)
+    mp.backward(loss)
+    mp.step(opt)
+    d = mp.last_diagnostics["modules"]
+    assert d["inp"]["act_overflow"] > 0 and d["inp"]["act_headroom_bits"] == 0.0
+    errors = measure_sensitivity(Net().cuda(), torch.randn(8, 64, device="cuda"), "bf16-mixed")
+    assert 0 < errors["inp"]["output_error"] < 0.02
