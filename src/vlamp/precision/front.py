@@ -187,9 +187,9 @@ class MixedPrecision:
         gives ``optimizer`` FP32 master weights. Create the optimizer over ``model.parameters()``
         before calling this, and call it before the first step.
 
-        To wrap the model for data-parallel or sharded training (DDP, FSDP2), call it twice:
-        ``mp.setup(model)`` applies the plan, then wrap (see :func:`vlamp.precision.fsdp.shard_model`),
-        build the optimizer over the wrapped parameters, and ``mp.setup(model, optimizer)``.
+        For data-parallel or sharded training call it twice: ``mp.setup(model)`` applies the plan;
+        then wrap the model in DDP, or shard it with :meth:`shard` (FSDP2); build the optimizer
+        over ``model.parameters()``; then ``mp.setup(model, optimizer)``.
 
         Returns:
             ``(model, optimizer)``, the same objects, changed in place.
