@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from vlamp import MixedPrecision, VlampError, choose_mode, detect, resolve_device
-from vlamp.precision.front import unscales_itself
+from vlamp.precision.scaler import unscales_itself
 from vlamp.precision.verify import trace_compute_dtypes
 from vlamp.train.config import load_config
 

@@ -29,8 +29,9 @@ from vlamp.precision.scaler import (
     StaticLossScaler,
     StepOutcome,
     across_ranks,
-    found_inf_flag,
     make_scaler,
+    step_unscaling_inside,
+    unscales_itself,
 )
 
 ScalerSpec = LossScaler | Literal["dynamic", "static", "none"] | None
@@ -369,7 +370,7 @@ class MixedPrecision:
         if len(self.scalers) > 1:
             found_per_loss = list(self._found_inf)
         elif handoff:
-            found_per_loss = [_step_unscaling_inside(optimizer, grads, scale)]
+            found_per_loss = [step_unscaling_inside(optimizer, grads, scale)]
         elif scale != 1.0 or clip_grad_norm is None:
             found_per_loss = [self.scalers[0].unscale_(grads)]
         else:
@@ -529,24 +530,3 @@ class MixedPrecision:
     def __repr__(self) -> str:
         return f"MixedPrecision(mode={self.mode.name!r}, scaler={type(self.scalers[0]).__name__})"
 
-
-def unscales_itself(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer`` takes ``grad_scale``/``found_inf`` and unscales and skips inside its
-    own kernel: torch's fused Adam/AdamW/SGD (``fused=True``) on CPU and CUDA."""
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
-        g.get("fused") for g in optimizer.param_groups)
-
-
-def _step_unscaling_inside(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor],
-                           scale: float) -> bool:
-    """Steps a fused optimizer on gradients still multiplied by ``scale``: it divides them in its
-    kernel and changes nothing (state included) where the flag says inf/NaN. Returns the flag."""
-    device = grads[0].device
-    found = found_inf_flag(grads, device)
-    optimizer.grad_scale = torch.tensor(scale, dtype=torch.float32, device=device)
-    optimizer.found_inf = found
-    try:
-        optimizer.step()
-    finally:
-        optimizer.grad_scale = optimizer.found_inf = None
-    return bool(found.item())

@@ -94,6 +94,28 @@ def unscale_and_check(grads: Iterable[torch.Tensor], inv_scale: float) -> bool:
     return bool(_check_and_unscale(grads, inv_scale).item())
 
 
+def unscales_itself(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` takes ``grad_scale``/``found_inf`` and unscales and skips inside its
+    own kernel: torch's fused Adam/AdamW/SGD (``fused=True``) on CPU and CUDA."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+        g.get("fused") for g in optimizer.param_groups)
+
+
+def step_unscaling_inside(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor],
+                           scale: float) -> bool:
+    """Steps a fused optimizer on gradients still multiplied by ``scale``: it divides them in its
+    kernel and changes nothing (state included) where the flag says inf/NaN. Returns the flag."""
+    device = grads[0].device
+    found = found_inf_flag(grads, device)
+    optimizer.grad_scale = torch.tensor(scale, dtype=torch.float32, device=device)
+    optimizer.found_inf = found
+    try:
+        optimizer.step()
+    finally:
+        optimizer.grad_scale = optimizer.found_inf = None
+    return bool(found.item())
+
+
 class LossScaler(abc.ABC):
     """Interface of every loss scaler. Subclasses override the schedule, not the mechanics."""
 

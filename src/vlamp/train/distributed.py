@@ -11,7 +11,7 @@ reads, and their averaged gradients are the same step.
 
 Checkpoints are gathered, not sharded: each tensor is assembled in full (one collective per
 sharded tensor) and rank 0 writes the same safetensors files a single process writes. Chosen
-because ``torch.distributed.checkpoint`` reads its ``.metadata`` with ``pickle.load`` (vlamp has
+because ``torch.distributed.checkpoint`` unpickles its ``.metadata`` file when loading (vlamp has
 no pickle on any load path) and, for the model sizes trained here (2-380 M parameters), one
 gathered file is small. A gathered checkpoint resumes at any world size, and ``vlamp eval`` reads it.
 """

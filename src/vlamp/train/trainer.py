@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -19,7 +18,6 @@ from tqdm.auto import tqdm
 
 from vlamp.data.dataset import ChunkDataset, random_shift, random_shift_offsets
 from vlamp.data.reader import LeRobotData, read_dataset
-from vlamp.io import write_text_atomic
 from vlamp.models.tinyvla import TinyVLA
 from vlamp.models.tokenizer import WordTokenizer
 from vlamp.precision.errors import VlampError
@@ -29,6 +27,7 @@ from vlamp.precision.plan import PrecisionPlan
 from vlamp.train import checkpoint as ckpt
 from vlamp.train import distributed
 from vlamp.train.config import RunConfig, save_config, to_dict
+from vlamp.train.logs import RunLog, truncate_metrics
 from vlamp.train.policy import VLAPolicy
 from vlamp.train.step import (
     EMA,
@@ -279,7 +278,7 @@ class Trainer:
         self.rng.bit_generator.state = c.state["numpy_rng"]
         self.step, self.applied_steps = c.step, int(c.state["applied_steps"])
         if self.world.main:
-            _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
 
     # -- the loop --------------------------------------------------------------------------------
     def example_batch(self) -> Batch:
@@ -307,14 +306,10 @@ class Trainer:
                 evaluation and checkpoint (the benchmark pauses runs there to interleave them).
         """
         c, t = self.config, self.config.train
-        writer = metrics = None  # rank 0 logs; the other ranks only train
-        if self.world.main:
+        if self.world.main:  # rank 0 logs; the other ranks only train
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(c, self.run_dir / "config.yaml")
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step or None)
-            metrics = open(self.run_dir / "metrics.jsonl", "a")
+        log = RunLog(self.run_dir if self.world.main else None, purge_step=self.step)
         result = TrainResult(self.run_dir, t.steps)
         bar = tqdm(total=t.steps, initial=self.step, desc=f"train {self.mp.mode.name}", unit="step",
                    disable=not self.progress, dynamic_ncols=True)
@@ -342,7 +337,7 @@ class Trainer:
                         self.ema.update()
                 result.losses.append(r.loss)
                 if self.mp.last_diagnostics is not None:
-                    _log_diagnostics(writer, metrics, {**self.mp.last_diagnostics, "step": self.step})
+                    log.diagnostics({**self.mp.last_diagnostics, "step": self.step})
                 result.scales.append(r.outcome.scale)
                 if self.step % t.log_every == 0 or self.step == t.steps:
                     now = time.perf_counter()
@@ -351,27 +346,25 @@ class Trainer:
                     row = {"step": self.step, "loss": r.loss, "lr": lr, "loss_scale": r.outcome.scale,
                            "skipped_steps": self.mp.skipped_steps, "grad_norm": r.outcome.grad_norm,
                            "samples_per_s": rate, "step_time_s": result.step_times[-1]}
-                    _log(writer, metrics, "train", row)
+                    log.row("train", row)
                     bar.set_postfix(loss=f"{r.loss:.4f}", scale=f"{r.outcome.scale:g}",
                                     skipped=self.mp.skipped_steps, samples_s=f"{rate:.0f}")
                 bar.update()
                 last = self.step == t.steps
                 if self.val_set is not None and ((t.val_every and self.step % t.val_every == 0) or last):
                     result.val_action_l1 = self.validate()
-                    _log(writer, metrics, "val", {"step": self.step, "action_l1": result.val_action_l1})
+                    log.row("val", {"step": self.step, "action_l1": result.val_action_l1})
                 if (c.eval.every and self.step % c.eval.every == 0) or (last and c.eval.final):
                     result.eval = self.evaluate()
-                    _log(writer, metrics, "eval", {"step": self.step,
-                                                   "success_rate": result.eval["success_rate"]})
+                    log.row("eval", {"step": self.step,
+                                     "success_rate": result.eval["success_rate"]})
                 if (t.save_every and self.step % t.save_every == 0) or last:
                     self.save()
                 if on_step is not None:
                     on_step(self.step)
         finally:
             bar.close()
-            if writer is not None:
-                writer.close()
-                metrics.close()
+            log.close()
         result.skipped_steps = self.mp.skipped_steps
         result.seconds = time.perf_counter() - start
         return result
@@ -470,40 +463,3 @@ def _check_same_model(saved: dict[str, Any], now: dict[str, Any]) -> None:
         raise ckpt.CheckpointError("the checkpoint is of a different model config (" + "; ".join(diff)
                                    + "); resume with the run's own config.yaml")
 
-
-def _log(writer, metrics, prefix: str, row: dict[str, Any]) -> None:
-    if writer is None:
-        return
-    step = row["step"]
-    for k, v in row.items():
-        if k != "step" and v is not None:
-            writer.add_scalar(f"{prefix}/{k}", v, step)
-    metrics.write(json.dumps({"kind": prefix, **row}) + "\n")
-    metrics.flush()
-
-
-def _log_diagnostics(writer, metrics, record: dict[str, Any]) -> None:
-    """A sampled step's numerical health: one metrics.jsonl row (``kind: diag``), per-module
-    TensorBoard scalars, and a histogram across modules of each statistic."""
-    if writer is None:
-        return
-    step = record["step"]
-    by_stat: dict[str, list[float]] = {}
-    for module, stats in record["modules"].items():
-        for stat, value in stats.items():
-            if value is not None:
-                writer.add_scalar(f"diag/{stat}/{module}", value, step)
-                by_stat.setdefault(stat, []).append(value)
-    for stat, values in by_stat.items():
-        writer.add_histogram(f"diag_across_modules/{stat}", np.asarray(values), step)
-    metrics.write(json.dumps({"kind": "diag", **record}) + "\n")
-    metrics.flush()
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drops metric rows written after the checkpoint (they will be written again)."""
-    if not path.exists():
-        return
-    rows = [line for line in path.read_text().splitlines() if line.strip()
-            and json.loads(line)["step"] <= step]
-    write_text_atomic(path, "".join(r + "\n" for r in rows))
