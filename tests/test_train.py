@@ -238,3 +238,19 @@ def test_measured_plan_is_saved_and_a_resume_trains_on_with_it(tiny_dataset, tmp
 
     loaded = load_policy(str(out))
     assert loaded.policy.mp.plan.to_dict()["rules"] == used["rules"]
+
+
+def test_the_trainers_evaluation_in_worker_processes_matches_in_process(tiny_dataset, tmp_path):
+    """eval.workers=2 builds the policy in each process from a temporary checkpoint of the
+    weights evaluated (the EMA here): the same episodes, the same outcomes as in process."""
+    cfg = load_config(None, tiny_overrides(tiny_dataset, tmp_path / "r", "bf16-mixed", "train.steps=3",
+                                           "train.ema_decay=0.5", "eval.episodes=2", "eval.max_steps=30"))
+    trainer = Trainer(cfg, progress=False)
+    trainer.fit()
+    cfg.eval.workers = 1
+    alone = trainer.evaluate()
+    cfg.eval.workers = 2
+    spread = trainer.evaluate()
+    assert [t["task"] for t in spread["per_task"]] == [t["task"] for t in alone["per_task"]]
+    assert [t["outcomes"] for t in spread["per_task"]] == [t["outcomes"] for t in alone["per_task"]]
+    assert spread["episodes"] == alone["episodes"] == 4

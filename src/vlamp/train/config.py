@@ -154,6 +154,9 @@ class EvalConfig:
         final: Evaluate after the last step.
         replan_every: Actions executed from each predicted chunk.
         max_steps: Episode limit.
+        workers: Processes the tasks are spread over (0: one per core; 1: in the training
+            process). Same episodes and seeds either way. The processes are spawned: a script of
+            your own that trains must keep its work under ``if __name__ == "__main__":``.
     """
 
     every: int = 0
@@ -161,6 +164,7 @@ class EvalConfig:
     final: bool = True
     replan_every: int = 8
     max_steps: int = 200
+    workers: int = 0
 
 
 @dataclasses.dataclass
@@ -225,8 +229,10 @@ class RunConfig:
         if self.distributed.reduce_dtype not in ("fp32", "bf16", "fp16"):
             raise VlampError(f"distributed.reduce_dtype must be one of fp32, bf16, fp16, got "
                              f"{self.distributed.reduce_dtype!r}")
-        if self.eval.episodes < 1 or self.eval.every < 0 or self.dataset.val_episodes < 0:
-            raise VlampError("eval.episodes must be >= 1; eval.every and dataset.val_episodes >= 0")
+        if self.eval.episodes < 1 or self.eval.every < 0 or self.dataset.val_episodes < 0 \
+                or self.eval.workers < 0:
+            raise VlampError("eval.episodes must be >= 1; eval.every, eval.workers and "
+                             "dataset.val_episodes >= 0")
 
 
 def keys(cls: type = RunConfig, prefix: str = "") -> dict[str, dataclasses.Field]:

@@ -28,7 +28,7 @@ from vlamp.train import checkpoint as ckpt
 from vlamp.train import distributed
 from vlamp.train.config import RunConfig, save_config, to_dict
 from vlamp.train.logs import RunLog, truncate_metrics
-from vlamp.train.policy import VLAPolicy
+from vlamp.train.policy import VLAPolicy, policy_recipe
 from vlamp.train.step import (
     EMA,
     Batch,
@@ -393,28 +393,55 @@ class Trainer:
         return err / max(count, 1.0)
 
     def evaluate(self) -> dict[str, Any]:
-        """Closed-loop success in the simulator on the dataset's tasks."""
+        """Closed-loop success in the simulator on the dataset's tasks (rank 0; the others wait).
+
+        With ``eval.workers`` other than 1 the tasks are spread over processes, each building the
+        policy from a temporary checkpoint of the weights evaluated (see
+        :func:`vlamp.sim.evaluate.evaluate`); a stand-in precision object (the bench's torch.amp
+        baseline) is evaluated in this process."""
         from vlamp.sim.evaluate import evaluate
         from vlamp.sim.tasks import tasks_for_instructions
 
         tasks = [task.name for task in tasks_for_instructions(self.data.tasks)]
         e = self.config.eval
-        model, weights = self.model, self.eval_weights()
-        if self.sharded:  # a whole copy on rank 0, from the gathered shards
+        workers = min(e.workers or os.cpu_count() or 1, len(tasks))
+        weights = self.eval_weights()
+        if self.sharded:  # whole weights on rank 0, from the gathered shards
             weights = distributed.gather(weights if weights is not None else self.model.state_dict())
-            model = self._unsharded_copy() if self.world.main else None
         result = None
         if self.world.main:
-            mp = self.mp
-            if model is not self.model:
-                mp = MixedPrecision(self.mp.mode, self.mp.plan, tf32=self.mp.tf32)
-                mp.setup(model)
-            policy = VLAPolicy(model, self.tokenizer, self.data.stats, mp)
-            with _swapped(model, weights):
-                res = evaluate(policy, tasks, e.episodes, replan_every=e.replan_every,
-                               image_size=self.image_size, max_steps=e.max_steps, progress=self.progress)
+            run = dict(replan_every=e.replan_every, image_size=self.image_size,
+                       max_steps=e.max_steps, progress=self.progress)
+            if workers > 1 and isinstance(self.mp, MixedPrecision):
+                with tempfile.TemporaryDirectory(prefix="vlamp-eval-") as tmp:
+                    path = self._policy_checkpoint(tmp, weights)
+                    recipe = policy_recipe(str(path), use_ema=False, device=self.device)
+                    res = evaluate(recipe, tasks, e.episodes, workers=workers, **run)
+            else:
+                model, mp = self.model, self.mp
+                if self.sharded:
+                    model = self._unsharded_copy()
+                    mp = MixedPrecision(self.mp.mode, self.mp.plan, tf32=self.mp.tf32)
+                    mp.setup(model)
+                with _swapped(model, weights):
+                    res = evaluate(VLAPolicy(model, self.tokenizer, self.data.stats, mp), tasks,
+                                   e.episodes, **run)
             result = res.as_dict()
         return distributed.broadcast_json(result, self.world)  # the other ranks waited here
+
+    def _policy_checkpoint(self, directory: str, weights: dict[str, torch.Tensor] | None) -> Path:
+        """A checkpoint holding only what :func:`load_policy` reads: these weights (default the
+        live ones), the config, the tokenizer, the dataset stats and the precision plan."""
+        precision = self.mp.state_dict()
+        precision.pop("master_weights")
+        state = {"format": ckpt.FORMAT, "applied_steps": self.applied_steps,
+                 "config": to_dict(self.config), "tokenizer": self.tokenizer.to_dict(),
+                 "stats": self.data.stats, "tasks": list(self.data.tasks),
+                 "image_size": self.image_size, "precision": precision, "optimizer": {},
+                 "numpy_rng": {}}
+        model = weights if weights is not None else self.model.state_dict()
+        return ckpt.save_checkpoint(directory, self.step, state, model,
+                                    {"rng.torch": torch.get_rng_state()}, keep_last=1)
 
     def _unsharded_copy(self) -> TinyVLA:
         """A plain (unsharded) model of the same config on this rank's device: its weights are
