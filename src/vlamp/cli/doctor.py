@@ -45,9 +45,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"capability {hw.cuda_capability[0]}.{hw.cuda_capability[1]}")
     print(f"cpu flags  {' '.join(hw.cpu_flags) or '(none of interest)'}")
     if hw.device == "cuda":
-        print(f"tf32       off in vlamp unless precision.tf32=true (then FP32 matmuls and "
-              f"convolutions, FP32 islands included, run on TF32 tensor cores); the tf32 column "
-              f"below is what it buys")
+        print("tf32       off in vlamp unless precision.tf32=true (then FP32 matmuls and "
+              "convolutions, FP32 islands included, run on TF32 tensor cores); the tf32 column "
+              "below is what it buys")
     print(f"torch      {hw.torch_version}\n")
     print(format_table() + "\n")
     print("measured throughput, GFLOP/s (ratio to fp32)")
