@@ -41,7 +41,6 @@ from vlamp.precision.apply import map_tensors
 from vlamp.precision.dtypes import dtype_name
 from vlamp.precision.errors import VlampError
 
-STATS = ("overflow", "underflow", "headroom_bits")
 ROOT = "(root)"  # the name the model itself is recorded under
 
 
@@ -109,7 +108,6 @@ class Diagnostics:
 
     def __init__(self, every: int) -> None:
         self.every = parse_every(every)
-        self.modules: dict[str, nn.Module] = {}
         self.names: dict[int, str] = {}  # id(parameter) -> module name
         self.armed = False
         self.step = 0
@@ -132,9 +130,7 @@ class Diagnostics:
             bounded = hasattr(module, "_vlamp_boundary")
             if not (own or bounded):
                 continue
-            name = name or ROOT
-            self.modules[name] = module
-            self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+            self._handles.append(module.register_forward_hook(self._forward_hook(name or ROOT)))
         for pname, p in model.named_parameters():
             self.names[id(p)] = pname.rpartition(".")[0] or ROOT
         for pid, pname in (param_names or {}).items():

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlamp.precision.apply import _MARK, apply_plan, map_tensors
+from vlamp.precision.apply import apply_plan, map_tensors
 from vlamp.precision.autoplan import LossFn, _tensors, capture_inputs, model_device
 from vlamp.precision.dtypes import dtype_name
 from vlamp.precision.modes import Mode, get_mode
@@ -40,24 +40,26 @@ def _relative(low: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
     return float(diff / norm) if float(norm) > 0 else float(diff)
 
 
-def _run(module: nn.Module, args: tuple, kwargs: dict, upstream: list[torch.Tensor] | None,
-         context: Callable[[], Any], seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor],
-                                                        list[torch.Tensor]]:
-    """Forward (in ``context``, the RNG seeded with ``seed`` so a module that draws noise draws the
-    same in both runs) and backward of the upstream gradient; returns outputs, parameter gradients
-    and input gradients."""
+def _run(module: nn.Module, args: tuple, kwargs: dict, device_type: str, seed: int,
+         upstream: Callable[[list[torch.Tensor]], list[torch.Tensor]]
+         ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Forward with autocast off (a low-precision module's own boundary turns it on), the RNG
+    seeded with ``seed`` so a module that draws noise draws the same in both runs, then backward
+    of ``upstream(outputs)``. Returns outputs, parameter gradients, input gradients and the
+    upstream gradient used."""
     torch.manual_seed(seed)
     args, kwargs = map_tensors((args, kwargs), lambda t: t.detach().clone().requires_grad_(
         t.requires_grad and t.is_floating_point()))
-    with context():
+    with torch.autocast(device_type, enabled=False):
         output = module(*args, **kwargs)
     outs = [t for t in _tensors(output) if t.is_floating_point()]
-    live = [t for t in outs if t.requires_grad]
-    if live and upstream is not None:
-        torch.autograd.backward(live, [g.to(t.dtype) for g, t in zip(upstream, live)])
+    grads = upstream(outs)
+    live = [(t, g) for t, g in zip(outs, grads) if t.requires_grad]
+    if live:
+        torch.autograd.backward([t for t, _ in live], [g.to(t.dtype) for t, g in live])
     params = [p.grad for p in module.parameters()]
     inputs = [t.grad for t in _tensors((args, kwargs)) if t.is_floating_point() and t.requires_grad]
-    return [t.detach() for t in outs], params, inputs
+    return [t.detach() for t in outs], params, inputs, grads
 
 
 def measure_sensitivity(model: nn.Module, batch: Any, mode: str | Mode, *,
@@ -81,23 +83,19 @@ def measure_sensitivity(model: nn.Module, batch: Any, mode: str | Mode, *,
     generator = torch.Generator().manual_seed(seed)
     out: dict[str, dict[str, Any]] = {}
     for name, (args, kwargs) in inputs.items():
-        def fp32() -> Any:
-            return torch.autocast(device.type, enabled=False)
+        def draw(outs: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [torch.randn(t.shape, generator=generator).to(device) for t in outs]
 
-        ref_module = copy.deepcopy(leaves[name])
-        ref_out, _, _ = _run(ref_module, args, kwargs, None, fp32, seed)
-        upstream = [torch.randn(t.shape, generator=generator).to(device) for t in ref_out]
-        ref_module.zero_grad(set_to_none=True)
-        ref_out, ref_params, ref_inputs = _run(ref_module, args, kwargs, upstream, fp32, seed)
+        ref_out, ref_params, ref_inputs, upstream = _run(copy.deepcopy(leaves[name]), args, kwargs,
+                                                         device.type, seed, draw)
         low_module = copy.deepcopy(leaves[name])  # its boundary decides its precision
         apply_plan([Resolved("", low_module, low, "sensitivity", FP32)])
-        low_out, low_params, low_inputs = _run(low_module, args, kwargs, upstream, fp32, seed)
+        low_out, low_params, low_inputs, _ = _run(low_module, args, kwargs, device.type, seed,
+                                                  lambda outs, g=upstream: g)
         out[name] = {"class": type(leaves[name]).__name__, "dtype": dtype_name(m.compute_dtype),
                      "params": sum(p.numel() for p in leaves[name].parameters()),
                      "output_error": _relative(low_out, ref_out),
                      "grad_error": _relative(low_params + low_inputs, ref_params + ref_inputs)}
-        if hasattr(low_module, _MARK):
-            delattr(low_module, _MARK)
     torch.set_rng_state(rng)
     return out
 

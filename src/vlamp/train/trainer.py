@@ -210,27 +210,24 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------------
     def _state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         optim_tensors, optim_meta = ckpt.optimizer_to_flat(self.optimizer)
-        mp_state = self.mp.state_dict()
-        masters = mp_state.pop("master_weights")
+        state, masters = self._policy_state()
         tensors = {**optim_tensors, **{f"master.{k}": v for k, v in masters.items()},
                    "rng.torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         if self.ema is not None:
             tensors.update(self.ema.state_dict())
-        state = {
-            "format": ckpt.FORMAT,
-            "applied_steps": self.applied_steps,
-            "config": to_dict(self.config),
-            "tokenizer": self.tokenizer.to_dict(),
-            "stats": self.data.stats,
-            "tasks": list(self.data.tasks),
-            "image_size": self.image_size,
-            "precision": mp_state,
-            "optimizer": optim_meta,
-            "numpy_rng": self.rng.bit_generator.state,
-        }
-        return state, tensors
+        return {**state, "optimizer": optim_meta, "numpy_rng": self.rng.bit_generator.state}, tensors
+
+    def _policy_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """The JSON part of a checkpoint that :func:`load_policy` reads (config, tokenizer, dataset
+        stats, the precision plan and state), and the FP32 masters apart."""
+        precision = self.mp.state_dict()
+        masters = precision.pop("master_weights")
+        return {"format": ckpt.FORMAT, "applied_steps": self.applied_steps,
+                "config": to_dict(self.config), "tokenizer": self.tokenizer.to_dict(),
+                "stats": self.data.stats, "tasks": list(self.data.tasks),
+                "image_size": self.image_size, "precision": precision}, masters
 
     def save(self) -> Path | None:
         """Writes a checkpoint (rank 0; the other ranks help gather sharded tensors). Returns its
@@ -432,13 +429,7 @@ class Trainer:
     def _policy_checkpoint(self, directory: str, weights: dict[str, torch.Tensor] | None) -> Path:
         """A checkpoint holding only what :func:`load_policy` reads: these weights (default the
         live ones), the config, the tokenizer, the dataset stats and the precision plan."""
-        precision = self.mp.state_dict()
-        precision.pop("master_weights")
-        state = {"format": ckpt.FORMAT, "applied_steps": self.applied_steps,
-                 "config": to_dict(self.config), "tokenizer": self.tokenizer.to_dict(),
-                 "stats": self.data.stats, "tasks": list(self.data.tasks),
-                 "image_size": self.image_size, "precision": precision, "optimizer": {},
-                 "numpy_rng": {}}
+        state = {**self._policy_state()[0], "optimizer": {}, "numpy_rng": {}}
         model = weights if weights is not None else self.model.state_dict()
         return ckpt.save_checkpoint(directory, self.step, state, model,
                                     {"rng.torch": torch.get_rng_state()}, keep_last=1)
