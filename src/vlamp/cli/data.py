@@ -6,6 +6,7 @@ import argparse
 import time
 
 from vlamp.data.generate import GIVE_UP, MAX_TRIES
+from vlamp.sim.env import CAMERAS, DEFAULT_CAMERA, NAMED_CAMERAS
 from vlamp.sim.tasks import DEFAULT_SUITE, SUITES
 
 
@@ -28,6 +29,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="where to write (must not exist); default: the user cache, reused if present")
     g.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     g.add_argument("--max-steps", type=int, default=200, help="episode limit (default: 200)")
+    g.add_argument("--camera", default=DEFAULT_CAMERA,
+                   help=f"what the images are rendered from: {', '.join([*CAMERAS, *NAMED_CAMERAS])} "
+                        f"(default: {DEFAULT_CAMERA}, vlamp's view of the workspace; the others are "
+                        f"Meta-World's own)")
     g.add_argument("--max-tries", type=int, default=MAX_TRIES, metavar="N",
                    help=f"rollouts tried per episode before it counts as failed; a task is given up "
                         f"after {GIVE_UP} failed episodes in a row and the others go on "
@@ -43,10 +48,11 @@ def run_generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     root = generate(args.tasks, args.episodes_per_task, image_size=args.image_size, seed=args.seed,
                     out=args.out, workers=args.workers, max_steps=args.max_steps,
-                    max_tries=args.max_tries)
+                    max_tries=args.max_tries, camera=args.camera)
     data = read_dataset(root)
     print(f"{root}\n  {data.num_episodes} episodes, {len(data)} frames, {len(data.tasks)} tasks, "
-          f"{data.images.shape[1]}x{data.images.shape[2]} images, {time.perf_counter() - start:.1f} s")
+          f"{data.images.shape[1]}x{data.images.shape[2]} images from {args.camera}, "
+          f"{time.perf_counter() - start:.1f} s")
     report = generation_report(root)
     if report:
         tasks = report["tasks"]

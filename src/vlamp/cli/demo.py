@@ -7,6 +7,8 @@ import argparse
 import time
 from pathlib import Path
 
+from vlamp.sim.evaluate import EPISODES
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -20,7 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", default="auto", help="precision mode to train in (default: auto)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: 800; --quick: 20)")
     p.add_argument("--episodes", type=int, default=None,
-                   help="closed-loop episodes per task (default: 10; --quick: 1)")
+                   help=f"closed-loop episodes per task (default: {EPISODES}, as vlamp eval; "
+                        f"--quick: 1)")
     p.add_argument("--bench-steps", type=int, default=None,
                    help="steps per bench run (default: 12; --quick: 6)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         raise VlampError(f"{out} holds an earlier demo; remove it or pass --out")
     progress = not args.no_progress
     steps = args.steps or (20 if args.quick else 800)
-    episodes = args.episodes or (1 if args.quick else 10)
+    episodes = args.episodes or (1 if args.quick else EPISODES)
     bench_steps = args.bench_steps or (6 if args.quick else 12)
     started = time.time()
 
@@ -77,8 +80,9 @@ def run(args: argparse.Namespace) -> int:
           f"{result.val_action_l1:.4f}, skipped steps {result.skipped_steps}")
 
     e = result.eval or {}
-    print(f"[4/5] evaluate: closed-loop success {e.get('success_rate', 0):.0%} over "
-          f"{e.get('episodes', 0)} episodes", flush=True)
+    print(f"[4/5] evaluate: closed-loop success {e.get('success_rate', 0):.0%} +- "
+          f"{e.get('ci95_half_width', 0) * 100:.0f} points over {e.get('episodes', 0)} episodes",
+          flush=True)
     for t in e.get("per_task", []):
         print(f"      {t['task']:<14} {t['successes']}/{t['episodes']}")
 

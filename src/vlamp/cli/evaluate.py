@@ -9,6 +9,8 @@ import os
 
 from vlamp.io import write_text_atomic
 from vlamp.precision.errors import VlampError
+from vlamp.sim.env import CAMERAS, DEFAULT_CAMERA, NAMED_CAMERAS, check_camera
+from vlamp.sim.evaluate import ENSEMBLE, EPISODES, MAX_STEPS, REPLAN_EVERY
 from vlamp.sim.tasks import DEFAULT_SUITE, SUITES
 
 POLICIES = ("expert", "random")
@@ -40,12 +42,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"comma-separated task and suite names, mixed as you like (default: the "
                         f"6-task suite, or the checkpoint's tasks); suites: {', '.join(SUITES)}; "
                         f"the 50 task names are Meta-World's without -v3 (mt50 is all of them)")
-    p.add_argument("--episodes", type=int, default=10, help="episodes per task (default: 10)")
+    p.add_argument("--episodes", type=int, default=EPISODES,
+                   help=f"episodes per task (default: {EPISODES}; the mean's 95%% interval is "
+                        f"printed, with the episodes that would make it +-5 points)")
     p.add_argument("--seed", type=int, default=None, help="first episode seed (default: the eval range)")
-    p.add_argument("--replan-every", type=int, default=8, help="actions executed per chunk (default: 8)")
-    p.add_argument("--max-steps", type=int, default=200, help="episode limit (default: 200)")
+    p.add_argument("--replan-every", type=int, default=REPLAN_EVERY,
+                   help=f"steps between queries of the policy, at most a chunk (default: {REPLAN_EVERY})")
+    p.add_argument("--ensemble", type=float, default=ENSEMBLE, metavar="K",
+                   help=f"temporal ensembling: each step's action averages every chunk's prediction "
+                        f"for it, weights exp(-K * i) from the oldest; 0: off (default: {ENSEMBLE})")
+    p.add_argument("--max-steps", type=int, default=MAX_STEPS,
+                   help=f"episode limit (default: {MAX_STEPS})")
     p.add_argument("--image-size", type=int, default=None,
                    help="camera image side (default: 64, or the checkpoint's)")
+    p.add_argument("--camera", default=None,
+                   help=f"what the images are rendered from: {', '.join([*CAMERAS, *NAMED_CAMERAS])} "
+                        f"(default: {DEFAULT_CAMERA}, or the checkpoint's)")
     p.add_argument("--gif", default=None, metavar="FILE", help="save the first episode of each task")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     p.add_argument("--workers", default="auto", metavar="N|auto",
@@ -83,22 +95,24 @@ def run(args: argparse.Namespace) -> int:
         raise VlampError("--gif records in one process: use it with --workers 1")
     seed = EVAL_SEED if args.seed is None else args.seed
 
-    def run_one(policy, tasks: str, image_size: int, gif: str | None = None):
+    def run_one(policy, tasks: str, image_size: int, camera: str, gif: str | None = None):
         """``policy``: the policy, or with --workers > 1 the recipe each process builds it from."""
         return evaluate(policy, tasks, args.episodes, seed=seed, replan_every=args.replan_every,
-                        image_size=image_size, max_steps=args.max_steps, gif_path=gif,
+                        ensemble=args.ensemble,
+                        image_size=image_size, camera=camera, max_steps=args.max_steps, gif_path=gif,
                         progress=not args.no_progress, workers=args.workers)
 
     if args.compare:
         return _compare(args, run_one)
     tasks, image_size, name = args.tasks or ",".join(DEFAULT_SUITE), args.image_size or 64, args.policy
+    camera = check_camera(args.camera or DEFAULT_CAMERA)
     if args.checkpoint:
-        policy, image_size, name, own_tasks = _load(args, args.checkpoint)
+        policy, (image_size, camera), name, own_tasks = _load(args, args.checkpoint)
         tasks = args.tasks or own_tasks
     else:
         recipe = ExpertPolicy if args.policy == "expert" else functools.partial(RandomPolicy, seed=0)
         policy = recipe if args.workers > 1 else recipe()
-    result = run_one(policy, tasks, image_size, args.gif)
+    result = run_one(policy, tasks, image_size, camera, args.gif)
     print(result.table())
     if args.policy == "expert" and not args.checkpoint:
         weak = [t for t in result.tasks if t.successes < 0.9 * t.episodes]
@@ -111,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace, path: str):
-    """A checkpoint's policy, its image size, a name for it and its tasks (as a task list)."""
+    """A checkpoint's policy, what it sees (image size, camera), a name for it and its tasks (as a
+    task list)."""
     from vlamp.sim.tasks import tasks_for_instructions
     from vlamp.train.policy import load_policy, policy_recipe
 
@@ -120,22 +135,26 @@ def _load(args: argparse.Namespace, path: str):
     if args.image_size not in (None, image_size):
         raise VlampError(f"--image-size {args.image_size}: the checkpoint {path} was trained on "
                          f"{image_size}x{image_size} images")
+    if args.camera not in (None, loaded.camera):
+        raise VlampError(f"--camera {args.camera}: the checkpoint {path} was trained on images from "
+                         f"{loaded.camera}")
     name = f"checkpoint {path} (step {loaded.step})"
     print(f"policy {name}: precision {policy.mp.mode.name}, head "
           f"{loaded.config['model']['head']}, on {policy.device}")
     tasks = ",".join(t.name for t in tasks_for_instructions(loaded.instructions))
     if args.workers > 1:  # each process loads it again
         policy = policy_recipe(path, args.mode, not args.no_ema, args.device)
-    return policy, image_size, name, tasks
+    return policy, (image_size, loaded.camera), name, tasks
 
 
 def _compare(args: argparse.Namespace, run_one) -> int:
     """``--compare A B``: both checkpoints on the same episodes, then the paired comparison."""
     from vlamp.sim.compare import compare_paired
 
-    (pa, size_a, name_a, tasks_a), (pb, size_b, name_b, tasks_b) = (_load(args, p) for p in args.compare)
-    if size_a != size_b:
-        raise VlampError(f"--compare: the checkpoints see different images ({size_a} and {size_b} px)")
+    (pa, view_a, name_a, tasks_a), (pb, view_b, name_b, tasks_b) = (_load(args, p) for p in args.compare)
+    if view_a != view_b:
+        raise VlampError(f"--compare: the checkpoints see different images ({view_a[0]} px from "
+                         f"{view_a[1]} and {view_b[0]} px from {view_b[1]})")
     if args.tasks is None and tasks_a != tasks_b:
         raise VlampError(f"--compare: the checkpoints were trained on different tasks ({tasks_a} and "
                          f"{tasks_b}); name the tasks to compare on with --tasks")
@@ -143,7 +162,7 @@ def _compare(args: argparse.Namespace, run_one) -> int:
     results = []
     for label, policy in (("A", pa), ("B", pb)):
         print(f"\n{label}: {name_a if label == 'A' else name_b}")
-        results.append(run_one(policy, tasks, size_a))
+        results.append(run_one(policy, tasks, *view_a))
         print(results[-1].table())
     comparison = compare_paired(*results)
     print("\n" + comparison.text())

@@ -84,7 +84,8 @@ def _report(trainer, config) -> None:
     if result.val_action_l1 is not None:
         print(f"validation action L1 (normalized) {result.val_action_l1:.4f}")
     if result.eval is not None:
-        print(f"closed-loop success {result.eval['success_rate']:.0%} over "
+        print(f"closed-loop success {result.eval['success_rate']:.0%} +- "
+              f"{result.eval['ci95_half_width'] * 100:.0f} points (95%) over "
               f"{result.eval['episodes']} episodes: "
               + ", ".join(f"{t['task']} {t['successes']}/{t['episodes']}" for t in result.eval["per_task"]))
     print(f"checkpoints in {trainer.run_dir / 'checkpoints'}; "

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from vlamp.data.lerobot import Episode, check_output_dir, write_dataset
 from vlamp.precision.errors import VlampError
+from vlamp.sim.env import DEFAULT_CAMERA, check_camera
 from vlamp.sim.evaluate import EVAL_SEED
 from vlamp.sim.tasks import Task, resolve_tasks
 
@@ -43,17 +44,18 @@ def _init_worker(given_up) -> None:
     _GIVEN_UP = given_up
 
 
-def _rollout(job: tuple[int, Task, int, int, int, int, int]) -> tuple[str, int, Episode | None, int]:
+def _rollout(job: tuple[int, Task, int, int, int, int, int, str]
+             ) -> tuple[str, int, Episode | None, int]:
     """Episode ``k`` of a task: its first successful rollout, ``None`` after ``max_tries``
     failures, or ``None`` with 0 tries when the task was given up meanwhile."""
     from vlamp.sim.env import MetaWorldEnv
 
-    index, task, k, seed, image_size, max_steps, max_tries = job
+    index, task, k, seed, image_size, max_steps, max_tries, camera = job
     if _GIVEN_UP is not None and _GIVEN_UP[index]:
         return task.name, k, None, 0
-    key = (task.name, image_size, max_steps)
+    key = (task.name, image_size, max_steps, camera)
     if key not in _ENVS:
-        _ENVS[key] = MetaWorldEnv(task, image_size=image_size, max_steps=max_steps)
+        _ENVS[key] = MetaWorldEnv(task, image_size=image_size, max_steps=max_steps, camera=camera)
     env = _ENVS[key]
     for j in range(max_tries):
         obs = env.reset(seed * 100_000 + 1_000 * k + j)
@@ -77,10 +79,11 @@ def default_cache_dir() -> Path:
 
 # v2: goal-conditioned tasks show their goal, and every expert sees the goal (before, the env's cached
 # observation bounds zeroed it after the first step); the default suite's episodes came out the same.
+# v3: the camera is part of the dataset (v2 datasets were all rendered from ``corner``).
 def dataset_id(tasks: Sequence[Task], episodes_per_task: int, image_size: int, seed: int,
-               max_steps: int, max_tries: int = MAX_TRIES) -> str:
+               max_steps: int, max_tries: int = MAX_TRIES, camera: str = DEFAULT_CAMERA) -> str:
     spec = json.dumps([[t.name for t in tasks], episodes_per_task, image_size, seed, max_steps,
-                       max_tries, "v2"])
+                       max_tries, camera, "v3"])
     return f"metaworld-{len(tasks)}t-{episodes_per_task}e-{image_size}px-s{seed}-" \
            f"{hashlib.sha1(spec.encode()).hexdigest()[:8]}"
 
@@ -95,6 +98,7 @@ def generate(
     workers: int | None = None,
     max_steps: int = 200,
     max_tries: int = MAX_TRIES,
+    camera: str = DEFAULT_CAMERA,
     progress: bool = True,
 ) -> Path:
     """Generates (or finds in the cache) a dataset of expert demonstrations.
@@ -110,6 +114,8 @@ def generate(
         max_steps: Episode limit of each rollout.
         max_tries: Rollouts (fresh seeds) tried for one episode before it counts as failed; a task
             is given up after ``GIVE_UP`` failed episodes in a row.
+        camera: What the images are rendered from (:data:`vlamp.sim.env.CAMERAS` or one of
+            Meta-World's named cameras); recorded in the dataset, and evaluation renders from it.
         progress: Show a progress bar.
 
     Returns:
@@ -125,6 +131,7 @@ def generate(
         raise VlampError(f"image size must be >= 8, got {image_size}")
     if max_tries < 1:
         raise VlampError(f"max tries must be >= 1, got {max_tries}")
+    check_camera(camera)
     last = seed * 100_000 + 1_000 * (episodes_per_task - 1) + max_tries - 1
     if seed < 0 or last >= EVAL_SEED:
         raise VlampError(f"seed {seed} with {episodes_per_task} episodes per task would use simulator "
@@ -133,14 +140,14 @@ def generate(
                          f"from 0 to {(EVAL_SEED - 1_000 * episodes_per_task) // 100_000}")
     if out is None:
         root = default_cache_dir() / dataset_id(chosen, episodes_per_task, image_size, seed, max_steps,
-                                                max_tries)
+                                                max_tries, camera)
         if (root / "meta/info.json").is_file():
             return root
     else:
         root = Path(out)
     check_output_dir(root)  # fail before minutes of simulation rather than after
     # Tasks take turns, so every task's first episode comes early.
-    jobs = [(i, t, k, seed, image_size, max_steps, max_tries) for k in range(episodes_per_task)
+    jobs = [(i, t, k, seed, image_size, max_steps, max_tries, camera) for k in range(episodes_per_task)
             for i, t in enumerate(chosen)]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     say = tqdm.write if progress else (lambda line: print(line, file=sys.stderr))
@@ -188,7 +195,7 @@ def generate(
                          f"try a larger --max-steps (now {max_steps})")
     from vlamp.sim.env import ACTION_NAMES, STATE_NAMES
 
-    report = {"max_tries": max_tries, "give_up": GIVE_UP, "max_steps": max_steps, "tasks": stats}
+    report = {"camera": camera, "max_tries": max_tries, "give_up": GIVE_UP, "max_steps": max_steps, "tasks": stats}
     try:
         return write_dataset(root, episodes, fps=FPS, state_names=STATE_NAMES,
                              action_names=ACTION_NAMES, extra_meta={REPORT: report})
@@ -200,8 +207,8 @@ def generate(
 
 def generation_report(root: str | os.PathLike[str]) -> dict | None:
     """What :func:`generate` recorded about a dataset (per task: episodes asked and kept,
-    rollouts, the expert's success rate, whether the task was given up); ``None`` for datasets
-    it did not write."""
+    rollouts, the expert's success rate, whether the task was given up) and the camera; ``None``
+    for datasets it did not write."""
     path = Path(root) / "meta" / REPORT
     return json.loads(path.read_text()) if path.is_file() else None
 

@@ -23,6 +23,18 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 GOAL_GROUP = 5  # the site group a shown goal marker is moved to; the only one rendered
 GOAL_RADIUS = 0.035  # metres; Meta-World's 0.01-0.02 is one or two pixels at 64 px
 STATE_NAMES = ("hand_x", "hand_y", "hand_z", "gripper")
+
+# Free cameras (MuJoCo ``mjvCamera``), usable wherever a camera name is: Meta-World's own cameras
+# frame the whole table and the robot's base, so at 64 px a window handle is two pixels. ``workspace``
+# looks at the region the objects of all 50 tasks are placed in, from the front left and above, with
+# the hand in view over a whole episode: the objects cover about twice the pixels they do in
+# ``corner``.
+CAMERAS: dict[str, dict[str, object]] = {
+    "workspace": {"lookat": (0.0, 0.72, 0.2), "distance": 1.25, "azimuth": -60.0, "elevation": -30.0},
+}
+DEFAULT_CAMERA = "workspace"
+NAMED_CAMERAS = ("corner", "corner2", "corner3", "topview", "behindGripper", "gripperPOV")
+
 ACTION_NAMES = ("dx", "dy", "dz", "grip")
 
 
@@ -42,6 +54,7 @@ class MetaWorldEnv:
         task: The task.
         image_size: Side of the square camera image.
         max_steps: Episode limit (Meta-World's own is 500).
+        camera: A free camera of :data:`CAMERAS` or one of Meta-World's named cameras.
 
     Example:
         >>> env = MetaWorldEnv(TASKS["drawer-open"])     # doctest: +SKIP
@@ -49,7 +62,8 @@ class MetaWorldEnv:
         (64, 64, 3)
     """
 
-    def __init__(self, task: Task, image_size: int = 64, max_steps: int = 200) -> None:
+    def __init__(self, task: Task, image_size: int = 64, max_steps: int = 200,
+                 camera: str = DEFAULT_CAMERA) -> None:
         import metaworld
         import metaworld.policies
         import mujoco
@@ -57,6 +71,7 @@ class MetaWorldEnv:
         if image_size < 8:
             raise VlampError(f"image_size must be >= 8, got {image_size}")
         self.task, self.image_size, self.max_steps = task, image_size, max_steps
+        self.camera = check_camera(camera)
         env = metaworld.ALL_V3_ENVIRONMENTS[task.env_name]()
         # Goal-observable, with per-reset random object positions drawn from the env's own seeded RNG.
         env._partially_observable = False
@@ -74,6 +89,15 @@ class MetaWorldEnv:
         self._scene_option = mujoco.MjvOption()
         self._scene_option.sitegroup[:] = 0
         self._goal_shown = not task.show_goal
+        self._view: str | mujoco.MjvCamera = self.camera
+        if self.camera in CAMERAS:
+            self._view = mujoco.MjvCamera()
+            self._view.type = mujoco.mjtCamera.mjCAMERA_FREE
+            preset = CAMERAS[self.camera]
+            self._view.lookat[:] = preset["lookat"]
+            self._view.distance = preset["distance"]
+            self._view.azimuth = preset["azimuth"]
+            self._view.elevation = preset["elevation"]
         self._off = [mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION,
                      mujoco.mjtRndFlag.mjRND_SKYBOX]
         self._expert = getattr(metaworld.policies, task.expert)()
@@ -121,10 +145,12 @@ class MetaWorldEnv:
 
     def render(self) -> np.ndarray:
         r = self._renderer
-        r.update_scene(self._env.data, camera=self.task.camera, scene_option=self._scene_option)
+        r.update_scene(self._env.data, camera=self._view, scene_option=self._scene_option)
         for flag in self._off:
             r.scene.flags[flag] = False
-        return np.ascontiguousarray(r.render()[::-1])  # MuJoCo's image rows run bottom-up
+        if self.camera in CAMERAS:
+            return r.render()
+        return np.ascontiguousarray(r.render()[::-1])  # Meta-World's named cameras are upside down
 
     def _observe(self) -> Observation:
         state = np.asarray(self._raw[:4], dtype=np.float32)
@@ -139,3 +165,14 @@ class MetaWorldEnv:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_camera(name: str) -> str:
+    """Returns ``name`` if it is a camera vlamp can render from.
+
+    Raises:
+        VlampError: Naming the legal cameras.
+    """
+    if name not in CAMERAS and name not in NAMED_CAMERAS:
+        raise VlampError(f"unknown camera {name!r}; legal: {', '.join([*CAMERAS, *NAMED_CAMERAS])}")
+    return name

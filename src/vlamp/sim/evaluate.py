@@ -13,10 +13,18 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vlamp.precision.errors import VlampError
-from vlamp.sim.env import MetaWorldEnv, Observation
+from vlamp.sim.env import DEFAULT_CAMERA, MetaWorldEnv, Observation
 from vlamp.sim.tasks import Task, resolve_tasks
 
 EVAL_SEED = 1_000_000  # evaluation episodes start here; generated training data never does
+TARGET_HALF_WIDTH = 0.05  # the evaluation is sized so that its mean is known to +-5 points (95%)
+
+# The defaults of every evaluation (vlamp eval, the trainer's, the bench's), chosen by measured
+# ablations (README, "How well the default policy does").
+EPISODES = 10  # per task
+REPLAN_EVERY = 8  # steps between queries of the policy
+ENSEMBLE = 0.0  # temporal ensembling weight (0: off)
+MAX_STEPS = 200  # episode limit
 
 
 class Policy(Protocol):
@@ -55,6 +63,27 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def half_width(successes: int, n: int) -> float:
+    """Half the width of the 95% Wilson interval: the "+-" of a success rate."""
+    lo, hi = wilson_interval(successes, n)
+    return (hi - lo) / 2
+
+
+def episodes_for(rate: float, target: float = TARGET_HALF_WIDTH) -> int:
+    """The fewest episodes whose 95% Wilson interval around a success rate of ``rate`` is at most
+    ``target`` either side (on average: half the interval's width). 0.5 needs the most: 381 for
+    +-5 points; 0.9 needs 141."""
+    if not 0.0 <= rate <= 1.0 or target <= 0:
+        raise VlampError(f"rate must be in [0, 1] and target > 0, got {rate} and {target}")
+    lo, hi = 1, 1
+    while half_width(round(rate * hi), hi) > target:
+        lo, hi = hi + 1, hi * 2
+    while lo < hi:  # the half-width falls with n (up to the rounding of rate * n)
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if half_width(round(rate * mid), mid) <= target else (mid + 1, hi)
+    return lo
 
 
 @dataclasses.dataclass
@@ -96,12 +125,25 @@ class EvalResult:
     def steps_per_s(self) -> float:
         return self.env_steps / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def half_width(self) -> float:
+        """The "+-" of the mean's 95% interval: Wilson's, over all episodes pooled. With the same
+        number of episodes per task this is conservative: tasks that differ in success make the
+        mean of per-task rates vary less than as many episodes of one task."""
+        return half_width(sum(t.successes for t in self.tasks), sum(t.episodes for t in self.tasks))
+
+    def episodes_needed(self, target: float = TARGET_HALF_WIDTH) -> int:
+        """Episodes per task for a mean interval of at most ``target`` either side, at the success
+        rate measured."""
+        return -(-episodes_for(self.success_rate, target) // max(1, len(self.tasks)))
+
     def as_dict(self) -> dict[str, Any]:
         succ = sum(t.successes for t in self.tasks)
         n = sum(t.episodes for t in self.tasks)
         return {
             "success_rate": self.success_rate,
             "ci95": list(wilson_interval(succ, n)),
+            "ci95_half_width": self.half_width,
             "episodes": n,
             "mean_length": float(np.mean([t.mean_length for t in self.tasks])) if self.tasks else 0.0,
             "env_steps_per_s": self.steps_per_s,
@@ -118,18 +160,24 @@ class EvalResult:
         d = self.as_dict()
         lines.append(f"{'mean':<{w}} {self.success_rate:>8.0%} [{d['ci95'][0]:5.0%}, {d['ci95'][1]:5.0%}] "
                      f"{d['mean_length']:>9.1f}   ({self.steps_per_s:.0f} env steps/s)")
+        lines.append(f"{'':<{w}} +-{self.half_width * 100:.1f} points (95%, {d['episodes']} episodes)")
+        if self.half_width > TARGET_HALF_WIDTH:
+            lines[-1] += (f"; about {self.episodes_needed()} episodes per task would make it "
+                          f"+-{TARGET_HALF_WIDTH * 100:.0f}")
         return "\n".join(lines)
 
 
 def evaluate(
     policy: Policy | Callable[[Observation], np.ndarray],
     tasks: str | Sequence[str] | None = None,
-    episodes: int = 10,
+    episodes: int = EPISODES,
     *,
     seed: int = EVAL_SEED,
-    replan_every: int = 8,
+    replan_every: int = REPLAN_EVERY,
+    ensemble: float = ENSEMBLE,
     image_size: int = 64,
-    max_steps: int = 200,
+    camera: str = DEFAULT_CAMERA,
+    max_steps: int = MAX_STEPS,
     gif_path: str | os.PathLike[str] | None = None,
     progress: bool = True,
     workers: int = 1,
@@ -145,7 +193,12 @@ def evaluate(
         seed: First episode seed.
         replan_every: Receding horizon: execute at most this many actions of a chunk, then query
             the policy again.
+        ensemble: Temporal ensembling (ACT's): with a weight ``k > 0`` every step's action is the
+            average of what each chunk predicted for that step, the oldest prediction weighted
+            ``exp(0)``, the next ``exp(-k)``, ...; the policy is still queried every
+            ``replan_every`` steps. 0 executes each chunk's actions as predicted.
         image_size: Camera image side; must match what the policy was trained on.
+        camera: What the images are rendered from; must match too.
         max_steps: Episode limit; an episode that has not succeeded by then fails.
         gif_path: If given, the first episode of each task is saved there as an animated GIF.
         progress: Show a progress bar.
@@ -162,7 +215,7 @@ def evaluate(
     chosen: list[Task] = resolve_tasks(tasks)
     if workers < 1:
         raise VlampError(f"workers must be >= 1, got {workers}")
-    settings = (episodes, seed, replan_every, image_size, max_steps)
+    settings = (episodes, seed, replan_every, ensemble, image_size, camera, max_steps)
     bar = tqdm(total=len(chosen) * episodes, desc="eval", unit="ep", disable=not progress, leave=False)
     start = time.perf_counter()
     if workers > 1 and len(chosen) > 1 and gif_path is None:
@@ -194,9 +247,9 @@ def evaluate(
 def _run_task(policy, task: Task, settings: tuple, bar=None, frames: list | None = None
               ) -> tuple[TaskResult, int]:
     """One task's episodes; ``frames`` (if given) collects the first episode's images."""
-    episodes, seed, replan_every, image_size, max_steps = settings
+    episodes, seed, replan_every, ensemble, image_size, camera, max_steps = settings
     successes, lengths, outcomes, steps = 0, [], [], 0
-    with MetaWorldEnv(task, image_size=image_size, max_steps=max_steps) as env:
+    with MetaWorldEnv(task, image_size=image_size, max_steps=max_steps, camera=camera) as env:
         for i in range(episodes):
             obs, done, success = env.reset(seed + i), False, False
             if hasattr(policy, "bind"):
@@ -204,14 +257,13 @@ def _run_task(policy, task: Task, settings: tuple, bar=None, frames: list | None
             if hasattr(policy, "reset"):
                 policy.reset(seed + i)
             record = frames is not None and i == 0
+            chunks = ChunkExecutor(replan_every, ensemble)
             while not done:
-                chunk = np.asarray(policy(obs), dtype=np.float32).reshape(-1, 4)
-                for action in chunk[:max(1, replan_every)]:
-                    if record:
-                        frames.append(obs.image)
-                    obs, success, done = env.step(action)
-                    if done:
-                        break
+                if chunks.needs_query():
+                    chunks.add(np.asarray(policy(obs), dtype=np.float32).reshape(-1, 4))
+                if record:
+                    frames.append(obs.image)
+                obs, success, done = env.step(chunks.next_action())
             steps += env.steps
             successes += int(success)
             outcomes.append(bool(success))
@@ -220,6 +272,48 @@ def _run_task(policy, task: Task, settings: tuple, bar=None, frames: list | None
                 bar.update()
                 bar.set_postfix(task=task.name, success=f"{successes}/{i + 1}")
     return TaskResult(task.name, episodes, successes, float(np.mean(lengths)), outcomes), steps
+
+
+class ChunkExecutor:
+    """Turns predicted action chunks into one action per step.
+
+    Receding horizon (``ensemble=0``): the newest chunk's actions in order, a new chunk every
+    ``replan_every`` steps. Temporal ensembling (ACT, Zhao et al. 2023): every chunk still covering
+    the current step votes for it, the oldest with weight 1, each younger one ``exp(-ensemble)``
+    times the one before.
+    """
+
+    def __init__(self, replan_every: int, ensemble: float = 0.0) -> None:
+        if replan_every < 1 or ensemble < 0:
+            raise VlampError(f"replan_every must be >= 1 and ensemble >= 0, got {replan_every} "
+                             f"and {ensemble}")
+        self.replan_every, self.ensemble = replan_every, ensemble
+        self.t = 0
+        self._chunks: list[tuple[int, np.ndarray]] = []  # (step it was predicted at, chunk)
+
+    def needs_query(self) -> bool:
+        if not self._chunks:
+            return True
+        start, chunk = self._chunks[-1]
+        return self.t - start >= min(self.replan_every, len(chunk))
+
+    def add(self, chunk: np.ndarray) -> None:
+        self._chunks.append((self.t, chunk))
+        if not self.ensemble:
+            self._chunks = self._chunks[-1:]
+
+    def next_action(self) -> np.ndarray:
+        live = [(s, c) for s, c in self._chunks if self.t - s < len(c)]
+        self._chunks = live
+        if self.ensemble:
+            votes = np.stack([c[self.t - s] for s, c in live])
+            w = np.exp(-self.ensemble * np.arange(len(live)))
+            action = (w[:, None] * votes).sum(0) / w.sum()
+        else:
+            s, c = live[-1]
+            action = c[self.t - s]
+        self.t += 1
+        return action
 
 
 _POLICY: dict[str, Any] = {}  # per worker process: the policy built from the recipe

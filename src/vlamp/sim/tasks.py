@@ -21,7 +21,6 @@ class Task:
         show_goal: Render the goal marker. For tasks whose goal is a point in free space (reach,
             push, pick-place, ...) nothing else shows the policy where to go; elsewhere the marker
             stays hidden, since in paired scenes (drawer open/close) it would give the task away.
-        camera: The MuJoCo camera the image comes from.
     """
 
     name: str
@@ -29,13 +28,11 @@ class Task:
     expert: str
     instruction: str
     show_goal: bool = False
-    camera: str = "corner"
 
 
-def _task(name: str, instruction: str, *, show_goal: bool = False, camera: str = "corner",
-          expert: str | None = None) -> Task:
+def _task(name: str, instruction: str, *, show_goal: bool = False, expert: str | None = None) -> Task:
     camel = "".join(w.capitalize() for w in name.split("-"))
-    return Task(name, f"{name}-v3", expert or f"Sawyer{camel}V3Policy", instruction, show_goal, camera)
+    return Task(name, f"{name}-v3", expert or f"Sawyer{camel}V3Policy", instruction, show_goal)
 
 
 # All 50 Meta-World v3 tasks. Paired tasks share a scene, so the instruction is the only cue which

@@ -18,6 +18,7 @@ from vlamp.models.tinyvla import ModelConfig, with_size
 from vlamp.precision.diagnostics import parse_every
 from vlamp.precision.errors import VlampError
 from vlamp.precision.hardware import DEVICE_NAMES, check_device_name
+from vlamp.sim import evaluate as evaluation
 
 
 @dataclasses.dataclass
@@ -152,7 +153,10 @@ class EvalConfig:
         every: Steps between closed-loop evaluations during training (0: only at the end).
         episodes: Episodes per task.
         final: Evaluate after the last step.
-        replan_every: Actions executed from each predicted chunk.
+        replan_every: Steps between queries of the policy (at most a chunk).
+        ensemble: Temporal ensembling weight ``k``: each step's action averages what every chunk
+            predicted for it, weights ``exp(-k * i)`` from the oldest; 0 executes each chunk's
+            actions as predicted.
         max_steps: Episode limit.
         workers: Processes the tasks are spread over (0: one per core; 1: in the training
             process). Same episodes and seeds either way. The processes are spawned: a script of
@@ -160,10 +164,11 @@ class EvalConfig:
     """
 
     every: int = 0
-    episodes: int = 10
+    episodes: int = evaluation.EPISODES
     final: bool = True
-    replan_every: int = 8
-    max_steps: int = 200
+    replan_every: int = evaluation.REPLAN_EVERY
+    ensemble: float = evaluation.ENSEMBLE
+    max_steps: int = evaluation.MAX_STEPS
     workers: int = 0
 
 
@@ -229,6 +234,9 @@ class RunConfig:
         if self.distributed.reduce_dtype not in ("fp32", "bf16", "fp16"):
             raise VlampError(f"distributed.reduce_dtype must be one of fp32, bf16, fp16, got "
                              f"{self.distributed.reduce_dtype!r}")
+        if self.eval.replan_every < 1 or self.eval.ensemble < 0:
+            raise VlampError(f"eval.replan_every must be >= 1 and eval.ensemble >= 0, got "
+                             f"{self.eval.replan_every} and {self.eval.ensemble}")
         if self.eval.episodes < 1 or self.eval.every < 0 or self.dataset.val_episodes < 0 \
                 or self.eval.workers < 0:
             raise VlampError("eval.episodes must be >= 1; eval.every, eval.workers and "

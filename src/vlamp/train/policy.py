@@ -60,11 +60,13 @@ class VLAPolicy:
 
 @dataclasses.dataclass
 class LoadedPolicy:
-    """A policy read from a checkpoint, with what it was trained on."""
+    """A policy read from a checkpoint, with what it was trained on (``camera``: ``corner`` for
+    checkpoints written before the camera was recorded, all trained on images from there)."""
 
     policy: VLAPolicy
     config: dict
     image_size: int
+    camera: str
     instructions: list[str]
     step: int
 
@@ -109,7 +111,8 @@ def load_policy(path: str, mode: str | None = None, use_ema: bool = True,
         model.load_state_dict({**sd, **{k: v.to(sd[k].dtype) for k, v in ema.items()}})
     tokenizer = WordTokenizer.from_dict(c.state["tokenizer"])
     return LoadedPolicy(VLAPolicy(model, tokenizer, c.state["stats"], mp), config,
-                        int(c.state["image_size"]), list(c.state["tasks"]), c.step)
+                        int(c.state["image_size"]), c.state.get("camera", "corner"), list(c.state["tasks"]),
+                        c.step)
 
 
 def policy_recipe(path: str, mode: str | None = None, use_ema: bool = True,

@@ -24,6 +24,7 @@ from vlamp.precision.errors import VlampError
 from vlamp.precision.front import MixedPrecision
 from vlamp.precision.hardware import synchronize
 from vlamp.precision.plan import PrecisionPlan
+from vlamp.sim.env import DEFAULT_CAMERA
 from vlamp.train import checkpoint as ckpt
 from vlamp.train import distributed
 from vlamp.train.config import RunConfig, save_config, to_dict
@@ -37,6 +38,18 @@ from vlamp.train.step import (
     to_device,
     train_step,
 )
+
+
+def dataset_camera(root: str | Path) -> str:
+    """The camera a dataset's images were rendered from, for evaluation in the simulator: what
+    ``vlamp data generate`` recorded; ``corner`` for datasets it wrote before it recorded one (all
+    rendered from there); the default camera for datasets from elsewhere."""
+    from vlamp.data.generate import generation_report
+
+    report = generation_report(root)
+    if report is None:
+        return DEFAULT_CAMERA
+    return report.get("camera", "corner")
 
 
 def load_data(config: RunConfig, progress: bool = True) -> LeRobotData:
@@ -131,6 +144,7 @@ class Trainer:
         if data is None and self.world.main:
             distributed.barrier(self.world)
         self.image_size = int(self.data.images.shape[1])
+        self.camera = dataset_camera(self.data.root)
         train_eps, val_eps = split_episodes(self.data, config.dataset.val_episodes)
         self.train_set = ChunkDataset(self.data, config.model.chunk, train_eps)
         self.val_set = ChunkDataset(self.data, config.model.chunk, val_eps) if val_eps else None
@@ -227,7 +241,7 @@ class Trainer:
         return {"format": ckpt.FORMAT, "applied_steps": self.applied_steps,
                 "config": to_dict(self.config), "tokenizer": self.tokenizer.to_dict(),
                 "stats": self.data.stats, "tasks": list(self.data.tasks),
-                "image_size": self.image_size, "precision": precision}, masters
+                "image_size": self.image_size, "camera": self.camera, "precision": precision}, masters
 
     def save(self) -> Path | None:
         """Writes a checkpoint (rank 0; the other ranks help gather sharded tensors). Returns its
@@ -407,8 +421,8 @@ class Trainer:
             weights = distributed.gather(weights if weights is not None else self.model.state_dict())
         result = None
         if self.world.main:
-            run = dict(replan_every=e.replan_every, image_size=self.image_size,
-                       max_steps=e.max_steps, progress=self.progress)
+            run = dict(replan_every=e.replan_every, ensemble=e.ensemble, image_size=self.image_size,
+                       camera=self.camera, max_steps=e.max_steps, progress=self.progress)
             if workers > 1 and isinstance(self.mp, MixedPrecision):
                 with tempfile.TemporaryDirectory(prefix="vlamp-eval-") as tmp:
                     path = self._policy_checkpoint(tmp, weights)
