@@ -32,6 +32,17 @@ SIZES: dict[str, dict[str, object]] = {
 }
 
 
+# Keys added to ModelConfig since the first checkpoints, with the value that rebuilds the model those
+# checkpoints hold (the default of a new run may differ).
+SAVED_BEFORE: dict[str, object] = {"keypoints": False}
+
+
+def saved_model_config(saved: dict[str, object]) -> dict[str, object]:
+    """A ``model`` config section read from a checkpoint, completed with :data:`SAVED_BEFORE` for
+    keys older checkpoints lack."""
+    return {**SAVED_BEFORE, **saved}
+
+
 def with_size(model: dict[str, object]) -> dict[str, object]:
     """A ``model`` config section with its ``size`` preset filled in under the keys it gives.
 
@@ -62,6 +73,10 @@ class ModelConfig:
         flow_steps: Euler steps when sampling from the flow head.
         max_tokens: Instruction length in words (longer ones are cut).
         image_size: Side of the (square) input images; sizes the positional table.
+        keypoints: Add one token of spatial-softmax keypoints (the expected image position of
+            each channel of the second-to-last stage, robomimic's way to localise precisely)
+            to the image tokens. Measured: 86.7% closed-loop success against 76.7% without, one
+            seed; window-open 16/20 against 10/20.
     """
 
     size: str = "small"
@@ -78,6 +93,7 @@ class ModelConfig:
     state_dim: int = 4
     action_dim: int = 4
     image_size: int = 64
+    keypoints: bool = True
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:
@@ -192,6 +208,24 @@ class ConvStage(nn.Module):
         return F.silu(self.film(self.norm2(self.conv(x)), cond))
 
 
+class SpatialSoftmax(nn.Module):
+    """A feature map (B, C, H, W) -> (B, 2C): per channel, the expected (x, y) in [-1, 1] under a
+    softmax over its positions (Levine et al. 2016), with a learned temperature."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_temperature = nn.Parameter(torch.zeros(1))  # 1-d: FSDP2 shards no scalars
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        weights = (x.flatten(2) / self.log_temperature.exp()).softmax(-1)  # (B, C, HW)
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, device=x.device, dtype=weights.dtype),
+                                torch.linspace(-1, 1, w, device=x.device, dtype=weights.dtype),
+                                indexing="ij")
+        grid = torch.stack([xs.flatten(), ys.flatten()], dim=-1)  # (HW, 2)
+        return (weights @ grid).flatten(1)
+
+
 class ImageEncoder(nn.Module):
     """Image (B, 3, H, W) in [0, 1] -> (B, H/2^s * W/2^s, D) tokens, conditioned on ``cond``.
 
@@ -200,18 +234,27 @@ class ImageEncoder(nn.Module):
     in FP32 and 0.149 s against 0.160 s in bf16-mixed; oneDNN's NHWC kernels are the fast ones on
     GPUs' tensor cores too."""
 
-    def __init__(self, channels: list[int], cond_dim: int, dim: int) -> None:
+    def __init__(self, channels: list[int], cond_dim: int, dim: int, keypoints: bool = False) -> None:
         super().__init__()
         ins = [3, *channels[:-1]]
         self.stages = nn.ModuleList(ConvStage(i, o, cond_dim) for i, o in zip(ins, channels))
         self.proj = nn.Linear(channels[-1], dim)
         self.stages.to(memory_format=torch.channels_last)
+        if keypoints:
+            self.spatial_softmax = SpatialSoftmax()
+            self.keypoint_proj = nn.Linear(2 * channels[-2 if len(channels) > 1 else -1], dim)
 
     def forward(self, image: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         x = ((image - 0.5) * 4.0).contiguous(memory_format=torch.channels_last)
+        maps = []
         for stage in self.stages:
             x = stage(x, cond)
-        return self.proj(x.flatten(2).transpose(1, 2))
+            maps.append(x)
+        tokens = self.proj(x.flatten(2).transpose(1, 2))
+        if not hasattr(self, "spatial_softmax"):
+            return tokens
+        keypoints = self.keypoint_proj(self.spatial_softmax(maps[-2 if len(maps) > 1 else -1]))
+        return torch.cat([tokens, keypoints[:, None]], dim=1)
 
 
 class SinusoidalTimeEmbedding(nn.Module):
@@ -282,7 +325,7 @@ class TinyVLA(nn.Module):
         c, d = config, config.dim
         self.config = config
         self.text = TextEncoder(c.vocab_size, c.max_tokens, d, c.heads, c.text_layers)
-        self.vision = ImageEncoder(c.channels, d, d)
+        self.vision = ImageEncoder(c.channels, d, d, c.keypoints)
         self.state_proj = nn.Linear(c.state_dim, d)
         self.action_queries = nn.Parameter(torch.randn(c.chunk, d) * 0.02)
         if c.head == "flow":
@@ -312,7 +355,7 @@ class TinyVLA(nn.Module):
 
     def _sequence_length(self) -> int:
         side = self.config.image_size // 2 ** len(self.config.channels)
-        return side * side + self.config.max_tokens + 1 + self.config.chunk
+        return side * side + int(self.config.keypoints) + self.config.max_tokens + 1 + self.config.chunk
 
     def _trunk(self, image: torch.Tensor, state: torch.Tensor, tokens: torch.Tensor,
                queries: torch.Tensor) -> torch.Tensor:

@@ -19,11 +19,14 @@ from vlamp.sim.tasks import Task, resolve_tasks
 EVAL_SEED = 1_000_000  # evaluation episodes start here; generated training data never does
 TARGET_HALF_WIDTH = 0.05  # the evaluation is sized so that its mean is known to +-5 points (95%)
 
-# The defaults of every evaluation (vlamp eval, the trainer's, the bench's), chosen by measured
-# ablations (README, "How well the default policy does").
-EPISODES = 10  # per task
-REPLAN_EVERY = 8  # steps between queries of the policy
-ENSEMBLE = 0.0  # temporal ensembling weight (0: off)
+# The defaults of every evaluation (vlamp eval, the trainer's, the demo's), chosen by measured
+# ablations (README, "How sharp the evaluation is"). 30 episodes of each of the 6 default tasks put
+# the mean's 95% interval within +-5 points from a success rate of 87% up. Querying the policy at
+# every step and averaging the chunks' predictions for it (ACT's temporal ensembling, k = 0.1) gave
+# 86.7% where executing 8 actions of each chunk gave 73.3%, on the same checkpoint and episodes.
+EPISODES = 30  # per task
+REPLAN_EVERY = 1  # steps between queries of the policy
+ENSEMBLE = 0.1  # temporal ensembling weight (0: off)
 MAX_STEPS = 200  # episode limit
 
 

@@ -128,7 +128,7 @@ class TrainConfig:
             boundaries are traced with it). Costs compile time at the start.
     """
 
-    steps: int = 1300
+    steps: int = 1500
     batch_size: int = 64
     grad_accum: int = 1
     lr: float = 1e-3

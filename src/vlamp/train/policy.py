@@ -89,7 +89,7 @@ def load_policy(path: str, mode: str | None = None, use_ema: bool = True,
     Raises:
         VlampError: If no valid checkpoint is found.
     """
-    from vlamp.models.tinyvla import ModelConfig
+    from vlamp.models.tinyvla import ModelConfig, saved_model_config
     from vlamp.train.checkpoint import load_checkpoint
 
     dev = resolve_device(device)
@@ -102,7 +102,7 @@ def load_policy(path: str, mode: str | None = None, use_ema: bool = True,
     else:
         mp = MixedPrecision(mode or c.state["precision"]["mode"], config["precision"]["rules"] or None,
                             device=dev)
-    model = TinyVLA(ModelConfig(**config["model"])).to(dev)
+    model = TinyVLA(ModelConfig(**saved_model_config(config["model"]))).to(dev)
     mp.setup(model)
     model.load_state_dict(c.model)
     ema = {k.removeprefix("ema."): v for k, v in c.train.items() if k.startswith("ema.")}

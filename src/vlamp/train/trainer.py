@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from vlamp.data.dataset import ChunkDataset, random_shift, random_shift_offsets
 from vlamp.data.reader import LeRobotData, read_dataset
-from vlamp.models.tinyvla import TinyVLA
+from vlamp.models.tinyvla import TinyVLA, saved_model_config
 from vlamp.models.tokenizer import WordTokenizer
 from vlamp.precision.errors import VlampError
 from vlamp.precision.front import MixedPrecision
@@ -489,6 +489,7 @@ def _check_writable(run_dir: Path) -> None:
 
 
 def _check_same_model(saved: dict[str, Any], now: dict[str, Any]) -> None:
+    saved = saved_model_config(saved)
     diff = [f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in now.items()
             if saved.get(k) != v]
     if diff:
