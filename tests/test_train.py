@@ -163,6 +163,33 @@ def test_fp32_islands_compute_in_fp32_under_bf16_mixed(head):
     assert len(computing) >= 20  # the whole model, not a part of it
 
 
+def test_spatial_softmax_finds_each_channels_peak():
+    from vlamp.models.tinyvla import SpatialSoftmax
+
+    x = torch.zeros(1, 2, 5, 9)
+    x[0, 0, 1, 6] = 30.0  # channel 0 peaks at row 1, column 6; channel 1 is flat
+    xy = SpatialSoftmax()(x).view(2, 2)
+    # x runs over the 9 columns from -1 to 1, y over the 5 rows
+    assert xy[0].tolist() == pytest.approx([-1 + 6 * 2 / 8, -1 + 1 * 2 / 4], abs=1e-4)
+    assert xy[1].tolist() == pytest.approx([0.0, 0.0], abs=1e-6)
+
+
+def test_keypoints_add_one_image_token_and_old_checkpoints_rebuild_without():
+    from vlamp.models.tinyvla import saved_model_config
+
+    shape = dict(vocab_size=8, dim=32, depth=1, heads=2, text_layers=1, channels=[8, 8], chunk=4,
+                 image_size=16, max_tokens=3)
+    with_kp, without = TinyVLA(ModelConfig(**shape)), TinyVLA(ModelConfig(**shape, keypoints=False))
+    assert with_kp.config.keypoints and with_kp.pos_embed.weight.shape[1] == \
+        without.pos_embed.weight.shape[1] + 1
+    extra = set(with_kp.state_dict()) - set(without.state_dict())
+    assert extra == {"vision.spatial_softmax.log_temperature", "vision.keypoint_proj.weight",
+                     "vision.keypoint_proj.bias"}
+    # A config saved before the key existed (no "keypoints") is the model without them.
+    rebuilt = TinyVLA(ModelConfig(**saved_model_config(shape)))
+    rebuilt.load_state_dict(without.state_dict())  # strict: the same parameters
+
+
 def cli(*args):
     return subprocess.run([sys.executable, "-m", "vlamp", *args], capture_output=True, text=True,
                           timeout=300)

@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"[3/5] train: TinyVLA, {steps} steps at batch {config.train.batch_size}", flush=True)
     result = trainer.fit()
-    print(f"      {result.seconds:.0f} s, final loss {result.losses[-1]:.4f}, validation action L1 "
+    print(f"      {result.seconds - result.eval_seconds:.0f} s (and {result.eval_seconds:.0f} s of "
+          f"closed-loop evaluation), final loss {result.losses[-1]:.4f}, validation action L1 "
           f"{result.val_action_l1:.4f}, skipped steps {result.skipped_steps}")
 
     e = result.eval or {}

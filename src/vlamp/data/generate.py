@@ -195,7 +195,8 @@ def generate(
                          f"try a larger --max-steps (now {max_steps})")
     from vlamp.sim.env import ACTION_NAMES, STATE_NAMES
 
-    report = {"camera": camera, "max_tries": max_tries, "give_up": GIVE_UP, "max_steps": max_steps, "tasks": stats}
+    report = {"camera": camera, "max_tries": max_tries, "give_up": GIVE_UP, "max_steps": max_steps,
+              "tasks": stats}
     try:
         return write_dataset(root, episodes, fps=FPS, state_names=STATE_NAMES,
                              action_names=ACTION_NAMES, extra_meta={REPORT: report})

@@ -227,7 +227,8 @@ class SpatialSoftmax(nn.Module):
 
 
 class ImageEncoder(nn.Module):
-    """Image (B, 3, H, W) in [0, 1] -> (B, H/2^s * W/2^s, D) tokens, conditioned on ``cond``.
+    """Image (B, 3, H, W) in [0, 1] -> (B, H/2^s * W/2^s, D) tokens, conditioned on ``cond``
+    (one more with ``keypoints``: the spatial-softmax positions of the second-to-last stage).
 
     Convolutions run channels-last (NHWC), weights and activations alike: measured on a 2-core
     Xeon with AVX512-BF16 (torch 2.13), a default training step took 0.207 s against 0.222 s NCHW

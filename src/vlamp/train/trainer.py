@@ -103,7 +103,8 @@ class TrainResult:
     skipped_steps: int = 0
     val_action_l1: float | None = None
     eval: dict[str, Any] | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole run, its closed-loop evaluations included
+    eval_seconds: float = 0.0  # of which the closed-loop evaluations
 
 
 class Trainer:
@@ -366,7 +367,9 @@ class Trainer:
                     result.val_action_l1 = self.validate()
                     log.row("val", {"step": self.step, "action_l1": result.val_action_l1})
                 if (c.eval.every and self.step % c.eval.every == 0) or (last and c.eval.final):
+                    began = time.perf_counter()
                     result.eval = self.evaluate()
+                    result.eval_seconds += time.perf_counter() - began
                     log.row("eval", {"step": self.step,
                                      "success_rate": result.eval["success_rate"]})
                 if (t.save_every and self.step % t.save_every == 0) or last:
