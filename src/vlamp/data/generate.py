@@ -214,6 +214,16 @@ def generation_report(root: str | os.PathLike[str]) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def dataset_camera(root: str | os.PathLike[str]) -> str:
+    """The camera a dataset's images were rendered from, for evaluation in the simulator: what
+    :func:`generate` recorded; ``corner`` for datasets it wrote before it recorded one (all rendered
+    from there); the default camera for datasets from elsewhere."""
+    report = generation_report(root)
+    if report is None:
+        return DEFAULT_CAMERA
+    return report.get("camera", "corner")
+
+
 class _InProcess:
     """The ``Pool`` interface run in this process (one worker: no spawn cost)."""
 

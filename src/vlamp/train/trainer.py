@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vlamp.data.dataset import ChunkDataset, random_shift, random_shift_offsets
+from vlamp.data.generate import dataset_camera, generate
 from vlamp.data.reader import LeRobotData, read_dataset
 from vlamp.models.tinyvla import TinyVLA, saved_model_config
 from vlamp.models.tokenizer import WordTokenizer
@@ -24,7 +25,6 @@ from vlamp.precision.errors import VlampError
 from vlamp.precision.front import MixedPrecision
 from vlamp.precision.hardware import synchronize
 from vlamp.precision.plan import PrecisionPlan
-from vlamp.sim.env import DEFAULT_CAMERA
 from vlamp.train import checkpoint as ckpt
 from vlamp.train import distributed
 from vlamp.train.config import RunConfig, save_config, to_dict
@@ -40,24 +40,10 @@ from vlamp.train.step import (
 )
 
 
-def dataset_camera(root: str | Path) -> str:
-    """The camera a dataset's images were rendered from, for evaluation in the simulator: what
-    ``vlamp data generate`` recorded; ``corner`` for datasets it wrote before it recorded one (all
-    rendered from there); the default camera for datasets from elsewhere."""
-    from vlamp.data.generate import generation_report
-
-    report = generation_report(root)
-    if report is None:
-        return DEFAULT_CAMERA
-    return report.get("camera", "corner")
-
-
 def load_data(config: RunConfig, progress: bool = True) -> LeRobotData:
     """The configured dataset; the default suite is generated into the cache on first use."""
     path = config.dataset.path
     if not path:
-        from vlamp.data.generate import generate
-
         path = str(generate(progress=progress))
     if not Path(path).is_dir():
         raise VlampError(f"dataset.path {path!r} is not a directory (a LeRobot v3.0 dataset; "
