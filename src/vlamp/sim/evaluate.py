@@ -22,9 +22,9 @@ TARGET_HALF_WIDTH = 0.05  # the evaluation is sized so that its mean is known to
 # The defaults of every evaluation (vlamp eval, the trainer's, the demo's), chosen by measured
 # ablations (README, "How sharp the evaluation is"). 35 episodes of each of the 6 default tasks put
 # the mean's 95% interval within +-5 points from a success rate of 84% up (the default policy's is
-# about 85%; 30 would give +-5.2 there). Querying the policy at
-# every step and averaging the chunks' predictions for it (ACT's temporal ensembling, k = 0.1) gave
-# 86.7% where executing 8 actions of each chunk gave 73.3%, on the same checkpoint and episodes.
+# about 85%; 30 would give +-5.2 there). Querying the policy at every step and averaging the
+# chunks' predictions for it (ACT's temporal ensembling, k = 0.1) gave 86.7% where executing 8
+# actions of each chunk gave 73.3%, on the same checkpoint and episodes.
 EPISODES = 35  # per task
 REPLAN_EVERY = 1  # steps between queries of the policy
 ENSEMBLE = 0.1  # temporal ensembling weight (0: off)
