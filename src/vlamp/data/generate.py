@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from vlamp.data.lerobot import Episode, check_output_dir, write_dataset
 from vlamp.precision.errors import VlampError
-from vlamp.sim.env import DEFAULT_CAMERA, check_camera
+from vlamp.sim.env import DEFAULT_CAMERA, UNRECORDED_CAMERA, check_camera
 from vlamp.sim.evaluate import EVAL_SEED
 from vlamp.sim.tasks import Task, resolve_tasks
 
@@ -221,7 +221,7 @@ def dataset_camera(root: str | os.PathLike[str]) -> str:
     report = generation_report(root)
     if report is None:
         return DEFAULT_CAMERA
-    return report.get("camera", "corner")
+    return report.get("camera", UNRECORDED_CAMERA)
 
 
 class _InProcess:

@@ -241,21 +241,21 @@ class ImageEncoder(nn.Module):
         self.stages = nn.ModuleList(ConvStage(i, o, cond_dim) for i, o in zip(ins, channels))
         self.proj = nn.Linear(channels[-1], dim)
         self.stages.to(memory_format=torch.channels_last)
+        # The stage whose map the keypoints are read from: the second-to-last (finer than the last).
+        self.keypoint_stage = max(len(channels) - 2, 0) if keypoints else None
         if keypoints:
             self.spatial_softmax = SpatialSoftmax()
-            self.keypoint_proj = nn.Linear(2 * channels[-2 if len(channels) > 1 else -1], dim)
+            self.keypoint_proj = nn.Linear(2 * channels[self.keypoint_stage], dim)
 
     def forward(self, image: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         x = ((image - 0.5) * 4.0).contiguous(memory_format=torch.channels_last)
-        maps = []
-        for stage in self.stages:
+        keypoints = None
+        for i, stage in enumerate(self.stages):
             x = stage(x, cond)
-            maps.append(x)
+            if i == self.keypoint_stage:
+                keypoints = self.keypoint_proj(self.spatial_softmax(x))
         tokens = self.proj(x.flatten(2).transpose(1, 2))
-        if not hasattr(self, "spatial_softmax"):
-            return tokens
-        keypoints = self.keypoint_proj(self.spatial_softmax(maps[-2 if len(maps) > 1 else -1]))
-        return torch.cat([tokens, keypoints[:, None]], dim=1)
+        return tokens if keypoints is None else torch.cat([tokens, keypoints[:, None]], dim=1)
 
 
 class SinusoidalTimeEmbedding(nn.Module):

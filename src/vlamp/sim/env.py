@@ -33,6 +33,8 @@ CAMERAS: dict[str, dict[str, object]] = {
     "workspace": {"lookat": (0.0, 0.72, 0.2), "distance": 1.25, "azimuth": -60.0, "elevation": -30.0},
 }
 DEFAULT_CAMERA = "workspace"
+# What every dataset and checkpoint was rendered from before the camera was recorded in them.
+UNRECORDED_CAMERA = "corner"
 NAMED_CAMERAS = ("corner", "corner2", "corner3", "topview", "behindGripper", "gripperPOV")
 
 ACTION_NAMES = ("dx", "dy", "dz", "grip")

@@ -219,6 +219,7 @@ def evaluate(
     chosen: list[Task] = resolve_tasks(tasks)
     if workers < 1:
         raise VlampError(f"workers must be >= 1, got {workers}")
+    check_execution(replan_every, ensemble)  # before any process or simulator starts
     settings = (episodes, seed, replan_every, ensemble, image_size, camera, max_steps)
     bar = tqdm(total=len(chosen) * episodes, desc="eval", unit="ep", disable=not progress, leave=False)
     start = time.perf_counter()
@@ -278,6 +279,13 @@ def _run_task(policy, task: Task, settings: tuple, bar=None, frames: list | None
     return TaskResult(task.name, episodes, successes, float(np.mean(lengths)), outcomes), steps
 
 
+def check_execution(replan_every: int, ensemble: float) -> None:
+    """Raises :class:`VlampError` unless ``replan_every >= 1`` and ``ensemble >= 0``."""
+    if replan_every < 1 or ensemble < 0:
+        raise VlampError(f"replan_every must be >= 1 and ensemble >= 0, got {replan_every} and "
+                         f"{ensemble}")
+
+
 class ChunkExecutor:
     """Turns predicted action chunks into one action per step.
 
@@ -288,9 +296,7 @@ class ChunkExecutor:
     """
 
     def __init__(self, replan_every: int, ensemble: float = 0.0) -> None:
-        if replan_every < 1 or ensemble < 0:
-            raise VlampError(f"replan_every must be >= 1 and ensemble >= 0, got {replan_every} "
-                             f"and {ensemble}")
+        check_execution(replan_every, ensemble)
         self.replan_every, self.ensemble = replan_every, ensemble
         self.t = 0
         self._chunks: list[tuple[int, np.ndarray]] = []  # (step it was predicted at, chunk)

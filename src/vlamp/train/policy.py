@@ -16,7 +16,7 @@ from vlamp.precision.autoplan import model_device
 from vlamp.precision.front import MixedPrecision
 from vlamp.precision.hardware import resolve_device
 from vlamp.precision.plan import PrecisionPlan
-from vlamp.sim.env import Observation
+from vlamp.sim.env import UNRECORDED_CAMERA, Observation
 
 
 class VLAPolicy:
@@ -111,7 +111,7 @@ def load_policy(path: str, mode: str | None = None, use_ema: bool = True,
         model.load_state_dict({**sd, **{k: v.to(sd[k].dtype) for k, v in ema.items()}})
     tokenizer = WordTokenizer.from_dict(c.state["tokenizer"])
     return LoadedPolicy(VLAPolicy(model, tokenizer, c.state["stats"], mp), config,
-                        int(c.state["image_size"]), c.state.get("camera", "corner"), list(c.state["tasks"]),
+                        int(c.state["image_size"]), c.state.get("camera", UNRECORDED_CAMERA), list(c.state["tasks"]),
                         c.step)
 
 
