@@ -6,12 +6,14 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
+
 from vlamp.precision.dtypes import dtype_name
 from vlamp.precision.modes import Mode
 from vlamp.precision.plan import Resolved
 
-COLUMNS = ("module", "class", "params", "compute", "output", "grad", "optim", "#params", "rule",
-           "measured")
+COLUMNS = ("module", "class", "params", "compute", "output", "grad", "optim", "#params", "B/param",
+           "rule", "measured")
 
 
 @dataclasses.dataclass
@@ -19,7 +21,10 @@ class Row:
     """One module (or a folded subtree). ``num_params`` counts the module's own parameters plus
     those of folded descendants. Dtype cells read like ``bf16`` or ``bf16+fp32`` when a folded
     subtree holds several; ``-`` where there are no parameters. ``measured`` is, for a measured plan,
-    the module's forward+backward time in FP32 and in low precision (summed over a folded subtree)."""
+    the module's forward+backward time in FP32 and in low precision (summed over a folded subtree).
+    ``bytes_per_param`` is what training holds per parameter between steps, plus one micro-batch's
+    gradient: weight, FP32 master or compensation buffer, gradient and optimizer state (see
+    :func:`bytes_per_param`)."""
 
     module: str
     cls: str
@@ -29,13 +34,15 @@ class Row:
     grad: str
     optim: str
     num_params: int
+    bytes_per_param: float
     rule: str
     depth: int
     measured: str = ""
 
     def cells(self) -> list[str]:
+        per = f"{self.bytes_per_param:.3g}" if self.num_params else "-"
         return [self.module, self.cls, self.params, self.compute, self.output, self.grad,
-                self.optim, f"{self.num_params:,}", self.rule, self.measured]
+                self.optim, f"{self.num_params:,}", per, self.rule, self.measured]
 
 
 @dataclasses.dataclass
@@ -50,7 +57,8 @@ class PlanTable:
     @classmethod
     def build(cls, resolved: Sequence[Resolved], mode: Mode, max_depth: int | None = None,
               timings: Mapping[str, Mapping[str, Any]] | None = None,
-              uncalled: Mapping[str, str] | None = None) -> PlanTable:
+              uncalled: Mapping[str, str] | None = None, update: str = "master",
+              moments: int = 2) -> PlanTable:
         timings, uncalled = timings or {}, uncalled or {}
         rows: list[Row] = []
         groups: list[list[Resolved]] = []
@@ -69,6 +77,8 @@ class PlanTable:
                 return "+".join(dict.fromkeys(values)) or "-"
 
             p_dtypes = [r.policy.param for r in with_params]
+            held = sum(n * bytes_per_param(r.policy.param, mode, update, moments) for r, n in owned)
+            count = sum(n for _, n in owned)
             rows.append(Row(
                 module=head.name or "(root)",
                 cls=type(head.module).__name__,
@@ -76,8 +86,9 @@ class PlanTable:
                 compute=cell([dtype_name(r.policy.compute) for r in group]),
                 output=cell([dtype_name(r.policy.output) for r in group]),
                 grad=cell([dtype_name(d) for d in p_dtypes]),
-                optim=cell([dtype_name(mode.optimizer_state_dtype(d)) for d in p_dtypes]),
-                num_params=sum(n for _, n in owned),
+                optim=cell([dtype_name(_state_dtype(d, mode, update)) for d in p_dtypes]),
+                num_params=count,
+                bytes_per_param=held / count if count else 0.0,
                 rule=head.decided_by + (" (never ran: storage only)" if head.name in uncalled else ""),
                 depth=0 if not head.name else head.name.count(".") + 1,
                 measured=_measured_cell([timings[r.name] for r in group if r.name in timings]),
@@ -85,7 +96,8 @@ class PlanTable:
         return cls(mode.name, rows)
 
     def to_dicts(self) -> list[dict[str, object]]:
-        return [dict(zip(COLUMNS, (*r.cells()[:7], r.num_params, *r.cells()[8:]))) for r in self.rows]
+        return [dict(zip(COLUMNS, (*r.cells()[:7], r.num_params, r.bytes_per_param, *r.cells()[9:])))
+                for r in self.rows]
 
     def __str__(self) -> str:
         n = len(COLUMNS) if any(r.measured for r in self.rows) else len(COLUMNS) - 1
@@ -93,13 +105,31 @@ class PlanTable:
         for cells, row in zip(body[1:], self.rows):
             cells[0] = "  " * row.depth + cells[0]
         widths = [max(len(c[i]) for c in body) for i in range(n)]
-        lines = ["  ".join(c.ljust(w) if i != 7 else c.rjust(w)
+        lines = ["  ".join(c.ljust(w) if i not in (7, 8) else c.rjust(w)
                            for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
                  for cells in body]
         lines.insert(1, "-" * len(lines[0]))
         total = sum(r.num_params for r in self.rows)
-        lines.append(f"mode {self.mode}: {total:,} parameters in {len(self.rows)} rows")
+        held = sum(r.num_params * r.bytes_per_param for r in self.rows)
+        lines.append(f"mode {self.mode}: {total:,} parameters in {len(self.rows)} rows, "
+                     f"{held / max(total, 1):.3g} bytes per parameter ({held / 2**20:.1f} MiB)")
         return "\n".join(lines + self.notes)
+
+
+def bytes_per_param(param: torch.dtype, mode: Mode, update: str = "master", moments: int = 2) -> float:
+    """Bytes training holds for one parameter stored in ``param``: the weight, its FP32 master
+    (``update="master"``) or compensation buffer (``"kahan"``), one gradient in the dtype the
+    optimizer reads it in, and ``moments`` optimizer-state tensors (AdamW: 2)."""
+    size = torch.empty((), dtype=param).element_size()
+    if param == torch.float32:
+        return 4 + 4 + 4 * moments
+    if mode.master_weights and update == "master":
+        return size + 4 + 4 + 4 * moments
+    return size + (size if update == "kahan" else 0) + size + size * moments
+
+
+def _state_dtype(param: torch.dtype, mode: Mode, update: str) -> torch.dtype:
+    return param if update != "master" else mode.optimizer_state_dtype(param)
 
 
 def _measured_cell(entries: list[Mapping[str, Any]]) -> str:

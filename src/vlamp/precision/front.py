@@ -22,6 +22,7 @@ from vlamp.precision.hardware import set_tf32
 from vlamp.precision.master import MasterWeights
 from vlamp.precision.modes import Mode, get_mode
 from vlamp.precision.plan import PrecisionPlan, RuleSpec
+from vlamp.precision.update import LowPrecisionUpdate, check_update, moments_per_param
 from vlamp.precision.scaler import (
     DynamicLossScaler,
     LossScaler,
@@ -82,6 +83,14 @@ class MixedPrecision:
         sensitivity: With ``model``/``example_batch``: also measure each module's error in low
             precision against FP32 and keep in FP32 those above this relative error, in place
             of the built-in islands (see :func:`vlamp.precision.autoplan.measure_plan`).
+        update: How weights the plan stores in low precision (the ``-true`` modes, ``params=bf16``
+            rules) are updated: ``"master"`` (FP32 master copies, the default), ``"kahan"``
+            (a compensation buffer in the weight's dtype), ``"stochastic"`` (stochastic rounding
+            into BF16) or ``"naive"`` (round to nearest); without masters the optimizer's
+            moments are kept in the weight's dtype. See :mod:`vlamp.precision.update`.
+        grad_accum: The dtype gradients of several micro-batches are summed in, for weights stored
+            in low precision: ``"fp32"`` (default) or ``"storage"`` (the weight's dtype).
+        rounding_seed: Seed of the stochastic-rounding generator (saved in :meth:`state_dict`).
 
     Example:
         >>> mp = MixedPrecision("auto", model=model, example_batch=batch)  # doctest: +SKIP
@@ -109,7 +118,11 @@ class MixedPrecision:
         tf32: bool = False,
         diagnostics: str | int | None = None,
         sensitivity: float | None = None,
+        update: str = "master",
+        grad_accum: str = "fp32",
+        rounding_seed: int = 0,
     ) -> None:
+        check_update(update, grad_accum)
         self.requested_mode = mode if isinstance(mode, str) else mode.name
         if self.requested_mode == "auto" and model is None and not isinstance(rules, PrecisionPlan):
             mode = get_mode("auto", device)  # for the device it will run on, not whatever is here
@@ -149,6 +162,8 @@ class MixedPrecision:
         self.optimizer: torch.optim.Optimizer | None = None
         self.device = torch.device("cpu")
         self._masters: MasterWeights | None = None
+        self.update, self.grad_accum, self.rounding_seed = update, grad_accum, int(rounding_seed)
+        self._update: LowPrecisionUpdate | None = None
         self._resolved: list[Any] = []
         self._buffers_before: list[torch.Tensor] | None = None
         self._zero_grad_streak = 0
@@ -206,8 +221,16 @@ class MixedPrecision:
         self.model, self.optimizer = model, optimizer
         if optimizer is not None and self.mode.master_weights:
             names = {id(p): n for n, p in model.named_parameters()}
-            masters = MasterWeights(optimizer, names)
-            self._masters = masters if len(masters) else None
+            if self.update == "master":
+                masters = MasterWeights(optimizer, names)
+                self._masters = masters if len(masters) else None
+            else:
+                self._update = LowPrecisionUpdate(optimizer, self.update, names, self.grad_accum,
+                                                  seed=self.rounding_seed)
+                if not len(self._update):
+                    raise VlampError(f"MixedPrecision: update={self.update!r} is for weights stored in "
+                                     f"low precision, and {self.mode.name} stores none; use a -true "
+                                     f"mode or a params=bf16 rule, or update='master'")
         if optimizer is not None and self.diagnostics is not None:
             m = self._masters
             self.diagnostics.attach(model, {id(x): m.name(i) for i, x in enumerate(m.masters)}
@@ -316,9 +339,12 @@ class MixedPrecision:
         """Backpropagates ``loss`` times its scaler's scale. Call once per micro-batch; gradients add
         up until :meth:`step`. ``kwargs`` go to ``Tensor.backward``."""
         scaler = self.scalers[loss_id]
+        if self._update is not None:
+            self._update.fold_grads()  # FP32 sums of the earlier micro-batches, if any
+        accumulate = self._masters is not None and self.grad_accum == "fp32"
         if len(self.scalers) == 1:
             scaler.scale_loss(loss).backward(**kwargs)
-            if self._masters is not None:
+            if accumulate:
                 self._masters.accumulate_grads()
             return
         # Several scales: this backward's gradients are unscaled on their own before joining the
@@ -328,7 +354,7 @@ class MixedPrecision:
         for p in params:
             p.grad = None
         scaler.scale_loss(loss).backward(**kwargs)
-        if self._masters is not None:
+        if accumulate:
             self._masters.accumulate_grads()
         fresh = [p.grad for p in params if p.grad is not None]
         self._found_inf[loss_id] |= scaler.unscale_(fresh) if fresh else False
@@ -347,6 +373,8 @@ class MixedPrecision:
         Returns:
             A :class:`StepOutcome`; ``skipped`` is true when any gradient was inf/NaN.
         """
+        if self._masters is not None and self.grad_accum == "storage":
+            self._masters.accumulate_grads()  # summed in low precision until now
         if self._masters is not None:
             stray = self._masters.stray_grads()
             if stray:
@@ -358,13 +386,15 @@ class MixedPrecision:
         if self.steps == 0:
             self._check_boundaries_ran()
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        grads = [p.grad for p in params if p.grad is not None]
+        update = self._update
+        grads = update.final_grads(optimizer) if update is not None else \
+            [p.grad for p in params if p.grad is not None]
         scale = self.scalers[0].scale
         # A fused optimizer unscales and skips inside its own kernel: no pass that rewrites every
         # gradient, and the inf/NaN flag is read back only once the step is queued. Clipping
         # needs the unscaled gradients first, so it takes the plain path.
         handoff = (len(self.scalers) == 1 and scale != 1.0 and clip_grad_norm is None
-                   and bool(grads) and unscales_itself(optimizer))
+                   and bool(grads) and unscales_itself(optimizer) and update is None)
         if self.diagnostics is not None:
             self.diagnostics.before_update(optimizer)
         if len(self.scalers) > 1:
@@ -378,8 +408,9 @@ class MixedPrecision:
         grad_norm = None
         clip_inf = False
         if clip_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(
-                [p for p in params if p.grad is not None], clip_grad_norm, foreach=True)
+            norm = clip_grads(grads, clip_grad_norm) if update is not None else \
+                torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None],
+                                               clip_grad_norm, foreach=True)
             grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             clip_inf = not math.isfinite(grad_norm)
             if found_per_loss == [False] and scale == 1.0:  # the norm was the only check: one verdict
@@ -388,7 +419,9 @@ class MixedPrecision:
         if not found:
             if not isinstance(self.scalers[0], NoLossScaler):
                 self._check_gradients_alive(grads, grad_norm, scale)
-            if not handoff:
+            if update is not None:
+                update.step(optimizer)
+            elif not handoff:
                 optimizer.step()
             if self._masters is not None:
                 self._masters.copy_to_model()
@@ -405,6 +438,8 @@ class MixedPrecision:
             scaler.update(found_per_loss[i] or clip_inf)
         self._found_inf = [False] * len(self.scalers)
         optimizer.zero_grad(set_to_none=True)
+        if update is not None:
+            update.zero_grad()
         if self.model is not None:
             self.model.zero_grad(set_to_none=True)
         self.steps += 1
@@ -455,6 +490,9 @@ class MixedPrecision:
         if self._masters is not None:
             for i, m in enumerate(self._masters.masters):
                 sd[self._masters.name(i)] = m.detach()
+        if self._update is not None and self._update.compensation:
+            for p in self._update.low:
+                sd[self._update.name(p)] = self._update.exact(p)
         return sd
 
     def sync_masters(self, weights: Mapping[str, torch.Tensor] | None = None) -> None:
@@ -490,6 +528,8 @@ class MixedPrecision:
             "plan": self.plan.to_dict(),
             "tf32": self.tf32,
             "master_weights": self._masters.state_dict() if self._masters is not None else {},
+            "update": self.update, "grad_accum": self.grad_accum,
+            "update_tensors": self._update.state_dict() if self._update is not None else {},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -503,6 +543,8 @@ class MixedPrecision:
         for scaler, s in zip(self.scalers, saved):
             if s.get("type") == type(scaler).__name__:
                 scaler.load_state_dict({k: v for k, v in s.items() if k != "type"})
+        if self._update is not None:
+            self._update.load_state_dict(state.get("update_tensors") or {})
         masters = state.get("master_weights") or {}
         if self._masters is None:
             return
@@ -519,7 +561,15 @@ class MixedPrecision:
         modules that never ran their own forward are marked as changing storage only."""
         if self.model is None:
             raise VlampError("MixedPrecision.describe: call setup(model, optimizer) first")
-        table = self.plan.describe(self.model, max_depth=max_depth, uncalled=self.uncalled)
+        update = self.update if self.mode.master_weights else "master"
+        table = self.plan.describe(self.model, max_depth=max_depth, uncalled=self.uncalled,
+                                   update=update, moments=moments_per_param(self.optimizer))
+        if self.low_precision_storage:
+            how = {"master": "FP32 masters", "kahan": "Kahan-compensated, moments in the weight's dtype",
+                   "stochastic": "stochastic rounding, moments in the weight's dtype",
+                   "naive": "round to nearest, moments in the weight's dtype"}[self.update]
+            table.notes.append(f"low-precision weights updated by {self.update} ({how}); gradients of "
+                               f"several micro-batches summed in {self.grad_accum}")
         device = self.device_type
         fp32 = ("TF32 tensor cores (tf32=True)" if self.tf32 else "IEEE FP32 (tf32=False)") \
             if device == "cuda" else "IEEE FP32"
@@ -530,3 +580,14 @@ class MixedPrecision:
     def __repr__(self) -> str:
         return f"MixedPrecision(mode={self.mode.name!r}, scaler={type(self.scalers[0]).__name__})"
 
+
+def clip_grads(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scales ``grads`` in place so their total 2-norm is at most ``max_norm`` (what
+    ``clip_grad_norm_`` does to parameters' ``.grad``, for gradients held apart from them);
+    returns the norm before clipping, computed in FP32."""
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32)
+                                                 for g in grads])) if grads else torch.tensor(0.0)
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype))
+    return norm

@@ -18,6 +18,7 @@ from vlamp.models.tinyvla import ModelConfig, with_size
 from vlamp.precision.diagnostics import parse_every
 from vlamp.precision.errors import VlampError
 from vlamp.precision.hardware import DEVICE_NAMES, check_device_name
+from vlamp.precision.update import check_update
 from vlamp.sim import evaluate as evaluation
 
 
@@ -90,6 +91,13 @@ class PrecisionConfig:
         sensitivity: With ``measure``: also measure each module's error in low precision against
             FP32 on a real batch and keep in FP32 those above this relative error, instead of the
             built-in islands (e.g. 0.02); 0 turns it off.
+        update: How weights stored in low precision (``bf16-true``, ``fp16-true``) are updated:
+            ``master`` (FP32 master copies: 18 bytes per parameter with AdamW), ``kahan`` (a
+            compensation buffer in the weight's dtype, BF16 moments: 10), ``stochastic``
+            (stochastic rounding into BF16, BF16 moments: 8) or ``naive`` (round to nearest: 8,
+            loses updates below the format's resolution).
+        grad_accum: Dtype gradients of several micro-batches (``train.grad_accum``) are summed in
+            for weights stored in low precision: ``fp32`` or ``storage`` (the weight's dtype).
     """
 
     mode: str = "auto"
@@ -99,6 +107,8 @@ class PrecisionConfig:
     tf32: bool = False
     diagnostics: str = "off"
     sensitivity: float = 0.0
+    update: str = "master"
+    grad_accum: str = "fp32"
     loss_scale: LossScaleConfig = dataclasses.field(default_factory=LossScaleConfig)
 
 
@@ -228,6 +238,7 @@ class RunConfig:
         if self.precision.sensitivity < 0 or (self.precision.sensitivity and not self.precision.measure):
             raise VlampError(f"precision.sensitivity must be 0 (off) or a relative error > 0 with "
                              f"precision.measure=true, got {self.precision.sensitivity}")
+        check_update(self.precision.update, self.precision.grad_accum, where="precision")
         if self.distributed.strategy not in ("ddp", "fsdp"):
             raise VlampError(f"distributed.strategy must be one of ddp, fsdp, got "
                              f"{self.distributed.strategy!r}")

@@ -188,7 +188,9 @@ class Trainer:
         p = self.config.precision
         saved = resume_from.state["precision"].get("plan") if resume_from is not None else None
         settings = p.loss_scale.settings()
-        common = {"scaler_settings": settings, "tf32": p.tf32, "diagnostics": p.diagnostics}
+        common = {"scaler_settings": settings, "tf32": p.tf32, "diagnostics": p.diagnostics,
+                  "update": p.update, "grad_accum": p.grad_accum,
+                  "rounding_seed": self.config.train.seed}
         if saved is not None and p.mode in ("auto", saved.get("mode")):
             plan = PrecisionPlan.from_dict(saved, where=f"checkpoint {resume_from.path}")
             return MixedPrecision(plan.mode, plan, p.scaler or None, **common)
@@ -213,6 +215,7 @@ class Trainer:
         optim_tensors, optim_meta = ckpt.optimizer_to_flat(self.optimizer)
         state, masters = self._policy_state()
         tensors = {**optim_tensors, **{f"master.{k}": v for k, v in masters.items()},
+                   **{f"update.{k}": v for k, v in self.mp.state_dict()["update_tensors"].items()},
                    "rng.torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
@@ -225,6 +228,7 @@ class Trainer:
         stats, the precision plan and state), and the FP32 masters apart."""
         precision = self.mp.state_dict()
         masters = precision.pop("master_weights")
+        precision.pop("update_tensors")  # with the training tensors (see _state)
         return {"format": ckpt.FORMAT, "applied_steps": self.applied_steps,
                 "config": to_dict(self.config), "tokenizer": self.tokenizer.to_dict(),
                 "stats": self.data.stats, "tasks": list(self.data.tasks),
@@ -261,7 +265,9 @@ class Trainer:
         ckpt.optimizer_from_flat(self.optimizer, c.train, c.state["optimizer"])
         if self.sharded:
             distributed.shard_optimizer_state(self.optimizer)
-        self.mp.load_state_dict({**c.state["precision"], "master_weights": masters})
+        update = {k.removeprefix("update."): v for k, v in c.train.items() if k.startswith("update.")}
+        self.mp.load_state_dict({**c.state["precision"], "master_weights": masters,
+                                 "update_tensors": update})
         if saved_mode != self.mp.mode.name:
             self.mp.sync_masters(exact)
         if self.ema is not None:
