@@ -114,6 +114,8 @@ def test_reads_a_dataset_whose_camera_is_a_video_feature(dataset, tmp_path):
     assert d.camera_key == key and d.images.shape == src.images.shape
     assert np.abs(d.images.astype(int) - src.images.astype(int)).mean() < 3  # colour conversion only
     assert np.array_equal(d.action, src.action)
+    streamed = read_dataset(root, stream=True)  # decoded once into a file, read per batch
+    assert np.array_equal(streamed.images[np.arange(len(d))[::-1]], d.images[::-1])
 
 
 def _copy(dataset, tmp_path):

@@ -49,7 +49,7 @@ def run_generate(args: argparse.Namespace) -> int:
     root = generate(args.tasks, args.episodes_per_task, image_size=args.image_size, seed=args.seed,
                     out=args.out, workers=args.workers, max_steps=args.max_steps,
                     max_tries=args.max_tries, camera=args.camera)
-    data = read_dataset(root)
+    data = read_dataset(root, stream=True)  # decodes the frames once, for training to read
     print(f"{root}\n  {data.num_episodes} episodes, {len(data)} frames, {len(data.tasks)} tasks, "
           f"{data.images.shape[1]}x{data.images.shape[2]} images from {args.camera}, "
           f"{time.perf_counter() - start:.1f} s")

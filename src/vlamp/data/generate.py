@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vlamp.data.lerobot import Episode, check_output_dir, write_dataset
+from vlamp.io import cache_dir
 from vlamp.precision.errors import VlampError
 from vlamp.sim.env import DEFAULT_CAMERA, UNRECORDED_CAMERA, check_camera
 from vlamp.sim.evaluate import EVAL_SEED
@@ -73,8 +74,7 @@ def _rollout(job: tuple[int, Task, int, int, int, int, int, str]
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "vlamp" / "datasets"
+    return cache_dir("datasets")
 
 
 # v2: goal-conditioned tasks show their goal, and every expert sees the goal (before, the env's cached

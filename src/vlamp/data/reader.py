@@ -1,8 +1,11 @@
 """Reads a LeRobot v3.0 dataset (ours or a user's) into arrays, checking it on the way in.
 
 Cameras may be image features (PNG bytes in the data parquet) or video features (mp4 files decoded
-with PyAV). Every problem a user can cause — a directory that is not such a dataset, a missing
-file, a corrupted parquet, NaN in a column — is a :class:`VlampError` that says what is wrong.
+with PyAV). Frames are decoded into memory, or (``stream=True``) once into a file in the user
+cache that batches are read from (:mod:`vlamp.data.frames`); either way through one decoder per
+source, so the two hold the same bytes. Every problem a user can cause — a directory that is not
+such a dataset, a missing file, a corrupted parquet, NaN in a column — is a :class:`VlampError`
+that says what is wrong.
 """
 
 from __future__ import annotations
@@ -10,25 +13,32 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from vlamp.data.frames import FrameStore, build_store, store_key
 from vlamp.data.lerobot import ACTION_KEY, CODEBASE_VERSION, STATE_KEY
+from vlamp.io import cache_dir
 from vlamp.precision.errors import VlampError
+
+Frames = Iterator[tuple[np.ndarray, np.ndarray]]  # (dataset rows, the frame they show)
 
 
 @dataclasses.dataclass
 class LeRobotData:
-    """A dataset in memory: one row per frame, images decoded to (N, H, W, 3) uint8."""
+    """A dataset: one row per frame; ``images`` is (N, H, W, 3) uint8, an array in memory or a
+    :class:`~vlamp.data.frames.FrameStore` read per batch (``stream=True``)."""
 
     root: Path
     info: dict[str, Any]
     stats: dict[str, Any]
     tasks: list[str]
     camera_key: str
-    images: np.ndarray
+    images: np.ndarray | FrameStore
     state: np.ndarray
     action: np.ndarray
     episode_index: np.ndarray
@@ -47,12 +57,17 @@ class LeRobotData:
         return len(self.action)
 
 
-def read_dataset(root: str | Path, camera_key: str | None = None) -> LeRobotData:
+def read_dataset(root: str | Path, camera_key: str | None = None, *, stream: bool = False,
+                 progress: bool = False) -> LeRobotData:
     """Loads the dataset at ``root``.
 
     Args:
         root: The dataset directory (the one holding ``meta/`` and ``data/``).
         camera_key: Which image/video feature to use (default: the first one in info.json).
+        stream: Leave the frames on disk: decoded once into ``$XDG_CACHE_HOME/vlamp/frames``
+            (reused while the dataset's files are unchanged) and read per batch, so memory does
+            not grow with the dataset. Off: decoded into memory.
+        progress: A progress bar while frames are decoded.
 
     Raises:
         VlampError: If the directory is not a LeRobot v3.0 dataset or its files are damaged.
@@ -96,24 +111,41 @@ def read_dataset(root: str | Path, camera_key: str | None = None) -> LeRobotData
 
     video = features[camera_key]["dtype"] == "video"
     columns = [STATE_KEY, ACTION_KEY, "episode_index", "frame_index", "task_index", "index"]
-    if not video:
-        columns.append(camera_key)
     import pyarrow as pa
 
     try:
         table = pa.concat_tables([pq.read_table(f, columns=columns) for f in data_files])
+        if not video:  # the images are read apart, a slice at a time
+            schema = pq.read_schema(data_files[0])
+            if camera_key not in schema.names:
+                raise KeyError(camera_key)
     except (pa.ArrowInvalid, OSError) as e:
         raise VlampError(f"dataset {name}: cannot read data parquet ({e})") from None
     except KeyError as e:
         raise VlampError(f"dataset {name}: data parquet lacks column {e}") from None
-    table = table.sort_by("index")
+    order = np.argsort(table.column("index").to_numpy(), kind="stable")
+    table = table.take(order)
     state = _matrix(table, STATE_KEY, name)
     action = _matrix(table, ACTION_KEY, name)
     ints = {k: table.column(k).to_numpy().astype(np.int64) for k in ("episode_index", "frame_index", "task_index")}
     if video:
-        images = _decode_videos(root, info, camera_key, ints["episode_index"], ints["frame_index"], name)
+        frames = _video_frames(root, info, camera_key, ints["episode_index"], ints["frame_index"], name)
+        sources = _video_files(root, info, camera_key, ints["episode_index"], name)
     else:
-        images = _decode_pngs(table.column(camera_key).combine_chunks().field("bytes").to_pylist(), name)
+        row_of = np.empty_like(order)
+        row_of[order] = np.arange(len(order))  # file row k is dataset row row_of[k]
+        frames = _png_frames(data_files, camera_key, row_of, name)
+        sources = data_files
+    bar = tqdm(total=len(order), desc=f"decode {camera_key}", unit="frame", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        if stream:
+            path = cache_dir("frames") / f"{store_key(root, camera_key, sources)}.npy"
+            images = _open_store(path, len(order)) or _build(path, frames, len(order), bar, name, root)
+        else:
+            images = _into_memory(frames, len(order), bar)
+    finally:
+        bar.close()
     return LeRobotData(root, info, stats, tasks, camera_key, images, state, action,
                        ints["episode_index"], ints["frame_index"], ints["task_index"])
 
@@ -154,44 +186,108 @@ def _matrix(table, key: str, name: str) -> np.ndarray:
     return arr
 
 
-def _decode_pngs(blobs: list[bytes], name: str) -> np.ndarray:
+def _into_memory(frames: Frames, count: int, bar: tqdm) -> np.ndarray:
+    images = None
+    for rows, frame in frames:
+        if images is None:
+            images = np.empty((count, *frame.shape), np.uint8)
+        images[rows] = frame
+        bar.update(np.size(rows))
+    return images if images is not None else np.empty((0, 0, 0, 3), np.uint8)
+
+
+def _open_store(path: Path, count: int) -> FrameStore | None:
+    """The decoded frames from an earlier read, if they are there and whole."""
+    try:
+        store = FrameStore(path)
+    except (OSError, ValueError):
+        return None
+    if len(store) != count or path.stat().st_size != store.offset + store.nbytes:
+        return None
+    return store
+
+
+def _build(path: Path, frames: Frames, count: int, bar: tqdm, name: str, root: Path) -> FrameStore:
+    first = next(frames, None)
+    if first is None:
+        raise VlampError(f"dataset {name}: no frames")
+
+    def chained() -> Frames:
+        yield first
+        yield from frames
+
+    try:
+        return build_store(path, count, first[1].shape, chained(),
+                           progress=lambda n: bar.update(n - bar.n), source=root)
+    except ValueError as e:
+        raise VlampError(f"dataset {name}: {e}") from None
+    except OSError as e:
+        raise VlampError(f"dataset {name}: cannot write decoded frames to {path.parent} "
+                         f"({e.strerror or e}); free space there or set XDG_CACHE_HOME") from None
+
+
+def _png_frames(data_files: list[Path], key: str, row_of: np.ndarray, name: str) -> Frames:
+    """The PNG frames of ``key``, read from the data files a slice at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     from PIL import Image
 
-    out = []
-    for i, blob in enumerate(blobs):
+    k = 0
+    for f in data_files:
         try:
-            out.append(np.asarray(Image.open(io.BytesIO(blob)).convert("RGB")))
-        except Exception as e:  # PIL raises several types for damaged images
-            raise VlampError(f"dataset {name}: image of frame {i} cannot be decoded ({e})") from None
-    return np.stack(out)
+            batches = pq.ParquetFile(f).iter_batches(batch_size=256, columns=[key])
+            for batch in batches:
+                for blob in batch.column(0).field("bytes").to_pylist():
+                    try:
+                        frame = np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
+                    except Exception as e:  # PIL raises several types for damaged images
+                        raise VlampError(f"dataset {name}: image of frame {int(row_of[k])} cannot "
+                                         f"be decoded ({e})") from None
+                    yield row_of[k], frame
+                    k += 1
+        except (pa.ArrowInvalid, OSError) as e:
+            raise VlampError(f"dataset {name}: cannot read data parquet ({e})") from None
 
 
-def _decode_videos(root: Path, info: dict[str, Any], key: str, episode_index: np.ndarray,
-                   frame_index: np.ndarray, name: str) -> np.ndarray:
+def _video_files(root: Path, info: dict[str, Any], key: str, episode_index: np.ndarray,
+                 name: str) -> list[Path]:
+    episodes = _episodes(root, name)
+    return sorted({_video_path(root, info, key, episodes[int(ep)]) for ep in np.unique(episode_index)})
+
+
+def _video_path(root: Path, info: dict[str, Any], key: str, meta: dict[str, Any]) -> Path:
+    template = info.get("video_path") or "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
+    return root / template.format(video_key=key, chunk_index=int(meta[f"videos/{key}/chunk_index"]),
+                                  file_index=int(meta[f"videos/{key}/file_index"]))
+
+
+def _video_frames(root: Path, info: dict[str, Any], key: str, episode_index: np.ndarray,
+                  frame_index: np.ndarray, name: str) -> Frames:
+    """The frames of ``key``'s videos, one video file at a time, each decoded once, front to back."""
     import av
 
     episodes = _episodes(root, name)
     fps = float(info["fps"])
-    template = info.get("video_path") or "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
-    cache: dict[tuple[int, int], list[np.ndarray]] = {}
-    out = []
-    for ep, fr in zip(episode_index, frame_index):
+    wanted: dict[Path, dict[int, list[int]]] = {}  # video -> frame position -> dataset rows
+    for row, (ep, fr) in enumerate(zip(episode_index, frame_index)):
         meta = episodes[int(ep)]
-        file_key = (int(meta[f"videos/{key}/chunk_index"]), int(meta[f"videos/{key}/file_index"]))
-        if file_key not in cache:
-            path = root / template.format(video_key=key, chunk_index=file_key[0], file_index=file_key[1])
-            try:
-                with av.open(str(path)) as container:
-                    cache[file_key] = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-            except (av.error.FFmpegError, OSError) as e:
-                raise VlampError(f"dataset {name}: cannot decode video {path.name} of {key!r} ({e})") from None
-        frames = cache[file_key]
         pos = int(round((float(meta[f"videos/{key}/from_timestamp"]) + fr / fps) * fps))
-        if pos >= len(frames):
-            raise VlampError(f"dataset {name}: video of {key!r} has {len(frames)} frames, "
-                             f"episode {int(ep)} needs frame {pos}")
-        out.append(frames[pos])
-    return np.stack(out)
+        wanted.setdefault(_video_path(root, info, key, meta), {}).setdefault(pos, []).append(row)
+    for path, positions in wanted.items():
+        seen = 0
+        try:
+            with av.open(str(path)) as container:
+                for i, f in enumerate(container.decode(video=0)):
+                    seen = i + 1
+                    if i in positions:
+                        yield np.asarray(positions[i]), f.to_ndarray(format="rgb24")
+                    if seen > max(positions):
+                        break
+        except (av.error.FFmpegError, OSError) as e:
+            raise VlampError(f"dataset {name}: cannot decode video {path.name} of {key!r} ({e})") from None
+        if seen <= max(positions):
+            raise VlampError(f"dataset {name}: video of {key!r} has {seen} frames, an episode "
+                             f"needs frame {max(positions)}")
 
 
 def _episodes(root: Path, name: str) -> dict[int, dict[str, Any]]:

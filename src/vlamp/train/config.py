@@ -29,11 +29,15 @@ class DatasetConfig:
             the user cache on first use.
         val_episodes: Episodes per task held out for the validation loss.
         augment: Random-shift augmentation of training images (pad 4, random crop).
+        stream: Keep the frames on disk: decoded once into the user cache and read per batch, so
+            memory does not grow with the dataset (a dataset larger than RAM trains); off decodes
+            them all into memory before the first step.
     """
 
     path: str = ""
     val_episodes: int = 2
     augment: bool = True
+    stream: bool = True
 
 
 @dataclasses.dataclass

@@ -48,7 +48,7 @@ def load_data(config: RunConfig, progress: bool = True) -> LeRobotData:
     if not Path(path).is_dir():
         raise VlampError(f"dataset.path {path!r} is not a directory (a LeRobot v3.0 dataset; "
                          f"see `vlamp data generate`)")
-    return read_dataset(path)
+    return read_dataset(path, stream=config.dataset.stream, progress=progress)
 
 
 def split_episodes(data: LeRobotData, val_per_task: int) -> tuple[list[int], list[int]]:
