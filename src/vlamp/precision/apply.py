@@ -24,6 +24,7 @@ from torch import nn
 from vlamp.precision.errors import VlampError
 from vlamp.precision.plan import Resolved
 from vlamp.precision.policy import Policy
+from vlamp.precision.saved import Upcasts, saving_low_precision
 
 _MARK = "_vlamp_policy"
 _CALLS = "_vlamp_boundary_calls"  # forward calls counted on each boundary module
@@ -66,10 +67,16 @@ class _Boundary:
     def __call__(self, forward: Callable[..., Any], module: nn.Module, args: tuple, kwargs: dict) -> Any:
         if not torch.compiler.is_compiling():  # a compiled graph would guard on the count
             setattr(module, _CALLS, getattr(module, _CALLS, 0) + 1)
+        upcasts = Upcasts()
         if self.cast_inputs_to is not None:
-            args, kwargs = cast_floating(args, self.cast_inputs_to), cast_floating(kwargs, self.cast_inputs_to)
+            to = self.cast_inputs_to
+
+            def cast(t: torch.Tensor) -> torch.Tensor:
+                return upcasts.cast(t, to) if t.is_floating_point() and t.dtype != to else t
+            args, kwargs = map_tensors(args, cast), map_tensors(kwargs, cast)
         with torch.autocast(_device_type(module, args, kwargs),
-                            dtype=self.policy.compute if self.low else None, enabled=self.low):
+                            dtype=self.policy.compute if self.low else None, enabled=self.low), \
+                saving_low_precision(upcasts):  # an FP32 island saves what it got, not its copy
             output = forward(module, *args, **kwargs)
         return cast_floating(output, self.policy.output)
 

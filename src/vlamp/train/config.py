@@ -140,6 +140,10 @@ class TrainConfig:
             runs the policy there and the simulator on the CPU.
         compile: Run the training forward/backward through ``torch.compile`` (the precision plan's
             boundaries are traced with it). Costs compile time at the start.
+        checkpoint: Modules that recompute their forward in the backward instead of saving their
+            activations (activation checkpointing): patterns on qualified names or class names, as
+            precision rules take them, e.g. ``[vision.stages.0, vision.stages.1]`` or
+            ``[ConvStage]``. Less memory, one more forward of those modules per step.
     """
 
     steps: int = 1500
@@ -159,6 +163,7 @@ class TrainConfig:
     threads: int = 0
     device: str = "auto"
     compile: bool = False
+    checkpoint: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

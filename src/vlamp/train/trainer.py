@@ -24,6 +24,7 @@ from vlamp.models.tokenizer import WordTokenizer
 from vlamp.precision.errors import VlampError
 from vlamp.precision.front import MixedPrecision
 from vlamp.precision.hardware import synchronize
+from vlamp.precision.memory import checkpoint_modules
 from vlamp.precision.plan import PrecisionPlan
 from vlamp.train import checkpoint as ckpt
 from vlamp.train import distributed
@@ -153,6 +154,10 @@ class Trainer:
         self.model = TinyVLA(m).to(self.device)  # the same initial weights on every rank
         self.mp = self._precision(resume_from)
         self.mp.setup(self.model)
+        try:
+            self.checkpointed = checkpoint_modules(self.model, config.train.checkpoint)
+        except ValueError as e:
+            raise VlampError(f"train.checkpoint: {e}") from None
         d = config.distributed
         wrapped = distributed.wrap(self.model, self.mp, d.strategy, d.reduce_dtype, self.world)
         self.optimizer = make_optimizer(self.model, config.train.lr, config.train.weight_decay)

@@ -1,0 +1,182 @@
+"""What training holds in memory, by kind, and activation checkpointing by rule.
+
+* :func:`state_memory`: bytes of parameters, FP32 masters, gradients, optimizer state and Kahan
+  compensation buffers, counted from the tensors themselves.
+* :class:`ActivationMeter`: bytes the forward pass saves for the backward, per module, measured
+  with autograd's saved-tensor hooks (each storage counted once, parameters not counted).
+* :func:`checkpoint_modules`: the modules a rule names recompute their forward in the backward
+  instead of saving their activations (``torch.utils.checkpoint``, non-reentrant).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+_CHECKPOINTED = "_vlamp_checkpointed"
+
+
+def _bytes(t: torch.Tensor) -> int:
+    local = t.to_local() if hasattr(t, "to_local") else t  # a DTensor's shard
+    return local.numel() * local.element_size()
+
+
+def state_memory(model: nn.Module, optimizer: torch.optim.Optimizer, mp: Any = None) -> dict[str, int]:
+    """Bytes this process holds for training besides activations (under FSDP2: its shards).
+
+    Gradients are counted as one per parameter the optimizer updates, in that parameter's dtype
+    (what a step holds), whether or not they exist at the moment of the call.
+
+    Args:
+        model: The model.
+        optimizer: Its optimizer (after ``mp.setup``: it may hold FP32 masters instead of the
+            model's low-precision parameters).
+        mp: The :class:`~vlamp.precision.front.MixedPrecision` object, for the Kahan buffers.
+
+    Returns:
+        ``params_bytes``, ``masters_bytes``, ``grads_bytes``, ``optimizer_bytes``,
+        ``compensation_bytes`` and their sum ``state_bytes``.
+    """
+    model_ids = {id(p) for p in model.parameters()}
+    opt_params = [p for g in optimizer.param_groups for p in g["params"]]
+    out = {
+        "params_bytes": sum(_bytes(p) for p in model.parameters()),
+        "masters_bytes": sum(_bytes(p) for p in opt_params if id(p) not in model_ids),
+        "grads_bytes": sum(_bytes(p) for p in opt_params if p.requires_grad),
+        "optimizer_bytes": sum(_bytes(t) for st in optimizer.state.values()
+                               for t in st.values() if isinstance(t, torch.Tensor)),
+        "compensation_bytes": 0,
+    }
+    update = getattr(mp, "_update", None)
+    if update is not None:
+        out["compensation_bytes"] = sum(_bytes(c) for c in update.compensation.values())
+    out["state_bytes"] = sum(out.values())
+    return out
+
+
+class ActivationMeter:
+    """Measures what a forward pass saves for the backward, per module.
+
+    Each tensor autograd saves is attributed to the innermost module whose forward is running;
+    a storage saved several times (an input read by two ops) counts once, and parameters (which
+    live anyway) not at all. Low-precision copies of FP32 weights made by autocast do count: they
+    live until the backward like activations.
+
+    Example:
+        >>> with ActivationMeter(model) as meter:        # doctest: +SKIP
+        ...     loss = model(batch)
+        >>> meter.total, meter.by_module["trunk"]        # doctest: +SKIP
+
+    Attributes:
+        by_module: Module name -> bytes saved while it was the innermost running module
+            (``"(root)"`` for the model itself).
+        total: All bytes saved.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.by_module: dict[str, int] = {}
+        self.by_dtype: dict[str, int] = {}
+        self._stack: list[str] = []
+        self._seen: set[tuple[int, int]] = set()
+        self._params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self._handles: list[Any] = []
+        self._hooks: Any = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_module.values())
+
+    def subtree(self, prefix: str) -> int:
+        """Bytes saved in ``prefix`` and every module below it."""
+        return sum(v for k, v in self.by_module.items() if k == prefix or k.startswith(prefix + "."))
+
+    def __enter__(self) -> ActivationMeter:
+        def enter(label: str):
+            def hook(module: nn.Module, args: Any) -> None:
+                self._stack.append(label)
+            return hook
+
+        def leave(module: nn.Module, args: Any, output: Any) -> None:
+            self._stack.pop()
+
+        for name, module in self.model.named_modules():
+            self._handles.append(module.register_forward_pre_hook(enter(name or "(root)")))
+            self._handles.append(module.register_forward_hook(leave, always_call=True))
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda x: x)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = t.untyped_storage()
+            key = (storage.data_ptr(), storage.nbytes())
+        except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, fake)
+            return t
+        if key[0] in self._params or key in self._seen:
+            return t
+        self._seen.add(key)
+        where = self._stack[-1] if self._stack else "(root)"
+        self.by_module[where] = self.by_module.get(where, 0) + key[1]
+        dtype = str(t.dtype).removeprefix("torch.")
+        self.by_dtype[dtype] = self.by_dtype.get(dtype, 0) + key[1]
+        return t
+
+
+def _matches(pattern: str, name: str, module: nn.Module) -> bool:
+    return fnmatch.fnmatchcase(name, pattern) or any(
+        fnmatch.fnmatchcase(cls.__name__, pattern) for cls in type(module).__mro__
+        if cls not in (nn.Module, object))
+
+
+def checkpoint_modules(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Makes the modules ``patterns`` name recompute their forward during the backward instead of
+    saving its activations (``torch.utils.checkpoint.checkpoint``, non-reentrant: the autocast
+    state and the RNG of the first forward are replayed, so the recomputed values are the same).
+
+    A pattern globs a qualified name (``trunk.*``) or a class name (``TransformerBlock``), as
+    precision rules do. A module inside one already checkpointed is not wrapped again. Apply it
+    after :meth:`MixedPrecision.setup` so the recomputation includes the precision boundaries.
+
+    Returns:
+        The names of the checkpointed modules.
+
+    Raises:
+        ValueError: If a pattern matches no module (the legal names are the model's).
+    """
+    chosen: list[str] = []
+    for pattern in patterns:
+        if not any(_matches(pattern, n, m) for n, m in model.named_modules() if n):
+            raise ValueError(f"{pattern!r} matches no module of "
+                             f"{type(model).__name__}; names look like "
+                             f"{', '.join(n for n, _ in list(model.named_children())[:4])}")
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(c + ".") for c in chosen):
+            continue
+        if any(_matches(p, name, module) for p in patterns) and not getattr(module, _CHECKPOINTED, False):
+            _wrap(module)
+            chosen.append(name)
+    return chosen
+
+
+def _wrap(module: nn.Module) -> None:
+    forward = type(module).forward  # the class's (a precision boundary's, after setup)
+
+    def checkpointed(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return forward(module, *args, **kwargs)
+        return checkpoint(forward, module, *args, use_reentrant=False, **kwargs)
+
+    module.forward = checkpointed
+    setattr(module, _CHECKPOINTED, True)
