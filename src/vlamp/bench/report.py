@@ -11,7 +11,12 @@ import numpy as np
 from vlamp.bench.summary import run_label, summary_lines
 from vlamp.report import Report
 
-PLOTS = ("loss.png", "speed_memory.png", "loss_scale.png", "success.png")
+PLOTS = ("loss.png", "speed_memory.png", "memory_kinds.png", "loss_scale.png", "success.png")
+# What a run holds, by kind: (results key, label)
+MEMORY_KINDS = (("params_bytes", "weights"), ("masters_bytes", "FP32 masters"),
+                ("grads_bytes", "gradients"), ("optimizer_bytes", "optimizer state"),
+                ("compensation_bytes", "Kahan buffers"), ("activations_bytes", "activations"),
+                ("data_bytes", "data in memory"))
 
 
 
@@ -44,6 +49,27 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def memory_rows(results: dict[str, Any]) -> list[list[str]]:
+    """Header plus one row per run: MiB by kind (activations: what one step's forward saves for
+    its backward, measured), the RSS before the first step and what training added to it."""
+    rows = [["run", "seed", *[label for _, label in MEMORY_KINDS], "RSS before 1st step",
+             "training added", "vs fp32"]]
+    for r in results["runs"]:
+        def mib(key: str, pattern: str = "{:.1f}") -> str:
+            return _fmt(None if r.get(key) is None else r[key] / 2**20, pattern)
+        rows.append([run_label(r), str(r["seed"]), *[mib(k) for k, _ in MEMORY_KINDS],
+                     mib("rss_before_training_bytes", "{:.0f}"), mib("training_rss_bytes", "{:.0f}"),
+                     _fmt(r.get("training_memory_vs_fp32"), "{:.2f}x")])
+    return rows
+
+
+def _align(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    return [lines[0], "-" * len(lines[0]), *lines[1:]]
+
+
 def trust_lines(results: dict[str, Any]) -> list[str]:
     """What says the timings cannot be trusted (nothing when the machine was quiet)."""
     warned = results.get("warnings") or []
@@ -55,12 +81,9 @@ def trust_lines(results: dict[str, Any]) -> list[str]:
 
 
 def text_table(results: dict[str, Any]) -> str:
-    rows = table_rows(results)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in rows]
     summary = summary_lines(results.get("summary") or [])
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:], *trust_lines(results),
+    return "\n".join([*_align(table_rows(results)), *trust_lines(results),
+                      "", "memory by kind (MiB):", *_align(memory_rows(results)),
                       *(["", "across seeds, against the fp32 run of each seed:"] if summary else []),
                       *[f"  {line}" for line in summary]])
 
@@ -103,13 +126,31 @@ def _plots(results: dict[str, Any], out: Path) -> None:
     fig.savefig(out / PLOTS[1], dpi=110)
     plt.close(fig)
 
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    bottom = np.zeros(len(runs))
+    for key, label in MEMORY_KINDS:
+        values = np.array([(r.get(key) or 0) / 2**20 for r in runs])
+        if values.any():
+            ax.bar(names, values, bottom=bottom, label=label)
+            bottom += values
+    added = [r.get("training_rss_bytes") for r in runs]
+    if all(added):
+        ax.scatter(names, [a / 2**20 for a in added], color="black", marker="_", s=600, zorder=3,
+                   label="peak RSS training added")
+    ax.set(ylabel="MiB", title="Memory by kind")
+    ax.tick_params(axis="x", labelsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(out / PLOTS[2], dpi=110)
+    plt.close(fig)
+
     fig, ax = plt.subplots(figsize=(7, 3.2))
     for r in runs:
         ax.plot(r["loss_scales"], label=f"{run_label(r)} s{r['seed']}")
     ax.set(xlabel="step", ylabel="loss scale", yscale="log", title="Loss scale (1 = no scaling)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / PLOTS[2], dpi=110)
+    fig.savefig(out / PLOTS[3], dpi=110)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 3.6))
@@ -124,7 +165,7 @@ def _plots(results: dict[str, Any], out: Path) -> None:
     if evaluated:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / PLOTS[3], dpi=110)
+    fig.savefig(out / PLOTS[4], dpi=110)
     plt.close(fig)
 
 
@@ -153,6 +194,10 @@ def write_report(results: dict[str, Any], out: str | os.PathLike[str]) -> tuple[
         report.paragraph(line, warn=True)
     report.bullets(list(results["notes"]))
     report.table(table_rows(results))
+    report.paragraph("Memory by kind (MiB): weights, FP32 masters, gradients, optimizer state and "
+                     "Kahan buffers counted from the tensors; activations measured (what one step's "
+                     "forward saves for its backward); data: the dataset's arrays in memory.")
+    report.table(memory_rows(results))
     summary = summary_lines(results.get("summary") or [])
     if summary:
         report.paragraph("Across seeds, against the fp32 run of each seed:")

@@ -112,24 +112,6 @@ def choose_threads(trainer, autocast, repeats: int = 3) -> tuple[int, dict[str, 
     return best, times
 
 
-def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """Bytes this process holds in the model's parameters, FP32 master copies, gradients and
-    optimizer state (under FSDP2: its shards)."""
-    def size(t: torch.Tensor) -> int:
-        local = t.to_local() if hasattr(t, "to_local") else t
-        return local.numel() * local.element_size()
-
-    model_ids = {id(p) for p in model.parameters()}
-    params = sum(size(p) for p in model.parameters())
-    opt_params = [p for g in optimizer.param_groups for p in g["params"]]
-    masters = sum(size(p) for p in opt_params if id(p) not in model_ids)
-    grads = sum(size(p) for p in opt_params if p.requires_grad)
-    optim = sum(size(t) for st in optimizer.state.values()
-                for t in st.values() if isinstance(t, torch.Tensor))
-    return {"params_bytes": params + masters, "grads_bytes": grads, "optimizer_bytes": optim,
-            "state_bytes": params + masters + grads + optim}
-
-
 def baseline_fit(trainer, dtype: torch.dtype, steps: int, on_step=None
                  ) -> tuple[list[float], list[float], list[float], int]:
     """The plain torch.amp loop a user would write by hand (autocast, GradScaler for FP16, clip,
@@ -177,6 +159,7 @@ def baseline_fit(trainer, dtype: torch.dtype, steps: int, on_step=None
 
 def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]:
     from vlamp.precision.dtypes import to_dtype
+    from vlamp.precision.memory import ActivationMeter, state_memory
     from vlamp.precision.verify import count_ops
     from vlamp.train.config import decode
     from vlamp.train.trainer import Trainer
@@ -220,11 +203,19 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
         r = trainer.fit(on_step)
         peak, gpu_peak = _peak_rss(), _gpu_peak(device)
         losses, scales, times, skipped, val = r.losses, r.scales, r.step_times, r.skipped_steps, r.val_action_l1
-    memory = state_bytes(trainer.model, trainer.optimizer)
+    memory = state_memory(trainer.model, trainer.optimizer, trainer.mp if runner == "vlamp" else None)
     b = trainer.example_batch()
 
     # Ranks run it together (their wrapper's collectives must match); one process, eagerly.
     counted = trainer.forward if trainer.world.distributed else trainer.model
+    with ActivationMeter(trainer.model) as meter:  # what one step's forward saves for its backward
+        with autocast():
+            loss = counted(b)
+    loss.backward()
+    trainer.model.zero_grad(set_to_none=True)
+    top: dict[str, int] = {}
+    for name, n in meter.by_module.items():
+        top[name.split(".")[0]] = top.get(name.split(".")[0], 0) + n
 
     def one_step() -> None:
         with autocast():
@@ -257,6 +248,9 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
         "peak_rss_bytes": peak, "rss_before_training_bytes": rss_before,
         "training_rss_bytes": peak - rss_before if reset else None,  # what training itself added
         "peak_rss_is_training_only": reset, **memory,
+        "activations_bytes": meter.total, "activations_by_module": top,
+        "activations_by_dtype": meter.by_dtype, "data_bytes": trainer.data.memory_bytes,
+        "data_streamed": not isinstance(trainer.data.images, np.ndarray),
         "device": str(device), "tf32": config.precision.tf32 if device.type == "cuda" else None,
         "gpu_peak_bytes": gpu_peak,  # torch.cuda.max_memory_allocated over training
         "gpu_training_bytes": gpu_peak - gpu_before if gpu_peak is not None else None,

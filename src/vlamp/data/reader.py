@@ -46,6 +46,14 @@ class LeRobotData:
     task_index: np.ndarray
 
     @property
+    def memory_bytes(self) -> int:
+        """Bytes of the arrays held in memory (frames left on disk by ``stream=True`` count 0)."""
+        arrays = [self.state, self.action, self.episode_index, self.frame_index, self.task_index]
+        if isinstance(self.images, np.ndarray):
+            arrays.append(self.images)
+        return sum(a.nbytes for a in arrays)
+
+    @property
     def fps(self) -> int:
         return int(self.info["fps"])
 
