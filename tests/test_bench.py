@@ -101,6 +101,21 @@ def test_bench_quick_writes_every_field_and_consistent_ratios(cache, tmp_path):
     assert "bf16-mixed (torch.amp loop)" in p.stdout  # the table is printed too
 
 
+def test_bench_compares_how_low_precision_weights_are_updated(cache, tmp_path):
+    out = tmp_path / "b"
+    p = cli(cache, "bench", "--quick", "--modes", "bf16-true/kahan", "--steps", "3", "--warmup", "1",
+            "--episodes", "0", "--no-baseline", "--out", str(out), "--no-progress",
+            "precision.measure=false")
+    assert p.returncode == 0, p.stderr[-3000:]
+    fp32, kahan = json.loads((out / "results.json").read_text())["runs"]
+    assert kahan["mode"] == "bf16-true/kahan" and kahan["precision"] == "bf16-true"
+    assert kahan["masters_bytes"] == 0 < kahan["compensation_bytes"]
+    assert kahan["optimizer_bytes"] < fp32["optimizer_bytes"] / 1.5  # BF16 moments (FP32 islands aside)
+    assert "bf16-true/kahan" in p.stdout and "memory by kind (MiB):" in p.stdout
+    p = cli(cache, "bench", "--modes", "bf16-mixed/kahan", "--out", str(tmp_path / "c"))
+    assert p.returncode == 2 and "an update after the slash is for -true modes" in p.stderr
+
+
 def test_bench_rejects_unknown_modes(cache, tmp_path):
     p = cli(cache, "bench", "--modes", "fp32,int4", "--out", str(tmp_path / "b"))
     assert p.returncode == 2 and "unknown mode(s) int4; legal: fp32" in p.stderr

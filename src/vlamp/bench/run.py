@@ -25,6 +25,7 @@ from vlamp.bench.machine import CpuSample, assess, machine_info, round_load, sum
 from vlamp.bench.summary import summarize
 from vlamp.precision.hardware import detect, native_formats, resolve_device
 from vlamp.precision.modes import MODE_NAMES
+from vlamp.precision.update import UPDATES
 from vlamp.train.config import RunConfig, to_dict
 
 
@@ -47,13 +48,26 @@ def default_modes(device: str | None = "auto") -> tuple[list[str], list[str]]:
     return modes, notes
 
 
+def split_mode(label: str) -> tuple[str, str]:
+    """``"bf16-true/kahan"`` -> ``("bf16-true", "kahan")``; a plain mode updates by ``master``."""
+    mode, _, update = label.partition("/")
+    return mode, update or "master"
+
+
 def parse_modes(text: str, device: str | None = "auto") -> tuple[list[str], list[str]]:
     """``"bf16-mixed,fp16-mixed"`` -> the modes with fp32 first, and notes on modes ``device``
-    only emulates."""
+    only emulates. A ``-true`` mode may name how its weights are updated after a slash
+    (``bf16-true/kahan``, ``/stochastic``, ``/naive``; see ``precision.update``)."""
     modes = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODE_NAMES]
+    bad = [m for m in modes if split_mode(m)[0] not in MODE_NAMES]
     if bad or not modes:
-        raise VlampError(f"unknown mode(s) {', '.join(bad) or '(none)'}; legal: {', '.join(MODE_NAMES)}")
+        raise VlampError(f"unknown mode(s) {', '.join(bad) or '(none)'}; legal: {', '.join(MODE_NAMES)}"
+                         f", and -true modes with an update: bf16-true/kahan, /stochastic, /naive")
+    for m in modes:
+        mode, update = split_mode(m)
+        if update not in UPDATES or (update != "master" and not mode.endswith("-true")):
+            raise VlampError(f"mode {m!r}: an update after the slash is for -true modes, one of "
+                             f"{', '.join(UPDATES)}")
     if "fp32" not in modes:
         modes.insert(0, "fp32")  # the reference every ratio is taken against
     hw = detect(resolve_device(device))
@@ -165,7 +179,7 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    low = next((m for m in modes if m != "fp32"), None)
+    low = next((split_mode(m)[0] for m in modes if m != "fp32"), None)
     plan = [(m, "vlamp", nproc) for m in modes] + ([("fp32", "vlamp", 1)] if nproc > 1 else []) \
         + ([(low, "torch.amp", 1)] if baseline and low else [])
     round_steps = max(1, math.ceil(config.train.steps / max(1, rounds)))
@@ -176,11 +190,11 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
             specs = []
             for mode, runner, ranks in plan:
                 cfg = to_dict(config)
-                cfg["precision"]["mode"] = mode
+                cfg["precision"]["mode"], cfg["precision"]["update"] = split_mode(mode)
                 cfg["train"]["seed"] = config.train.seed + seed
-                cfg["output_dir"] = str(Path(tmp) / f"run-{mode}-{runner}-{ranks}-{seed}")
+                cfg["output_dir"] = str(Path(tmp) / f"run-{mode.replace('/', '-')}-{runner}-{ranks}-{seed}")
                 cfg["resume"] = False
-                specs.append((f"{mode}-{runner.replace('.', '')}-x{ranks}-s{cfg['train']['seed']}",
+                specs.append((f"{mode.replace('/', '-')}-{runner.replace('.', '')}-x{ranks}-s{cfg['train']['seed']}",
                               {"config": cfg, "runner": runner, "warmup": warmup,
                                "threads": threads if ranks == 1 else 1, "ranks": ranks,
                                "round_steps": round_steps, "eval_episodes": eval_episodes,

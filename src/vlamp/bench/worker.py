@@ -236,8 +236,10 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
         success, per_task = e["success_rate"], {t["task"]: t["success_rate"] for t in e["per_task"]}
         outcomes = {t["task"]: t["outcomes"] for t in e["per_task"]}
     plan = getattr(trainer.mp, "plan", None)
+    update = config.precision.update
     return {
-        "mode": mode, "runner": runner, "steps": len(losses),
+        "mode": mode if update == "master" else f"{mode}/{update}", "runner": runner,
+        "steps": len(losses),
         "precision": trainer.mp.mode.name if runner == "vlamp" else mode,
         "precision_reason": (plan.measured or {}).get("reason") if plan is not None else None,
         "fp32_rules": sum(1 for r in plan.user_rules if r.label.startswith("measured:")) if plan else 0,

@@ -19,13 +19,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "scale. Writes DIR/results.json, DIR/report.md, DIR/report.html and plots.",
         epilog="examples:\n  vlamp bench --quick\n  vlamp bench --modes fp32,bf16-mixed --steps 300 "
                "--seeds 3\n  vlamp bench train.batch_size=32 model.head=flow\n"
+               "  vlamp bench --modes bf16-true,bf16-true/kahan,bf16-true/stochastic --seeds 3\n"
                "  vlamp bench --quick --nproc 2 distributed.strategy=fsdp\n"
                "  vlamp bench --modes fp32,bf16-mixed train.device=cuda model.size=base "
                "dataset.path=DATA_128PX",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modes", default=None,
                    help="comma-separated modes; fp32 is always added as the reference (default: fp32 "
-                        "and the mixed modes this machine computes natively)")
+                        "and the mixed modes this machine computes natively). A -true mode may name "
+                        "how its weights are updated: bf16-true/kahan, bf16-true/stochastic, "
+                        "bf16-true/naive (default: FP32 masters)")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default: 300; "
                                                            "--quick: 10)")
     p.add_argument("--seeds", type=int, default=1, help="repeat every run with this many seeds")
