@@ -144,16 +144,13 @@ def read_dataset(root: str | Path, camera_key: str | None = None, *, stream: boo
         row_of[order] = np.arange(len(order))  # file row k is dataset row row_of[k]
         frames = _png_frames(data_files, camera_key, row_of, name)
         sources = data_files
-    bar = tqdm(total=len(order), desc=f"decode {camera_key}", unit="frame", disable=not progress,
-               dynamic_ncols=True)
-    try:
-        if stream:
-            path = cache_dir("frames") / f"{store_key(root, camera_key, sources)}.npy"
-            images = _open_store(path, len(order)) or _build(path, frames, len(order), bar, name, root)
-        else:
-            images = _into_memory(frames, len(order), bar)
-    finally:
-        bar.close()
+    path = cache_dir("frames") / f"{store_key(root, camera_key, sources)}.npy"
+    images = _open_store(path, len(order)) if stream else None
+    if images is None:  # decoded now: into memory, or into the store
+        with tqdm(total=len(order), desc=f"decode {camera_key}", unit="frame",
+                  disable=not progress, dynamic_ncols=True) as bar:
+            images = _build(path, frames, len(order), bar, name, root) if stream else \
+                _into_memory(frames, len(order), bar)
     return LeRobotData(root, info, stats, tasks, camera_key, images, state, action,
                        ints["episode_index"], ints["frame_index"], ints["task_index"])
 

@@ -84,7 +84,7 @@ class ActivationMeter:
         self.by_dtype: dict[str, int] = {}
         self._stack: list[str] = []
         self._seen: set[tuple[int, int]] = set()
-        self._params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self._params = {key[0] for p in model.parameters() if (key := _storage(p)) is not None}
         self._handles: list[Any] = []
         self._hooks: Any = None
 
@@ -119,12 +119,8 @@ class ActivationMeter:
         self._handles = []
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        try:
-            storage = t.untyped_storage()
-            key = (storage.data_ptr(), storage.nbytes())
-        except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, fake)
-            return t
-        if key[0] in self._params or key in self._seen:
+        key = _storage(t)
+        if key is None or key[0] in self._params or key in self._seen:
             return t
         self._seen.add(key)
         where = self._stack[-1] if self._stack else "(root)"
@@ -132,6 +128,17 @@ class ActivationMeter:
         dtype = str(t.dtype).removeprefix("torch.")
         self.by_dtype[dtype] = self.by_dtype.get(dtype, 0) + key[1]
         return t
+
+
+def _storage(t: torch.Tensor) -> tuple[int, int] | None:
+    """``(address, bytes)`` of a tensor's storage (a DTensor's local shard); ``None`` for tensors
+    without one (sparse, fake, a sharded parameter's unsharded wrapper)."""
+    local = t.to_local() if hasattr(t, "to_local") else t
+    try:
+        storage = local.untyped_storage()
+        return storage.data_ptr(), storage.nbytes()
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def _matches(pattern: str, name: str, module: nn.Module) -> bool:

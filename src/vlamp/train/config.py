@@ -18,6 +18,7 @@ from vlamp.models.tinyvla import ModelConfig, with_size
 from vlamp.precision.diagnostics import parse_every
 from vlamp.precision.errors import VlampError
 from vlamp.precision.hardware import DEVICE_NAMES, check_device_name
+from vlamp.precision.modes import get_mode
 from vlamp.precision.update import check_update
 from vlamp.sim import evaluate as evaluation
 
@@ -247,6 +248,8 @@ class RunConfig:
         if self.precision.sensitivity < 0 or (self.precision.sensitivity and not self.precision.measure):
             raise VlampError(f"precision.sensitivity must be 0 (off) or a relative error > 0 with "
                              f"precision.measure=true, got {self.precision.sensitivity}")
+        if self.precision.mode != "auto":
+            get_mode(self.precision.mode)  # an unknown name fails here, before any loading
         check_update(self.precision.update, self.precision.grad_accum, where="precision")
         if self.distributed.strategy not in ("ddp", "fsdp"):
             raise VlampError(f"distributed.strategy must be one of ddp, fsdp, got "
