@@ -8,6 +8,7 @@ import sys
 
 from vlamp.models.tinyvla import SIZES
 from vlamp.precision import MODE_NAMES, PrecisionPlan
+from vlamp.precision.update import UPDATES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -55,6 +56,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fsdp", action="store_true",
                    help="also list the FSDP2 shard groups the plan gives under torchrun "
                         "(distributed.strategy=fsdp): each group's gathered and reduced dtype")
+    p.add_argument("--update", default="master", choices=UPDATES,
+                   help="how a -true mode updates its low-precision weights (precision.update): "
+                        "decides the optimizer state's dtype and the bytes per parameter shown "
+                        "(default: master, FP32 master copies)")
     p.add_argument("--json", action="store_true", help="print rows as JSON")
     p.set_defaults(run=run)
 
@@ -102,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
                             rules=plan.user_rules, builtin_rules=plan.builtin_rules,
                             refresh=args.refresh, log=lambda line: print(line, file=sys.stderr),
                             sensitivity=args.sensitivity)
-    table = plan.describe(model, max_depth=args.depth)
+    table = plan.describe(model, max_depth=args.depth,
+                          update=args.update if plan.mode.name.endswith("-true") else "master")
     print(json.dumps(table.to_dicts(), indent=2) if args.json else table)
     if plan.measured and plan.measured.get("step_ms") and not args.json:
         steps = ", ".join(f"{k} {v:.1f} ms" for k, v in plan.measured["step_ms"].items())
