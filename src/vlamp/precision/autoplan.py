@@ -52,9 +52,9 @@ CACHE_VERSION = 2  # 2: measured FP32 modules hand on FP32
 
 def default_plan_cache() -> Path:
     """``$XDG_CACHE_HOME/vlamp/plans`` (``~/.cache/vlamp/plans``)."""
-    from vlamp.io import cache_dir
-
-    return cache_dir("plans")
+    # (vlamp.io.cache_dir says the same; precision imports nothing else from vlamp)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "vlamp" / "plans"
 
 
 def measure_plan(
