@@ -37,6 +37,19 @@ def _rss_now() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _trim_heap() -> None:
+    """Hands the heap's free memory back to the system (glibc ``malloc_trim``), so the RSS read
+    next is what the process holds, not what earlier work (the plan's measurement, the thread
+    probe) freed but the allocator kept. A no-op where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_peak_rss() -> bool:
     """Resets the kernel's peak-RSS mark (VmHWM), so the peak measured next is training's own."""
     try:
@@ -191,7 +204,8 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
         channel.send(event="ready", threads=int(threads))
         channel.wait("go")
         on_step = channel.pauser(max(1, int(spec.get("round_steps") or steps)), steps)
-    rss_before = _rss_now()
+    _trim_heap()
+    rss_before = _rss_now()  # data, model, optimizer: what a run holds before its first step
     reset = _reset_peak_rss()
     gpu_before = _reset_gpu_peak(device)
     if runner == "torch.amp":
