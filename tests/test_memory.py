@@ -139,3 +139,33 @@ def test_state_bytes_by_kind_per_parameter():
     assert kahan["state_bytes"] == 10 * n and kahan["compensation_bytes"] == 2 * n
     master, n = held("bf16-true", builtin=False)
     assert master["masters_bytes"] == 4 * n and master["state_bytes"] == 18 * n
+
+
+def test_lean_norms_rules_compute_norms_in_fp32_and_save_fewer_bytes():
+    from pathlib import Path
+
+    from vlamp.models.tinyvla import ModelConfig, TinyVLA
+    from vlamp.precision.plan import PrecisionPlan
+    from vlamp.precision.verify import trace_compute_dtypes
+
+    rules = PrecisionPlan.load(Path(__file__).parent.parent / "docs" / "lean_norms.yaml", mode="bf16-mixed")
+
+    def run(plan):
+        torch.manual_seed(0)
+        model = TinyVLA(ModelConfig(dim=32, depth=1, heads=2, text_layers=1, channels=[8, 8],
+                                    chunk=4, vocab_size=20, image_size=32))
+        mp = MixedPrecision("bf16-mixed", plan)
+        mp.setup(model)
+
+        def forward():
+            with mp.autocast():
+                return model(model.example_batch(8))
+        with ActivationMeter(model) as meter:
+            seen = trace_compute_dtypes(model, forward)
+        return meter, seen, model
+
+    plain, _, _ = run(PrecisionPlan("bf16-mixed"))
+    lean, seen, model = run(rules)
+    norms = [n for n, m in model.named_modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm))]
+    assert len(norms) >= 5 and all(seen[n] == {torch.float32} for n in norms)
+    assert lean.total < plain.total
