@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: the gpu-marked tests, then a short bench on the base model (75 M parameters,
-# 128 px): fp32, bf16-mixed, fp16-mixed and the hand-written torch.amp loop with TF32 off, then fp32
+# 128 px): fp32, bf16-mixed, fp16-mixed and the hand-written torch.amp loop with TF32 off; bf16-true by
+# update method (masters, Kahan, stochastic rounding); then fp32
 # and bf16-mixed with TF32 on. Prints the bench tables; about 5 minutes on one H200.
 #
 # Made for this project's GPU machine (Python 3.12, its own torch with CUDA, no network): it never
@@ -37,6 +38,9 @@ common=(--steps 60 --warmup 10 --rounds 3 --episodes 0 --no-progress
 echo "== bench, TF32 off"
 python3 -m vlamp bench --modes fp32,bf16-mixed,fp16-mixed --out "$out/bench_tf32_off" \
   "${common[@]}" precision.tf32=false
+echo "== bench, bf16-true updated with FP32 masters, Kahan compensation, stochastic rounding"
+python3 -m vlamp bench --modes bf16-true,bf16-true/kahan,bf16-true/stochastic --no-baseline \
+  --out "$out/bench_updates" "${common[@]}"
 echo "== bench, TF32 on"
 python3 -m vlamp bench --modes fp32,bf16-mixed --no-baseline --out "$out/bench_tf32_on" \
   "${common[@]}" precision.tf32=true

@@ -148,3 +148,22 @@ def test_diagnostics_and_sensitivity_on_cuda():
     assert d["inp"]["act_overflow"] > 0 and d["inp"]["act_headroom_bits"] == 0.0
     errors = measure_sensitivity(Net().cuda(), torch.randn(8, 64, device="cuda"), "bf16-mixed")
     assert 0 < errors["inp"]["output_error"] < 0.02
+
+
+@pytest.mark.parametrize("update", ["kahan", "stochastic"])
+def test_low_precision_updates_keep_small_updates_on_cuda(update):
+    """The CPU test's setting on the GPU: 100 SGD steps of 1e-4 on BF16 weights at 1.0 reach
+    1.01 (naive rounding would leave them at 1.0), and the weights stay on the device."""
+    m = nn.Linear(100, 100, bias=False).cuda()
+    with torch.no_grad():
+        m.weight.fill_(1.0)
+    opt = torch.optim.SGD(m.parameters(), lr=1.0)
+    mp = MixedPrecision("bf16-true", update=update)
+    mp.setup(m, opt)
+    for _ in range(100):
+        with mp.autocast():
+            loss = (m.weight.float() * -1e-4).sum()
+        mp.backward(loss)
+        mp.step(opt)
+    assert m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cuda"
+    assert float(mp.master_weights()["weight"].float().mean()) == pytest.approx(1.01, abs=5e-4)
