@@ -256,7 +256,7 @@ def test_measured_plan_is_saved_and_a_resume_trains_on_with_it(tiny_dataset, tmp
     def refuse(*args, **kwargs):
         raise AssertionError("a resumed run must not measure again")
 
-    monkeypatch.setattr("vlamp.precision.front.measure_plan", refuse)
+    monkeypatch.setattr("vlamp.precision.autoplan.measure_plan", refuse)
     shutil.rmtree(out / "checkpoints" / "step_0000006")
     again = Trainer(load_config(None, tiny_overrides(tiny_dataset, out, "auto", "resume=true",
                                                      "precision.measure=true")), progress=False)

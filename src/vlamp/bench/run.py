@@ -19,10 +19,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vlamp.bench.machine import (
+    CpuSample,
+    assess,
+    machine_info,
+    round_load,
+    summarize_rounds,
+)
+from vlamp.bench.summary import summarize
 from vlamp.io import write_text_atomic
 from vlamp.precision.errors import VlampError
-from vlamp.bench.machine import CpuSample, assess, machine_info, round_load, summarize_rounds
-from vlamp.bench.summary import summarize
 from vlamp.precision.hardware import detect, native_formats, resolve_device
 from vlamp.precision.modes import MODE_NAMES
 from vlamp.precision.update import UPDATES

@@ -66,11 +66,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vlamp.models.tinyvla import ModelConfig, TinyVLA, with_size
-    from vlamp.precision.hardware import resolve_device
-    from vlamp.precision.modes import get_mode
     from vlamp.models.tokenizer import WordTokenizer
     from vlamp.precision.autoplan import measure_plan
     from vlamp.precision.errors import VlampError
+    from vlamp.precision.hardware import resolve_device
+    from vlamp.precision.modes import get_mode
     from vlamp.sim.tasks import DEFAULT_SUITE, TASKS
 
     if args.batch_size < 1:

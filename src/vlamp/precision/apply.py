@@ -147,3 +147,13 @@ def apply_plan(resolved: Sequence[Resolved]) -> Undo:
             m.__class__ = _boundary_class(type(m))
             bounded.append(m)
     return Undo(bounded)
+
+
+def uncalled_boundaries(resolved: Sequence[Resolved]) -> dict[str, str] | None:
+    """Ruled modules whose own forward never ran (their parent uses their weights directly, as
+    ``MultiheadAttention`` does with ``out_proj``): name -> the rule that decided them. ``None``
+    when nothing was counted at all (a compiled forward counts nothing)."""
+    bounded = [r for r in resolved if r.policy != r.parent_policy and r.name]
+    if not any(getattr(r.module, _CALLS, 1) for r in bounded):
+        return None
+    return {r.name: r.decided_by for r in bounded if getattr(r.module, _CALLS, 1) == 0}

@@ -425,3 +425,42 @@ def _write_cached(path: Path, plan: PrecisionPlan) -> None:
 
 
 __all__ = ["default_plan_cache", "measure_plan"]
+
+
+def plan_for(mode: str | Mode, rules: Any, builtin_rules: bool = True, *, model: nn.Module | None = None,
+             example_batch: Any = None, loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+             cache: bool = True, log: Callable[[str], None] | None = None,
+             device: str | torch.device | None = None, sensitivity: float | None = None) -> PrecisionPlan:
+    """The plan :class:`~vlamp.precision.front.MixedPrecision` runs, from its arguments: ``rules``
+    (rules, a YAML path or a ready plan) for ``mode``; measured on ``model`` with ``example_batch``
+    when they are given (:func:`measure_plan`); ``"auto"`` without a model is decided for
+    ``device`` from the hardware table.
+
+    Raises:
+        VlampError: On a plan for another mode, ``sensitivity`` without a model, or only one of
+            ``model`` and ``example_batch``.
+    """
+    requested = mode if isinstance(mode, str) else mode.name
+    if requested == "auto" and model is None and not isinstance(rules, PrecisionPlan):
+        mode = get_mode("auto", device)  # for the device it will run on, not whatever is here
+    if sensitivity is not None and model is None:
+        raise VlampError("MixedPrecision: sensitivity= measures the model's modules; pass model= "
+                         "and example_batch= too")
+    if (model is None) != (example_batch is None):
+        raise VlampError("MixedPrecision: pass both model= and example_batch= to measure the plan, "
+                         "or neither")
+    if isinstance(rules, PrecisionPlan) and model is None:
+        if requested != "auto" and rules.mode.name != get_mode(mode).name:
+            raise VlampError(f"MixedPrecision: plan is for mode {rules.mode.name!r}, "
+                             f"mode is {get_mode(mode).name!r}")
+        return rules
+    if isinstance(rules, (str, os.PathLike)) and model is None:
+        return PrecisionPlan.load(rules, mode=mode)
+    if isinstance(rules, (str, os.PathLike)):
+        rules = PrecisionPlan.load(rules, mode=None if requested == "auto" else mode)
+    if isinstance(rules, PrecisionPlan):
+        rules, builtin_rules = rules.user_rules, rules.builtin_rules
+    if model is not None:
+        return measure_plan(model, example_batch, mode, rules=rules, builtin_rules=builtin_rules,
+                            loss_fn=loss_fn, cache=cache, log=log, sensitivity=sensitivity)
+    return PrecisionPlan(mode, rules, builtin_rules=builtin_rules)

@@ -13,26 +13,31 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from vlamp.precision.apply import _CALLS, apply_plan
-from vlamp.precision.autoplan import measure_plan, model_device
+from vlamp.precision.apply import apply_plan, uncalled_boundaries
+from vlamp.precision.autoplan import model_device, plan_for
 from vlamp.precision.diagnostics import Diagnostics, parse_every
 from vlamp.precision.errors import VlampError
 from vlamp.precision.fsdp import ShardGroup, shard_model
 from vlamp.precision.hardware import set_tf32
 from vlamp.precision.master import MasterWeights
-from vlamp.precision.modes import Mode, get_mode
+from vlamp.precision.modes import Mode
 from vlamp.precision.plan import PrecisionPlan, RuleSpec
-from vlamp.precision.update import LowPrecisionUpdate, check_update, moments_per_param
 from vlamp.precision.scaler import (
-    DynamicLossScaler,
+    CollapseWatch,
     LossScaler,
     NoLossScaler,
-    StaticLossScaler,
     StepOutcome,
     across_ranks,
-    make_scaler,
+    choose_scaler,
     step_unscaling_inside,
     unscales_itself,
+)
+from vlamp.precision.update import (
+    LowPrecisionUpdate,
+    check_update,
+    clip_grads,
+    moments_per_param,
+    update_note,
 )
 
 ScalerSpec = LossScaler | Literal["dynamic", "static", "none"] | None
@@ -124,37 +129,15 @@ class MixedPrecision:
     ) -> None:
         check_update(update, grad_accum)
         self.requested_mode = mode if isinstance(mode, str) else mode.name
-        if self.requested_mode == "auto" and model is None and not isinstance(rules, PrecisionPlan):
-            mode = get_mode("auto", device)  # for the device it will run on, not whatever is here
-        if sensitivity is not None and model is None:
-            raise VlampError("MixedPrecision: sensitivity= measures the model's modules; pass model= "
-                             "and example_batch= too")
-        if (model is None) != (example_batch is None):
-            raise VlampError("MixedPrecision: pass both model= and example_batch= to measure the plan, "
-                             "or neither")
-        if isinstance(rules, PrecisionPlan) and model is None:
-            if self.requested_mode != "auto" and rules.mode.name != get_mode(mode).name:
-                raise VlampError(f"MixedPrecision: plan is for mode {rules.mode.name!r}, "
-                                 f"mode is {get_mode(mode).name!r}")
-            self.plan = rules
-        elif isinstance(rules, (str, os.PathLike)) and model is None:
-            self.plan = PrecisionPlan.load(rules, mode=mode)
-        else:
-            if isinstance(rules, (str, os.PathLike)):
-                rules = PrecisionPlan.load(rules, mode=None if self.requested_mode == "auto" else mode)
-            if isinstance(rules, PrecisionPlan):
-                rules, builtin_rules = rules.user_rules, rules.builtin_rules
-            if model is not None:
-                set_tf32(tf32)  # measured as it will run
-                self.plan = measure_plan(model, example_batch, mode, rules=rules,
-                                         builtin_rules=builtin_rules, loss_fn=loss_fn, cache=cache,
-                                         log=log, sensitivity=sensitivity)
-            else:
-                self.plan = PrecisionPlan(mode, rules, builtin_rules=builtin_rules)
+        if model is not None:
+            set_tf32(tf32)  # measured as it will run
+        self.plan = plan_for(mode, rules, builtin_rules, model=model, example_batch=example_batch,
+                             loss_fn=loss_fn, cache=cache, log=log, device=device,
+                             sensitivity=sensitivity)
         self.mode = self.plan.mode
         if int(num_losses) != num_losses or num_losses < 1:
             raise VlampError(f"MixedPrecision: num_losses must be an integer >= 1, got {num_losses}")
-        base = self._make_scaler(scaler, dict(scaler_settings or {}))
+        base = choose_scaler(self.mode, scaler, dict(scaler_settings or {}))
         self.scalers: list[LossScaler] = [base] + [copy.deepcopy(base) for _ in range(num_losses - 1)]
         self._found_inf = [False] * num_losses
         self.tf32 = bool(tf32)
@@ -166,35 +149,15 @@ class MixedPrecision:
         self._update: LowPrecisionUpdate | None = None
         self._resolved: list[Any] = []
         self._buffers_before: list[torch.Tensor] | None = None
-        self._zero_grad_streak = 0
+        self._collapse = CollapseWatch()
         self.steps = 0
         self.skipped_steps = 0
-        self.zero_grad_steps = 0
         self.uncalled: dict[str, str] = {}
         self.parallel_notes: list[str] = []  # how a data-parallel wrapper holds and reduces the model
         every = parse_every(diagnostics)
         self.diagnostics = Diagnostics(every) if every else None
         self.last_diagnostics: dict[str, Any] | None = None  # the last step's record, if sampled
         self._diag_started = False
-
-    def _make_scaler(self, scaler: ScalerSpec, settings: dict[str, Any]) -> LossScaler:
-        if scaler is None:
-            default = self.mode.default_scaler()
-            if not settings:
-                return default
-            scaler = "dynamic" if isinstance(default, DynamicLossScaler) else \
-                "static" if isinstance(default, StaticLossScaler) else "none"
-        chosen = make_scaler(scaler, **settings) if isinstance(scaler, str) else scaler
-        if not isinstance(chosen, LossScaler):
-            raise VlampError(f"MixedPrecision: scaler must be dynamic, static, none or a LossScaler, "
-                             f"got {scaler!r}")
-        if not isinstance(chosen, NoLossScaler) and not self.mode.needs_scaler:
-            raise VlampError(f"MixedPrecision: mode {self.mode.name!r} needs no loss scaler "
-                             f"(its gradients have FP32 range); use scaler=None or 'none'")
-        if isinstance(chosen, NoLossScaler) and self.mode.needs_scaler:
-            warnings.warn(f"MixedPrecision: mode {self.mode.name!r} without loss scaling: small FP16 "
-                          "gradients will underflow to zero", UserWarning, stacklevel=3)
-        return chosen
 
     # -- setup -----------------------------------------------------------------------------------
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
@@ -373,16 +336,8 @@ class MixedPrecision:
         Returns:
             A :class:`StepOutcome`; ``skipped`` is true when any gradient was inf/NaN.
         """
-        if self._masters is not None and self.grad_accum == "storage":
-            self._masters.accumulate_grads()  # summed in low precision until now
         if self._masters is not None:
-            stray = self._masters.stray_grads()
-            if stray:
-                raise VlampError(
-                    f"MixedPrecision.step: {stray[0]} (and {len(stray) - 1} more) got its gradient "
-                    f"from a plain loss.backward(); in {self.mode.name} the weights are stored in low "
-                    f"precision and the optimizer updates their FP32 masters, which only "
-                    f"mp.backward(loss) feeds. Call mp.backward(loss) instead")
+            self._masters.gradients_for_step(self.mode.name, self.grad_accum == "storage")
         if self.steps == 0:
             self._check_boundaries_ran()
         params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -418,7 +373,7 @@ class MixedPrecision:
         found = any(found_per_loss) or clip_inf
         if not found:
             if not isinstance(self.scalers[0], NoLossScaler):
-                self._check_gradients_alive(grads, grad_norm, scale)
+                self._collapse.observe(grads, grad_norm, scale, self.steps + 1)
             if update is not None:
                 update.step(optimizer)
             elif not handoff:
@@ -446,40 +401,22 @@ class MixedPrecision:
         self.skipped_steps += int(found)
         return StepOutcome(skipped=found, scale=scale, grad_norm=grad_norm, found_inf=found)
 
-    def _check_gradients_alive(self, grads: list[torch.Tensor], grad_norm: float | None,
-                               scale: float) -> None:
-        """Says so, each time it starts, when a scaled step's gradients are all zero: the scale
-        has collapsed (or the loss is constant), and the step is applied without effect."""
-        norm = grad_norm if grad_norm is not None else (
-            float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) if grads else 0.0)
-        if norm != 0.0:
-            self._zero_grad_streak = 0
-            return
-        self.zero_grad_steps += 1
-        self._zero_grad_streak += 1
-        if self._zero_grad_streak == 1:
-            warnings.warn(f"MixedPrecision: step {self.steps + 1} was applied with all-zero gradients "
-                          f"at loss scale {scale:.3g}: the scale has collapsed after overflows, or "
-                          f"the loss does not depend on the weights. Give the dynamic scaler a floor "
-                          f"(precision.loss_scale.min_scale, e.g. 1) or look for the overflow",
-                          RuntimeWarning, stacklevel=3)
-
     def _check_boundaries_ran(self) -> None:
         """After the first step's forward: rules on modules whose forward never ran (their parent
         uses their weights directly, as ``MultiheadAttention`` does with ``out_proj``) changed
         their storage only. Says so, and ``describe`` marks them."""
-        bounded = [r for r in self._resolved if r.policy != r.parent_policy and r.name]
-        if not any(getattr(r.module, _CALLS, 1) for r in bounded):
-            return  # no count at all: the forward ran compiled (torch.compile), which counts nothing
-        for r in bounded:
-            if getattr(r.module, _CALLS, 1) == 0:
-                self.uncalled[r.name] = r.decided_by
+        self.uncalled = uncalled_boundaries(self._resolved) or {}  # None: compiled, nothing counted
         if self.uncalled:
             names = ", ".join(f"{n} ({rule})" for n, rule in list(self.uncalled.items())[:4])
             warnings.warn(f"MixedPrecision: {len(self.uncalled)} ruled module(s) never ran their own "
                           f"forward: {names}. Their parents use their weights directly, so the rule "
                           f"changed only how their weights are stored; their compute follows the "
                           f"parent. Rule the parent instead", UserWarning, stacklevel=3)
+
+    @property
+    def zero_grad_steps(self) -> int:
+        """Applied steps whose (scaled) gradients were all zero: a collapsed loss scale."""
+        return self._collapse.zero_grad_steps
 
     def master_weights(self) -> dict[str, torch.Tensor]:
         """The model's state dict with each low-precision parameter replaced by its FP32 master:
@@ -490,9 +427,8 @@ class MixedPrecision:
         if self._masters is not None:
             for i, m in enumerate(self._masters.masters):
                 sd[self._masters.name(i)] = m.detach()
-        if self._update is not None and self._update.compensation:
-            for p in self._update.low:
-                sd[self._update.name(p)] = self._update.exact(p)
+        if self._update is not None:
+            sd.update(self._update.exact_weights())
         return sd
 
     def sync_masters(self, weights: Mapping[str, torch.Tensor] | None = None) -> None:
@@ -565,11 +501,7 @@ class MixedPrecision:
         table = self.plan.describe(self.model, max_depth=max_depth, uncalled=self.uncalled,
                                    update=update, moments=moments_per_param(self.optimizer))
         if self.low_precision_storage:
-            how = {"master": "FP32 masters", "kahan": "Kahan-compensated, moments in the weight's dtype",
-                   "stochastic": "stochastic rounding, moments in the weight's dtype",
-                   "naive": "round to nearest, moments in the weight's dtype"}[self.update]
-            table.notes.append(f"low-precision weights updated by {self.update} ({how}); gradients of "
-                               f"several micro-batches summed in {self.grad_accum}")
+            table.notes.append(update_note(self.update, self.grad_accum))
         device = self.device_type
         fp32 = ("TF32 tensor cores (tf32=True)" if self.tf32 else "IEEE FP32 (tf32=False)") \
             if device == "cuda" else "IEEE FP32"
@@ -580,14 +512,3 @@ class MixedPrecision:
     def __repr__(self) -> str:
         return f"MixedPrecision(mode={self.mode.name!r}, scaler={type(self.scalers[0]).__name__})"
 
-
-def clip_grads(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Scales ``grads`` in place so their total 2-norm is at most ``max_norm`` (what
-    ``clip_grad_norm_`` does to parameters' ``.grad``, for gradients held apart from them);
-    returns the norm before clipping, computed in FP32."""
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32)
-                                                 for g in grads])) if grads else torch.tensor(0.0)
-    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(coef.to(g.dtype))
-    return norm

@@ -66,6 +66,24 @@ class MasterWeights:
                 m.grad.add_(p.grad)
             p.grad = None
 
+    def gradients_for_step(self, mode_name: str, summed_in_storage: bool) -> None:
+        """Before the step: the masters hold every gradient (summed in low precision until now
+        when ``summed_in_storage``).
+
+        Raises:
+            VlampError: If a low-precision parameter got its gradient from a plain
+                ``loss.backward()``, which the masters never see.
+        """
+        if summed_in_storage:
+            self.accumulate_grads()
+        stray = self.stray_grads()
+        if stray:
+            raise VlampError(
+                f"MixedPrecision.step: {stray[0]} (and {len(stray) - 1} more) got its gradient "
+                f"from a plain loss.backward(); in {mode_name} the weights are stored in low "
+                f"precision and the optimizer updates their FP32 masters, which only "
+                f"mp.backward(loss) feeds. Call mp.backward(loss) instead")
+
     def stray_grads(self) -> list[str]:
         """Names of low-precision parameters holding a gradient that did not go through
         :meth:`accumulate_grads` (a plain ``loss.backward()``)."""

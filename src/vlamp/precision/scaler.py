@@ -344,3 +344,57 @@ def make_scaler(name: str, **settings: Any) -> LossScaler:
     if key == "static":
         return StaticLossScaler(settings.get("init_scale", 2.0**16))
     return NoLossScaler()
+
+
+def choose_scaler(mode: Any, scaler: LossScaler | str | None, settings: dict[str, Any]) -> LossScaler:
+    """The scaler ``MixedPrecision`` runs: ``scaler`` (a name or an instance), or the mode's default
+    (``mode.default_scaler()``) built with ``settings`` when any are given.
+
+    Raises:
+        VlampError: On an unknown scaler, or a scaler for a mode with FP32 gradient range.
+    """
+    if scaler is None:
+        default = mode.default_scaler()
+        if not settings:
+            return default
+        scaler = "dynamic" if isinstance(default, DynamicLossScaler) else \
+            "static" if isinstance(default, StaticLossScaler) else "none"
+    chosen = make_scaler(scaler, **settings) if isinstance(scaler, str) else scaler
+    if not isinstance(chosen, LossScaler):
+        raise VlampError(f"MixedPrecision: scaler must be dynamic, static, none or a LossScaler, "
+                         f"got {scaler!r}")
+    if not isinstance(chosen, NoLossScaler) and not mode.needs_scaler:
+        raise VlampError(f"MixedPrecision: mode {mode.name!r} needs no loss scaler "
+                         f"(its gradients have FP32 range); use scaler=None or 'none'")
+    if isinstance(chosen, NoLossScaler) and mode.needs_scaler:
+        warnings.warn(f"MixedPrecision: mode {mode.name!r} without loss scaling: small FP16 "
+                      "gradients will underflow to zero", UserWarning, stacklevel=4)
+    return chosen
+
+
+class CollapseWatch:
+    """Says so, each time it starts, when a scaled step is applied with all-zero gradients: the
+    scale has collapsed after overflows (or the loss does not depend on the weights).
+
+    Attributes:
+        zero_grad_steps: Applied steps whose gradients were all zero, so far.
+    """
+
+    def __init__(self) -> None:
+        self.zero_grad_steps = 0
+        self._streak = 0
+
+    def observe(self, grads: list[torch.Tensor], grad_norm: float | None, scale: float, step: int) -> None:
+        norm = grad_norm if grad_norm is not None else (
+            float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) if grads else 0.0)
+        if norm != 0.0:
+            self._streak = 0
+            return
+        self.zero_grad_steps += 1
+        self._streak += 1
+        if self._streak == 1:
+            warnings.warn(f"MixedPrecision: step {step} was applied with all-zero gradients "
+                          f"at loss scale {scale:.3g}: the scale has collapsed after overflows, or "
+                          f"the loss does not depend on the weights. Give the dynamic scaler a floor "
+                          f"(precision.loss_scale.min_scale, e.g. 1) or look for the overflow",
+                          RuntimeWarning, stacklevel=4)

@@ -227,6 +227,10 @@ class LowPrecisionUpdate:
         c = self.compensation.get(id(p))
         return p.detach().float().add_(c) if c is not None else p.detach()
 
+    def exact_weights(self) -> dict[str, torch.Tensor]:
+        """:meth:`exact` of every parameter that has a compensation buffer, by name."""
+        return {self.name(p): self.exact(p) for p in self.low if id(p) in self.compensation}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The compensation buffers by parameter name (``kahan.NAME``) and the stochastic-rounding
         generator's state (``generator``)."""
@@ -249,6 +253,27 @@ class LowPrecisionUpdate:
             self._generator_state = state["generator"].cpu().clone()
             if self.generator is not None:
                 self.generator.set_state(self._generator_state)
+
+
+def update_note(update: str, grad_accum: str) -> str:
+    """The line ``describe`` prints under the table about how low-precision weights are updated."""
+    how = {"master": "FP32 masters", "kahan": "Kahan-compensated, moments in the weight's dtype",
+           "stochastic": "stochastic rounding, moments in the weight's dtype",
+           "naive": "round to nearest, moments in the weight's dtype"}[update]
+    return (f"low-precision weights updated by {update} ({how}); gradients of several "
+            f"micro-batches summed in {grad_accum}")
+
+
+def clip_grads(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scales ``grads`` in place so their total 2-norm is at most ``max_norm`` (what
+    ``clip_grad_norm_`` does to parameters' ``.grad``, for gradients held apart from them, as the
+    FP32 sums here are); returns the norm before clipping, computed in FP32."""
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32)
+                                                 for g in grads])) if grads else torch.tensor(0.0)
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype))
+    return norm
 
 
 def moments_per_param(optimizer: torch.optim.Optimizer | None) -> int:
