@@ -76,6 +76,9 @@ def test_bench_quick_writes_every_field_and_consistent_ratios(cache, tmp_path):
     # bf16-mixed saves its low-precision kernels' activations in BF16: fewer bytes than FP32's
     assert runs[1]["activations_bytes"] < fp32["activations_bytes"]
     assert "bfloat16" in runs[1]["activations_by_dtype"] and "bfloat16" not in fp32["activations_by_dtype"]
+    for x in runs:  # the profiler's live peak of a forward+backward holds at least what it saves
+        assert x["step_peak_bytes"] >= x["step_added_bytes"] >= x["activations_bytes"] / 2 > 0
+        assert x["step_peak_by_kind"]["parameters"] > 0
     assert runs[2]["loss_scales"][0] == 2.0**16  # fp16 runs under the dynamic scaler
     assert set(runs[0]["loss_scales"]) == {1.0}
     # what each run computed in, counted at the aten level: fp32 ran no low-precision kernel, each

@@ -51,13 +51,16 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
 
 def memory_rows(results: dict[str, Any]) -> list[list[str]]:
     """Header plus one row per run: MiB by kind (activations: what one step's forward saves for
-    its backward, measured), the RSS before the first step and what training added to it."""
-    rows = [["run", "seed", *[label for _, label in MEMORY_KINDS], "RSS before 1st step",
-             "training added", "vs fp32"]]
+    its backward, measured), the live tensors a forward+backward adds at its peak (PyTorch's
+    profiler: what the step needs), the RSS before the first step and the peak RSS training added
+    to it (what the allocator also kept)."""
+    rows = [["run", "seed", *[label for _, label in MEMORY_KINDS], "step adds (live)", "vs fp32",
+             "RSS before 1st step", "RSS training added", "vs fp32"]]
     for r in results["runs"]:
         def mib(key: str, pattern: str = "{:.1f}") -> str:
             return _fmt(None if r.get(key) is None else r[key] / 2**20, pattern)
         rows.append([run_label(r), str(r["seed"]), *[mib(k) for k, _ in MEMORY_KINDS],
+                     mib("step_added_bytes"), _fmt(r.get("step_memory_vs_fp32"), "{:.2f}x"),
                      mib("rss_before_training_bytes", "{:.0f}"), mib("training_rss_bytes", "{:.0f}"),
                      _fmt(r.get("training_memory_vs_fp32"), "{:.2f}x")])
     return rows
@@ -196,7 +199,10 @@ def write_report(results: dict[str, Any], out: str | os.PathLike[str]) -> tuple[
     report.table(table_rows(results))
     report.paragraph("Memory by kind (MiB): weights, FP32 masters, gradients, optimizer state and "
                      "Kahan buffers counted from the tensors; activations measured (what one step's "
-                     "forward saves for its backward); data: the dataset's arrays in memory.")
+                     "forward saves for its backward); data: the dataset's arrays in memory; step "
+                     "adds: the live tensors a forward+backward adds at its peak (PyTorch's profiler); "
+                     "RSS training added: the peak RSS over training above the RSS before it, which "
+                     "also holds what the allocator kept.")
     report.table(memory_rows(results))
     summary = summary_lines(results.get("summary") or [])
     if summary:

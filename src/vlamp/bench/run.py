@@ -230,7 +230,8 @@ def _run_name(r: dict[str, Any]) -> str:
 def add_ratios(runs: list[dict[str, Any]]) -> None:
     """``speedup_vs_fp32`` = FP32 median step time / this run's; ``memory_vs_fp32`` = this run's
     peak RSS / FP32's; ``state_vs_fp32`` likewise for parameter+gradient+optimizer bytes,
-    ``activations_vs_fp32`` for the activations a step saves, ``training_memory_vs_fp32`` for the
+    ``activations_vs_fp32`` for the activations a step saves, ``step_memory_vs_fp32`` for the
+    live tensor memory a forward+backward adds at its peak, ``training_memory_vs_fp32`` for the
     peak RSS training added to what the process held before its first step;
     ``gpu_memory_vs_fp32`` for peak GPU memory (runs on a GPU); each against the vlamp FP32 run of
     the same seed and rank count. ``scaleout_vs_1_process``: a multi-rank run's samples/s (all
@@ -246,6 +247,8 @@ def add_ratios(runs: list[dict[str, Any]]) -> None:
         r["state_vs_fp32"] = r["state_bytes"] / f["state_bytes"]
         r["activations_vs_fp32"] = r["activations_bytes"] / f["activations_bytes"] \
             if r.get("activations_bytes") and f.get("activations_bytes") else None
+        live, live_ref = r.get("step_added_bytes"), f.get("step_added_bytes")
+        r["step_memory_vs_fp32"] = live / live_ref if live and live_ref else None
         added, added_ref = r.get("training_rss_bytes"), f.get("training_rss_bytes")
         r["training_memory_vs_fp32"] = added / added_ref if added and added_ref else None
         gpu, gpu_ref = r.get("gpu_peak_bytes"), f.get("gpu_peak_bytes")

@@ -172,7 +172,7 @@ def baseline_fit(trainer, dtype: torch.dtype, steps: int, on_step=None
 
 def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]:
     from vlamp.precision.dtypes import to_dtype
-    from vlamp.precision.memory import ActivationMeter, state_memory
+    from vlamp.precision.memory import ActivationMeter, state_memory, step_memory
     from vlamp.precision.verify import count_ops
     from vlamp.train.config import decode
     from vlamp.train.trainer import Trainer
@@ -238,6 +238,9 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
 
     ops = count_ops(one_step)  # proof of what a step computes in, counted at the aten level
     trainer.model.zero_grad(set_to_none=True)
+    where = f"cuda:{device.index or 0}" if device.type == "cuda" else "cpu"
+    live = step_memory(one_step, where) or {}  # live tensors over a forward+backward
+    trainer.model.zero_grad(set_to_none=True)
     timed = times[spec.get("warmup", 5):] or times
     median = statistics.median(timed)
     samples = trainer.effective_batch  # all ranks' samples per step
@@ -267,6 +270,8 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
         "activations_bytes": meter.total, "activations_by_module": top,
         "activations_by_dtype": meter.by_dtype, "data_bytes": trainer.data.memory_bytes,
         "data_streamed": not isinstance(trainer.data.images, np.ndarray),
+        "step_peak_bytes": live.get("peak_bytes"), "step_added_bytes": live.get("added_bytes"),
+        "step_peak_by_kind": live.get("peak_by_kind"),
         "device": str(device), "tf32": config.precision.tf32 if device.type == "cuda" else None,
         "gpu_peak_bytes": gpu_peak,  # torch.cuda.max_memory_allocated over training
         "gpu_training_bytes": gpu_peak - gpu_before if gpu_peak is not None else None,

@@ -4,6 +4,8 @@
   compensation buffers, counted from the tensors themselves.
 * :class:`ActivationMeter`: bytes the forward pass saves for the backward, per module, measured
   with autograd's saved-tensor hooks (each storage counted once, parameters not counted).
+* :func:`step_memory`: the live tensor memory over one training step, by kind, from PyTorch's
+  profiler (what the step needs, whatever the allocator keeps besides).
 * :func:`checkpoint_modules`: the modules a rule names recompute their forward in the backward
   instead of saving their activations (``torch.utils.checkpoint``, non-reentrant).
 """
@@ -11,7 +13,7 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -139,6 +141,44 @@ def _storage(t: torch.Tensor) -> tuple[int, int] | None:
         return storage.data_ptr(), storage.nbytes()
     except (RuntimeError, NotImplementedError):
         return None
+
+
+# The columns of torch.profiler's memory timeline, after its leading one.
+TIMELINE_KINDS = ("parameters", "optimizer_state", "inputs", "temporaries", "activations",
+                  "gradients", "autograd", "unknown")
+
+
+def step_memory(run: Callable[[], object], device: str = "cpu") -> dict[str, Any] | None:
+    """The live tensor memory over one call of ``run`` (a training step), from PyTorch's profiler:
+    ``peak_bytes`` (all live tensors at the step's peak, allocator caching not counted),
+    ``peak_by_kind`` (bytes per kind at that moment: parameters, optimizer state, inputs,
+    activations, gradients, ...) and ``added_bytes`` (the peak minus what lived before the step).
+    ``None`` when the profiler cannot tell (an older torch, an unsupported device)."""
+    import json
+    import tempfile
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    try:
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with profile(activities=activities, profile_memory=True, record_shapes=True,
+                         with_stack=True) as prof:
+                run()
+            path = f"{tmp}/timeline.json"
+            prof.export_memory_timeline(path, device=device)
+            with open(path) as f:
+                _, sizes = json.load(f)
+    except Exception:  # the profiler's memory timeline is best effort; say nothing was measured
+        return None
+    if not sizes:
+        return None
+    totals = [sum(row[1:]) for row in sizes]
+    peak = max(range(len(totals)), key=totals.__getitem__)
+    return {"peak_bytes": int(totals[peak]), "added_bytes": int(totals[peak] - totals[0]),
+            "peak_by_kind": dict(zip(TIMELINE_KINDS, map(int, sizes[peak][1:])))}
 
 
 def _matches(pattern: str, name: str, module: nn.Module) -> bool:
