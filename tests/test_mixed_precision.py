@@ -238,3 +238,46 @@ def test_accumulate_casts_each_weight_once_per_step_with_the_same_gradients():
     assert all(torch.equal(a, b) for a, b in zip(plain, reused))
     # the 4 weights and biases are cast down once per step instead of once per micro-batch
     assert plain_casts - reused_casts == 4 * (len(micro) - 1), (plain_casts, reused_casts)
+
+
+def test_boundaries_keep_the_type_of_what_a_module_returns():
+    """A ruled module's floating outputs are cast to its policy's output dtype wherever they sit,
+    and the container keeps its type: a namedtuple, an OrderedDict subclass with attribute access
+    (as Hugging Face's ModelOutput is), a dataclass; other values pass through untouched."""
+    import collections
+    import dataclasses as dc
+
+    Pair = collections.namedtuple("Pair", "a b")
+
+    class Output(collections.OrderedDict):
+        def __getattr__(self, name):
+            return self[name]
+
+    @dc.dataclass
+    class Record:
+        hidden: torch.Tensor
+        steps: int = 3
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.lin(x)
+            return Pair(y, [y, {"z": y}]), Output(last=y, ids=torch.arange(3)), Record(y)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = Head()
+
+        def forward(self, x):
+            return self.head(x)
+
+    net = Net()
+    MixedPrecision("bf16-mixed", {"head": "params=fp32,compute=fp32,output=bf16"}).setup(net)
+    pair, out, record = net(torch.randn(2, 4))
+    assert type(pair) is Pair and pair.a.dtype == pair.b[0].dtype == pair.b[1]["z"].dtype == torch.bfloat16
+    assert type(out) is Output and out.last.dtype == torch.bfloat16 and out.ids.dtype == torch.int64
+    assert type(record) is Record and record.hidden.dtype == torch.bfloat16 and record.steps == 3

@@ -15,6 +15,8 @@ can trace, and the autocast state is restored however the forward ends.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,8 +33,9 @@ _CALLS = "_vlamp_boundary_calls"  # forward calls counted on each boundary modul
 
 
 def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
-    """Applies ``fn`` to every tensor in a (nested) tuple/namedtuple/list/dict, keeping the
-    structure; anything else is returned as it is."""
+    """Applies ``fn`` to every tensor in a (nested) tuple/namedtuple/list/dict/dataclass, keeping
+    the structure and the container's type (a dict subclass such as Hugging Face's
+    ``ModelOutput`` stays one, attribute access included); anything else is returned as it is."""
     if isinstance(value, torch.Tensor):
         return fn(value)
     if isinstance(value, tuple):
@@ -41,7 +44,16 @@ def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     if isinstance(value, list):
         return [map_tensors(v, fn) for v in value]
     if isinstance(value, dict):
-        return {k: map_tensors(v, fn) for k, v in value.items()}
+        mapped = {k: map_tensors(v, fn) for k, v in value.items()}
+        if type(value) is dict:
+            return mapped
+        out = copy.copy(value)  # the subclass, its attributes kept; entries replaced in place
+        for k, v in mapped.items():
+            out[k] = v
+        return out
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: map_tensors(getattr(value, f.name), fn)
+                                             for f in dataclasses.fields(value) if f.init})
     return value
 
 
