@@ -65,6 +65,27 @@ def test_class_name_rules_match_through_the_mro():
     assert got["0"][1] == "inherited"
 
 
+def test_norms_of_other_libraries_are_found_by_their_class_name_family():
+    class LlamaRMSNorm(nn.Module):  # shaped like Hugging Face's: no torch norm in its MRO
+        def __init__(self, n):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(n))
+
+        def forward(self, x):
+            return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    class T5LayerNorm(LlamaRMSNorm):
+        pass
+
+    class NormalizedLinear(nn.Linear):  # "Norm" inside a name is not a norm
+        pass
+
+    model = nn.Sequential(LlamaRMSNorm(4), T5LayerNorm(4), NormalizedLinear(4, 4))
+    got = policies(PrecisionPlan("bf16-mixed"), model)
+    assert got["0"] == (FP32, "builtin:norm(RMSNorm)") and got["1"] == (FP32, "builtin:norm(LayerNorm)")
+    assert got["2"][1] == "inherited"
+
+
 def test_builtin_rules_find_every_fragile_part_of_the_demo_model():
     got = policies(PrecisionPlan("bf16-mixed"), DemoVLA())
     islands = {name for name, (pol, rule) in got.items() if rule.startswith("builtin:")}

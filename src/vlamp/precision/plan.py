@@ -52,7 +52,9 @@ _NORMS = ("LayerNorm", "GroupNorm", "RMSNorm", "BatchNorm1d", "BatchNorm2d", "Ba
 # What OpenVLA, openpi and LeRobot keep in FP32 by hand. Modules are found by class (norms, loss
 # modules) or by the naming convention below, which vlamp's own models follow.
 BUILTIN_RULES: tuple[Rule, ...] = (
-    *(Rule(cls, FP32, f"builtin:norm({cls})") for cls in _NORMS),
+    # By class-name family: a library's own norm classes (Hugging Face's LlamaRMSNorm,
+    # Qwen2RMSNorm, T5LayerNorm, ...) are not subclasses of torch's, but are named like them.
+    *(Rule(f"*{cls}", FP32, f"builtin:norm({cls})") for cls in _NORMS),
     Rule("*pos_embed*", FP32, "builtin:positional-embedding"),
     Rule("*time_embed*", FP32, "builtin:time-embedding"),
     Rule("*time_sampler*", FP32, "builtin:noise-time-sampling"),
