@@ -83,7 +83,8 @@ class PlanTable:
                 module=head.name or "(root)",
                 cls=type(head.module).__name__,
                 params=cell([dtype_name(d) for d in p_dtypes]),
-                compute=cell([dtype_name(r.policy.compute) for r in group]),
+                compute=cell(["fp32 (itself)" if r.itself else dtype_name(r.policy.compute)
+                              for r in group]),
                 output=cell([dtype_name(r.policy.output) for r in group]),
                 grad=cell([dtype_name(d) for d in p_dtypes]),
                 optim=cell([dtype_name(_state_dtype(d, mode, update)) for d in p_dtypes]),

@@ -3,8 +3,9 @@
 Resolution walks ``model.named_modules()`` once. For each module the first rule that matches decides
 its policy; a module no rule matches inherits its parent's policy, and the root inherits the mode's
 default. A pattern matches a module when it globs (``fnmatchcase``) its qualified name (the root is
-``""``) or the name of a class in its MRO, so ``action_head`` is exactly one module,
-``action_head.*`` all below it, and ``LayerNorm`` every LayerNorm.
+``""``), the name of a class in its MRO, or such a class's dotted path (``module.Class``), so
+``action_head`` is exactly one module, ``action_head.*`` all below it, ``LayerNorm`` every
+LayerNorm and ``transformers.*RMSNorm`` every RMSNorm class of the transformers library.
 """
 
 from __future__ import annotations
@@ -25,11 +26,18 @@ from vlamp.precision.policy import FP32, Policy
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """``pattern -> policy``; ``label`` names the rule in describe tables and warnings."""
+    """``pattern -> policy``; ``label`` names the rule in describe tables and warnings.
+
+    ``itself=True`` marks modules that already compute in FP32 inside their own forward (Hugging
+    Face's rotary embeddings and RMSNorms upcast by themselves): their weights and buffers are
+    stored in FP32 (``policy.param``), but no boundary casts their inputs a second time; compute
+    and output follow the parent, and ``describe`` says ``fp32 (itself)``.
+    """
 
     pattern: str
     policy: Policy
     label: str = ""
+    itself: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.pattern, str) or not self.pattern.strip():
@@ -43,6 +51,7 @@ class Rule:
         if fnmatch.fnmatchcase(qualname, self.pattern):
             return True
         return any(fnmatch.fnmatchcase(cls.__name__, self.pattern)
+                   or fnmatch.fnmatchcase(f"{cls.__module__}.{cls.__qualname__}", self.pattern)
                    for cls in type(module).__mro__ if cls not in (nn.Module, object))
 
 
@@ -50,13 +59,25 @@ _NORMS = ("LayerNorm", "GroupNorm", "RMSNorm", "BatchNorm1d", "BatchNorm2d", "Ba
           "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LocalResponseNorm")
 
 # What OpenVLA, openpi and LeRobot keep in FP32 by hand. Modules are found by class (norms, loss
-# modules) or by the naming convention below, which vlamp's own models follow.
+# modules), by class-name family (Hugging Face's), or by the naming convention below, which
+# vlamp's own models follow.
 BUILTIN_RULES: tuple[Rule, ...] = (
+    # transformers' RMSNorms (Llama, Gemma, Qwen2, SmolLM, ...) and rotary embeddings cast to FP32
+    # inside their forward: kept in FP32 storage, not cast again.
+    Rule("transformers.*RMSNorm", FP32, "builtin:norm(RMSNorm, upcasts itself)", itself=True),
+    Rule("*RotaryEmbedding", FP32, "builtin:rotary-embedding(upcasts itself)", itself=True),
     # By class-name family: a library's own norm classes (Hugging Face's LlamaRMSNorm,
     # Qwen2RMSNorm, T5LayerNorm, ...) are not subclasses of torch's, but are named like them.
     *(Rule(f"*{cls}", FP32, f"builtin:norm({cls})") for cls in _NORMS),
     Rule("*pos_embed*", FP32, "builtin:positional-embedding"),
+    Rule("*position_embedding*", FP32, "builtin:positional-embedding"),
+    # a vision tower's patch + position (+ class token) embeddings: SigLIP, DINOv2, ViT, CLIP
+    Rule("*VisionEmbeddings", FP32, "builtin:patch-and-position-embeddings"),
+    Rule("*PatchEmbeddings", FP32, "builtin:patch-and-position-embeddings"),
+    Rule("Dinov2Embeddings", FP32, "builtin:patch-and-position-embeddings"),
+    Rule("ViTEmbeddings", FP32, "builtin:patch-and-position-embeddings"),
     Rule("*time_embed*", FP32, "builtin:time-embedding"),
+    Rule("*Timestep*Embedding*", FP32, "builtin:time-embedding"),
     Rule("*time_sampler*", FP32, "builtin:noise-time-sampling"),
     Rule("*action_out*", FP32, "builtin:action-output"),
     Rule("*Loss", FP32, "builtin:loss"),
@@ -73,6 +94,7 @@ class Resolved:
     policy: Policy
     decided_by: str  # a rule label, "inherited", or "mode default"
     parent_policy: Policy
+    itself: bool = False  # computes in FP32 inside its own forward (see Rule.itself)
 
 
 RuleSpec = Rule | tuple[str, str | Policy]
@@ -126,15 +148,18 @@ class PrecisionPlan:
         rules = self.rules
         for name, module in model.named_modules():
             parent = by_name[name.rpartition(".")[0]] if name else default
+            itself = False
             for i, rule in enumerate(rules):
                 if rule.matches(name, module):
-                    policy, decided = rule.policy, rule.label
+                    policy, decided, itself = rule.policy, rule.label, rule.itself
                     used.add(i)
                     break
             else:
                 policy, decided = parent, ("inherited" if name else "mode default")
+            if itself:  # stored as the rule says; computes as its parent (it upcasts by itself)
+                policy = Policy(policy.param, parent.compute, parent.output)
             by_name[name] = policy
-            out.append(Resolved(name, module, policy, decided, parent))
+            out.append(Resolved(name, module, policy, decided, parent, itself))
         if warn_unmatched:
             for i, rule in enumerate(self.user_rules):
                 if i not in used:

@@ -27,27 +27,33 @@ COMPUTE_OPS = frozenset({
 })
 
 
+# The reductions of a norm written out by hand (Hugging Face's RMSNorms: pow, mean, rsqrt), which
+# a trace can add to COMPUTE_OPS to see what such a norm computes in.
+REDUCTION_OPS = frozenset({"mean", "sum", "var", "var_mean", "pow", "rsqrt"})
+
+
 class _Recorder(TorchDispatchMode):
-    def __init__(self, stack: list[str], seen: dict[str, set[torch.dtype]]) -> None:
+    def __init__(self, stack: list[str], seen: dict[str, set[torch.dtype]],
+                 ops: frozenset[str] = COMPUTE_OPS) -> None:
         super().__init__()
-        self.stack, self.seen = stack, seen
+        self.stack, self.seen, self.ops = stack, seen, ops
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        dtype = _compute_dtype(func, args)
+        dtype = _compute_dtype(func, args, self.ops)
         if self.stack and dtype is not None:
             self.seen[self.stack[-1]].add(dtype)
         return func(*args, **(kwargs or {}))
 
 
-def _compute_dtype(func, args: tuple) -> torch.dtype | None:
-    """The dtype a compute op (``COMPUTE_OPS``) runs in: that of its first floating input."""
-    if func.overloadpacket.__name__ not in COMPUTE_OPS:
+def _compute_dtype(func, args: tuple, ops: frozenset[str] = COMPUTE_OPS) -> torch.dtype | None:
+    """The dtype a compute op (one of ``ops``) runs in: that of its first floating input."""
+    if func.overloadpacket.__name__ not in ops:
         return None
     return next((a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
 
 
-def trace_compute_dtypes(model: nn.Module, run: Callable[[], object], *, backward: bool = False
-                         ) -> dict[str, set[torch.dtype]]:
+def trace_compute_dtypes(model: nn.Module, run: Callable[[], object], *, backward: bool = False,
+                         ops: frozenset[str] = COMPUTE_OPS) -> dict[str, set[torch.dtype]]:
     """Runs ``run()`` (which calls ``model``) and returns, per qualified module name (root ``""``),
     the set of dtypes its own compute ops ran in. Modules with no compute op of their own are absent.
 
@@ -57,6 +63,8 @@ def trace_compute_dtypes(model: nn.Module, run: Callable[[], object], *, backwar
         backward: Also charge the backward pass's ops to the module whose gradients they compute
             (through full backward hooks), so a module whose gradient kernels run in another dtype
             than its forward is caught too.
+        ops: The aten ops that count (default ``COMPUTE_OPS``; add ``REDUCTION_OPS`` for norms
+            written out by hand).
 
     Example:
         >>> seen = trace_compute_dtypes(model, lambda: model(x))  # doctest: +SKIP
@@ -86,10 +94,13 @@ def trace_compute_dtypes(model: nn.Module, run: Callable[[], object], *, backwar
             handles.append(module.register_full_backward_pre_hook(enter_backward(name)))
             handles.append(module.register_full_backward_hook(leave_backward))
     try:
-        with _Recorder(stack, seen), warnings.catch_warnings():
+        with _Recorder(stack, seen, ops), warnings.catch_warnings():
             # a module whose inputs need no gradient (the first layer) still has its backward
             # charged to it; torch says so for every such module
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            # a module returning a ModelOutput gets no backward hook; its ops are charged to the
+            # modules inside it, which return tensors
+            warnings.filterwarnings("ignore", message="For backward hooks to be called")
             run()
     finally:
         for h in handles:
