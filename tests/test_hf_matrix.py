@@ -11,58 +11,42 @@ import torch
 from torch import nn
 
 from vlamp import MixedPrecision
+from vlamp.models.hf import PRESETS, build_hf_model
 from vlamp.precision.verify import COMPUTE_OPS, REDUCTION_OPS, trace_compute_dtypes
 
 T = pytest.importorskip("transformers")
 
 LOW = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16, "bf16-true": torch.bfloat16}
-TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              image_size=32, patch_size=8)
 
 
-def _text(model_cls, config_cls, **extra):
-    def build():
-        return model_cls(config_cls(**TEXT, **extra))
-
-    def inputs():
-        ids = torch.randint(1, 64, (2, 8), generator=torch.Generator().manual_seed(0))
-        return {"input_ids": ids, "labels": ids, "use_cache": True}
-    return build, inputs, lambda out: out.loss
+def _ids(vocab=64, image_tokens=0):
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(1, min(vocab, 70) - 1, (2, 6 if image_tokens else 8), generator=g)
+    return torch.cat([torch.full((2, image_tokens), vocab - 1), text], 1) if image_tokens else text
 
 
-def _vision(model_cls, config_cls):
-    def inputs():
-        return {"pixel_values": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
-    return (lambda: model_cls(config_cls(**VISION))), inputs, \
-        lambda out: out.last_hidden_state.float().square().mean()
+def _pixels():
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
-def _paligemma():
-    def build():
-        vision = {**VISION, "num_hidden_layers": 1, "projection_dim": 32}
-        text = {**TEXT, "vocab_size": 80, "num_key_value_heads": 1, "head_dim": 8}
-        return T.PaliGemmaForConditionalGeneration(T.PaliGemmaConfig(
-            vision_config=vision, text_config=text, image_token_index=79, vocab_size=80,
-            projection_dim=32, hidden_size=32))
-
-    def inputs():
-        g = torch.Generator().manual_seed(0)
-        ids = torch.cat([torch.full((2, 16), 79), torch.randint(1, 70, (2, 6), generator=g)], 1)
-        return {"input_ids": ids, "pixel_values": torch.randn(2, 3, 32, 32, generator=g),
-                "labels": ids}
-    return build, inputs, lambda out: out.loss
+def _text():
+    ids = _ids()
+    return lambda: {"input_ids": ids, "labels": ids, "use_cache": True}, lambda out: out.loss
 
 
-FAMILIES = {
-    "llama": _text(T.LlamaForCausalLM, T.LlamaConfig),  # also SmolLM's architecture
-    "gemma": _text(T.GemmaForCausalLM, T.GemmaConfig, head_dim=8),
-    "qwen2": _text(T.Qwen2ForCausalLM, T.Qwen2Config),
-    "siglip": _vision(T.SiglipVisionModel, T.SiglipVisionConfig),
-    "dinov2": _vision(T.Dinov2Model, T.Dinov2Config),
-    "paligemma": _paligemma(),
-}
+def _vision():
+    return lambda: {"pixel_values": _pixels()}, lambda out: out.last_hidden_state.float().square().mean()
+
+
+def _vlm():
+    ids = _ids(80, image_tokens=16)  # (32 / 8)^2 patches, each one image token
+    return lambda: {"input_ids": ids, "pixel_values": _pixels(), "labels": ids}, lambda out: out.loss
+
+
+# family -> (inputs, loss); the models are vlamp's presets (vlamp.models.hf.PRESETS)
+FAMILIES = {"llama": _text(), "gemma": _text(), "qwen2": _text(), "siglip": _vision(),
+            "dinov2": _vision(), "paligemma": _vlm()}
+
 
 NORM_SUFFIXES = ("RMSNorm", "LayerNorm")
 
@@ -83,9 +67,9 @@ def fragile(model):
 
 
 def run(family, mode, builtin_rules=True):
-    build, inputs, loss_of = FAMILIES[family]
+    inputs, loss_of = FAMILIES[family]
     torch.manual_seed(0)
-    model = build()
+    model = build_hf_model(family)
     mp = MixedPrecision(mode, builtin_rules=builtin_rules)
     mp.setup(model)
     kwargs = inputs()
@@ -127,9 +111,9 @@ def test_every_fragile_part_is_found_and_computes_in_fp32(family, mode):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_outputs_keep_their_types_and_the_loss_matches_torch_amp(family):
-    build, inputs, loss_of = FAMILIES[family]
+    inputs, loss_of = FAMILIES[family]
     torch.manual_seed(0)
-    reference = build()
+    reference = build_hf_model(family)
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         ref_out = reference(**inputs())
     # Without vlamp's islands the precision is torch.amp's exactly: the same loss bits
@@ -142,7 +126,7 @@ def test_outputs_keep_their_types_and_the_loss_matches_torch_amp(family):
     _, _, _, out, loss = run(family, "bf16-mixed")
     torch.manual_seed(0)
     with torch.no_grad():
-        fp32 = float(loss_of(build()(**inputs())))
+        fp32 = float(loss_of(build_hf_model(family)(**inputs())))
     assert abs(loss - fp32) <= max(abs(float(loss_of(ref_out)) - fp32), 1e-3) * 1.5
 
 
@@ -154,3 +138,29 @@ def test_describe_says_which_rule_found_each_island_and_why():
     assert norm["compute"] == "fp32 (itself)"  # no second cast around its own upcast
     assert rows["model.rotary_emb"]["rule"] == "builtin:rotary-embedding(upcasts itself)"
     assert rows["model.layers.0.self_attn.q_proj"]["params"] == "bf16"
+
+
+def test_every_preset_is_in_the_matrix():
+    assert set(FAMILIES) == set(PRESETS) and len(PRESETS) == 6
+
+
+def test_plan_describes_a_transformers_config_without_building_its_weights(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    config = T.Qwen2Config(hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
+                           num_attention_heads=16, num_key_value_heads=4, vocab_size=32000,
+                           architectures=["Qwen2ForCausalLM"])
+    config.to_json_file(tmp_path / "config.json")  # ~0.4 B parameters: on the meta device, no memory
+    p = subprocess.run([sys.executable, "-m", "vlamp", "plan", "--model", str(tmp_path), "--mode",
+                        "bf16-true", "--update", "stochastic", "--json"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = {r["module"]: r for r in json.loads(p.stdout)}
+    norms = [r for r in rows.values() if r["class"] == "Qwen2RMSNorm"]
+    assert len(norms) == 2 * 8 + 1 and all(r["rule"].startswith("builtin:norm(RMSNorm") for r in norms)
+    assert rows["model.layers.0.self_attn.q_proj"]["params"] == "bf16"
+    assert rows["model.layers.0.self_attn.q_proj"]["B/param"] == 8
+    p = subprocess.run([sys.executable, "-m", "vlamp", "plan", "--model", "nope"], capture_output=True,
+                       text=True)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "llama, gemma" in p.stderr

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from vlamp.models.hf import PRESETS as HF_PRESETS
 from vlamp.models.tinyvla import SIZES
 from vlamp.precision import MODE_NAMES, PrecisionPlan
 from vlamp.precision.update import UPDATES
@@ -56,6 +57,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fsdp", action="store_true",
                    help="also list the FSDP2 shard groups the plan gives under torchrun "
                         "(distributed.strategy=fsdp): each group's gathered and reduced dtype")
+    p.add_argument("--model", default=None, metavar="PRESET|CONFIG",
+                   help="describe a Hugging Face transformers model instead of TinyVLA: a preset "
+                        f"({', '.join(HF_PRESETS)}) or a local config.json (or its directory); built "
+                        "on the meta device, so nothing is allocated or downloaded. Needs "
+                        'pip install "vlamp[hf]"')
     p.add_argument("--update", default="master", choices=UPDATES,
                    help="how a -true mode updates its low-precision weights (precision.update): "
                         "decides the optimizer state's dtype and the bytes per parameter shown "
@@ -79,10 +85,19 @@ def run(args: argparse.Namespace) -> int:
     mode = args.mode or ("auto" if args.auto else "bf16-mixed")
     if mode == "auto" and not args.auto:
         mode = get_mode("auto", device).name  # the hardware table, for the device asked about
-    vocab = len(WordTokenizer.build(TASKS[t].instruction for t in DEFAULT_SUITE))
-    image_size = args.image_size or (64 if args.size == "small" else 128)
-    shape = with_size({"size": args.size, "vocab_size": vocab, "head": args.head, "image_size": image_size})
-    model = TinyVLA(ModelConfig(**shape)).to(device)
+    if args.model:
+        if args.auto or args.sensitivity is not None or args.fsdp:
+            raise VlampError("--model describes a transformers model's plan; --auto, --sensitivity "
+                             "and --fsdp need TinyVLA (they run the model)")
+        from vlamp.models.hf import build_hf_model
+
+        model = build_hf_model(args.model, device="meta")
+    else:
+        vocab = len(WordTokenizer.build(TASKS[t].instruction for t in DEFAULT_SUITE))
+        image_size = args.image_size or (64 if args.size == "small" else 128)
+        shape = with_size({"size": args.size, "vocab_size": vocab, "head": args.head,
+                           "image_size": image_size})
+        model = TinyVLA(ModelConfig(**shape)).to(device)
     if args.rules:
         plan = PrecisionPlan.load(args.rules, mode=None if mode == "auto" else mode)
         if args.no_builtin_rules:

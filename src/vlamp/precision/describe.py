@@ -85,7 +85,8 @@ class PlanTable:
                 params=cell([dtype_name(d) for d in p_dtypes]),
                 compute=cell(["fp32 (itself)" if r.itself else dtype_name(r.policy.compute)
                               for r in group]),
-                output=cell([dtype_name(r.policy.output) for r in group]),
+                output=cell(["as returned" if r.itself and r.policy == r.parent_policy
+                             else dtype_name(r.policy.output) for r in group]),
                 grad=cell([dtype_name(d) for d in p_dtypes]),
                 optim=cell([dtype_name(_state_dtype(d, mode, update)) for d in p_dtypes]),
                 num_params=count,
