@@ -164,3 +164,43 @@ def test_plan_describes_a_transformers_config_without_building_its_weights(tmp_p
     p = subprocess.run([sys.executable, "-m", "vlamp", "plan", "--model", "nope"], capture_output=True,
                        text=True)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "llama, gemma" in p.stderr
+
+
+@pytest.mark.slow
+def test_hf_vlm_trains_resumes_and_acts_through_vlamps_trainer(tiny_dataset, tmp_path):
+    """model.name=hf-vlm: PaliGemma's architecture with vlamp's chunk head, trained by the same
+    trainer (bf16-mixed, built-in islands on its own norms and embeddings), resumed bit for bit,
+    and loaded back as a policy."""
+    import shutil
+
+    from conftest import tiny_overrides
+
+    from vlamp.models.hf_vla import HFVLA
+    from vlamp.train.config import load_config
+    from vlamp.train.policy import load_policy
+    from vlamp.train.trainer import Trainer
+
+    def train(out, *more):
+        cfg = load_config(None, tiny_overrides(tiny_dataset, out, "bf16-mixed", "model.name=hf-vlm",
+                                               *more))
+        trainer = Trainer(cfg, progress=False)
+        return trainer, trainer.fit()
+
+    trainer, full = train(tmp_path / "full")
+    assert isinstance(trainer.model, HFVLA) and all(torch.isfinite(torch.tensor(full.losses)))
+    rows = {r.name: r for r in trainer.mp.resolved}
+    islands = {n: r.decided_by for n, r in rows.items() if r.decided_by.startswith("builtin:")}
+    assert islands["action_out"] == "builtin:action-output"
+    assert islands["backbone.vision_tower.vision_model.embeddings"].startswith("builtin:patch-and")
+    assert islands["backbone.language_model.norm"] == "builtin:norm(RMSNorm, upcasts itself)"
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "full", part)
+    shutil.rmtree(part / "checkpoints" / "step_0000006")
+    train(part, "resume=true")
+    for name in ("model.safetensors", "train.safetensors"):
+        assert (tmp_path / "full" / "checkpoints" / "step_0000006" / name).read_bytes() == \
+            (part / "checkpoints" / "step_0000006" / name).read_bytes()
+    loaded = load_policy(str(tmp_path / "full"))
+    model = loaded.policy.model
+    batch = model.example_batch(2)
+    assert model.predict(batch["image"], batch["state"], batch["tokens"]).shape == (2, 4, 4)

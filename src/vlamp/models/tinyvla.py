@@ -34,7 +34,8 @@ SIZES: dict[str, dict[str, object]] = {
 
 # Keys added to ModelConfig since the first checkpoints, with the value that rebuilds the model those
 # checkpoints hold (the default of a new run may differ).
-SAVED_BEFORE: dict[str, object] = {"keypoints": False}
+SAVED_BEFORE: dict[str, object] = {"keypoints": False, "name": "tinyvla", "hf_config": ""}
+MODEL_NAMES = ("tinyvla", "hf-vlm")
 
 
 def saved_model_config(saved: dict[str, object]) -> dict[str, object]:
@@ -59,9 +60,16 @@ def with_size(model: dict[str, object]) -> dict[str, object]:
 
 @dataclasses.dataclass
 class ModelConfig:
-    """TinyVLA's shape. ``vocab_size``, ``state_dim`` and ``action_dim`` come from the dataset.
+    """The policy model and its shape. ``vocab_size``, ``state_dim`` and ``action_dim`` come from
+    the dataset.
 
     Attributes:
+        name: ``tinyvla`` (the default policy) or ``hf-vlm`` (a VLA on a transformers VLM
+            backbone, PaliGemma's architecture: SigLIP tower + Gemma decoder, sized by ``dim``,
+            ``depth`` decoder layers, ``text_layers`` vision layers and ``heads``; needs
+            ``pip install "vlamp[hf]"``; see :mod:`vlamp.models.hf_vla`).
+        hf_config: For ``hf-vlm``: a local PaliGemma ``config.json`` (or its directory) to build
+            the backbone from instead; empty: sized by the keys above.
         size: The preset the shape started from (see ``SIZES``; keys given beside it win).
         dim: Width of the text encoder, the trunk and the head.
         depth: Trunk transformer layers.
@@ -79,6 +87,8 @@ class ModelConfig:
             seed; window-open 16/20 against 10/20.
     """
 
+    name: str = "tinyvla"
+    hf_config: str = ""
     size: str = "small"
     dim: int = 128
     depth: int = 4
@@ -96,6 +106,8 @@ class ModelConfig:
     keypoints: bool = True
 
     def __post_init__(self) -> None:
+        if self.name not in MODEL_NAMES:
+            raise VlampError(f"model.name must be one of {', '.join(MODEL_NAMES)}, got {self.name!r}")
         if self.size not in SIZES:
             raise VlampError(f"model.size must be one of {', '.join(SIZES)}, got {self.size!r}")
         if self.head not in HEADS:
@@ -409,3 +421,13 @@ class TinyVLA(nn.Module):
             v = self.action_out(self._trunk(image, state, tokens, self._flow_queries(x, t)))
             x = x - v.float() / steps
         return x
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """The policy ``config.name`` names: :class:`TinyVLA` or the transformers-backed
+    :class:`~vlamp.models.hf_vla.HFVLA`."""
+    if config.name == "hf-vlm":
+        from vlamp.models.hf_vla import HFVLA
+
+        return HFVLA(config)
+    return TinyVLA(config)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from vlamp.data.dataset import Normalizer
-from vlamp.models.tinyvla import TinyVLA
+from vlamp.models.tinyvla import TinyVLA, build_model
 from vlamp.models.tokenizer import WordTokenizer
 from vlamp.precision.autoplan import model_device
 from vlamp.precision.front import MixedPrecision
@@ -102,7 +102,7 @@ def load_policy(path: str, mode: str | None = None, use_ema: bool = True,
     else:
         mp = MixedPrecision(mode or c.state["precision"]["mode"], config["precision"]["rules"] or None,
                             device=dev)
-    model = TinyVLA(ModelConfig(**saved_model_config(config["model"]))).to(dev)
+    model = build_model(ModelConfig(**saved_model_config(config["model"]))).to(dev)
     mp.setup(model)
     model.load_state_dict(c.model)
     ema = {k.removeprefix("ema."): v for k, v in c.train.items() if k.startswith("ema.")}

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from vlamp.data.dataset import ChunkDataset, random_shift, random_shift_offsets
 from vlamp.data.generate import dataset_camera, generate
 from vlamp.data.reader import LeRobotData, read_dataset
-from vlamp.models.tinyvla import TinyVLA, saved_model_config
+from vlamp.models.tinyvla import build_model, saved_model_config
 from vlamp.models.tokenizer import WordTokenizer
 from vlamp.precision.errors import VlampError
 from vlamp.precision.front import MixedPrecision
@@ -151,7 +151,7 @@ class Trainer:
 
         torch.manual_seed(config.train.seed)
         self.rng = np.random.default_rng(config.train.seed)
-        self.model = TinyVLA(m).to(self.device)  # the same initial weights on every rank
+        self.model = build_model(m).to(self.device)  # the same initial weights on every rank
         self.mp = self._precision(resume_from)
         self.mp.setup(self.model)
         try:
@@ -448,12 +448,12 @@ class Trainer:
         return ckpt.save_checkpoint(directory, self.step, state, model,
                                     {"rng.torch": torch.get_rng_state()}, keep_last=1)
 
-    def _unsharded_copy(self) -> TinyVLA:
+    def _unsharded_copy(self) -> torch.nn.Module:
         """A plain (unsharded) model of the same config on this rank's device: its weights are
         loaded by the caller. Built without drawing from the training's random stream (only
         rank 0 builds it; the ranks' streams must stay the same)."""
         with torch.random.fork_rng(devices=[]):
-            return TinyVLA(self.config.model).to(self.device)
+            return build_model(self.config.model).to(self.device)
 
 
 class _swapped:

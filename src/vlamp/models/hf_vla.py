@@ -1,0 +1,113 @@
+"""``model.name=hf-vlm``: a VLA on a real transformers VLM backbone.
+
+PaliGemma's architecture (a SigLIP vision tower, a linear projector and a Gemma decoder), built
+from a config with random init — sized by ``model.dim``/``depth``/``heads`` for the data, or read
+from a local ``config.json`` (``model.hf_config``) whose weights the user may load from local
+safetensors; never downloaded. vlamp's ACT-style head sits on it: the image tokens, the
+instruction's word embeddings, a state token and ``chunk`` learned action queries go through the
+decoder; the queries' last hidden states are projected to actions and trained with the L1 loss
+on the real (unpadded) steps, as TinyVLA's ``act`` head is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from vlamp.models.hf import transformers_module
+from vlamp.precision.errors import VlampError
+
+if TYPE_CHECKING:
+    from vlamp.models.tinyvla import ModelConfig
+
+
+def vlm_config(config: ModelConfig):
+    """The PaliGemma config of an hf-vlm model: ``model.hf_config`` when given, else one sized
+    by ``dim``, ``depth`` (decoder layers), ``text_layers`` (vision layers) and ``heads``, for
+    ``image_size`` images in patches of 8 pixels."""
+    T = transformers_module()
+    if config.hf_config:
+        path = Path(config.hf_config)
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file():
+            raise VlampError(f"model.hf_config {config.hf_config!r}: no config.json there")
+        vlm = T.AutoConfig.from_pretrained(str(path))
+        if not isinstance(vlm, T.PaliGemmaConfig):
+            raise VlampError(f"model.hf_config {config.hf_config!r} is a {type(vlm).__name__}; "
+                             f"hf-vlm builds on PaliGemmaConfig")
+        return vlm
+    d, heads = config.dim, config.heads
+    vision = dict(hidden_size=d, intermediate_size=4 * d, num_hidden_layers=config.text_layers,
+                  num_attention_heads=heads, image_size=config.image_size, patch_size=8,
+                  projection_dim=d)
+    text = dict(vocab_size=config.vocab_size, hidden_size=d, intermediate_size=4 * d,
+                num_hidden_layers=config.depth, num_attention_heads=heads, num_key_value_heads=1,
+                head_dim=d // heads, max_position_embeddings=1024)
+    return T.PaliGemmaConfig(vision_config=vision, text_config=text, vocab_size=config.vocab_size,
+                             image_token_index=config.vocab_size - 1, projection_dim=d, hidden_size=d)
+
+
+class HFVLA(nn.Module):
+    """A VLA on PaliGemma's architecture with vlamp's chunk head; the same interface as
+    :class:`~vlamp.models.tinyvla.TinyVLA` (``loss = model(batch)``, ``model.predict(...)``,
+    ``model.example_batch(n)``).
+
+    Args:
+        config: The model config (``name="hf-vlm"``); ``vocab_size`` from the tokenizer.
+
+    Raises:
+        VlampError: Without transformers (``pip install "vlamp[hf]"``), with the flow head, or
+            with a config that is not PaliGemma's.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.head != "act":
+            raise VlampError("model.name=hf-vlm has the act head only; use model.head=act")
+        if config.vocab_size < 3:
+            raise VlampError(f"HFVLA: vocab_size must be set from the tokenizer, got {config.vocab_size}")
+        T = transformers_module()
+        self.config = config
+        self.backbone = T.PaliGemmaModel(vlm_config(config))
+        d = self.backbone.config.text_config.hidden_size
+        self.state_proj = nn.Linear(config.state_dim, d)
+        self.action_queries = nn.Parameter(torch.randn(config.chunk, d) * 0.02)
+        self.action_out = nn.Linear(d, config.action_dim)
+        from vlamp.models.tinyvla import ChunkL1Loss
+
+        self.loss_fn = ChunkL1Loss()
+
+    def example_batch(self, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
+        """A random training batch of this model's shapes (see ``TinyVLA.example_batch``)."""
+        from vlamp.models.tinyvla import TinyVLA
+
+        return TinyVLA.example_batch(self, batch_size, seed)
+
+    def _queries(self, image: torch.Tensor, state: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        if tuple(image.shape[-2:]) != (self.config.image_size,) * 2:
+            raise VlampError(f"HFVLA: built for {self.config.image_size}px images, got "
+                             f"{tuple(image.shape[-2:])}")
+        pixels = self.backbone.get_image_features((image - 0.5) * 2.0)  # SigLIP's [-1, 1]
+        words = self.backbone.get_input_embeddings()(tokens)
+        b = image.shape[0]
+        x = torch.cat([pixels.to(words.dtype), words, self.state_proj(state)[:, None].to(words.dtype),
+                       self.action_queries.expand(b, -1, -1).to(words.dtype)], dim=1)
+        keep = torch.ones(b, x.shape[1], dtype=torch.long, device=x.device)
+        keep[:, pixels.shape[1]: pixels.shape[1] + tokens.shape[1]] = (tokens != 0).long()
+        hidden = self.backbone.language_model(inputs_embeds=x, attention_mask=keep).last_hidden_state
+        return hidden[:, -self.config.chunk:]
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss of a batch."""
+        pred = self.action_out(self._queries(batch["image"], batch["state"], batch["tokens"]))
+        return self.loss_fn(pred, batch["actions"], batch["action_mask"])
+
+    @torch.no_grad()
+    def predict(self, image: torch.Tensor, state: torch.Tensor, tokens: torch.Tensor,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Action chunks (B, H, A) in normalized units."""
+        del generator
+        return self.action_out(self._queries(image, state, tokens)).float()
