@@ -7,6 +7,8 @@ from vlamp.precision import (
     BUILTIN_RULES,
     FORMATS,
     MODE_NAMES,
+    UPDATES,
+    ActivationMeter,
     DynamicLossScaler,
     Format,
     Hardware,
@@ -21,6 +23,7 @@ from vlamp.precision import (
     StaticLossScaler,
     StepOutcome,
     VlampError,
+    checkpoint_modules,
     choose_mode,
     detect,
     format_table,
@@ -28,6 +31,7 @@ from vlamp.precision import (
     measure_throughput,
     resolve_device,
     set_tf32,
+    state_memory,
     to_dtype,
 )
 
@@ -53,8 +57,9 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "BUILTIN_RULES", "FORMATS", "MODE_NAMES", "DynamicLossScaler", "Format", "Hardware",
+    "BUILTIN_RULES", "FORMATS", "MODE_NAMES", "UPDATES", "ActivationMeter", "DynamicLossScaler", "Format", "Hardware",
     "LossScaler", "MixedPrecision", "Mode", "NoLossScaler", "PlanTable", "Policy", "PrecisionPlan",
-    "Rule", "StaticLossScaler", "StepOutcome", "VlampError", "__version__", "choose_mode", "detect",
-    "format_table", "get_mode", "measure_throughput", "resolve_device", "set_tf32", "to_dtype", *_LAZY,
+    "Rule", "StaticLossScaler", "StepOutcome", "VlampError", "__version__", "checkpoint_modules",
+    "choose_mode", "detect", "format_table", "get_mode", "measure_throughput", "resolve_device", "set_tf32", "state_memory", "to_dtype",
+    *_LAZY,
 ]

@@ -13,6 +13,7 @@ from vlamp.precision.hardware import (
     resolve_device,
     set_tf32,
 )
+from vlamp.precision.memory import ActivationMeter, checkpoint_modules, state_memory
 from vlamp.precision.modes import MODE_NAMES, Mode, get_mode
 from vlamp.precision.plan import BUILTIN_RULES, PrecisionPlan, Rule
 from vlamp.precision.policy import Policy
@@ -23,10 +24,13 @@ from vlamp.precision.scaler import (
     StaticLossScaler,
     StepOutcome,
 )
+from vlamp.precision.update import UPDATES
 
 __all__ = [
-    "BUILTIN_RULES", "FORMATS", "MODE_NAMES", "DynamicLossScaler", "Format", "Hardware",
+    "BUILTIN_RULES", "FORMATS", "MODE_NAMES", "UPDATES", "ActivationMeter", "DynamicLossScaler",
+    "Format", "Hardware",
     "LossScaler", "MixedPrecision", "Mode", "NoLossScaler", "PlanTable", "Policy", "PrecisionPlan",
     "Rule", "StaticLossScaler", "StepOutcome", "VlampError", "choose_mode", "detect",
-    "format_table", "get_mode", "measure_throughput", "resolve_device", "set_tf32", "to_dtype",
+    "checkpoint_modules", "format_table", "get_mode", "measure_throughput", "resolve_device",
+    "set_tf32", "state_memory", "to_dtype",
 ]
