@@ -13,7 +13,8 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -162,7 +163,7 @@ def step_memory(run: Callable[[], object], device: str = "cpu") -> dict[str, Any
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     try:
-        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), _quiet_stderr():
             warnings.simplefilter("ignore")
             with profile(activities=activities, profile_memory=True, record_shapes=True,
                          with_stack=True) as prof:
@@ -179,6 +180,24 @@ def step_memory(run: Callable[[], object], device: str = "cpu") -> dict[str, Any
     peak = max(range(len(totals)), key=totals.__getitem__)
     return {"peak_bytes": int(totals[peak]), "added_bytes": int(totals[peak] - totals[0]),
             "peak_by_kind": dict(zip(TIMELINE_KINDS, map(int, sizes[peak][1:])))}
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """The profiler's C++ side prints stage lines to file descriptor 2; they say nothing a user
+    needs, so they go to /dev/null while it runs."""
+    import os
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _matches(pattern: str, name: str, module: nn.Module) -> bool:
