@@ -12,8 +12,8 @@
 
 from __future__ import annotations
 
-import fnmatch
 import contextlib
+import fnmatch
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
