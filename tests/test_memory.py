@@ -169,3 +169,19 @@ def test_lean_norms_rules_compute_norms_in_fp32_and_save_fewer_bytes():
     norms = [n for n, m in model.named_modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm))]
     assert len(norms) >= 5 and all(seen[n] == {torch.float32} for n in norms)
     assert lean.total < plain.total
+
+
+def test_step_memory_reads_the_live_peak_of_a_step_by_kind():
+    from vlamp.precision.memory import step_memory
+
+    model = nn.Sequential(nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 256))
+    x = torch.randn(512, 256)
+    with ActivationMeter(model) as meter:
+        model(x).sum().backward()
+    model.zero_grad(set_to_none=True)
+    live = step_memory(lambda: model(x).sum().backward())
+    assert live is not None
+    params = sum(p.numel() * 4 for p in model.parameters())
+    assert live["peak_by_kind"]["parameters"] == params
+    # what the backward needs (the input, the ReLU output) lives at the peak, and more besides
+    assert live["added_bytes"] >= meter.total == 512 * 256 * 4 + 512 * 1024 * 4
