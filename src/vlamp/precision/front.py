@@ -19,7 +19,7 @@ from vlamp.precision.diagnostics import Diagnostics, parse_every
 from vlamp.precision.errors import VlampError
 from vlamp.precision.fsdp import ShardGroup, shard_model
 from vlamp.precision.hardware import set_tf32
-from vlamp.precision.master import MasterWeights
+from vlamp.precision.master import MasterWeights, updates_lost_parameters
 from vlamp.precision.modes import Mode
 from vlamp.precision.plan import PrecisionPlan, RuleSpec
 from vlamp.precision.scaler import (
@@ -36,6 +36,7 @@ from vlamp.precision.update import (
     LowPrecisionUpdate,
     check_update,
     clip_grads,
+    low_precision_updates,
     moments_per_param,
     update_note,
 )
@@ -184,16 +185,10 @@ class MixedPrecision:
         self.model, self.optimizer = model, optimizer
         if optimizer is not None and self.mode.master_weights:
             names = {id(p): n for n, p in model.named_parameters()}
-            if self.update == "master":
-                masters = MasterWeights(optimizer, names)
-                self._masters = masters if len(masters) else None
-            else:
-                self._update = LowPrecisionUpdate(optimizer, self.update, names, self.grad_accum,
-                                                  seed=self.rounding_seed)
-                if not len(self._update):
-                    raise VlampError(f"MixedPrecision: update={self.update!r} is for weights stored in "
-                                     f"low precision, and {self.mode.name} stores none; use a -true "
-                                     f"mode or a params=bf16 rule, or update='master'")
+            updates = low_precision_updates(optimizer, self.update, names, self.grad_accum,
+                                            self.rounding_seed, self.mode.name)
+            self._masters = updates if isinstance(updates, MasterWeights) else None
+            self._update = updates if isinstance(updates, LowPrecisionUpdate) else None
         if optimizer is not None and self.diagnostics is not None:
             m = self._masters
             self.diagnostics.attach(model, {id(x): m.name(i) for i, x in enumerate(m.masters)}
@@ -252,18 +247,13 @@ class MixedPrecision:
                     f"optimizer had stepped; the optimizer's state (and FP32 masters) stay on "
                     f"{self.device}. Move the model first, then build the optimizer and call "
                     f"mp.setup(model, optimizer)")
-            if self.optimizer is not None:
-                held = {id(p) for p in self.model.parameters()}
-                tracked = list(self._masters.model_params) if self._masters is not None else []
-                masters = {id(m) for m in (self._masters.masters if self._masters is not None else [])}
-                tracked += [p for g in self.optimizer.param_groups for p in g["params"]
-                            if id(p) not in masters]
-                if any(id(p) not in held for p in tracked):
-                    raise VlampError(
-                        f"MixedPrecision: moving the model from {self.device} to {now} replaced its "
-                        f"parameters (as moves from or to the meta device do), so the optimizer "
-                        f"updates tensors the model no longer has. Move the model first, then build "
-                        f"the optimizer and call mp.setup(model, optimizer)")
+            if self.optimizer is not None and updates_lost_parameters(self.model, self.optimizer,
+                                                                      self._masters):
+                raise VlampError(
+                    f"MixedPrecision: moving the model from {self.device} to {now} replaced its "
+                    f"parameters (as moves from or to the meta device do), so the optimizer "
+                    f"updates tensors the model no longer has. Move the model first, then build "
+                    f"the optimizer and call mp.setup(model, optimizer)")
             if self._masters is not None:
                 self._masters.to(now)
             self.device = now
@@ -441,11 +431,9 @@ class MixedPrecision:
     def _params(self) -> list[torch.Tensor]:
         if self.model is None:
             raise VlampError("MixedPrecision: call setup(model, optimizer) first")
-        if self._masters is None:
-            return [p for p in self.model.parameters() if p.requires_grad]
-        low = {id(p) for p in self._masters.model_params}
-        return [p for p in self.model.parameters() if p.requires_grad and id(p) not in low] \
-            + list(self._masters.masters)
+        if self._masters is not None:
+            return self._masters.trainable(self.model)
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     # -- state -----------------------------------------------------------------------------------
     @property
@@ -457,9 +445,7 @@ class MixedPrecision:
         """Mode, step counters, every scaler's state and the plan (plain data), plus FP32 master
         weights."""
         return {
-            "mode": self.mode.name,
-            "steps": self.steps,
-            "skipped_steps": self.skipped_steps,
+            "mode": self.mode.name, "steps": self.steps, "skipped_steps": self.skipped_steps,
             "scalers": [{"type": type(s).__name__, **s.state_dict()} for s in self.scalers],
             "plan": self.plan.to_dict(),
             "tf32": self.tf32,

@@ -84,6 +84,12 @@ class MasterWeights:
                 f"precision and the optimizer updates their FP32 masters, which only "
                 f"mp.backward(loss) feeds. Call mp.backward(loss) instead")
 
+    def trainable(self, model: torch.nn.Module) -> list[torch.Tensor]:
+        """What gradients land in for ``model``: its trainable FP32 parameters, and the masters
+        in place of its low-precision ones."""
+        low = {id(p) for p in self.model_params}
+        return [p for p in model.parameters() if p.requires_grad and id(p) not in low] + list(self.masters)
+
     def stray_grads(self) -> list[str]:
         """Names of low-precision parameters holding a gradient that did not go through
         :meth:`accumulate_grads` (a plain ``loss.backward()``)."""
@@ -148,3 +154,15 @@ class MasterWeights:
         for i, v in zip(order, values):
             self.masters[i].copy_(v)
         self.copy_to_model()
+
+
+def updates_lost_parameters(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                            masters: MasterWeights | None) -> bool:
+    """Whether the optimizer updates tensors the model no longer holds (a move from or to the
+    meta device replaces parameters instead of moving them): the model parameters behind the
+    masters, and the optimizer's other parameters."""
+    held = {id(p) for p in model.parameters()}
+    tracked = list(masters.model_params) if masters is not None else []
+    own = {id(m) for m in (masters.masters if masters is not None else [])}
+    tracked += [p for g in optimizer.param_groups for p in g["params"] if id(p) not in own]
+    return any(id(p) not in held for p in tracked)

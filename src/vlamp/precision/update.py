@@ -255,6 +255,27 @@ class LowPrecisionUpdate:
                 self.generator.set_state(self._generator_state)
 
 
+def low_precision_updates(optimizer: torch.optim.Optimizer, method: str, names: dict[int, str],
+                          grad_accum: str, seed: int, mode_name: str):
+    """What updates the optimizer's low-precision parameters: FP32 masters (``method="master"``;
+    ``None`` when no parameter is stored in low precision) or a :class:`LowPrecisionUpdate`.
+
+    Raises:
+        VlampError: If ``method`` is not ``master`` and no parameter is stored in low precision.
+    """
+    from vlamp.precision.master import MasterWeights
+
+    if method == "master":
+        masters = MasterWeights(optimizer, names)
+        return masters if len(masters) else None
+    update = LowPrecisionUpdate(optimizer, method, names, grad_accum, seed=seed)
+    if not len(update):
+        raise VlampError(f"MixedPrecision: update={method!r} is for weights stored in low precision, "
+                         f"and {mode_name} stores none; use a -true mode or a params=bf16 rule, or "
+                         f"update='master'")
+    return update
+
+
 def update_note(update: str, grad_accum: str) -> str:
     """The line ``describe`` prints under the table about how low-precision weights are updated."""
     how = {"master": "FP32 masters", "kahan": "Kahan-compensated, moments in the weight's dtype",
