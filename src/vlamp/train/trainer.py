@@ -218,10 +218,8 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------------
     def _state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         optim_tensors, optim_meta = ckpt.optimizer_to_flat(self.optimizer)
-        state, masters = self._policy_state()
-        tensors = {**optim_tensors, **{f"master.{k}": v for k, v in masters.items()},
-                   **{f"update.{k}": v for k, v in self.mp.state_dict()["update_tensors"].items()},
-                   "rng.torch": torch.get_rng_state()}
+        state, precision_tensors = self._policy_state()
+        tensors = {**optim_tensors, **precision_tensors, "rng.torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         if self.ema is not None:
@@ -230,14 +228,15 @@ class Trainer:
 
     def _policy_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """The JSON part of a checkpoint that :func:`load_policy` reads (config, tokenizer, dataset
-        stats, the precision plan and state), and the FP32 masters apart."""
+        stats, the precision plan and state), and the precision tensors apart (FP32 masters as
+        ``master.NAME``, Kahan buffers and the rounding generator as ``update.*``)."""
         precision = self.mp.state_dict()
-        masters = precision.pop("master_weights")
-        precision.pop("update_tensors")  # with the training tensors (see _state)
+        tensors = {**{f"master.{k}": v for k, v in precision.pop("master_weights").items()},
+                   **{f"update.{k}": v for k, v in precision.pop("update_tensors").items()}}
         return {"format": ckpt.FORMAT, "applied_steps": self.applied_steps,
                 "config": to_dict(self.config), "tokenizer": self.tokenizer.to_dict(),
                 "stats": self.data.stats, "tasks": list(self.data.tasks),
-                "image_size": self.image_size, "camera": self.camera, "precision": precision}, masters
+                "image_size": self.image_size, "camera": self.camera, "precision": precision}, tensors
 
     def save(self) -> Path | None:
         """Writes a checkpoint (rank 0; the other ranks help gather sharded tensors). Returns its
