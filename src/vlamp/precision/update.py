@@ -97,10 +97,10 @@ class LowPrecisionUpdate:
         params = [p for g in optimizer.param_groups for p in g["params"]]
         self.low = [p for p in params if p.dtype in LOW_PRECISION]
         if method == "stochastic":
-            other = [self.name(p) for p in self.low if p.dtype != torch.bfloat16]
-            if other:
-                raise VlampError(f"update 'stochastic': {other[0]} is stored in "
-                                 f"{str(self.low[0].dtype).removeprefix('torch.')}; stochastic "
+            other = next((p for p in self.low if p.dtype != torch.bfloat16), None)
+            if other is not None:
+                raise VlampError(f"update 'stochastic': {self.name(other)} is stored in "
+                                 f"{str(other.dtype).removeprefix('torch.')}; stochastic "
                                  f"rounding is for bf16 storage. Use kahan or master for fp16")
         self.compensation: dict[int, torch.Tensor] = {}  # kahan: id(p) -> buffer, made at first step
         self.acc: dict[int, torch.Tensor] = {}  # fp32 gradient sums of earlier micro-batches
