@@ -55,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
             _report(trainer, config)
         else:
             trainer.fit()
+        # the ranks leave together: a rank tearing its process group down while another still
+        # prints its report was seen to abort at exit ("terminate called without an active
+        # exception", once in CI)
+        distributed.barrier(trainer.world)
     finally:
         distributed.close()
     return 0
