@@ -204,3 +204,24 @@ def test_hf_vlm_trains_resumes_and_acts_through_vlamps_trainer(tiny_dataset, tmp
     model = loaded.policy.model
     batch = model.example_batch(2)
     assert model.predict(batch["image"], batch["state"], batch["tokens"]).shape == (2, 4, 4)
+
+
+def test_hf_vlm_builds_from_a_local_config_and_loads_its_local_weights(tmp_path):
+    from vlamp import VlampError
+    from vlamp.models.hf_vla import HFVLA
+    from vlamp.models.tinyvla import ModelConfig
+
+    saved = build_hf_model("paligemma")  # what a user's save_pretrained wrote
+    saved.save_pretrained(tmp_path / "vlm", safe_serialization=True)
+    shape = dict(name="hf-vlm", vocab_size=80, image_size=32, chunk=4, channels=[8, 8],
+                 hf_config=str(tmp_path / "vlm"))
+    random_init = HFVLA(ModelConfig(**shape))
+    loaded = HFVLA(ModelConfig(**shape, hf_pretrained=True))
+    want = saved.model.state_dict()
+    got = loaded.backbone.state_dict()
+    assert got.keys() == random_init.backbone.state_dict().keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert not torch.equal(random_init.backbone.state_dict()["multi_modal_projector.linear.weight"],
+                           want["multi_modal_projector.linear.weight"])
+    with pytest.raises(VlampError, match="needs model.hf_config to be the directory"):
+        HFVLA(ModelConfig(**{**shape, "hf_config": ""}, hf_pretrained=True))

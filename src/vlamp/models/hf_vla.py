@@ -71,7 +71,7 @@ class HFVLA(nn.Module):
             raise VlampError(f"HFVLA: vocab_size must be set from the tokenizer, got {config.vocab_size}")
         T = transformers_module()
         self.config = config
-        self.backbone = T.PaliGemmaModel(vlm_config(config))
+        self.backbone = _pretrained(config) if config.hf_pretrained else T.PaliGemmaModel(vlm_config(config))
         d = self.backbone.config.text_config.hidden_size
         self.state_proj = nn.Linear(config.state_dim, d)
         self.action_queries = nn.Parameter(torch.randn(config.chunk, d) * 0.02)
@@ -111,3 +111,19 @@ class HFVLA(nn.Module):
         """Action chunks (B, H, A) in normalized units."""
         del generator
         return self.action_out(self._queries(image, state, tokens)).float()
+
+
+def _pretrained(config: ModelConfig):
+    """The PaliGemma backbone with the weights saved in ``config.hf_config`` (local files only)."""
+    T = transformers_module()
+    path = Path(config.hf_config)
+    if not config.hf_config or not path.is_dir():
+        raise VlampError("model.hf_pretrained needs model.hf_config to be the directory that holds "
+                         "the config.json and the safetensors weights")
+    try:
+        full = T.PaliGemmaForConditionalGeneration.from_pretrained(str(path), local_files_only=True,
+                                                                   use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise VlampError(f"model.hf_config {config.hf_config!r}: cannot load its weights "
+                         f"({str(e).splitlines()[0]})") from None
+    return full.model

@@ -34,7 +34,8 @@ SIZES: dict[str, dict[str, object]] = {
 
 # Keys added to ModelConfig since the first checkpoints, with the value that rebuilds the model those
 # checkpoints hold (the default of a new run may differ).
-SAVED_BEFORE: dict[str, object] = {"keypoints": False, "name": "tinyvla", "hf_config": ""}
+SAVED_BEFORE: dict[str, object] = {"keypoints": False, "name": "tinyvla", "hf_config": "",
+                                   "hf_pretrained": False}
 MODEL_NAMES = ("tinyvla", "hf-vlm")
 
 
@@ -70,6 +71,9 @@ class ModelConfig:
             ``pip install "vlamp[hf]"``; see :mod:`vlamp.models.hf_vla`).
         hf_config: For ``hf-vlm``: a local PaliGemma ``config.json`` (or its directory) to build
             the backbone from instead; empty: sized by the keys above.
+        hf_pretrained: For ``hf-vlm`` with ``hf_config`` a directory: load the backbone's weights
+            from the safetensors there (as ``save_pretrained`` writes them) instead of random init;
+            local files only, never a download.
         size: The preset the shape started from (see ``SIZES``; keys given beside it win).
         dim: Width of the text encoder, the trunk and the head.
         depth: Trunk transformer layers.
@@ -89,6 +93,7 @@ class ModelConfig:
 
     name: str = "tinyvla"
     hf_config: str = ""
+    hf_pretrained: bool = False
     size: str = "small"
     dim: int = 128
     depth: int = 4
