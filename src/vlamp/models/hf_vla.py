@@ -12,16 +12,13 @@ on the real (unpadded) steps, as TinyVLA's ``act`` head is.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from vlamp.models.hf import transformers_module
+from vlamp.models.tinyvla import ChunkL1Loss, ModelConfig, example_batch
 from vlamp.precision.errors import VlampError
-
-if TYPE_CHECKING:
-    from vlamp.models.tinyvla import ModelConfig
 
 
 def vlm_config(config: ModelConfig):
@@ -76,15 +73,11 @@ class HFVLA(nn.Module):
         self.state_proj = nn.Linear(config.state_dim, d)
         self.action_queries = nn.Parameter(torch.randn(config.chunk, d) * 0.02)
         self.action_out = nn.Linear(d, config.action_dim)
-        from vlamp.models.tinyvla import ChunkL1Loss
-
         self.loss_fn = ChunkL1Loss()
 
     def example_batch(self, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
-        """A random training batch of this model's shapes (see ``TinyVLA.example_batch``)."""
-        from vlamp.models.tinyvla import TinyVLA
-
-        return TinyVLA.example_batch(self, batch_size, seed)
+        """A random training batch of this model's shapes, on its device."""
+        return example_batch(self.config, batch_size, self.action_queries.device, seed)
 
     def _queries(self, image: torch.Tensor, state: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         if tuple(image.shape[-2:]) != (self.config.image_size,) * 2:

@@ -324,6 +324,19 @@ class FlowMSELoss(nn.Module):
         return masked_mean((pred - target).square(), mask)
 
 
+def example_batch(config: ModelConfig, batch_size: int, device: torch.device | str = "cpu",
+                  seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random training batch of ``config``'s shapes on ``device``: what every policy model's
+    ``example_batch`` returns."""
+    c, g = config, torch.Generator().manual_seed(seed)
+    batch = {"image": torch.rand(batch_size, 3, c.image_size, c.image_size, generator=g),
+             "state": torch.randn(batch_size, c.state_dim, generator=g),
+             "tokens": torch.randint(1, c.vocab_size, (batch_size, c.max_tokens), generator=g),
+             "actions": torch.randn(batch_size, c.chunk, c.action_dim, generator=g),
+             "action_mask": torch.ones(batch_size, c.chunk, dtype=torch.bool)}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 class TinyVLA(nn.Module):
     """The default vision-language-action policy (about 1.9 M parameters with the defaults).
 
@@ -362,14 +375,7 @@ class TinyVLA(nn.Module):
     def example_batch(self, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
         """A random training batch of this model's shapes, on the model's device (for measuring a
         plan without a dataset: the kernels' speed depends on shapes, not values)."""
-        c, g = self.config, torch.Generator().manual_seed(seed)
-        batch = {"image": torch.rand(batch_size, 3, c.image_size, c.image_size, generator=g),
-                 "state": torch.randn(batch_size, c.state_dim, generator=g),
-                 "tokens": torch.randint(1, c.vocab_size, (batch_size, c.max_tokens), generator=g),
-                 "actions": torch.randn(batch_size, c.chunk, c.action_dim, generator=g),
-                 "action_mask": torch.ones(batch_size, c.chunk, dtype=torch.bool)}
-        device = self.action_queries.device
-        return {k: v.to(device) for k, v in batch.items()}
+        return example_batch(self.config, batch_size, self.action_queries.device, seed)
 
     def _sequence_length(self) -> int:
         side = self.config.image_size // 2 ** len(self.config.channels)

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vlamp.precision.verify import track_modules
+
 _CHECKPOINTED = "_vlamp_checkpointed"
 
 
@@ -100,17 +102,7 @@ class ActivationMeter:
         return sum(v for k, v in self.by_module.items() if k == prefix or k.startswith(prefix + "."))
 
     def __enter__(self) -> ActivationMeter:
-        def enter(label: str):
-            def hook(module: nn.Module, args: Any) -> None:
-                self._stack.append(label)
-            return hook
-
-        def leave(module: nn.Module, args: Any, output: Any) -> None:
-            self._stack.pop()
-
-        for name, module in self.model.named_modules():
-            self._handles.append(module.register_forward_pre_hook(enter(name or "(root)")))
-            self._handles.append(module.register_forward_hook(leave, always_call=True))
+        self._handles = track_modules(self.model, self._stack, root="(root)")
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda x: x)
         self._hooks.__enter__()
         return self

@@ -168,7 +168,7 @@ class LowPrecisionUpdate:
                 members = {id(p) for p in bucket}
                 for g, params in zip(optimizer.param_groups, groups):
                     g["params"] = [p for p in params if id(p) in members]
-                lifted = [self._lift(optimizer, p) for p in bucket if self._is_low(p)]
+                lifted = [self._lift(optimizer, p) for p in bucket if p.dtype in LOW_PRECISION]
                 optimizer.step()
                 for p, dtype in lifted:
                     self._lower(optimizer, p, dtype)
@@ -176,9 +176,6 @@ class LowPrecisionUpdate:
             for g, params in zip(optimizer.param_groups, groups):
                 g["params"] = params
         self.acc.clear()
-
-    def _is_low(self, p: torch.Tensor) -> bool:
-        return p.dtype in LOW_PRECISION
 
     def _lift(self, optimizer: torch.optim.Optimizer, p: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
         """``p``, its gradient and its optimizer state as FP32 for the optimizer's arithmetic."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,6 +53,33 @@ def _compute_dtype(func, args: tuple, ops: frozenset[str] = COMPUTE_OPS) -> torc
     return next((a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
 
 
+def track_modules(model: nn.Module, stack: list[str], *, backward: bool = False,
+                  root: str = "") -> list[Any]:
+    """Hooks that keep ``stack`` holding the qualified names of the modules running now, innermost
+    last (the model itself as ``root``); with ``backward``, through the backward pass too.
+    Returns the hook handles (``.remove()`` each)."""
+    def enter(name: str) -> Callable[..., None]:
+        return lambda module, args: stack.append(name)
+
+    def leave(module: nn.Module, args: object, output: object) -> None:
+        stack.pop()  # returns None: the output is left as it is
+
+    def enter_backward(name: str) -> Callable[..., None]:
+        return lambda module, grad_output: stack.append(name)
+
+    def leave_backward(module: nn.Module, grad_input: object, grad_output: object) -> None:
+        stack.pop()
+
+    handles = []
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(enter(name or root)))
+        handles.append(module.register_forward_hook(leave, always_call=True))
+        if backward:
+            handles.append(module.register_full_backward_pre_hook(enter_backward(name or root)))
+            handles.append(module.register_full_backward_hook(leave_backward))
+    return handles
+
+
 def trace_compute_dtypes(model: nn.Module, run: Callable[[], object], *, backward: bool = False,
                          ops: frozenset[str] = COMPUTE_OPS) -> dict[str, set[torch.dtype]]:
     """Runs ``run()`` (which calls ``model``) and returns, per qualified module name (root ``""``),
@@ -73,26 +101,7 @@ def trace_compute_dtypes(model: nn.Module, run: Callable[[], object], *, backwar
     """
     stack: list[str] = []
     seen: dict[str, set[torch.dtype]] = defaultdict(set)
-    handles = []
-
-    def enter(name: str) -> Callable[..., None]:
-        return lambda module, args: stack.append(name)
-
-    def leave(module: nn.Module, args: object, output: object) -> None:
-        stack.pop()  # returns None: the output is left as it is
-
-    def enter_backward(name: str) -> Callable[..., None]:
-        return lambda module, grad_output: stack.append(name)
-
-    def leave_backward(module: nn.Module, grad_input: object, grad_output: object) -> None:
-        stack.pop()
-
-    for name, module in model.named_modules():
-        handles.append(module.register_forward_pre_hook(enter(name)))
-        handles.append(module.register_forward_hook(leave, always_call=True))
-        if backward:
-            handles.append(module.register_full_backward_pre_hook(enter_backward(name)))
-            handles.append(module.register_full_backward_hook(leave_backward))
+    handles = track_modules(model, stack, backward=backward)
     try:
         with _Recorder(stack, seen, ops), warnings.catch_warnings():
             # a module whose inputs need no gradient (the first layer) still has its backward
