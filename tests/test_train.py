@@ -188,6 +188,9 @@ def test_keypoints_add_one_image_token_and_old_checkpoints_rebuild_without():
     # A config saved before the key existed (no "keypoints") is the model without them.
     rebuilt = TinyVLA(ModelConfig(**saved_model_config(shape)))
     rebuilt.load_state_dict(without.state_dict())  # strict: the same parameters
+    # A config from a newer vlamp, with a setting this one lacks, is refused by name.
+    with pytest.raises(VlampError, match="coords.*newer version"):
+        saved_model_config({**shape, "coords": True})
 
 
 def cli(*args):

@@ -41,7 +41,16 @@ MODEL_NAMES = ("tinyvla", "hf-vlm")
 
 def saved_model_config(saved: dict[str, object]) -> dict[str, object]:
     """A ``model`` config section read from a checkpoint, completed with :data:`SAVED_BEFORE` for
-    keys older checkpoints lack."""
+    keys older checkpoints lack.
+
+    Raises:
+        VlampError: If it has keys this version does not know (written by a newer vlamp).
+    """
+    unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(ModelConfig)})
+    if unknown:
+        raise VlampError(f"the checkpoint's model has settings this vlamp does not know "
+                         f"({', '.join(unknown)}): it was written by a newer version; upgrade vlamp "
+                         f"to load it")
     return {**SAVED_BEFORE, **saved}
 
 
