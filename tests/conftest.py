@@ -30,4 +30,7 @@ def tiny_overrides(dataset, out, mode="fp32", *more):
     return [f"dataset.path={dataset}", f"output_dir={out}", f"precision.mode={mode}",
             "train.steps=6", "train.batch_size=8", "train.log_every=1", "train.save_every=3",
             "train.val_every=3", "train.warmup_steps=2", "dataset.val_episodes=1",
-            "eval.final=false", "precision.measure=false", *TINY_MODEL, *more]
+            "eval.final=false", "precision.measure=false",
+            # Augmentation is off by default; on here so that every resume and rank-slicing test
+            # also covers its random draws (the path with more state to get right).
+            "dataset.augment=true", *TINY_MODEL, *more]

@@ -27,7 +27,8 @@ from vlamp.train.config import load_config
 from vlamp.train.trainer import Trainer
 
 
-STEPS = ["train.steps=20", "train.save_every=10", "train.val_every=10", "train.grad_accum=2"]
+STEPS = ["train.steps=20", "train.save_every=10", "train.val_every=10", "train.grad_accum=2",
+         "model.keypoints=true"]  # off by default; its 1-d parameter is what FSDP2 needs
 
 
 def torchrun(*args: str) -> str:

@@ -179,7 +179,7 @@ def test_keypoints_add_one_image_token_and_old_checkpoints_rebuild_without():
 
     shape = dict(vocab_size=8, dim=32, depth=1, heads=2, text_layers=1, channels=[8, 8], chunk=4,
                  image_size=16, max_tokens=3)
-    with_kp, without = TinyVLA(ModelConfig(**shape)), TinyVLA(ModelConfig(**shape, keypoints=False))
+    with_kp, without = TinyVLA(ModelConfig(**shape, keypoints=True)), TinyVLA(ModelConfig(**shape))
     assert with_kp.config.keypoints and with_kp.pos_embed.weight.shape[1] == \
         without.pos_embed.weight.shape[1] + 1
     extra = set(with_kp.state_dict()) - set(without.state_dict())

@@ -96,8 +96,9 @@ class ModelConfig:
         image_size: Side of the (square) input images; sizes the positional table.
         keypoints: Add one token of spatial-softmax keypoints (the expected image position of
             each channel of the second-to-last stage, robomimic's way to localise precisely)
-            to the image tokens. Measured: 86.7% closed-loop success against 76.7% without, one
-            seed; window-open 16/20 against 10/20.
+            to the image tokens. Measured with random-shift augmentation: 86.7% closed-loop
+            success against 76.7% without, one seed; without augmentation (the default now) both
+            reach 100% (validation action L1 0.037 with, 0.035 without), so it is off.
     """
 
     name: str = "tinyvla"
@@ -117,7 +118,7 @@ class ModelConfig:
     state_dim: int = 4
     action_dim: int = 4
     image_size: int = 64
-    keypoints: bool = True
+    keypoints: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in MODEL_NAMES:

@@ -29,7 +29,11 @@ class DatasetConfig:
         path: A LeRobot v3.0 dataset directory; empty for the default 6-task suite, generated into
             the user cache on first use.
         val_episodes: Episodes per task held out for the validation loss.
-        augment: Random-shift augmentation of training images (pad 4, random crop).
+        augment: Random-shift augmentation of training images (DrQ's: pad 4, random crop). Off by
+            default: the camera is fixed, so where an object is in the image says where it is on
+            the table, and shifting images by up to 4 px blurs exactly that. Measured (fp32, seed
+            0, 120 paired episodes): closed-loop success 100% without, 83.3% with (faucet-close
+            20/20 against 9/20); validation action L1 0.037 against 0.074.
         stream: Keep the frames on disk: decoded once into the user cache and read per batch, so
             memory does not grow with the dataset (a dataset larger than RAM trains); off decodes
             them all into memory before the first step.
@@ -37,7 +41,7 @@ class DatasetConfig:
 
     path: str = ""
     val_episodes: int = 2
-    augment: bool = True
+    augment: bool = False
     stream: bool = True
 
 
@@ -120,7 +124,9 @@ class PrecisionConfig:
 @dataclasses.dataclass
 class TrainConfig:
     """Attributes:
-        steps: Optimizer steps to run (skipped steps count).
+        steps: Optimizer steps to run (skipped steps count). 1,200 by default: on one seed, 1,200
+            and 1,500 both gave 100% closed-loop success (validation action L1 0.043 and 0.037),
+            and 1,200 FP32 steps take about 10 minutes on a 2-core AVX2 CPU (0.50 s a step).
         batch_size: Samples per micro-batch.
         grad_accum: Micro-batches per step.
         lr: Peak learning rate (AdamW).
@@ -147,7 +153,7 @@ class TrainConfig:
             ``[ConvStage]``. Less memory, one more forward of those modules per step.
     """
 
-    steps: int = 1500
+    steps: int = 1200
     batch_size: int = 64
     grad_accum: int = 1
     lr: float = 1e-3
