@@ -23,9 +23,9 @@ TARGET_HALF_WIDTH = 0.05  # the evaluation is sized so that its mean is known to
 # ablations (README, "How sharp the evaluation is"). 35 episodes of each of the 6 default tasks put
 # the mean's 95% interval within +-5 points from a success rate of 84% up (the default policy now
 # succeeds in 99-100%, where the interval is +-0.9-1.8 points; a weaker policy, such as the demo's
-# at 800 steps or a precision that costs success, still gets +-5). Querying the policy at every step and averaging the
-# chunks' predictions for it (ACT's temporal ensembling, k = 0.1) gave 86.7% where executing 8
-# actions of each chunk gave 73.3%, on the same checkpoint and episodes.
+# at 800 steps or a precision that costs success, still gets +-5). Querying the policy at every step
+# and averaging the chunks' predictions for it (ACT's temporal ensembling, k = 0.1) gave 86.7% where
+# executing 8 actions of each chunk gave 73.3%, on the same checkpoint and episodes.
 EPISODES = 35  # per task
 REPLAN_EVERY = 1  # steps between queries of the policy
 ENSEMBLE = 0.1  # temporal ensembling weight (0: off)
