@@ -125,8 +125,9 @@ class PrecisionConfig:
 class TrainConfig:
     """Attributes:
         steps: Optimizer steps to run (skipped steps count). 1,200 by default: on one seed, 1,200
-            and 1,500 both gave 100% closed-loop success (validation action L1 0.043 and 0.037),
-            and 1,200 FP32 steps take about 10 minutes on a 2-core AVX2 CPU (0.50 s a step).
+            and 1,500 both gave 100% closed-loop success (validation action L1 0.043 and 0.037);
+            at the 0.50 s an FP32 step took on a 2-core AVX2 CPU (an earlier session), 1,200 steps
+            would take about 10 minutes there (estimated, not timed).
         batch_size: Samples per micro-batch.
         grad_accum: Micro-batches per step.
         lr: Peak learning rate (AdamW).
