@@ -15,8 +15,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from vlamp.models.tinyvla import ModelConfig, TinyVLA
-from vlamp.precision.front import MixedPrecision
+from vlamp.models.config import ModelConfig
+from vlamp.models.tinyvla import TinyVLA
+from vlamp.precision.mixed_precision import MixedPrecision
 from vlamp.precision.verify import trace_compute_dtypes
 from vlamp.train import distributed
 from vlamp.train.step import train_step

@@ -18,14 +18,14 @@ import torch
 from conftest import tiny_overrides
 from safetensors.torch import load_file
 
-from vlamp.models.tinyvla import ModelConfig, TinyVLA
+from vlamp.models.config import ModelConfig
+from vlamp.models.tinyvla import TinyVLA
 from vlamp.precision.errors import VlampError
-from vlamp.precision.front import MixedPrecision
 from vlamp.precision.fsdp import plan_groups
+from vlamp.precision.mixed_precision import MixedPrecision
 from vlamp.train import distributed
 from vlamp.train.config import load_config
 from vlamp.train.trainer import Trainer
-
 
 STEPS = ["train.steps=20", "train.save_every=10", "train.val_every=10", "train.grad_accum=2",
          "model.keypoints=true"]  # off by default; its 1-d parameter is what FSDP2 needs

@@ -98,7 +98,7 @@ def test_gradients_flow_through_islands_in_every_dtype():
     with mp.autocast():
         loss = model(image, tokens).float().pow(2).mean()
     mp.backward(loss)
-    masters = {id(m) for m in mp._masters.masters}
+    masters = {id(m) for m in mp.weights.masters}
     assert all(p.grad is not None and p.grad.dtype == torch.float32
                for g in opt.param_groups for p in g["params"])
     assert len(masters) > 0

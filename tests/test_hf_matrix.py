@@ -208,8 +208,8 @@ def test_hf_vlm_trains_resumes_and_acts_through_vlamps_trainer(tiny_dataset, tmp
 
 def test_hf_vlm_builds_from_a_local_config_and_loads_its_local_weights(tmp_path):
     from vlamp import VlampError
+    from vlamp.models.config import ModelConfig
     from vlamp.models.hf_vla import HFVLA
-    from vlamp.models.tinyvla import ModelConfig
 
     saved = build_hf_model("paligemma")  # what a user's save_pretrained wrote
     saved.save_pretrained(tmp_path / "vlm", safe_serialization=True)

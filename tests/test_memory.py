@@ -144,7 +144,8 @@ def test_state_bytes_by_kind_per_parameter():
 def test_lean_norms_rules_compute_norms_in_fp32_and_save_fewer_bytes():
     from pathlib import Path
 
-    from vlamp.models.tinyvla import ModelConfig, TinyVLA
+    from vlamp.models.config import ModelConfig
+    from vlamp.models.tinyvla import TinyVLA
     from vlamp.precision.plan import PrecisionPlan
     from vlamp.precision.verify import trace_compute_dtypes
 
@@ -154,7 +155,7 @@ def test_lean_norms_rules_compute_norms_in_fp32_and_save_fewer_bytes():
         torch.manual_seed(0)
         model = TinyVLA(ModelConfig(dim=32, depth=1, heads=2, text_layers=1, channels=[8, 8],
                                     chunk=4, vocab_size=20, image_size=32))
-        mp = MixedPrecision("bf16-mixed", plan)
+        mp = MixedPrecision(plan)
         mp.setup(model)
 
         def forward():

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from vlamp import DynamicLossScaler, MixedPrecision, StaticLossScaler, VlampError
+from vlamp.precision.master import MasterWeights
 from vlamp.precision.hardware import Hardware, choose_mode
 
 
@@ -84,7 +85,7 @@ def test_master_weights_keep_updates_bf16_would_round_away():
             mp.backward(loss)
             mp.step(opt)
         # 100 updates of 1e-4 (each far below bf16's 2^-8 spacing near 1) add up to 0.01
-        master = mp._masters.masters[0] if mp._masters else model.weight
+        master = mp.weights.masters[0] if isinstance(mp.weights, MasterWeights) else model.weight
         assert master.float().mean().item() == pytest.approx(0.99, abs=1e-4), mode
         assert (model.weight.float().mean().item() < 1.0) == expect_moved
     # Without masters (a plain bf16 tensor updated in place) the same updates are all lost.
@@ -106,7 +107,7 @@ def test_gradient_accumulation_in_fp32_masters_keeps_what_bf16_would_round_away(
         with mp.autocast():
             loss = model(torch.full((1, 1), x)).float().sum()  # d loss / d w = x (in bf16)
         mp.backward(loss)
-    grad = mp._masters.masters[0].grad
+    grad = mp.weights.masters[0].grad
     assert grad.dtype == torch.float32
     assert grad.item() == pytest.approx(1.0 + 16 * small.item(), rel=1e-6)
     in_bf16 = torch.tensor(1.0, dtype=torch.bfloat16)
@@ -155,7 +156,7 @@ def test_state_dict_round_trip_with_master_weights():
     mp2.setup(model2, opt2)
     mp2.load_state_dict(state)
     assert mp2.state_dict()["scalers"] == state["scalers"]
-    for a, b in zip(mp._masters.masters, mp2._masters.masters):
+    for a, b in zip(mp.weights.masters, mp2.weights.masters):
         assert torch.equal(a, b)
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)

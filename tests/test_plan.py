@@ -5,7 +5,7 @@ import torch
 from demo_model import DemoVLA
 from torch import nn
 
-from vlamp import BUILTIN_RULES, Policy, PrecisionPlan, Rule, VlampError
+from vlamp import BUILTIN_RULES, Policy, PrecisionPlan, Rule, VlampError, describe_plan
 
 FP32 = Policy.parse("fp32")
 BF16 = Policy.parse("bf16")
@@ -135,7 +135,7 @@ def test_missing_rules_file():
 
 def test_describe_rows_and_folding():
     model = DemoVLA()
-    table = PrecisionPlan("bf16-true").describe(model)
+    table = describe_plan(PrecisionPlan("bf16-true"), model)
     rows = {r.module: r for r in table.rows}
     assert len(table.rows) == len(list(model.named_modules()))
     assert (rows["action_out"].params, rows["action_out"].compute, rows["action_out"].optim) == \
@@ -143,7 +143,7 @@ def test_describe_rows_and_folding():
     assert (rows["trunk.linear1"].params, rows["trunk.linear1"].grad, rows["trunk.linear1"].optim) == \
         ("bf16", "bf16", "fp32")  # master weights keep the optimizer state in fp32
     assert sum(r.num_params for r in table.rows) == sum(p.numel() for p in model.parameters())
-    folded = PrecisionPlan("bf16-true").describe(model, max_depth=1)
+    folded = describe_plan(PrecisionPlan("bf16-true"), model, max_depth=1)
     frows = {r.module: r for r in folded.rows}
     assert set(frows) == {"(root)", "vision", "token_embed", "pos_embed", "trunk", "head", "action_out"}
     assert frows["vision"].params == "bf16+fp32"  # the GroupNorm island inside

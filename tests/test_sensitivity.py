@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlamp.models.tinyvla import ModelConfig, TinyVLA
+from vlamp.models.config import ModelConfig
+from vlamp.models.tinyvla import TinyVLA
 from vlamp.precision.apply import _MARK
 from vlamp.precision.autoplan import measure_plan
 from vlamp.precision.errors import VlampError

@@ -12,9 +12,10 @@ from conftest import tiny_overrides
 from safetensors.torch import load_file
 
 from vlamp import MODE_NAMES
-from vlamp.models.tinyvla import ModelConfig, TinyVLA
+from vlamp.models.config import ModelConfig
+from vlamp.models.tinyvla import TinyVLA
 from vlamp.precision.errors import VlampError
-from vlamp.precision.front import MixedPrecision
+from vlamp.precision.mixed_precision import MixedPrecision
 from vlamp.precision.scaler import StaticLossScaler
 from vlamp.precision.verify import trace_compute_dtypes
 from vlamp.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
@@ -175,7 +176,7 @@ def test_spatial_softmax_finds_each_channels_peak():
 
 
 def test_keypoints_add_one_image_token_and_old_checkpoints_rebuild_without():
-    from vlamp.models.tinyvla import saved_model_config
+    from vlamp.models.config import saved_model_config
 
     shape = dict(vocab_size=8, dim=32, depth=1, heads=2, text_layers=1, channels=[8, 8], chunk=4,
                  image_size=16, max_tokens=3)

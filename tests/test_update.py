@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_overrides
 from torch import nn
 
-from vlamp import MixedPrecision, VlampError
+from vlamp import MixedPrecision, UpdateSettings, VlampError
 from vlamp.precision.update import stochastic_round
 from vlamp.train.config import load_config
 from vlamp.train.trainer import Trainer
@@ -27,7 +27,7 @@ def tiny_update_run(update, optimizer="sgd", steps=100, grad_accum="fp32"):
         m.weight.fill_(1.0)
     opt = torch.optim.SGD(m.parameters(), lr=1.0) if optimizer == "sgd" else \
         torch.optim.AdamW(m.parameters(), lr=STEP, weight_decay=0.0)
-    mp = MixedPrecision("bf16-true", update=update, grad_accum=grad_accum)
+    mp = MixedPrecision("bf16-true", update=UpdateSettings(update, grad_accum))
     mp.setup(m, opt)
     for _ in range(steps):
         with mp.autocast():
@@ -103,7 +103,7 @@ def test_gradients_of_micro_batches_are_summed_in_the_dtype_asked_for(update):
         opt = torch.optim.SGD([w], lr=1.0)
         holder = nn.Module()
         holder.w = w
-        mp = MixedPrecision("bf16-true", update=update, grad_accum=grad_accum)
+        mp = MixedPrecision("bf16-true", update=UpdateSettings(update, grad_accum))
         mp.setup(holder, opt)
         for g in (1.0, 2**-9):
             with mp.autocast():
@@ -119,7 +119,7 @@ def test_bad_update_names_and_modes_without_low_precision_weights_are_refused():
     with pytest.raises(VlampError, match="unknown update 'kahn'; legal: master, kahan, stochastic, naive"):
         MixedPrecision("bf16-true", update="kahn")
     with pytest.raises(VlampError, match="unknown grad_accum 'bf16'; legal: fp32, storage"):
-        MixedPrecision("bf16-true", grad_accum="bf16")
+        MixedPrecision("bf16-true", update=UpdateSettings(grad_accum="bf16"))
     m = nn.Linear(4, 4)
     with pytest.raises(VlampError, match="stores none"):
         MixedPrecision("bf16-mixed", update="kahan").setup(m, torch.optim.SGD(m.parameters(), lr=0.1))

@@ -22,12 +22,16 @@ from vlamp.precision import (
     Rule,
     StaticLossScaler,
     StepOutcome,
+    UpdateSettings,
     VlampError,
+    WeightUpdate,
     checkpoint_modules,
     choose_mode,
+    describe_plan,
     detect,
     format_table,
     get_mode,
+    measure_plan,
     measure_throughput,
     resolve_device,
     set_tf32,
@@ -40,7 +44,7 @@ __version__ = "0.1.0"
 # Training names load on first use: they pull in the simulator and the data stack, which
 # ``import vlamp`` for the precision API alone should not pay for.
 _LAZY = {
-    "ModelConfig": "vlamp.models.tinyvla", "TinyVLA": "vlamp.models.tinyvla",
+    "ModelConfig": "vlamp.models.config", "TinyVLA": "vlamp.models.tinyvla",
     "WordTokenizer": "vlamp.models.tokenizer", "RunConfig": "vlamp.train.config",
     "load_config": "vlamp.train.config", "Trainer": "vlamp.train.trainer",
     "train_step": "vlamp.train.step", "VLAPolicy": "vlamp.train.policy",
@@ -61,5 +65,6 @@ __all__ = [
     "LossScaler", "MixedPrecision", "Mode", "NoLossScaler", "PlanTable", "Policy", "PrecisionPlan",
     "Rule", "StaticLossScaler", "StepOutcome", "VlampError", "__version__", "checkpoint_modules",
     "choose_mode", "detect", "format_table", "get_mode", "measure_throughput", "resolve_device", "set_tf32", "state_memory", "to_dtype",
+    "UpdateSettings", "WeightUpdate", "describe_plan", "measure_plan",
     *_LAZY,
 ]

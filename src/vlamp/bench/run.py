@@ -31,7 +31,7 @@ from vlamp.io import write_text_atomic
 from vlamp.precision.errors import VlampError
 from vlamp.precision.hardware import detect, native_formats, resolve_device
 from vlamp.precision.modes import MODE_NAMES
-from vlamp.precision.update import UPDATES
+from vlamp.precision.weight_update import UPDATES
 from vlamp.train.config import RunConfig, to_dict
 
 

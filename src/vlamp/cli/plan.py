@@ -6,10 +6,10 @@ import argparse
 import json
 import sys
 
+from vlamp.models.config import SIZES
 from vlamp.models.hf import PRESETS as HF_PRESETS
-from vlamp.models.tinyvla import SIZES
 from vlamp.precision import MODE_NAMES, PrecisionPlan
-from vlamp.precision.update import UPDATES
+from vlamp.precision.weight_update import UPDATES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -71,7 +71,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlamp.models.tinyvla import ModelConfig, TinyVLA, with_size
+    from vlamp.models.config import ModelConfig, with_size
+    from vlamp.models.tinyvla import TinyVLA
     from vlamp.models.tokenizer import WordTokenizer
     from vlamp.precision.autoplan import measure_plan
     from vlamp.precision.errors import VlampError

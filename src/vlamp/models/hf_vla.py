@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vlamp.models.config import ModelConfig, example_batch
 from vlamp.models.hf import transformers_module
-from vlamp.models.tinyvla import ChunkL1Loss, ModelConfig, example_batch
+from vlamp.models.tinyvla import ChunkL1Loss
 from vlamp.precision.errors import VlampError
 
 

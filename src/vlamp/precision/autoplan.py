@@ -38,15 +38,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlamp.precision.apply import _MARK, apply_plan, map_tensors
+from vlamp.precision.apply import _MARK, apply_plan
 from vlamp.precision.dtypes import dtype_name
 from vlamp.precision.errors import VlampError
 from vlamp.precision.hardware import choose_mode, detect, native_formats, synchronize
 from vlamp.precision.modes import Mode, get_mode
 from vlamp.precision.plan import PrecisionPlan, Resolved, Rule, RuleSpec
 from vlamp.precision.policy import FP32
+from vlamp.precision.probe import (
+    LossFn,
+    capture_inputs,
+    loss_of,
+    model_device,
+    tensors_in,
+)
+from vlamp.precision.sensitivity import sensitivity_plan
 
-LossFn = Callable[[nn.Module, Any], torch.Tensor]
 CACHE_VERSION = 2  # 2: measured FP32 modules hand on FP32
 
 
@@ -62,7 +69,7 @@ def measure_plan(
     example_batch: Any,
     mode: str | Mode = "auto",
     *,
-    rules: Sequence[RuleSpec] | Mapping[str, str] | None = None,
+    rules: Sequence[RuleSpec] | Mapping[str, str] | str | os.PathLike[str] | None = None,
     builtin_rules: bool = True,
     loss_fn: LossFn | None = None,
     repeats: int = 7,
@@ -87,7 +94,8 @@ def measure_plan(
             whether it is taken) or a mode name (kept; only its per-module plan is measured). The
             ``-true`` modes, whose point is memory, and formats this hardware only emulates are
             not measured: their plan is returned as is, with the reason in ``measured``.
-        rules: User rules; they come first and are never overridden by a measurement.
+        rules: User rules, or a YAML rules file; they come first and are never overridden by a
+            measurement.
         builtin_rules: Whether the built-in FP32 islands apply.
         loss_fn: How to get the loss from the model and the batch.
         repeats: Timed repetitions per module and per variant (medians are compared).
@@ -123,6 +131,9 @@ def measure_plan(
     if sensitivity is not None and sensitivity <= 0:
         raise VlampError(f"measure_plan: sensitivity must be a relative error > 0, got {sensitivity}")
     is_auto = requested.strip().lower() == "auto"
+    if isinstance(rules, (str, os.PathLike)):  # a YAML rules file
+        loaded = PrecisionPlan.load(rules, mode=None if is_auto else requested)
+        rules, builtin_rules = loaded.user_rules, loaded.builtin_rules
     if is_auto:
         choice = choose_mode(hw)
         if choice.mode == "fp32":
@@ -207,8 +218,6 @@ def _accurate_rules(model: nn.Module, batch: Any, mode: Mode, rules: Any, thresh
                     loss_fn: LossFn | None, say: Callable[[str], None]) -> tuple[list[Rule], bool]:
     """The user's rules followed by FP32 rules for the modules whose low-precision error passes
     ``threshold``; the built-in islands are then off (the measurement replaces them)."""
-    from vlamp.precision.sensitivity import sensitivity_plan
-
     say(f"precision: measuring each module's {dtype_name(mode.compute_dtype)} error against fp32...")
     accurate, table = sensitivity_plan(model, batch, mode, threshold=threshold, loss_fn=loss_fn)
     kept = [r.pattern for r in accurate.user_rules]
@@ -218,32 +227,8 @@ def _accurate_rules(model: nn.Module, batch: Any, mode: Mode, rules: Any, thresh
 
 
 # -- timing ---------------------------------------------------------------------------------------
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (or buffer); the CPU for an empty model."""
-    first = next(model.parameters(), None)
-    if first is None:
-        first = next(model.buffers(), None)
-    return first.device if first is not None else torch.device("cpu")
-
-
-def _loss(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> torch.Tensor:
-    return loss_fn(model, batch) if loss_fn is not None else model(batch)
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    found: list[torch.Tensor] = []
-    map_tensors(value, found.append)
-    return found
-
-
-def _leaf_copy(value: Any) -> Any:
-    """Detached copies of captured inputs; those that needed a gradient become leaves that do."""
-    return map_tensors(value, lambda t: t.detach().clone().requires_grad_(
-        t.requires_grad and t.is_floating_point()))
-
-
 def _backward(output: Any) -> None:
-    outs = [t for t in _tensors(output) if t.requires_grad and t.is_floating_point()]
+    outs = [t for t in tensors_in(output) if t.requires_grad and t.is_floating_point()]
     if outs:
         torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
 
@@ -264,27 +249,6 @@ def _median_times(fns: Mapping[str, Callable[[], None]], cleanup: Callable[[], N
             samples[k].append((time.perf_counter() - t0) * 1e3)
             cleanup()
     return {k: statistics.median(v) for k, v in samples.items()}
-
-
-def capture_inputs(model: nn.Module, batch: Any, modules: Mapping[str, nn.Module],
-                   loss_fn: LossFn | None = None) -> dict[str, tuple[tuple, dict]]:
-    """Runs one forward pass of ``model`` (in the caller's autocast context, autograd on, so inputs
-    that need a gradient say so) and returns detached copies of the first inputs each of
-    ``modules`` received (by name; modules never called are absent)."""
-    inputs: dict[str, tuple[tuple, dict]] = {}
-
-    def capture(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            inputs.setdefault(name, (_leaf_copy(args), _leaf_copy(kwargs)))
-        return hook
-
-    handles = [m.register_forward_pre_hook(capture(n), with_kwargs=True) for n, m in modules.items()]
-    try:
-        _loss(model, batch, loss_fn)
-    finally:
-        for h in handles:
-            h.remove()
-    return inputs
 
 
 def _candidates(resolved: Sequence[Resolved], low: torch.dtype) -> list[Resolved]:
@@ -320,7 +284,7 @@ def _time_modules(model: nn.Module, batch: Any, base: PrecisionPlan, loss_fn: Lo
         def cleanup(a: tuple = args, kw: dict = kwargs, copies: tuple = (as_low, as_fp32)) -> None:
             for m in copies:
                 m.zero_grad(set_to_none=True)
-            for t in _tensors((a, kw)):
+            for t in tensors_in((a, kw)):
                 t.grad = None
 
         times = _median_times({"low": run(as_low), "fp32": run(as_fp32)}, cleanup, repeats, device)
@@ -339,11 +303,11 @@ def _time_steps(model: nn.Module, batch: Any, low_plan: PrecisionPlan, loss_fn: 
     mode = low_plan.mode
 
     def fp32_step() -> None:
-        _loss(reference, batch, loss_fn).backward()
+        loss_of(reference, batch, loss_fn).backward()
 
     def low_step() -> None:
         with mode.autocast(device.type):
-            loss = _loss(mixed, batch, loss_fn)
+            loss = loss_of(mixed, batch, loss_fn)
         loss.backward()
 
     def cleanup() -> None:
@@ -426,41 +390,3 @@ def _write_cached(path: Path, plan: PrecisionPlan) -> None:
 
 __all__ = ["default_plan_cache", "measure_plan"]
 
-
-def plan_for(mode: str | Mode, rules: Any, builtin_rules: bool = True, *, model: nn.Module | None = None,
-             example_batch: Any = None, loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
-             cache: bool = True, log: Callable[[str], None] | None = None,
-             device: str | torch.device | None = None, sensitivity: float | None = None) -> PrecisionPlan:
-    """The plan :class:`~vlamp.precision.front.MixedPrecision` runs, from its arguments: ``rules``
-    (rules, a YAML path or a ready plan) for ``mode``; measured on ``model`` with ``example_batch``
-    when they are given (:func:`measure_plan`); ``"auto"`` without a model is decided for
-    ``device`` from the hardware table.
-
-    Raises:
-        VlampError: On a plan for another mode, ``sensitivity`` without a model, or only one of
-            ``model`` and ``example_batch``.
-    """
-    requested = mode if isinstance(mode, str) else mode.name
-    if requested == "auto" and model is None and not isinstance(rules, PrecisionPlan):
-        mode = get_mode("auto", device)  # for the device it will run on, not whatever is here
-    if sensitivity is not None and model is None:
-        raise VlampError("MixedPrecision: sensitivity= measures the model's modules; pass model= "
-                         "and example_batch= too")
-    if (model is None) != (example_batch is None):
-        raise VlampError("MixedPrecision: pass both model= and example_batch= to measure the plan, "
-                         "or neither")
-    if isinstance(rules, PrecisionPlan) and model is None:
-        if requested != "auto" and rules.mode.name != get_mode(mode).name:
-            raise VlampError(f"MixedPrecision: plan is for mode {rules.mode.name!r}, "
-                             f"mode is {get_mode(mode).name!r}")
-        return rules
-    if isinstance(rules, (str, os.PathLike)) and model is None:
-        return PrecisionPlan.load(rules, mode=mode)
-    if isinstance(rules, (str, os.PathLike)):
-        rules = PrecisionPlan.load(rules, mode=None if requested == "auto" else mode)
-    if isinstance(rules, PrecisionPlan):
-        rules, builtin_rules = rules.user_rules, rules.builtin_rules
-    if model is not None:
-        return measure_plan(model, example_batch, mode, rules=rules, builtin_rules=builtin_rules,
-                            loss_fn=loss_fn, cache=cache, log=log, sensitivity=sensitivity)
-    return PrecisionPlan(mode, rules, builtin_rules=builtin_rules)

@@ -7,10 +7,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from vlamp.precision.dtypes import dtype_name
 from vlamp.precision.modes import Mode
-from vlamp.precision.plan import Resolved
+from vlamp.precision.plan import PrecisionPlan, Resolved
 
 COLUMNS = ("module", "class", "params", "compute", "output", "grad", "optim", "#params", "B/param",
            "rule", "measured")
@@ -118,6 +119,30 @@ class PlanTable:
         return "\n".join(lines + self.notes)
 
 
+def describe_plan(plan: PrecisionPlan, model: nn.Module, max_depth: int | None = None,
+                  uncalled: Mapping[str, str] | None = None, update: str = "master",
+                  moments: int = 2) -> PlanTable:
+    """The per-module table of ``plan`` on ``model``: storage / compute / output / grad /
+    optimizer-state dtype, parameter count and deciding rule. Rows below ``max_depth`` are folded
+    into their ancestor.
+
+    Args:
+        plan: The plan (a measured plan adds each module's times).
+        model: The model, set up by the plan or not.
+        max_depth: Fold rows deeper than this into their ancestor.
+        uncalled: Modules whose rule changed storage only (their forward never ran; see
+            :meth:`MixedPrecision.describe`).
+        update: The update method (see :mod:`vlamp.precision.update`); with ``moments``
+            (optimizer-state tensors per parameter; AdamW 2) it decides the bytes per parameter.
+
+    Returns:
+        A :class:`PlanTable`; ``str()`` renders it.
+    """
+    timings = (plan.measured or {}).get("modules", {})
+    return PlanTable.build(plan.resolve(model, warn_unmatched=False), plan.mode, max_depth,
+                           timings=timings, uncalled=uncalled, update=update, moments=moments)
+
+
 def bytes_per_param(param: torch.dtype, mode: Mode, update: str = "master", moments: int = 2) -> float:
     """Bytes training holds for one parameter stored in ``param``: the weight, its FP32 master
     (``update="master"``) or compensation buffer (``"kahan"``), one gradient in the dtype the
@@ -146,4 +171,4 @@ def _measured_cell(entries: list[Mapping[str, Any]]) -> str:
     return f"fp32 {fp32:.2f} / {low} {lp:.2f} / plan {chosen:.2f} ms"
 
 
-__all__ = ["COLUMNS", "PlanTable", "Row"]
+__all__ = ["COLUMNS", "PlanTable", "Row", "describe_plan"]

@@ -12,23 +12,33 @@ import torch
 
 from vlamp.precision.dtypes import LOW_PRECISION
 from vlamp.precision.errors import VlampError
+from vlamp.precision.weight_update import WeightUpdate
 
 
-class MasterWeights:
+class MasterWeights(WeightUpdate):
     """Swaps an optimizer's low-precision parameters for FP32 masters, in place.
 
     Args:
         optimizer: An optimizer that has not stepped yet.
+        names: Parameter id -> qualified name (for state dicts and messages).
+        grad_accum: ``"fp32"``: each micro-batch's gradient joins the master's FP32 gradient after
+            its backward; ``"storage"``: autograd sums them in the weight's dtype, and the sum
+            joins the master before the step.
+        mode_name: The mode, for messages.
 
     Raises:
         VlampError: If the optimizer already holds state (it would refer to the old tensors).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, names: dict[int, str] | None = None) -> None:
+    state_key = "master_weights"
+
+    def __init__(self, optimizer: torch.optim.Optimizer, names: dict[int, str] | None = None,
+                 grad_accum: str = "fp32", mode_name: str = "this mode") -> None:
         if optimizer.state:
             raise VlampError("MixedPrecision.setup: the optimizer already has state; "
                              "set it up before its first step")
-        self.names = names or {}
+        super().__init__(optimizer, names)
+        self.grad_accum, self.mode_name = grad_accum, mode_name
         self.model_params: list[torch.Tensor] = []
         self.masters: list[torch.Tensor] = []
         for group in optimizer.param_groups:
@@ -66,23 +76,32 @@ class MasterWeights:
                 m.grad.add_(p.grad)
             p.grad = None
 
-    def gradients_for_step(self, mode_name: str, summed_in_storage: bool) -> None:
-        """Before the step: the masters hold every gradient (summed in low precision until now
-        when ``summed_in_storage``).
+    def after_backward(self) -> None:
+        if self.grad_accum == "fp32":
+            self.accumulate_grads()
+
+    def grads(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+        """The masters' gradients (every micro-batch's, summed in low precision until now with
+        ``grad_accum="storage"``) and the FP32 parameters'.
 
         Raises:
             VlampError: If a low-precision parameter got its gradient from a plain
                 ``loss.backward()``, which the masters never see.
         """
-        if summed_in_storage:
+        if self.grad_accum == "storage":
             self.accumulate_grads()
         stray = self.stray_grads()
         if stray:
             raise VlampError(
                 f"MixedPrecision.step: {stray[0]} (and {len(stray) - 1} more) got its gradient "
-                f"from a plain loss.backward(); in {mode_name} the weights are stored in low "
+                f"from a plain loss.backward(); in {self.mode_name} the weights are stored in low "
                 f"precision and the optimizer updates their FP32 masters, which only "
                 f"mp.backward(loss) feeds. Call mp.backward(loss) instead")
+        return super().grads(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer, stepped: bool = False) -> None:
+        super().step(optimizer, stepped)
+        self.copy_to_model()
 
     def trainable(self, model: torch.nn.Module) -> list[torch.Tensor]:
         """What gradients land in for ``model``: its trainable FP32 parameters, and the masters
@@ -121,6 +140,16 @@ class MasterWeights:
                                  f"in bf16-true")
         torch._foreach_copy_(self.model_params, self.masters)
 
+    def exact_weights(self) -> dict[str, torch.Tensor]:
+        return {self.name(i): m.detach() for i, m in enumerate(self.masters)}
+
+    def sync_from(self, weights: dict[str, torch.Tensor] | None) -> None:
+        self.set_from(weights)
+
+    def _tracked(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+        own = {id(m) for m in self.masters}
+        return list(self.model_params) + [p for p in super()._tracked(optimizer) if id(p) not in own]
+
     @torch.no_grad()
     def set_from(self, weights: dict[str, torch.Tensor] | None = None) -> None:
         """Sets every master from ``weights`` (name -> tensor, e.g. a checkpoint's full-precision
@@ -137,11 +166,16 @@ class MasterWeights:
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restores :meth:`state_dict` (also an older one keyed by position) and rounds the masters
-        into the model.
+        into the model. Masters not saved, or saved for other parameters (another mode or plan),
+        are taken from the model's current weights: load the weights into the model first."""
+        try:
+            self._load(state)
+        except VlampError:
+            self.set_from(None)
 
-        Raises:
-            VlampError: If the saved masters are not this model's.
-        """
+    def _load(self, state: dict[str, torch.Tensor]) -> None:
+        if not state:
+            raise VlampError("master weights: none saved")
         by_name = {self.name(i): i for i in range(len(self.masters))}
         if set(state) == set(by_name):
             order = [by_name[k] for k in state]
@@ -155,14 +189,3 @@ class MasterWeights:
             self.masters[i].copy_(v)
         self.copy_to_model()
 
-
-def updates_lost_parameters(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                            masters: MasterWeights | None) -> bool:
-    """Whether the optimizer updates tensors the model no longer holds (a move from or to the
-    meta device replaces parameters instead of moving them): the model parameters behind the
-    masters, and the optimizer's other parameters."""
-    held = {id(p) for p in model.parameters()}
-    tracked = list(masters.model_params) if masters is not None else []
-    own = {id(m) for m in (masters.masters if masters is not None else [])}
-    tracked += [p for g in optimizer.param_groups for p in g["params"] if id(p) not in own]
-    return any(id(p) not in held for p in tracked)

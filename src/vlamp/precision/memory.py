@@ -41,7 +41,7 @@ def state_memory(model: nn.Module, optimizer: torch.optim.Optimizer, mp: Any = N
         model: The model.
         optimizer: Its optimizer (after ``mp.setup``: it may hold FP32 masters instead of the
             model's low-precision parameters).
-        mp: The :class:`~vlamp.precision.front.MixedPrecision` object, for the Kahan buffers.
+        mp: The :class:`~vlamp.precision.mixed_precision.MixedPrecision` object, for the Kahan buffers.
 
     Returns:
         ``params_bytes``, ``masters_bytes``, ``grads_bytes``, ``optimizer_bytes``,
@@ -57,9 +57,9 @@ def state_memory(model: nn.Module, optimizer: torch.optim.Optimizer, mp: Any = N
                                for t in st.values() if isinstance(t, torch.Tensor)),
         "compensation_bytes": 0,
     }
-    update = getattr(mp, "_update", None)
-    if update is not None:
-        out["compensation_bytes"] = sum(_bytes(c) for c in update.compensation.values())
+    weights = getattr(mp, "weights", None)
+    if weights is not None:
+        out["compensation_bytes"] = weights.state_bytes().get("compensation", 0)
     out["state_bytes"] = sum(out.values())
     return out
 

@@ -116,7 +116,7 @@ class PrecisionPlan:
 
     Example:
         >>> plan = PrecisionPlan("bf16-mixed", {"action_head.*": "fp32"})
-        >>> print(plan.describe(model, max_depth=1))  # doctest: +SKIP
+        >>> print(describe_plan(plan, model, max_depth=1))  # doctest: +SKIP
     """
 
     def __init__(
@@ -166,24 +166,6 @@ class PrecisionPlan:
                     warnings.warn(f"precision rule {rule.pattern!r} matches no module of "
                                   f"{type(model).__name__}", UserWarning, stacklevel=2)
         return out
-
-    def describe(self, model: nn.Module, max_depth: int | None = None,
-                 uncalled: Mapping[str, str] | None = None, update: str = "master",
-                 moments: int = 2):
-        """The per-module table: storage / compute / output / grad / optimizer-state dtype, parameter
-        count and deciding rule. Rows below ``max_depth`` are folded into their ancestor.
-        ``uncalled`` names modules whose rule changed storage only (their forward never ran; see
-        :meth:`MixedPrecision.describe`). ``update`` (see :mod:`vlamp.precision.update`) and
-        ``moments`` (optimizer-state tensors per parameter; AdamW 2) decide the bytes per parameter.
-
-        Returns:
-            A :class:`vlamp.precision.describe.PlanTable`; ``str()`` renders it.
-        """
-        from vlamp.precision.describe import PlanTable
-
-        timings = (self.measured or {}).get("modules", {})
-        return PlanTable.build(self.resolve(model, warn_unmatched=False), self.mode, max_depth,
-                               timings=timings, uncalled=uncalled, update=update, moments=moments)
 
     # -- YAML ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

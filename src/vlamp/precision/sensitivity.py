@@ -21,12 +21,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlamp.precision.apply import apply_plan, map_tensors
-from vlamp.precision.autoplan import LossFn, _tensors, capture_inputs, model_device
+from vlamp.precision.apply import apply_plan
 from vlamp.precision.dtypes import dtype_name
 from vlamp.precision.modes import Mode, get_mode
 from vlamp.precision.plan import PrecisionPlan, Resolved, Rule
 from vlamp.precision.policy import FP32
+from vlamp.precision.probe import (
+    LossFn,
+    capture_inputs,
+    leaf_copy,
+    model_device,
+    tensors_in,
+)
 
 DEFAULT_THRESHOLD = 0.02  # 2% relative error: several times bf16's rounding (2^-9) in a matmul
 
@@ -48,17 +54,16 @@ def _run(module: nn.Module, args: tuple, kwargs: dict, device_type: str, seed: i
     of ``upstream(outputs)``. Returns outputs, parameter gradients, input gradients and the
     upstream gradient used."""
     torch.manual_seed(seed)
-    args, kwargs = map_tensors((args, kwargs), lambda t: t.detach().clone().requires_grad_(
-        t.requires_grad and t.is_floating_point()))
+    args, kwargs = leaf_copy((args, kwargs))
     with torch.autocast(device_type, enabled=False):
         output = module(*args, **kwargs)
-    outs = [t for t in _tensors(output) if t.is_floating_point()]
+    outs = [t for t in tensors_in(output) if t.is_floating_point()]
     grads = upstream(outs)
     live = [(t, g) for t, g in zip(outs, grads) if t.requires_grad]
     if live:
         torch.autograd.backward([t for t, _ in live], [g.to(t.dtype) for t, g in live])
     params = [p.grad for p in module.parameters()]
-    inputs = [t.grad for t in _tensors((args, kwargs)) if t.is_floating_point() and t.requires_grad]
+    inputs = [t.grad for t in tensors_in((args, kwargs)) if t.is_floating_point() and t.requires_grad]
     return [t.detach() for t in outs], params, inputs, grads
 
 

@@ -12,7 +12,9 @@ The methods here keep them, or keep them on average, with less:
   makes the rounding exact on average (Gupta et al. 2015). No extra bytes; BF16 storage only.
 * ``naive``: round to nearest, nothing kept. The reference the two others are measured against.
 
-How a step runs (:meth:`LowPrecisionUpdate.step`), in buckets of about ``bucket`` elements so the
+One class per method behind :class:`~vlamp.precision.weight_update.WeightUpdate`:
+:class:`NaiveUpdate`, :class:`KahanUpdate`, :class:`StochasticUpdate`. How a step runs
+(:meth:`LowPrecisionUpdate.step`), in buckets of about ``bucket`` elements so the
 FP32 copies are transient and small::
 
     for each bucket of parameters:
@@ -34,26 +36,14 @@ FP32 buffer per parameter once a second micro-batch arrives) or in the weight's 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Literal
-
 import torch
 
 from vlamp.precision.dtypes import LOW_PRECISION
 from vlamp.precision.errors import VlampError
+from vlamp.precision.master import MasterWeights
+from vlamp.precision.weight_update import UpdateSettings, WeightUpdate, moments
 
-Update = Literal["master", "kahan", "stochastic", "naive"]
-UPDATES: tuple[str, ...] = ("master", "kahan", "stochastic", "naive")
-GRAD_ACCUMS: tuple[str, ...] = ("fp32", "storage")
 BUCKET = 1 << 20  # elements per optimizer call: 4 MiB of each FP32 tensor kind
-
-
-def check_update(update: str, grad_accum: str, where: str = "MixedPrecision") -> None:
-    """Raises a :class:`VlampError` naming the legal values when either name is unknown."""
-    if update not in UPDATES:
-        raise VlampError(f"{where}: unknown update {update!r}; legal: {', '.join(UPDATES)}")
-    if grad_accum not in GRAD_ACCUMS:
-        raise VlampError(f"{where}: unknown grad_accum {grad_accum!r}; legal: {', '.join(GRAD_ACCUMS)}")
 
 
 @torch.no_grad()
@@ -68,58 +58,45 @@ def stochastic_round(x: torch.Tensor, generator: torch.Generator | None = None) 
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
-class LowPrecisionUpdate:
-    """Steps an optimizer whose low-precision parameters have no FP32 masters.
+class LowPrecisionUpdate(WeightUpdate):
+    """Steps an optimizer whose low-precision parameters have no FP32 masters; rounds to nearest
+    (the ``naive`` method). Subclasses change how the FP32 result is rounded back.
 
     Args:
         optimizer: The optimizer over the model's own parameters.
-        method: ``"kahan"``, ``"stochastic"`` or ``"naive"``.
         names: Parameter id -> qualified name (for state dicts and messages).
         grad_accum: ``"fp32"`` or ``"storage"``: the dtype gradients of several micro-batches are
             summed in.
-        seed: Seed of the stochastic-rounding generator (its state is saved and restored).
         bucket: Elements per optimizer call; bounds the transient FP32 copies.
 
     Raises:
-        VlampError: If the optimizer already stepped, or stochastic rounding is asked for a
-            parameter that is not BF16.
+        VlampError: If the optimizer already stepped.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, method: str, names: dict[int, str],
-                 grad_accum: str = "fp32", seed: int = 0, bucket: int = BUCKET) -> None:
-        check_update(method, grad_accum)
-        if method == "master":
-            raise VlampError("LowPrecisionUpdate: 'master' updates are MasterWeights' job")
+    method = "naive"
+    fused_handoff = False  # the optimizer steps bucket by bucket, on FP32 copies
+
+    def __init__(self, optimizer: torch.optim.Optimizer, names: dict[int, str],
+                 grad_accum: str = "fp32", bucket: int = BUCKET) -> None:
         if optimizer.state:
             raise VlampError("MixedPrecision.setup: the optimizer already has state; "
                              "set it up before its first step")
-        self.method, self.grad_accum, self.names, self.seed = method, grad_accum, names, seed
+        super().__init__(optimizer, names)
+        self.grad_accum = grad_accum
         params = [p for g in optimizer.param_groups for p in g["params"]]
         self.low = [p for p in params if p.dtype in LOW_PRECISION]
-        if method == "stochastic":
-            other = next((p for p in self.low if p.dtype != torch.bfloat16), None)
-            if other is not None:
-                raise VlampError(f"update 'stochastic': {self.name(other)} is stored in "
-                                 f"{str(other.dtype).removeprefix('torch.')}; stochastic "
-                                 f"rounding is for bf16 storage. Use kahan or master for fp16")
-        self.compensation: dict[int, torch.Tensor] = {}  # kahan: id(p) -> buffer, made at first step
         self.acc: dict[int, torch.Tensor] = {}  # fp32 gradient sums of earlier micro-batches
-        self.generator: torch.Generator | None = None
-        self._generator_state: torch.Tensor | None = None  # restored before the generator exists
         self.buckets = _buckets(params, {id(p) for p in self.low}, bucket)
 
     def __len__(self) -> int:
         return len(self.low)
 
-    def name(self, p: torch.Tensor) -> str:
-        return self.names.get(id(p), "parameter")
-
     # -- gradients ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def fold_grads(self) -> None:
-        """Before a micro-batch's backward: with FP32 accumulation, moves the gradients of the
-        earlier micro-batches into FP32 sums, so autograd does not add the next one in low
-        precision. With one micro-batch nothing is allocated."""
+    def before_backward(self) -> None:
+        """With FP32 accumulation, moves the gradients of the earlier micro-batches into FP32
+        sums, so autograd does not add the next one in low precision. With one micro-batch
+        nothing is allocated."""
         if self.grad_accum != "fp32":
             return
         for p in self.low:
@@ -133,10 +110,9 @@ class LowPrecisionUpdate:
             p.grad = None
 
     @torch.no_grad()
-    def final_grads(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-        """The step's gradients, one per parameter that has one, for unscaling, the non-finite
-        check and clipping (changed in place). The last micro-batch's gradient joins the FP32
-        sum; FP16 gradients become FP32 here, so unscaling them cannot underflow."""
+    def grads(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+        """The last micro-batch's gradient joins the FP32 sum; FP16 gradients become FP32 here,
+        so unscaling them cannot underflow."""
         out = []
         for g in optimizer.param_groups:
             for p in g["params"]:
@@ -155,13 +131,20 @@ class LowPrecisionUpdate:
                         out.append(p.grad)
         return out
 
+    def clip(self, optimizer: torch.optim.Optimizer, grads: list[torch.Tensor],
+             max_norm: float) -> torch.Tensor:
+        del optimizer
+        return clip_grads(grads, max_norm)
+
     def zero_grad(self) -> None:
         self.acc.clear()
 
     # -- the step ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
+    def step(self, optimizer: torch.optim.Optimizer, stepped: bool = False) -> None:
         """The optimizer's step over every parameter, bucket by bucket (see the module's text)."""
+        if stepped:
+            raise VlampError(f"{type(self).__name__}: a fused optimizer cannot step these weights itself")
         groups = [g["params"] for g in optimizer.param_groups]
         try:
             for bucket in self.buckets:
@@ -179,37 +162,127 @@ class LowPrecisionUpdate:
 
     def _lift(self, optimizer: torch.optim.Optimizer, p: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
         """``p``, its gradient and its optimizer state as FP32 for the optimizer's arithmetic."""
-        dtype, i = p.dtype, id(p)
-        grad = self.acc.pop(i, None)
+        dtype = p.dtype
+        grad = self.acc.pop(id(p), None)
         grad = grad if grad is not None else (p.grad.float() if p.grad is not None else None)
-        value = p.data.float()
-        if self.method == "kahan" and i in self.compensation:
-            value.add_(self.compensation[i])
+        value = self._exact_fp32(p)
         p.grad = None
         p.data = value
         p.grad = grad
-        for k, v in _moments(optimizer, p):
+        for k, v in moments(optimizer, p):
             optimizer.state[p][k] = v.float()
         return p, dtype
 
     def _lower(self, optimizer: torch.optim.Optimizer, p: torch.Tensor, dtype: torch.dtype) -> None:
         """The updated FP32 values rounded back into ``dtype`` by the method."""
-        value = p.data
-        if self.method == "stochastic":
-            low = stochastic_round(value, self._generator(value.device))
-        else:
-            low = value.to(dtype)
-        if self.method == "kahan":
-            c = self.compensation.get(id(p))
-            residual = value.sub_(low.float())
-            if c is None:
-                self.compensation[id(p)] = residual.to(dtype)
-            else:
-                c.copy_(residual)
+        low = self._round(p, p.data, dtype)
         p.grad = None
         p.data = low
-        for k, v in _moments(optimizer, p):
+        for k, v in moments(optimizer, p):
             optimizer.state[p][k] = v.to(dtype)
+
+    def _exact_fp32(self, p: torch.Tensor) -> torch.Tensor:
+        """A fresh FP32 copy of the weight the optimizer works on."""
+        return p.data.float()
+
+    def _round(self, p: torch.Tensor, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``value`` (the updated FP32 weight of ``p``) in ``dtype``: round to nearest."""
+        del p
+        return value.to(dtype)
+
+
+class NaiveUpdate(LowPrecisionUpdate):
+    """Round to nearest, nothing kept: the reference the other methods are measured against."""
+
+
+class KahanUpdate(LowPrecisionUpdate):
+    """A compensation buffer ``c`` in the weight's dtype holds what rounding took off; the
+    optimizer works on ``w + c``."""
+
+    method = "kahan"
+
+    def __init__(self, optimizer: torch.optim.Optimizer, names: dict[int, str],
+                 grad_accum: str = "fp32", bucket: int = BUCKET) -> None:
+        super().__init__(optimizer, names, grad_accum, bucket)
+        self.compensation: dict[int, torch.Tensor] = {}  # id(p) -> buffer, made at the first step
+
+    def _exact_fp32(self, p: torch.Tensor) -> torch.Tensor:
+        value = p.data.float()
+        c = self.compensation.get(id(p))
+        return value.add_(c) if c is not None else value
+
+    def _round(self, p: torch.Tensor, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        low = value.to(dtype)
+        residual = value.sub_(low.float())
+        c = self.compensation.get(id(p))
+        if c is None:
+            self.compensation[id(p)] = residual.to(dtype)
+        else:
+            c.copy_(residual)
+        return low
+
+    def exact_weights(self) -> dict[str, torch.Tensor]:
+        """``w + c`` in FP32 of every parameter that has a compensation buffer, by name."""
+        return {self.name_of(p): self._exact_fp32(p).detach() for p in self.low
+                if id(p) in self.compensation}
+
+    @torch.no_grad()
+    def sync_from(self, weights: dict[str, torch.Tensor] | None) -> None:
+        """Sets each compensation buffer to what rounding ``weights[name]`` into the stored weight
+        took off (a resume from FP32 masters keeps their precision), or to zero without one."""
+        weights = weights or {}
+        for p in self.low:
+            exact = weights.get(self.name_of(p))
+            if exact is not None and exact.shape == p.shape and exact.dtype == torch.float32:
+                self.compensation[id(p)] = (exact.to(p.device) - p.detach().float()).to(p.dtype)
+            else:
+                self.compensation.pop(id(p), None)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The compensation buffers by parameter name (``kahan.NAME``)."""
+        return {f"kahan.{self.name_of(p)}": self.compensation[id(p)] for p in self.low
+                if id(p) in self.compensation}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Buffers of parameters this model does not have are ignored; a missing one starts at
+        zero."""
+        for p in self.low:
+            saved = state.get(f"kahan.{self.name_of(p)}")
+            if saved is not None and saved.shape == p.shape:
+                self.compensation[id(p)] = saved.to(device=p.device, dtype=p.dtype).clone()
+
+    def state_bytes(self) -> dict[str, int]:
+        return {"compensation": sum(c.numel() * c.element_size() for c in self.compensation.values())}
+
+
+class StochasticUpdate(LowPrecisionUpdate):
+    """The updated value is rounded up or down at random, exact on average. BF16 storage only.
+
+    Args:
+        seed: Seed of the rounding generator (its state is saved and restored).
+
+    Raises:
+        VlampError: If a low-precision parameter is not BF16.
+    """
+
+    method = "stochastic"
+
+    def __init__(self, optimizer: torch.optim.Optimizer, names: dict[int, str],
+                 grad_accum: str = "fp32", bucket: int = BUCKET, seed: int = 0) -> None:
+        super().__init__(optimizer, names, grad_accum, bucket)
+        other = next((p for p in self.low if p.dtype != torch.bfloat16), None)
+        if other is not None:
+            raise VlampError(f"update 'stochastic': {self.name_of(other)} is stored in "
+                             f"{str(other.dtype).removeprefix('torch.')}; stochastic "
+                             f"rounding is for bf16 storage. Use kahan or master for fp16")
+        self.seed = seed
+        self.generator: torch.Generator | None = None
+        self._generator_state: torch.Tensor | None = None  # restored before the generator exists
+
+    def _round(self, p: torch.Tensor, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        del p, dtype
+        return stochastic_round(value, self._generator(value.device))
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if self.generator is None:
@@ -218,68 +291,43 @@ class LowPrecisionUpdate:
                 self.generator.set_state(self._generator_state)
         return self.generator
 
-    # -- what the weights really are, and state ----------------------------------------------------
-    def exact(self, p: torch.Tensor) -> torch.Tensor:
-        """The weight the optimizer works on: ``w + c`` in FP32 for kahan, else ``w``."""
-        c = self.compensation.get(id(p))
-        return p.detach().float().add_(c) if c is not None else p.detach()
-
-    def exact_weights(self) -> dict[str, torch.Tensor]:
-        """:meth:`exact` of every parameter that has a compensation buffer, by name."""
-        return {self.name(p): self.exact(p) for p in self.low if id(p) in self.compensation}
-
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The compensation buffers by parameter name (``kahan.NAME``) and the stochastic-rounding
-        generator's state (``generator``)."""
-        out = {f"kahan.{self.name(p)}": self.compensation[id(p)] for p in self.low
-               if id(p) in self.compensation}
+        """The rounding generator's state (``generator``), once it exists."""
         state = self.generator.get_state() if self.generator is not None else self._generator_state
-        if state is not None:
-            out["generator"] = state
-        return out
+        return {"generator": state} if state is not None else {}
 
-    @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restores :meth:`state_dict`. Buffers of parameters this model does not have are ignored;
-        a missing buffer starts at zero (a resume from another method)."""
-        for p in self.low:
-            saved = state.get(f"kahan.{self.name(p)}")
-            if saved is not None and saved.shape == p.shape and self.method == "kahan":
-                self.compensation[id(p)] = saved.to(device=p.device, dtype=p.dtype).clone()
         if "generator" in state:
             self._generator_state = state["generator"].cpu().clone()
             if self.generator is not None:
                 self.generator.set_state(self._generator_state)
 
 
-def low_precision_updates(optimizer: torch.optim.Optimizer, method: str, names: dict[int, str],
-                          grad_accum: str, seed: int, mode_name: str):
-    """What updates the optimizer's low-precision parameters: FP32 masters (``method="master"``;
-    ``None`` when no parameter is stored in low precision) or a :class:`LowPrecisionUpdate`.
+LOW_PRECISION_UPDATES: dict[str, type[LowPrecisionUpdate]] = {
+    "naive": NaiveUpdate, "kahan": KahanUpdate, "stochastic": StochasticUpdate}
+
+
+def weight_update_for(optimizer: torch.optim.Optimizer, settings: UpdateSettings,
+                      names: dict[int, str], mode_name: str) -> WeightUpdate:
+    """The one place update settings become a :class:`WeightUpdate`: FP32 masters
+    (``master``; the plain update where no parameter is stored in low precision), or the named
+    low-precision method.
 
     Raises:
-        VlampError: If ``method`` is not ``master`` and no parameter is stored in low precision.
+        VlampError: If the method is not ``master`` and no parameter is stored in low precision.
     """
-    from vlamp.precision.master import MasterWeights
-
-    if method == "master":
-        masters = MasterWeights(optimizer, names)
-        return masters if len(masters) else None
-    update = LowPrecisionUpdate(optimizer, method, names, grad_accum, seed=seed)
+    if settings.method == "master":
+        masters = MasterWeights(optimizer, names, settings.grad_accum, mode_name)
+        return masters if len(masters) else WeightUpdate(optimizer, names)
+    cls = LOW_PRECISION_UPDATES[settings.method]
+    extra = {"seed": settings.seed} if settings.method == "stochastic" else {}
+    update = cls(optimizer, names, settings.grad_accum, **extra)
     if not len(update):
-        raise VlampError(f"MixedPrecision: update={method!r} is for weights stored in low precision, "
-                         f"and {mode_name} stores none; use a -true mode or a params=bf16 rule, or "
-                         f"update='master'")
+        raise VlampError(f"MixedPrecision: update={settings.method!r} is for weights stored in low "
+                         f"precision, and {mode_name} stores none; use a -true mode or a "
+                         f"params=bf16 rule, or update='master'")
     return update
 
-
-def update_note(update: str, grad_accum: str) -> str:
-    """The line ``describe`` prints under the table about how low-precision weights are updated."""
-    how = {"master": "FP32 masters", "kahan": "Kahan-compensated, moments in the weight's dtype",
-           "stochastic": "stochastic rounding, moments in the weight's dtype",
-           "naive": "round to nearest, moments in the weight's dtype"}[update]
-    return (f"low-precision weights updated by {update} ({how}); gradients of several "
-            f"micro-batches summed in {grad_accum}")
 
 
 def clip_grads(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
@@ -292,31 +340,6 @@ def clip_grads(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     for g in grads:
         g.mul_(coef.to(g.dtype))
     return norm
-
-
-def moments_per_param(optimizer: torch.optim.Optimizer | None) -> int:
-    """Per-element state tensors the optimizer keeps for a parameter: counted from its state once
-    it has stepped, else known for torch's common optimizers (AdamW 2, SGD with momentum 1), else 2."""
-    if optimizer is None:
-        return 2
-    for p, st in optimizer.state.items():
-        return sum(1 for _ in _moments(optimizer, p))
-    d = optimizer.defaults
-    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        return 3 if d.get("amsgrad") else 2
-    if isinstance(optimizer, torch.optim.SGD):
-        return 1 if d.get("momentum") else 0
-    if isinstance(optimizer, (torch.optim.RMSprop, torch.optim.Adagrad)):
-        return 1
-    return 2
-
-
-def _moments(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    """The per-element state tensors of ``p`` (AdamW's ``exp_avg`` and ``exp_avg_sq``, SGD's
-    ``momentum_buffer``, ...): floating tensors of its shape, never the step count."""
-    for k, v in list(optimizer.state.get(p, {}).items()):
-        if k != "step" and isinstance(v, torch.Tensor) and v.is_floating_point() and v.shape == p.shape:
-            yield k, v
 
 
 def _buckets(params: list[torch.Tensor], low: set[int], size: int) -> list[list[torch.Tensor]]:

@@ -14,12 +14,12 @@ import draccus
 import yaml
 
 from vlamp.io import write_text_atomic
-from vlamp.models.tinyvla import ModelConfig, with_size
+from vlamp.models.config import ModelConfig, with_size
 from vlamp.precision.diagnostics import parse_every
 from vlamp.precision.errors import VlampError
 from vlamp.precision.hardware import DEVICE_NAMES, check_device_name
 from vlamp.precision.modes import get_mode
-from vlamp.precision.update import check_update
+from vlamp.precision.weight_update import check_update
 from vlamp.sim import evaluate as evaluation
 
 

@@ -34,8 +34,8 @@ from torch import nn
 
 from vlamp.precision.dtypes import dtype_name, to_dtype
 from vlamp.precision.errors import VlampError
-from vlamp.precision.front import MixedPrecision
 from vlamp.precision.hardware import resolve_device
+from vlamp.precision.mixed_precision import MixedPrecision
 
 STRATEGIES = ("ddp", "fsdp")
 

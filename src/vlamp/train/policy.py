@@ -10,12 +10,13 @@ import numpy as np
 import torch
 
 from vlamp.data.dataset import Normalizer
-from vlamp.models.tinyvla import TinyVLA, build_model
+from vlamp.models.registry import build_model
+from vlamp.models.tinyvla import TinyVLA
 from vlamp.models.tokenizer import WordTokenizer
-from vlamp.precision.autoplan import model_device
-from vlamp.precision.front import MixedPrecision
 from vlamp.precision.hardware import resolve_device
+from vlamp.precision.mixed_precision import MixedPrecision
 from vlamp.precision.plan import PrecisionPlan
+from vlamp.precision.probe import model_device
 from vlamp.sim.env import UNRECORDED_CAMERA, Observation
 
 
@@ -89,7 +90,7 @@ def load_policy(path: str, mode: str | None = None, use_ema: bool = True,
     Raises:
         VlampError: If no valid checkpoint is found.
     """
-    from vlamp.models.tinyvla import ModelConfig, saved_model_config
+    from vlamp.models.config import ModelConfig, saved_model_config
     from vlamp.train.checkpoint import load_checkpoint
 
     dev = resolve_device(device)
@@ -97,7 +98,7 @@ def load_policy(path: str, mode: str | None = None, use_ema: bool = True,
     config = c.state["config"]
     saved = c.state["precision"].get("plan")
     if mode is None and saved is not None:  # the plan it was trained with, measured rules included
-        mp = MixedPrecision(saved["mode"], PrecisionPlan.from_dict(saved, where=f"checkpoint {c.path}"),
+        mp = MixedPrecision(PrecisionPlan.from_dict(saved, where=f"checkpoint {c.path}"),
                             tf32=bool(c.state["precision"].get("tf32", False)))
     else:
         mp = MixedPrecision(mode or c.state["precision"]["mode"], config["precision"]["rules"] or None,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vlamp.precision.front import MixedPrecision
+from vlamp.precision.mixed_precision import MixedPrecision
 from vlamp.precision.scaler import StepOutcome
 from vlamp.train.distributed import gradient_sync, mean_over_ranks
 

@@ -19,13 +19,16 @@ from tqdm.auto import tqdm
 from vlamp.data.dataset import ChunkDataset, random_shift, random_shift_offsets
 from vlamp.data.generate import dataset_camera, generate
 from vlamp.data.reader import LeRobotData, read_dataset
-from vlamp.models.tinyvla import build_model, saved_model_config
+from vlamp.models.config import saved_model_config
+from vlamp.models.registry import build_model
 from vlamp.models.tokenizer import WordTokenizer
+from vlamp.precision.autoplan import measure_plan
 from vlamp.precision.errors import VlampError
-from vlamp.precision.front import MixedPrecision
-from vlamp.precision.hardware import synchronize
+from vlamp.precision.hardware import set_tf32, synchronize
 from vlamp.precision.memory import checkpoint_modules
+from vlamp.precision.mixed_precision import MixedPrecision
 from vlamp.precision.plan import PrecisionPlan
+from vlamp.precision.weight_update import UpdateSettings
 from vlamp.train import checkpoint as ckpt
 from vlamp.train import distributed
 from vlamp.train.config import RunConfig, save_config, to_dict
@@ -194,25 +197,23 @@ class Trainer:
         saved = resume_from.state["precision"].get("plan") if resume_from is not None else None
         settings = p.loss_scale.settings()
         common = {"scaler_settings": settings, "tf32": p.tf32, "diagnostics": p.diagnostics,
-                  "update": p.update, "grad_accum": p.grad_accum,
-                  "rounding_seed": self.config.train.seed}
+                  "update": UpdateSettings(p.update, p.grad_accum, self.config.train.seed)}
         if saved is not None and p.mode in ("auto", saved.get("mode")):
             plan = PrecisionPlan.from_dict(saved, where=f"checkpoint {resume_from.path}")
-            return MixedPrecision(plan.mode, plan, p.scaler or None, **common)
+            return MixedPrecision(plan, None, p.scaler or None, **common)
         if p.measure and p.mode != "fp32":
             plan = None
             if self.world.main:  # measured once, on rank 0; every rank trains on its plan
-                example = self.example_batch()
                 log = (lambda line: tqdm.write(line)) if self.progress else None
-                measured = MixedPrecision(p.mode, p.rules or None, p.scaler or None, model=self.model,
-                                          example_batch=example, log=log,
-                                          sensitivity=p.sensitivity or None, **common)
-                plan = measured.plan.to_dict()
+                set_tf32(p.tf32)  # measured as it will run
+                plan = measure_plan(self.model, self.example_batch(), p.mode, rules=p.rules or None,
+                                    log=log, sensitivity=p.sensitivity or None)
                 if not self.world.distributed:
-                    return measured
+                    return MixedPrecision(plan, None, p.scaler or None, **common)
+                plan = plan.to_dict()
             plan = distributed.broadcast_json(plan, self.world)
             plan = PrecisionPlan.from_dict(plan, where="rank 0's measured plan")
-            return MixedPrecision(plan.mode, plan, p.scaler or None, **common)
+            return MixedPrecision(plan, None, p.scaler or None, **common)
         return MixedPrecision(p.mode, p.rules or None, p.scaler or None, device=self.device, **common)
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -431,7 +432,7 @@ class Trainer:
                 model, mp = self.model, self.mp
                 if self.sharded:
                     model = self._unsharded_copy()
-                    mp = MixedPrecision(self.mp.mode, self.mp.plan, tf32=self.mp.tf32)
+                    mp = MixedPrecision(self.mp.plan, tf32=self.mp.tf32)
                     mp.setup(model)
                 with _swapped(model, weights):
                     res = evaluate(VLAPolicy(model, self.tokenizer, self.data.stats, mp), tasks,

@@ -1,4 +1,4 @@
-"""``MixedPrecision``: the one object that decides precision, for vlamp's trainer and anyone's loop."""
+"""``MixedPrecision``: the one object that runs a precision plan, for vlamp's trainer and anyone's loop."""
 
 from __future__ import annotations
 
@@ -7,21 +7,22 @@ import copy
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from vlamp.precision.apply import apply_plan, uncalled_boundaries
-from vlamp.precision.autoplan import model_device, plan_for
+from vlamp.precision.describe import PlanTable, describe_plan
 from vlamp.precision.diagnostics import Diagnostics, parse_every
 from vlamp.precision.errors import VlampError
 from vlamp.precision.fsdp import ShardGroup, shard_model
 from vlamp.precision.hardware import set_tf32
-from vlamp.precision.master import MasterWeights, updates_lost_parameters
-from vlamp.precision.modes import Mode
+from vlamp.precision.master import MasterWeights
+from vlamp.precision.modes import Mode, get_mode
 from vlamp.precision.plan import PrecisionPlan, RuleSpec
+from vlamp.precision.probe import model_device
 from vlamp.precision.scaler import (
     CollapseWatch,
     LossScaler,
@@ -32,16 +33,17 @@ from vlamp.precision.scaler import (
     step_unscaling_inside,
     unscales_itself,
 )
-from vlamp.precision.update import (
-    LowPrecisionUpdate,
-    check_update,
-    clip_grads,
-    low_precision_updates,
+from vlamp.precision.update import weight_update_for
+from vlamp.precision.weight_update import (
+    UpdateSettings,
+    WeightUpdate,
     moments_per_param,
-    update_note,
 )
 
 ScalerSpec = LossScaler | Literal["dynamic", "static", "none"] | None
+
+
+RulesSpec = Sequence[RuleSpec] | Mapping[str, str] | str | os.PathLike[str]
 
 
 class MixedPrecision:
@@ -56,28 +58,23 @@ class MixedPrecision:
         mp.backward(loss)
         outcome = mp.step(opt, clip_grad_norm=1.0)   # unscale, check, clip, step, update, zero_grad
 
+    Measuring is apart from running: a plan measured on this machine
+    (:func:`~vlamp.precision.autoplan.measure_plan`) is handed in as the first argument.
+
     Args:
-        mode: ``"fp32"``, ``"bf16-mixed"``, ``"fp16-mixed"``, ``"bf16-true"``, ``"fp16-true"`` or
-            ``"auto"`` (chosen from the hardware; see ``vlamp doctor``).
-        rules: Per-module rules (see :class:`PrecisionPlan`), a path to a YAML rules file, or a
-            ready ``PrecisionPlan``.
+        mode: ``"fp32"``, ``"bf16-mixed"``, ``"fp16-mixed"``, ``"bf16-true"``, ``"fp16-true"``,
+            ``"auto"`` (chosen from the hardware table; see ``vlamp doctor``), a :class:`Mode`, or
+            a ready :class:`PrecisionPlan` (its mode and rules; then ``rules`` stays ``None``).
+        rules: Per-module rules (see :class:`PrecisionPlan`) or a path to a YAML rules file.
         scaler: ``None`` for the mode's default (dynamic for FP16, none otherwise), a name
             (``"dynamic"``, ``"static"``, ``"none"``) or a ``LossScaler`` instance.
         builtin_rules: Whether the built-in FP32 islands (norms, embeddings, action output, loss) apply.
         num_losses: Number of losses that each get their own scaler (``backward(loss, loss_id=i)``).
-        model: With ``example_batch``: measure the plan on this model (not changed; copies are
-            timed) and keep FP32 where low precision is slower here; with ``mode="auto"`` the
-            measured step also decides between the low-precision mode and FP32. See
-            :func:`vlamp.precision.autoplan.measure_plan`; the result is cached.
-        example_batch: A real batch; ``loss_fn(model, batch)`` (default ``model(batch)``) is the loss.
-        loss_fn: How the loss is computed from the model and a batch, for the measurement.
-        cache: Read and write the measured-plan cache.
-        log: Called with a line on what the measurement did (e.g. ``print``).
         scaler_settings: Settings for a scaler given by name or chosen by the mode
             (``DynamicLossScaler``'s arguments: ``init_scale``, ``min_scale``, ``growth_interval``,
             ...; a static scaler takes ``init_scale``).
-        device: For ``mode="auto"`` without ``model``: the device to decide for (default: CUDA
-            when present, else the CPU). With ``model``, its own device decides.
+        device: For ``mode="auto"``: the device to decide for (default: CUDA when present, else
+            the CPU).
         tf32: Let CUDA run FP32 matmuls and convolutions on TF32 tensor cores (10-bit mantissa)
             — FP32 modules and FP32 islands included. Off (the default) keeps them IEEE FP32, the
             reference the other modes are measured against. Set for the process at
@@ -86,20 +83,14 @@ class MixedPrecision:
             record per module the overflow, underflow and headroom of its activations and
             gradients and the updates its parameters lost to rounding
             (:mod:`vlamp.precision.diagnostics`); read :attr:`last_diagnostics` after each step.
-        sensitivity: With ``model``/``example_batch``: also measure each module's error in low
-            precision against FP32 and keep in FP32 those above this relative error, in place
-            of the built-in islands (see :func:`vlamp.precision.autoplan.measure_plan`).
         update: How weights the plan stores in low precision (the ``-true`` modes, ``params=bf16``
-            rules) are updated: ``"master"`` (FP32 master copies, the default), ``"kahan"``
-            (a compensation buffer in the weight's dtype), ``"stochastic"`` (stochastic rounding
-            into BF16) or ``"naive"`` (round to nearest); without masters the optimizer's
-            moments are kept in the weight's dtype. See :mod:`vlamp.precision.update`.
-        grad_accum: The dtype gradients of several micro-batches are summed in, for weights stored
-            in low precision: ``"fp32"`` (default) or ``"storage"`` (the weight's dtype).
-        rounding_seed: Seed of the stochastic-rounding generator (saved in :meth:`state_dict`).
+            rules) are updated: an :class:`UpdateSettings` (method, gradient accumulation dtype,
+            rounding seed) or just the method's name (``"master"``, ``"kahan"``,
+            ``"stochastic"``, ``"naive"``).
 
     Example:
-        >>> mp = MixedPrecision("auto", model=model, example_batch=batch)  # doctest: +SKIP
+        >>> plan = measure_plan(model, batch, "auto")                      # doctest: +SKIP
+        >>> mp = MixedPrecision(plan, update=UpdateSettings("kahan"))      # doctest: +SKIP
         >>> print(mp.plan.measured["reason"])                               # doctest: +SKIP
 
     Raises:
@@ -108,34 +99,25 @@ class MixedPrecision:
 
     def __init__(
         self,
-        mode: str | Mode = "auto",
-        rules: Sequence[RuleSpec] | Mapping[str, str] | str | os.PathLike[str] | PrecisionPlan | None = None,
+        mode: str | Mode | PrecisionPlan = "auto",
+        rules: RulesSpec | None = None,
         scaler: ScalerSpec = None,
         *,
         builtin_rules: bool = True,
         num_losses: int = 1,
-        model: nn.Module | None = None,
-        example_batch: Any = None,
-        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
-        cache: bool = True,
-        log: Callable[[str], None] | None = None,
         scaler_settings: Mapping[str, Any] | None = None,
         device: str | torch.device | None = None,
         tf32: bool = False,
         diagnostics: str | int | None = None,
-        sensitivity: float | None = None,
-        update: str = "master",
-        grad_accum: str = "fp32",
-        rounding_seed: int = 0,
+        update: UpdateSettings | str = UpdateSettings(),
     ) -> None:
-        check_update(update, grad_accum)
-        self.requested_mode = mode if isinstance(mode, str) else mode.name
-        if model is not None:
-            set_tf32(tf32)  # measured as it will run
-        self.plan = plan_for(mode, rules, builtin_rules, model=model, example_batch=example_batch,
-                             loss_fn=loss_fn, cache=cache, log=log, device=device,
-                             sensitivity=sensitivity)
+        self.settings = update if isinstance(update, UpdateSettings) else UpdateSettings(update)
+        self.plan = _plan(mode, rules, builtin_rules, device)
         self.mode = self.plan.mode
+        #: What was asked for (``"auto"``, or a measured plan's request), beside :attr:`mode`.
+        self.requested_mode = mode if isinstance(mode, str) else \
+            ((mode.measured or {}).get("requested", mode.mode.name) if isinstance(mode, PrecisionPlan)
+             else mode.name)
         if int(num_losses) != num_losses or num_losses < 1:
             raise VlampError(f"MixedPrecision: num_losses must be an integer >= 1, got {num_losses}")
         base = choose_scaler(self.mode, scaler, dict(scaler_settings or {}))
@@ -145,9 +127,7 @@ class MixedPrecision:
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.device = torch.device("cpu")
-        self._masters: MasterWeights | None = None
-        self.update, self.grad_accum, self.rounding_seed = update, grad_accum, int(rounding_seed)
-        self._update: LowPrecisionUpdate | None = None
+        self.weights = WeightUpdate(None)  # replaced at setup(model, optimizer)
         self._resolved: list[Any] = []
         self._buffers_before: list[torch.Tensor] | None = None
         self._collapse = CollapseWatch()
@@ -163,9 +143,10 @@ class MixedPrecision:
     # -- setup -----------------------------------------------------------------------------------
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
               ) -> tuple[nn.Module, torch.optim.Optimizer | None]:
-        """Applies the plan to ``model`` (in place) and, for parameters stored in low precision,
-        gives ``optimizer`` FP32 master weights. Create the optimizer over ``model.parameters()``
-        before calling this, and call it before the first step.
+        """Applies the plan to ``model`` (in place) and chooses how ``optimizer``'s step reaches
+        the weights stored in low precision (:attr:`weights`: FP32 masters, Kahan, stochastic or
+        naive rounding). Create the optimizer over ``model.parameters()`` before calling this, and
+        call it before the first step.
 
         For data-parallel or sharded training call it twice: ``mp.setup(model)`` applies the plan;
         then wrap the model in DDP, or shard it with :meth:`shard` (FSDP2); build the optimizer
@@ -183,16 +164,13 @@ class MixedPrecision:
             raise VlampError("MixedPrecision.setup: this model already has its optimizer; set up "
                              "each model and optimizer once")
         self.model, self.optimizer = model, optimizer
-        if optimizer is not None and self.mode.master_weights:
+        if optimizer is not None:
             names = {id(p): n for n, p in model.named_parameters()}
-            updates = low_precision_updates(optimizer, self.update, names, self.grad_accum,
-                                            self.rounding_seed, self.mode.name)
-            self._masters = updates if isinstance(updates, MasterWeights) else None
-            self._update = updates if isinstance(updates, LowPrecisionUpdate) else None
+            self.weights = weight_update_for(optimizer, self.settings, names, self.mode.name)
         if optimizer is not None and self.diagnostics is not None:
-            m = self._masters
-            self.diagnostics.attach(model, {id(x): m.name(i) for i, x in enumerate(m.masters)}
-                                    if m is not None else None)
+            w = self.weights
+            self.diagnostics.attach(model, {id(x): w.name(i) for i, x in enumerate(w.masters)}
+                                    if isinstance(w, MasterWeights) else None)
         return model, optimizer
 
     @property
@@ -247,15 +225,13 @@ class MixedPrecision:
                     f"optimizer had stepped; the optimizer's state (and FP32 masters) stay on "
                     f"{self.device}. Move the model first, then build the optimizer and call "
                     f"mp.setup(model, optimizer)")
-            if self.optimizer is not None and updates_lost_parameters(self.model, self.optimizer,
-                                                                      self._masters):
+            if self.optimizer is not None and self.weights.lost_parameters(self.model, self.optimizer):
                 raise VlampError(
                     f"MixedPrecision: moving the model from {self.device} to {now} replaced its "
                     f"parameters (as moves from or to the meta device do), so the optimizer "
                     f"updates tensors the model no longer has. Move the model first, then build "
                     f"the optimizer and call mp.setup(model, optimizer)")
-            if self._masters is not None:
-                self._masters.to(now)
+            self.weights.to(now)
             self.device = now
         return now
 
@@ -292,13 +268,10 @@ class MixedPrecision:
         """Backpropagates ``loss`` times its scaler's scale. Call once per micro-batch; gradients add
         up until :meth:`step`. ``kwargs`` go to ``Tensor.backward``."""
         scaler = self.scalers[loss_id]
-        if self._update is not None:
-            self._update.fold_grads()  # FP32 sums of the earlier micro-batches, if any
-        accumulate = self._masters is not None and self.grad_accum == "fp32"
+        self.weights.before_backward()
         if len(self.scalers) == 1:
             scaler.scale_loss(loss).backward(**kwargs)
-            if accumulate:
-                self._masters.accumulate_grads()
+            self.weights.after_backward()
             return
         # Several scales: this backward's gradients are unscaled on their own before joining the
         # earlier ones, so each scale is checked and updated by its own overflows.
@@ -307,8 +280,7 @@ class MixedPrecision:
         for p in params:
             p.grad = None
         scaler.scale_loss(loss).backward(**kwargs)
-        if accumulate:
-            self._masters.accumulate_grads()
+        self.weights.after_backward()
         fresh = [p.grad for p in params if p.grad is not None]
         self._found_inf[loss_id] |= scaler.unscale_(fresh) if fresh else False
         with torch.no_grad():
@@ -326,54 +298,21 @@ class MixedPrecision:
         Returns:
             A :class:`StepOutcome`; ``skipped`` is true when any gradient was inf/NaN.
         """
-        if self._masters is not None:
-            self._masters.gradients_for_step(self.mode.name, self.grad_accum == "storage")
         if self.steps == 0:
             self._check_boundaries_ran()
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        update = self._update
-        grads = update.final_grads(optimizer) if update is not None else \
-            [p.grad for p in params if p.grad is not None]
+        grads = self.weights.grads(optimizer)
         scale = self.scalers[0].scale
-        # A fused optimizer unscales and skips inside its own kernel: no pass that rewrites every
-        # gradient, and the inf/NaN flag is read back only once the step is queued. Clipping
-        # needs the unscaled gradients first, so it takes the plain path.
-        handoff = (len(self.scalers) == 1 and scale != 1.0 and clip_grad_norm is None
-                   and bool(grads) and unscales_itself(optimizer) and update is None)
         if self.diagnostics is not None:
             self.diagnostics.before_update(optimizer)
-        if len(self.scalers) > 1:
-            found_per_loss = list(self._found_inf)
-        elif handoff:
-            found_per_loss = [step_unscaling_inside(optimizer, grads, scale)]
-        elif scale != 1.0 or clip_grad_norm is None:
-            found_per_loss = [self.scalers[0].unscale_(grads)]
-        else:
-            found_per_loss = [False]  # the norm below is the non-finite check
-        grad_norm = None
-        clip_inf = False
-        if clip_grad_norm is not None:
-            norm = clip_grads(grads, clip_grad_norm) if update is not None else \
-                torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None],
-                                               clip_grad_norm, foreach=True)
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-            clip_inf = not math.isfinite(grad_norm)
-            if found_per_loss == [False] and scale == 1.0:  # the norm was the only check: one verdict
-                clip_inf = bool(across_ranks(torch.tensor(float(clip_inf), device=self.device)).item())
+        found_per_loss, stepped = self._unscale(optimizer, grads, scale, clip_grad_norm)
+        grad_norm, clip_inf = self._clip(optimizer, grads, clip_grad_norm, found_per_loss, scale)
         found = any(found_per_loss) or clip_inf
         if not found:
             if not isinstance(self.scalers[0], NoLossScaler):
                 self._collapse.observe(grads, grad_norm, scale, self.steps + 1)
-            if update is not None:
-                update.step(optimizer)
-            elif not handoff:
-                optimizer.step()
-            if self._masters is not None:
-                self._masters.copy_to_model()
-        elif self._buffers_before is not None and self.model is not None:
-            with torch.no_grad():  # the skipped step's forward moved running statistics: undo
-                for b, old in zip(self.model.buffers(), self._buffers_before):
-                    b.copy_(old)
+            self.weights.step(optimizer, stepped=stepped)
+        else:
+            self._restore_buffers()
         self._buffers_before = None
         if self.diagnostics is not None:
             self.diagnostics.after_update(optimizer, applied=not found)
@@ -382,14 +321,54 @@ class MixedPrecision:
         for i, scaler in enumerate(self.scalers):
             scaler.update(found_per_loss[i] or clip_inf)
         self._found_inf = [False] * len(self.scalers)
-        optimizer.zero_grad(set_to_none=True)
-        if update is not None:
-            update.zero_grad()
-        if self.model is not None:
-            self.model.zero_grad(set_to_none=True)
+        self._zero_grad(optimizer)
         self.steps += 1
         self.skipped_steps += int(found)
         return StepOutcome(skipped=found, scale=scale, grad_norm=grad_norm, found_inf=found)
+
+    def _unscale(self, optimizer: torch.optim.Optimizer, grads: list[torch.Tensor], scale: float,
+                 clip_grad_norm: float | None) -> tuple[list[bool], bool]:
+        """Unscales the gradients and checks them: per loss, whether any was inf/NaN, and whether
+        the optimizer already stepped.
+
+        A fused optimizer unscales and skips inside its own kernel: no pass that rewrites every
+        gradient, and the inf/NaN flag is read back only once the step is queued. Clipping needs
+        the unscaled gradients first, so it takes the plain path."""
+        if len(self.scalers) > 1:
+            return list(self._found_inf), False  # each loss unscaled its own in backward()
+        if (scale != 1.0 and clip_grad_norm is None and bool(grads) and self.weights.fused_handoff
+                and unscales_itself(optimizer)):
+            return [step_unscaling_inside(optimizer, grads, scale)], True
+        if scale != 1.0 or clip_grad_norm is None:
+            return [self.scalers[0].unscale_(grads)], False
+        return [False], False  # the clipping norm is the non-finite check
+
+    def _clip(self, optimizer: torch.optim.Optimizer, grads: list[torch.Tensor],
+              clip_grad_norm: float | None, found_per_loss: list[bool], scale: float
+              ) -> tuple[float | None, bool]:
+        """Clips to ``clip_grad_norm``: the norm before clipping and whether it was not finite
+        (the one verdict of every rank when the norm was the only check)."""
+        if clip_grad_norm is None:
+            return None, False
+        norm = self.weights.clip(optimizer, grads, clip_grad_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        clip_inf = not math.isfinite(grad_norm)
+        if found_per_loss == [False] and scale == 1.0:
+            clip_inf = bool(across_ranks(torch.tensor(float(clip_inf), device=self.device)).item())
+        return grad_norm, clip_inf
+
+    def _restore_buffers(self) -> None:
+        """A skipped step's forward moved running statistics: put them back."""
+        if self._buffers_before is not None and self.model is not None:
+            with torch.no_grad():
+                for b, old in zip(self.model.buffers(), self._buffers_before):
+                    b.copy_(old)
+
+    def _zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        self.weights.zero_grad()
+        if self.model is not None:
+            self.model.zero_grad(set_to_none=True)
 
     def _check_boundaries_ran(self) -> None:
         """After the first step's forward: rules on modules whose forward never ran (their parent
@@ -409,31 +388,24 @@ class MixedPrecision:
         return self._collapse.zero_grad_steps
 
     def master_weights(self) -> dict[str, torch.Tensor]:
-        """The model's state dict with each low-precision parameter replaced by its FP32 master:
-        the weights the optimizer really updates (what an EMA should average)."""
+        """The model's state dict with each low-precision parameter replaced by the weight the
+        optimizer really updates (its FP32 master, or Kahan's ``w + c``): what an EMA should
+        average."""
         if self.model is None:
             raise VlampError("MixedPrecision: call setup(model, optimizer) first")
-        sd = self.model.state_dict()
-        if self._masters is not None:
-            for i, m in enumerate(self._masters.masters):
-                sd[self._masters.name(i)] = m.detach()
-        if self._update is not None:
-            sd.update(self._update.exact_weights())
-        return sd
+        return {**self.model.state_dict(), **self.weights.exact_weights()}
 
     def sync_masters(self, weights: Mapping[str, torch.Tensor] | None = None) -> None:
-        """Sets the FP32 masters from ``weights`` (e.g. a checkpoint's full-precision weights, by
-        parameter name) or from the model's current weights. Call it after loading weights into
-        the model by hand: otherwise the next step writes the masters' older values back."""
-        if self._masters is not None:
-            self._masters.set_from(dict(weights) if weights is not None else None)
+        """Sets what the update holds beside the model (FP32 masters, Kahan compensation) from
+        ``weights`` (e.g. a checkpoint's full-precision weights, by parameter name) or from the
+        model's current weights. Call it after loading weights into the model by hand: otherwise
+        the next step writes the masters' older values back."""
+        self.weights.sync_from(dict(weights) if weights is not None else None)
 
     def _params(self) -> list[torch.Tensor]:
         if self.model is None:
             raise VlampError("MixedPrecision: call setup(model, optimizer) first")
-        if self._masters is not None:
-            return self._masters.trainable(self.model)
-        return [p for p in self.model.parameters() if p.requires_grad]
+        return self.weights.trainable(self.model)
 
     # -- state -----------------------------------------------------------------------------------
     @property
@@ -442,17 +414,19 @@ class MixedPrecision:
         return self.scalers[0].scale
 
     def state_dict(self) -> dict[str, Any]:
-        """Mode, step counters, every scaler's state and the plan (plain data), plus FP32 master
-        weights."""
-        return {
+        """Mode, step counters, every scaler's state and the plan (plain data), and the update's
+        tensors: FP32 masters by name (``master_weights``) or Kahan buffers and the rounding
+        generator (``update_tensors``)."""
+        state = {
             "mode": self.mode.name, "steps": self.steps, "skipped_steps": self.skipped_steps,
             "scalers": [{"type": type(s).__name__, **s.state_dict()} for s in self.scalers],
             "plan": self.plan.to_dict(),
             "tf32": self.tf32,
-            "master_weights": self._masters.state_dict() if self._masters is not None else {},
-            "update": self.update, "grad_accum": self.grad_accum,
-            "update_tensors": self._update.state_dict() if self._update is not None else {},
+            "master_weights": {}, "update_tensors": {},
+            "update": self.settings.method, "grad_accum": self.settings.grad_accum,
         }
+        state[self.weights.state_key] = self.weights.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores :meth:`state_dict`. A different mode is allowed (the caller reports it); scaler
@@ -465,29 +439,17 @@ class MixedPrecision:
         for scaler, s in zip(self.scalers, saved):
             if s.get("type") == type(scaler).__name__:
                 scaler.load_state_dict({k: v for k, v in s.items() if k != "type"})
-        if self._update is not None:
-            self._update.load_state_dict(state.get("update_tensors") or {})
-        masters = state.get("master_weights") or {}
-        if self._masters is None:
-            return
-        if masters:
-            try:
-                self._masters.load_state_dict(masters)
-                return
-            except VlampError:
-                pass  # saved for other parameters (another mode or plan)
-        self._masters.set_from(None)  # from the model's weights, which the caller loaded
+        self.weights.load_state_dict(state.get(self.weights.state_key) or {})
 
-    def describe(self, max_depth: int | None = None):
+    def describe(self, max_depth: int | None = None) -> PlanTable:
         """The describe table of the model given to :meth:`setup`; after the first step, rules on
         modules that never ran their own forward are marked as changing storage only."""
         if self.model is None:
             raise VlampError("MixedPrecision.describe: call setup(model, optimizer) first")
-        update = self.update if self.mode.master_weights else "master"
-        table = self.plan.describe(self.model, max_depth=max_depth, uncalled=self.uncalled,
-                                   update=update, moments=moments_per_param(self.optimizer))
+        table = describe_plan(self.plan, self.model, max_depth=max_depth, uncalled=self.uncalled,
+                              update=self.settings.method, moments=moments_per_param(self.optimizer))
         if self.low_precision_storage:
-            table.notes.append(update_note(self.update, self.grad_accum))
+            table.notes.append(self.settings.describe())
         device = self.device_type
         fp32 = ("TF32 tensor cores (tf32=True)" if self.tf32 else "IEEE FP32 (tf32=False)") \
             if device == "cuda" else "IEEE FP32"
@@ -498,3 +460,24 @@ class MixedPrecision:
     def __repr__(self) -> str:
         return f"MixedPrecision(mode={self.mode.name!r}, scaler={type(self.scalers[0]).__name__})"
 
+
+
+def _plan(mode: str | Mode | PrecisionPlan, rules: RulesSpec | None, builtin_rules: bool,
+          device: str | torch.device | None) -> PrecisionPlan:
+    """The plan :class:`MixedPrecision` runs: a ready plan as it is, else ``rules`` (or a YAML
+    rules file) for the mode, normalised once here (``"auto"`` decided for ``device``).
+
+    Raises:
+        VlampError: On rules beside a ready plan, or a rules file for another mode.
+    """
+    if isinstance(mode, PrecisionPlan):
+        if rules is not None:
+            raise VlampError("MixedPrecision: a ready PrecisionPlan carries its rules; pass rules=None")
+        return mode
+    if isinstance(rules, PrecisionPlan):
+        raise VlampError("MixedPrecision: pass a ready PrecisionPlan as the first argument "
+                         "(MixedPrecision(plan)), not as rules")
+    mode = get_mode(mode, device)  # "auto": for the device it will run on, not whatever is here
+    if isinstance(rules, (str, os.PathLike)):
+        return PrecisionPlan.load(rules, mode=mode)
+    return PrecisionPlan(mode, rules, builtin_rules=builtin_rules)

@@ -1,0 +1,64 @@
+"""Probing a model: where it lives, what a forward pass hands each module, the loss of a batch.
+
+The measurements of :mod:`vlamp.precision.autoplan` (speed) and :mod:`vlamp.precision.sensitivity`
+(accuracy) and the trainer's policy wrapper share these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlamp.precision.apply import map_tensors
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); the CPU for an empty model."""
+    first = next(model.parameters(), None)
+    if first is None:
+        first = next(model.buffers(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def loss_of(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> torch.Tensor:
+    """``loss_fn(model, batch)``, or ``model(batch)`` without one."""
+    return loss_fn(model, batch) if loss_fn is not None else model(batch)
+
+
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    """Every tensor inside ``value`` (nested tuples, lists, dicts, dataclasses), in order."""
+    found: list[torch.Tensor] = []
+    map_tensors(value, found.append)
+    return found
+
+
+def leaf_copy(value: Any) -> Any:
+    """Detached copies of captured inputs; those that needed a gradient become leaves that do."""
+    return map_tensors(value, lambda t: t.detach().clone().requires_grad_(
+        t.requires_grad and t.is_floating_point()))
+
+
+def capture_inputs(model: nn.Module, batch: Any, modules: Mapping[str, nn.Module],
+                   loss_fn: LossFn | None = None) -> dict[str, tuple[tuple, dict]]:
+    """Runs one forward pass of ``model`` (in the caller's autocast context, autograd on, so inputs
+    that need a gradient say so) and returns detached copies of the first inputs each of
+    ``modules`` received (by name; modules never called are absent)."""
+    inputs: dict[str, tuple[tuple, dict]] = {}
+
+    def capture(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            inputs.setdefault(name, (leaf_copy(args), leaf_copy(kwargs)))
+        return hook
+
+    handles = [m.register_forward_pre_hook(capture(n), with_kwargs=True) for n, m in modules.items()]
+    try:
+        loss_of(model, batch, loss_fn)
+    finally:
+        for h in handles:
+            h.remove()
+    return inputs

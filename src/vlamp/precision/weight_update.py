@@ -1,0 +1,211 @@
+"""How an optimizer's step reaches the model's weights: one interface, one class per method.
+
+Every method of updating weights answers the same questions in the same order, once per
+micro-batch and once per step, so :meth:`MixedPrecision.step` has one path for all of them::
+
+    for each micro-batch:
+        update.before_backward();  loss.backward();  update.after_backward()
+    grads = update.grads(optimizer)             # the tensors to unscale, check and clip
+    update.clip(optimizer, grads, max_norm)     # optional
+    update.step(optimizer)                      # or update.step(optimizer, stepped=True) after a
+                                                # fused optimizer stepped itself
+    update.zero_grad()
+
+The methods (``UpdateSettings.method``):
+
+* no weight stored in low precision: :class:`WeightUpdate` itself — the optimizer updates the
+  model's FP32 parameters;
+* ``master``: :class:`~vlamp.precision.master.MasterWeights` — FP32 copies the optimizer updates,
+  rounded into the model after each step;
+* ``kahan``, ``stochastic``, ``naive``: :class:`~vlamp.precision.update.LowPrecisionUpdate` — the
+  low-precision weights are updated themselves, with a compensation buffer, stochastic rounding or
+  round to nearest.
+
+:func:`vlamp.precision.update.weight_update_for` is the one place settings become one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+
+from vlamp.precision.errors import VlampError
+
+Method = Literal["master", "kahan", "stochastic", "naive"]
+UPDATES: tuple[str, ...] = ("master", "kahan", "stochastic", "naive")
+GRAD_ACCUMS: tuple[str, ...] = ("fp32", "storage")
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateSettings:
+    """How weights the plan stores in low precision are updated: one frozen value.
+
+    Args:
+        method: ``"master"`` (FP32 master copies, the default), ``"kahan"`` (a compensation buffer
+            in the weight's dtype), ``"stochastic"`` (stochastic rounding into BF16) or ``"naive"``
+            (round to nearest). Without masters the optimizer's moments are kept in the weight's
+            dtype. See :mod:`vlamp.precision.update`.
+        grad_accum: The dtype gradients of several micro-batches are summed in: ``"fp32"``
+            (default) or ``"storage"`` (the weight's dtype).
+        seed: Seed of the stochastic-rounding generator (its state is saved with the run).
+
+    Raises:
+        VlampError: On an unknown method or grad_accum; the message lists the legal values.
+
+    Example:
+        >>> UpdateSettings("kahan", grad_accum="storage").method
+        'kahan'
+    """
+
+    method: Method = "master"
+    grad_accum: Literal["fp32", "storage"] = "fp32"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_update(self.method, self.grad_accum, where="UpdateSettings")
+        object.__setattr__(self, "seed", int(self.seed))
+
+    def describe(self) -> str:
+        """The line ``describe`` prints under the table about how low-precision weights are updated."""
+        how = {"master": "FP32 masters", "kahan": "Kahan-compensated, moments in the weight's dtype",
+               "stochastic": "stochastic rounding, moments in the weight's dtype",
+               "naive": "round to nearest, moments in the weight's dtype"}[self.method]
+        return (f"low-precision weights updated by {self.method} ({how}); gradients of several "
+                f"micro-batches summed in {self.grad_accum}")
+
+
+def check_update(update: str, grad_accum: str, where: str = "MixedPrecision") -> None:
+    """Raises a :class:`VlampError` naming the legal values when either name is unknown."""
+    if update not in UPDATES:
+        raise VlampError(f"{where}: unknown update {update!r}; legal: {', '.join(UPDATES)}")
+    if grad_accum not in GRAD_ACCUMS:
+        raise VlampError(f"{where}: unknown grad_accum {grad_accum!r}; legal: {', '.join(GRAD_ACCUMS)}")
+
+
+class WeightUpdate:
+    """The optimizer updates the model's own parameters: what FP32 storage needs, and the hooks
+    every other method overrides where it differs.
+
+    Args:
+        optimizer: The optimizer over the model's parameters, not stepped yet.
+        names: Parameter id -> qualified name (for state dicts and messages).
+    """
+
+    #: Whether a fused optimizer may unscale and step inside its own kernel (the gradients it
+    #: reads are the ones this update hands back, and its step is the whole update).
+    fused_handoff = True
+
+    #: Where :meth:`MixedPrecision.state_dict` keeps :meth:`state_dict`'s tensors (checkpoints
+    #: write them as ``master.NAME`` or ``update.KEY``).
+    state_key = "update_tensors"
+
+    def __init__(self, optimizer: torch.optim.Optimizer, names: dict[int, str] | None = None) -> None:
+        del optimizer
+        self.names = names or {}
+
+    def __len__(self) -> int:
+        """How many parameters this method holds apart from a plain optimizer step (0 here)."""
+        return 0
+
+    # -- gradients ---------------------------------------------------------------------------------
+    def before_backward(self) -> None:
+        """Called before each micro-batch's backward."""
+
+    def after_backward(self) -> None:
+        """Called after each micro-batch's backward."""
+
+    def trainable(self, model: torch.nn.Module) -> list[torch.Tensor]:
+        """The tensors a backward's gradients land in, for ``model``."""
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def grads(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+        """The step's gradients, one per parameter that has one: unscaled, checked and clipped in
+        place by the caller."""
+        return [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+
+    def clip(self, optimizer: torch.optim.Optimizer, grads: list[torch.Tensor],
+             max_norm: float) -> torch.Tensor:
+        """Clips the step's gradients to total norm ``max_norm``; returns the norm before. Works on
+        the optimizer's parameters, so sharded (DTensor) gradients clip by their global norm."""
+        del grads
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+
+    # -- the step ----------------------------------------------------------------------------------
+    def step(self, optimizer: torch.optim.Optimizer, stepped: bool = False) -> None:
+        """Applies the step; ``stepped`` when a fused optimizer already ran its own."""
+        if not stepped:
+            optimizer.step()
+
+    def zero_grad(self) -> None:
+        """Drops whatever gradients the method holds apart from the parameters."""
+
+    def to(self, device: torch.device) -> None:
+        """Moves what the method holds apart from the model to ``device``."""
+        del device
+
+    def lost_parameters(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether the optimizer updates tensors the model no longer holds (a move from or to the
+        meta device replaces parameters instead of moving them)."""
+        held = {id(p) for p in model.parameters()}
+        return any(id(p) not in held for p in self._tracked(optimizer))
+
+    def _tracked(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+        return [p for g in optimizer.param_groups for p in g["params"]]
+
+    # -- what the weights really are, and state ----------------------------------------------------
+    def exact_weights(self) -> dict[str, torch.Tensor]:
+        """Parameter name -> the weight the optimizer really works on, where that is not the
+        model's own tensor (FP32 masters, Kahan's ``w + c``)."""
+        return {}
+
+    def sync_from(self, weights: dict[str, torch.Tensor] | None) -> None:
+        """Sets what the method holds from ``weights`` (by name) or from the model's weights."""
+        del weights
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint must keep for an exact resume."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restores :meth:`state_dict`."""
+        del state
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes held beside the model and the optimizer, by kind (``compensation``)."""
+        return {}
+
+    def name_of(self, p: torch.Tensor) -> str:
+        return self.names.get(id(p), "parameter")
+
+
+def moments_per_param(optimizer: torch.optim.Optimizer | None) -> int:
+    """Per-element state tensors the optimizer keeps for a parameter: counted from its state once
+    it has stepped, else known for torch's common optimizers (AdamW 2, SGD with momentum 1), else 2."""
+    if optimizer is None:
+        return 2
+    for p in optimizer.state:
+        return sum(1 for _ in moments(optimizer, p))
+    d = optimizer.defaults
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return 3 if d.get("amsgrad") else 2
+    if isinstance(optimizer, torch.optim.SGD):
+        return 1 if d.get("momentum") else 0
+    if isinstance(optimizer, (torch.optim.RMSprop, torch.optim.Adagrad)):
+        return 1
+    return 2
+
+
+def moments(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """The per-element state tensors of ``p`` (AdamW's ``exp_avg`` and ``exp_avg_sq``, SGD's
+    ``momentum_buffer``, ...): floating tensors of its shape, never the step count."""
+    for k, v in list(optimizer.state.get(p, {}).items()):
+        if k != "step" and isinstance(v, torch.Tensor) and v.is_floating_point() and v.shape == p.shape:
+            yield k, v
+
+
+__all__ = ["GRAD_ACCUMS", "UPDATES", "UpdateSettings", "WeightUpdate", "check_update",
+           "moments", "moments_per_param"]
