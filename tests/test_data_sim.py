@@ -162,8 +162,14 @@ def test_writer_never_leaves_a_half_written_dataset(tmp_path):
                  np.zeros((3, 4), np.float32), "a")
     broken = Episode(np.zeros((3, 8, 8, 3), np.uint8), np.zeros((3, 5), np.float32),
                      np.zeros((3, 4), np.float32), "b")
-    with pytest.raises(Exception):
+    with pytest.raises(VlampError, match=r"episode 1 \('b'\) has state/action widths \(5,\)/\(4,\), "
+                                         r"the names give 4/4"):
         write_dataset(tmp_path / "ds", [ok, broken], fps=10, state_names="abcd", action_names="abcd")
+    assert list(tmp_path.iterdir()) == []
+    short = Episode(np.zeros((2, 8, 8, 3), np.uint8), np.zeros((3, 4), np.float32),
+                    np.zeros((3, 4), np.float32), "c")
+    with pytest.raises(VlampError, match="episode 1 \('c'\) has 2 images"):
+        write_dataset(tmp_path / "ds", [ok, short], fps=10, state_names="abcd", action_names="abcd")
     assert list(tmp_path.iterdir()) == []
     write_dataset(tmp_path / "ds", [ok], fps=10, state_names="abcd", action_names="abcd")
     with pytest.raises(VlampError, match="already exists"):

@@ -147,10 +147,17 @@ def test_mixed_precision_across_ranks(tmp_path):
         assert run["losses"] == r1[key]["losses"], key
         assert run["losses"][0] == pytest.approx(run["ref_losses"][0], rel=1e-6), key
         assert close(run["losses"], run["ref_losses"], 2e-3), key
-    # bf16 reduction really ran in bf16 (later losses move), the same way under DDP and FSDP2.
-    low, full = r0["ddp+bf16-reduce/bf16-mixed"]["losses"], r0["ddp/bf16-mixed"]["losses"]
-    assert low[0] == full[0] and all(a != b for a, b in zip(low[1:], full[1:]))
-    assert low == r0["fsdp+bf16-reduce/bf16-mixed"]["losses"]
+    # bf16 reduction really ran in bf16 (later losses move away from the same strategy's FP32
+    # reduction, which is bit-deterministic on one machine), under DDP and FSDP2 alike. The two
+    # strategies' bf16 sums need not agree in the last bit: DDP compresses the gradient of the
+    # FP32 weight, FSDP2 reduces the gradient of the gathered bf16 weight, and which bf16 kernels
+    # compute those differs between CPUs (equal on an AVX512-BF16 Xeon, 1 ulp apart on AVX2).
+    for strategy in ("ddp", "fsdp"):
+        low = r0[f"{strategy}+bf16-reduce/bf16-mixed"]["losses"]
+        full = r0[f"{strategy}/bf16-mixed"]["losses"]
+        assert low[0] == full[0] and all(a != b for a, b in zip(low[1:], full[1:])), strategy
+    assert close(r0["ddp+bf16-reduce/bf16-mixed"]["losses"],
+                 r0["fsdp+bf16-reduce/bf16-mixed"]["losses"], 1e-5)
     assert "gradients all-reduced in bf16" in r0["ddp+bf16-reduce/bf16-mixed"]["notes"][0]
     assert "gradients reduced in bf16" in r0["fsdp+bf16-reduce/bf16-mixed"]["notes"][2]
     dtypes = r0["fsdp/bf16-mixed"]["dtypes"]

@@ -19,6 +19,7 @@ from torch import nn
 
 from vlamp import DynamicLossScaler, MixedPrecision, StaticLossScaler, VlampError
 from vlamp.precision.master import MasterWeights
+from vlamp.train import checkpoint as checkpoint_module
 from vlamp.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from vlamp.train.config import load_config
 from vlamp.train.step import EMA
@@ -203,7 +204,7 @@ def test_unwritable_output_dir_is_one_line_before_loading(tiny_dataset, tmp_path
 
 
 @pytest.mark.slow
-def test_checkpoint_that_passes_its_checksum_but_lacks_keys(tiny_dataset, tmp_path):
+def test_checkpoint_that_passes_its_checksum_but_lacks_keys(tiny_dataset, tmp_path, monkeypatch):
     out = tmp_path / "run"
     trainer(tiny_dataset, out, "fp32").fit()  # checkpoints at steps 3 and 6
     step6 = out / "checkpoints" / "step_0000006"
@@ -217,6 +218,18 @@ def test_checkpoint_that_passes_its_checksum_but_lacks_keys(tiny_dataset, tmp_pa
         load_checkpoint(step6)
     with pytest.warns(UserWarning, match="skipping checkpoint"):
         assert latest_checkpoint(out).step == 3  # falls back to the previous one
+    # checksummed bytes that do not parse are the user's problem; a bug of the reader is not
+    step3 = out / "checkpoints" / "step_0000003"
+    (step3 / "model.safetensors").write_bytes(b"not a safetensors file")
+    sums = json.loads((step3 / "checksums.json").read_text())
+    sums["model.safetensors"] = hashlib.sha256(b"not a safetensors file").hexdigest()
+    (step3 / "checksums.json").write_text(json.dumps(sums))
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(step3)
+    monkeypatch.setattr(checkpoint_module, "load", lambda blob: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        load_checkpoint(step6)
+    monkeypatch.undo()
     shutil.rmtree(out / "checkpoints" / "step_0000003")
     p = cli("eval", "--checkpoint", str(out), "--episodes", "1")
     assert p.returncode == 2 and "lacks tokenizer" in p.stderr

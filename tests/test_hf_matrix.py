@@ -4,17 +4,17 @@ DINOv2 vision towers, and PaliGemma (SigLIP + Gemma) as a whole VLM — each set
 ``MixedPrecision`` in bf16-mixed, fp16-mixed and bf16-true and checked for: every norm and
 rotary/position embedding found by a built-in rule, the dtypes their kernels really ran in (forward
 and backward, traced at the aten level), the loss of a hand-written torch.amp loop where the
-precision is the same, and the model's output types (ModelOutput, caches) left as they were."""
+precision is the same, the loss within bf16's resolution of FP32's, and the model's output
+types (ModelOutput, caches) left as they were."""
 
 import pytest
 import torch
+import transformers as T  # the test extra installs it: every case runs
 from torch import nn
 
 from vlamp import MixedPrecision
 from vlamp.models.hf import PRESETS, build_hf_model
 from vlamp.precision.verify import COMPUTE_OPS, REDUCTION_OPS, trace_compute_dtypes
-
-T = pytest.importorskip("transformers")
 
 LOW = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16, "bf16-true": torch.bfloat16}
 
@@ -122,12 +122,15 @@ def test_outputs_keep_their_types_and_the_loss_matches_torch_amp(family):
     assert loss == float(loss_of(ref_out))
     if getattr(ref_out, "past_key_values", None) is not None:
         assert type(out.past_key_values) is type(ref_out.past_key_values)
-    # With them the loss moves towards FP32's
+    # With them the loss stays within one bf16 step (2^-8, relative) of FP32's. (They are not
+    # claimed to move it closer: on one batch the difference is rounding noise either way, and
+    # measured here vlamp's and torch.amp's distances were equal for five families and 4x apart,
+    # both below 2e-4 on a loss of ~4, for paligemma.)
     _, _, _, out, loss = run(family, "bf16-mixed")
     torch.manual_seed(0)
     with torch.no_grad():
         fp32 = float(loss_of(build_hf_model(family)(**inputs())))
-    assert abs(loss - fp32) <= max(abs(float(loss_of(ref_out)) - fp32), 1e-3) * 1.5
+    assert abs(loss - fp32) <= 2**-8 * abs(fp32)
 
 
 def test_describe_says_which_rule_found_each_island_and_why():
@@ -225,3 +228,24 @@ def test_hf_vlm_builds_from_a_local_config_and_loads_its_local_weights(tmp_path)
                            want["multi_modal_projector.linear.weight"])
     with pytest.raises(VlampError, match="needs model.hf_config to be the directory"):
         HFVLA(ModelConfig(**{**shape, "hf_config": ""}, hf_pretrained=True))
+
+
+@pytest.mark.slow
+def test_a_config_json_that_is_not_json_or_has_no_model_type_is_one_line(tiny_dataset, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import tiny_overrides
+
+    for name, text, why in (("broken", "{not json", "is not valid JSON"),
+                            ("untyped", '{"hidden_size": 8}', "has no model_type key")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(text)
+        train = [*tiny_overrides(tiny_dataset, tmp_path / f"run-{name}", "fp32"), "model.name=hf-vlm",
+                 f"model.hf_config={tmp_path / name}"]
+        for args in (["train", *train], ["plan", "--model", str(tmp_path / name)]):
+            p = subprocess.run([sys.executable, "-m", "vlamp", *args], capture_output=True, text=True,
+                               timeout=300)
+            lines = [line for line in p.stderr.strip().splitlines() if "frame/s" not in line]
+            assert p.returncode == 2 and len(lines) == 1 and len(lines[0]) < 300, p.stderr[-3000:]
+            assert "not a transformers config" in lines[0] and why in lines[0]

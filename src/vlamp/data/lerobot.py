@@ -55,10 +55,12 @@ def write_dataset(root: str | os.PathLike[str], episodes: Sequence[Episode], *, 
     records; LeRobot readers ignore them).
 
     Raises:
-        VlampError: If ``root`` exists or its parent is not writable.
+        VlampError: If ``root`` exists or its parent is not writable, or an episode's arrays do
+            not fit the names (nothing is written then).
     """
     import pyarrow as pa
 
+    _check_episodes(episodes, len(state_names), len(action_names))
     root = check_output_dir(root)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
@@ -87,9 +89,6 @@ def write_dataset(root: str | os.PathLike[str], episodes: Sequence[Episode], *, 
         frame_index = np.concatenate([np.arange(n) for n in lengths]).astype(np.int64)
         states = np.concatenate([ep.states for ep in episodes]).astype(np.float32)
         actions = np.concatenate([ep.actions for ep in episodes]).astype(np.float32)
-        if states.shape[1] != len(state_names) or actions.shape[1] != len(action_names):
-            raise ValueError(f"state/action widths {states.shape[1]}/{actions.shape[1]} do not match "
-                             f"{len(state_names)}/{len(action_names)} names")
         frames = pa.table({
             IMAGE_KEY: pa.array(images, pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
             STATE_KEY: _fixed_list(states),
@@ -107,23 +106,8 @@ def write_dataset(root: str | os.PathLike[str], episodes: Sequence[Episode], *, 
         stats = {STATE_KEY: _stats(states.astype(np.float64)),
                  ACTION_KEY: _stats(actions.astype(np.float64)),
                  IMAGE_KEY: _image_stats(episodes, c)}
-        info = {
-            "codebase_version": CODEBASE_VERSION, "robot_type": robot_type,
-            "total_episodes": len(episodes), "total_frames": index, "total_tasks": len(tasks),
-            "chunks_size": 1000, "data_files_size_in_mb": 100, "video_files_size_in_mb": 500,
-            "fps": fps, "splits": {"train": f"0:{len(episodes)}"},
-            "data_path": DATA_PATH, "video_path": None,
-            "features": {
-                IMAGE_KEY: {"dtype": "image", "shape": [h, w, c], "names": ["height", "width", "channels"]},
-                STATE_KEY: {"dtype": "float32", "shape": [len(state_names)], "names": list(state_names)},
-                ACTION_KEY: {"dtype": "float32", "shape": [len(action_names)], "names": list(action_names)},
-                "timestamp": {"dtype": "float32", "shape": [1], "names": None},
-                "frame_index": {"dtype": "int64", "shape": [1], "names": None},
-                "episode_index": {"dtype": "int64", "shape": [1], "names": None},
-                "index": {"dtype": "int64", "shape": [1], "names": None},
-                "task_index": {"dtype": "int64", "shape": [1], "names": None},
-            },
-        }
+        info = _info(episodes, index, len(tasks), fps, robot_type, (h, w, c), state_names,
+                     action_names)
         (tmp / "meta/info.json").write_text(json.dumps(info, indent=4))
         (tmp / "meta/stats.json").write_text(json.dumps(stats, indent=4))
         for name, data in (extra_meta or {}).items():
@@ -133,6 +117,52 @@ def write_dataset(root: str | os.PathLike[str], episodes: Sequence[Episode], *, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return root
+
+
+def _check_episodes(episodes: Sequence[Episode], states: int, actions: int) -> None:
+    """Every episode's arrays: one row per frame, as wide as the names.
+
+    Raises:
+        VlampError: Naming the first episode that does not fit.
+    """
+    if not episodes:
+        raise VlampError("write_dataset: no episodes to write")
+    shape = episodes[0].images.shape[1:]
+    for i, ep in enumerate(episodes):
+        n = len(ep.actions)
+        if ep.states.ndim != 2 or ep.states.shape[1] != states or ep.actions.ndim != 2 \
+                or ep.actions.shape[1] != actions:
+            raise VlampError(f"write_dataset: episode {i} ({ep.task!r}) has state/action widths "
+                             f"{ep.states.shape[1:]}/{ep.actions.shape[1:]}, the names give "
+                             f"{states}/{actions}")
+        if len(ep.states) != n or len(ep.images) != n or ep.images.shape[1:] != shape:
+            raise VlampError(f"write_dataset: episode {i} ({ep.task!r}) has {len(ep.images)} images "
+                             f"of {ep.images.shape[1:]}, {len(ep.states)} states and {n} actions; "
+                             f"each frame needs one of each, images of {shape}")
+
+
+def _info(episodes: Sequence[Episode], frames: int, tasks: int, fps: int, robot_type: str,
+          image_shape: tuple[int, int, int], state_names: Sequence[str],
+          action_names: Sequence[str]) -> dict[str, Any]:
+    """``meta/info.json``: the layout and features of the dataset."""
+    h, w, c = image_shape
+    return {
+        "codebase_version": CODEBASE_VERSION, "robot_type": robot_type,
+        "total_episodes": len(episodes), "total_frames": frames, "total_tasks": tasks,
+        "chunks_size": 1000, "data_files_size_in_mb": 100, "video_files_size_in_mb": 500,
+        "fps": fps, "splits": {"train": f"0:{len(episodes)}"},
+        "data_path": DATA_PATH, "video_path": None,
+        "features": {
+            IMAGE_KEY: {"dtype": "image", "shape": [h, w, c], "names": ["height", "width", "channels"]},
+            STATE_KEY: {"dtype": "float32", "shape": [len(state_names)], "names": list(state_names)},
+            ACTION_KEY: {"dtype": "float32", "shape": [len(action_names)], "names": list(action_names)},
+            "timestamp": {"dtype": "float32", "shape": [1], "names": None},
+            "frame_index": {"dtype": "int64", "shape": [1], "names": None},
+            "episode_index": {"dtype": "int64", "shape": [1], "names": None},
+            "index": {"dtype": "int64", "shape": [1], "names": None},
+            "task_index": {"dtype": "int64", "shape": [1], "names": None},
+        },
+    }
 
 
 def check_output_dir(root: str | os.PathLike[str]) -> Path:

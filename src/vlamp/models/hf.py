@@ -71,11 +71,29 @@ def build_hf_model(spec: str, device: str | torch.device = "cpu") -> nn.Module:
         if not path.is_file():
             raise VlampError(f"model {spec!r}: not a preset ({', '.join(PRESETS)}) and no "
                              f"config.json there")
-        try:
-            config = T.AutoConfig.from_pretrained(str(path))
-        except (OSError, ValueError, KeyError) as e:
-            raise VlampError(f"model {spec!r}: not a transformers config ({str(e).splitlines()[0]})") from None
+        config = read_config(path, "model")
         names = getattr(config, "architectures", None) or []
         cls = next((getattr(T, n) for n in names if hasattr(T, n)), None)
     with torch.device(device):
         return cls(config) if cls is not None else T.AutoModel.from_config(config)
+
+
+def read_config(path: Path, where: str):
+    """The transformers config in the ``config.json`` at ``path``.
+
+    Raises:
+        VlampError: In one line naming ``where``, if the file is not JSON or not a transformers
+            config (no ``model_type``, or one this transformers does not know).
+    """
+    T = transformers_module()
+    try:
+        return T.AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as e:
+        text = str(e)
+        if "model_type" in text:  # transformers lists every model type it knows after this
+            why = "it has no model_type key (e.g. \"model_type\": \"paligemma\") that this transformers knows"
+        elif "JSON" in text or "json" in text:
+            why = "it is not valid JSON"
+        else:
+            why = text.splitlines()[0][:200] if text else type(e).__name__
+        raise VlampError(f"{where}: {path} is not a transformers config: {why}") from None

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from vlamp.models.config import ModelConfig, example_batch
-from vlamp.models.hf import transformers_module
+from vlamp.models.hf import read_config, transformers_module
 from vlamp.models.tinyvla import ChunkL1Loss
 from vlamp.precision.errors import VlampError
 
@@ -32,7 +32,7 @@ def vlm_config(config: ModelConfig):
         path = path / "config.json" if path.is_dir() else path
         if not path.is_file():
             raise VlampError(f"model.hf_config {config.hf_config!r}: no config.json there")
-        vlm = T.AutoConfig.from_pretrained(str(path))
+        vlm = read_config(path, "model.hf_config")
         if not isinstance(vlm, T.PaliGemmaConfig):
             raise VlampError(f"model.hf_config {config.hf_config!r} is a {type(vlm).__name__}; "
                              f"hf-vlm builds on PaliGemmaConfig")

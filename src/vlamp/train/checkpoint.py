@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
 from vlamp.precision.errors import VlampError
@@ -158,7 +159,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             raise CheckpointError(f"{path}: {name} does not match its checksum (truncated or corrupted)")
     try:
         ckpt = Checkpoint(path, json.loads(blobs[FILES[2]]), load(blobs[FILES[0]]), load(blobs[FILES[1]]))
-    except Exception as e:  # checksummed, so only a writer bug lands here
+    except (ValueError, SafetensorError) as e:  # checksummed files that do not parse
         raise CheckpointError(f"{path}: unreadable: {e}") from None
     _validate(ckpt)
     return ckpt
