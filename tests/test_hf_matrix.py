@@ -249,3 +249,16 @@ def test_a_config_json_that_is_not_json_or_has_no_model_type_is_one_line(tiny_da
             lines = [line for line in p.stderr.strip().splitlines() if "frame/s" not in line]
             assert p.returncode == 2 and len(lines) == 1 and len(lines[0]) < 300, p.stderr[-3000:]
             assert "not a transformers config" in lines[0] and why in lines[0]
+
+
+def test_gpt2s_learned_position_embedding_is_an_fp32_island():
+    """GPT-2 names its learned positions ``wpe``: stored in FP32 in bf16-true like every
+    positional embedding, while the token embedding ``wte`` is stored in bf16."""
+    from vlamp import PrecisionPlan
+
+    model = T.GPT2LMHeadModel(T.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50,
+                                           n_positions=32))
+    rows = {r.name: r for r in PrecisionPlan("bf16-true").resolve(model)}
+    assert rows["transformer.wpe"].decided_by == "builtin:positional-embedding"
+    assert rows["transformer.wpe"].policy.param == torch.float32
+    assert rows["transformer.wte"].policy.param == torch.bfloat16

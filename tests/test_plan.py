@@ -91,7 +91,7 @@ def test_builtin_rules_find_every_fragile_part_of_the_demo_model():
     islands = {name for name, (pol, rule) in got.items() if rule.startswith("builtin:")}
     assert islands == {"vision.1", "pos_embed", "trunk.norm1", "trunk.norm2", "action_out"}
     assert all(got[n][0] == FP32 for n in islands)
-    assert len(BUILTIN_RULES) == 24
+    assert len(BUILTIN_RULES) == 26
 
 
 def test_unmatched_user_rule_warns():

@@ -152,3 +152,33 @@ def test_resume_of_compensation_and_rounding_state_is_bit_exact(tiny_dataset, tm
         a = (full / "checkpoints" / "step_0000006" / name).read_bytes()
         b = (part / "checkpoints" / "step_0000006" / name).read_bytes()
         assert a == b, name
+
+
+@pytest.mark.slow
+def test_a_kahan_run_resumed_with_masters_starts_them_from_w_plus_c(tiny_dataset, tmp_path):
+    """Switching the update method on resume keeps what the run had: FP32 masters start from the
+    stored bf16 weights plus their Kahan compensation (not from the bf16 weights alone), and a
+    switch to stochastic rounding says the compensation is dropped."""
+    from vlamp.train.checkpoint import latest_checkpoint
+    from vlamp.train.trainer import kahan_weights
+
+    out = tmp_path / "run"
+
+    def trainer(update):
+        cfg = load_config(None, tiny_overrides(tiny_dataset, out, "bf16-true",
+                                               f"precision.update={update}", "resume=true"))
+        return Trainer(cfg, progress=False)
+
+    cfg = load_config(None, tiny_overrides(tiny_dataset, out, "bf16-true", "precision.update=kahan"))
+    Trainer(cfg, progress=False).fit()
+    c = latest_checkpoint(out)
+    exact = kahan_weights(c.model, c.train)
+    assert exact and any(not torch.equal(exact[k], c.model[k].float()) for k in exact)
+    with pytest.warns(UserWarning, match=r"updated by kahan with precision.update=master: the "
+                                         r"stored weights plus their Kahan compensation \(w \+ c\) "
+                                         r"start the FP32 masters"):
+        t = trainer("master")
+    masters = t.mp.master_weights()
+    assert all(torch.equal(masters[k], exact[k]) for k in exact)
+    with pytest.warns(UserWarning, match="what kahan kept below the stored weights' precision is dropped"):
+        trainer("stochastic")

@@ -71,6 +71,8 @@ BUILTIN_RULES: tuple[Rule, ...] = (
     *(Rule(f"*{cls}", FP32, f"builtin:norm({cls})") for cls in _NORMS),
     Rule("*pos_embed*", FP32, "builtin:positional-embedding"),
     Rule("*position_embedding*", FP32, "builtin:positional-embedding"),
+    Rule("wpe", FP32, "builtin:positional-embedding"),  # GPT-2's learned positions (and its kin)
+    Rule("*.wpe", FP32, "builtin:positional-embedding"),
     # a vision tower's patch + position (+ class token) embeddings: SigLIP, DINOv2, ViT, CLIP
     Rule("*VisionEmbeddings", FP32, "builtin:patch-and-position-embeddings"),
     Rule("*PatchEmbeddings", FP32, "builtin:patch-and-position-embeddings"),

@@ -26,6 +26,11 @@ class Policy:
     Example:
         >>> Policy.parse("params=fp32,compute=bf16")
         Policy(param=fp32, compute=bf16, output=bf16)
+
+    Raises:
+        VlampError: On an unknown dtype, or weights stored in low precision that would compute in
+            another dtype (``params=bf16,compute=fp32``): nothing casts such weights for the
+            forward yet, so the policy would crash at the first matmul.
     """
 
     param: torch.dtype = torch.float32
@@ -35,6 +40,11 @@ class Policy:
     def __post_init__(self) -> None:
         for field in ("param", "compute", "output"):
             object.__setattr__(self, field, to_dtype(getattr(self, field), what=f"Policy.{field}"))
+        if self.param != torch.float32 and self.compute != self.param:
+            p, c = dtype_name(self.param), dtype_name(self.compute)
+            raise VlampError(f"policy params={p},compute={c}: weights stored in {p} compute in {p} "
+                             f"(casting them to {c} for each forward is not built yet); use "
+                             f"params={p},compute={p} or params=fp32,compute={c}")
 
     @classmethod
     def parse(cls, spec: str) -> Policy:
