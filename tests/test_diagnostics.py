@@ -116,6 +116,13 @@ def test_only_sampled_steps_are_recorded_and_a_run_logs_them(tiny_dataset, tmp_p
     # Headroom is judged in each module's compute dtype: bf16's and fp32's range are the same
     # (8-bit exponent), so a bf16 layer and its FP32 norm both have over 100 bits.
     assert modules["trunk.0.qkv"]["act_headroom_bits"] > 100
+    # Zeros in bf16 gradients (padding tokens, masked positions) are zeros in fp32 too: counted,
+    # but never a finding, nor advice to keep a bf16 layer in fp32
+    from vlamp.train.diagnose import read, risks
+
+    zeros = [m for m, v in modules.items() if (v.get("grad_underflow") or 0) > 0.10]
+    assert zeros, "the padded text layers of this run receive mostly-zero gradients"
+    assert not any("zero or subnormal" in f for r in risks(read(out)) for f in r.findings)
     assert any(f.name.startswith("events") for f in (out / "tb").iterdir())
 
 

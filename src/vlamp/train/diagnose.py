@@ -103,11 +103,14 @@ def risks(d: Diagnosis) -> list[Risk]:
             advice.append(f"keep it FP32 with a rule ({name}: fp32)"
                           + (", or train in bf16 (FP32's range)" if dtype == "fp16" else ""))
             score += 100 * overflow + max(0.0, HEADROOM_BITS - headroom)
-        if dtype in ("fp16", "bf16") and underflow > UNDERFLOW:
+        # Underflow is judged against what the format can represent: fp16's smallest normal is
+        # 2^-14, so a gradient an fp32 run would hold can flush there. bf16 has fp32's exponent
+        # range: its zeros are zeros in fp32 too (padding, masked positions, dead units), never a
+        # reason to keep a module in fp32.
+        if dtype == "fp16" and underflow > UNDERFLOW:
             findings.append(f"{underflow:.0%} of its incoming gradient zero or subnormal in {dtype}")
             advice.append("raise the loss scale (precision.scaler=dynamic, "
-                          "precision.loss_scale.init_scale) or keep it FP32" if dtype == "fp16"
-                          else f"keep it FP32 with a rule ({name}: fp32)")
+                          "precision.loss_scale.init_scale) or keep it FP32")
             score += 10 * underflow
         if lost > LOST_UPDATES:
             findings.append(f"{lost:.1%} of its updates rounded away")
