@@ -168,7 +168,7 @@ def test_writer_never_leaves_a_half_written_dataset(tmp_path):
     assert list(tmp_path.iterdir()) == []
     short = Episode(np.zeros((2, 8, 8, 3), np.uint8), np.zeros((3, 4), np.float32),
                     np.zeros((3, 4), np.float32), "c")
-    with pytest.raises(VlampError, match="episode 1 \('c'\) has 2 images"):
+    with pytest.raises(VlampError, match=r"episode 1 \('c'\) has 2 images"):
         write_dataset(tmp_path / "ds", [ok, short], fps=10, state_names="abcd", action_names="abcd")
     assert list(tmp_path.iterdir()) == []
     write_dataset(tmp_path / "ds", [ok], fps=10, state_names="abcd", action_names="abcd")
@@ -207,3 +207,25 @@ def test_wilson_interval():
     assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-3)
     lo, hi = wilson_interval(5, 10)
     assert (lo, hi) == pytest.approx((0.2366, 0.7634), abs=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("value", "fragment"), [
+    ("", "MUJOCO_GL='' names no rendering backend; legal: egl, osmesa, glfw"),
+    ("vulkan", "MUJOCO_GL='vulkan' names no rendering backend"),
+    ("glfw", "MUJOCO_GL=glfw renders into a window and DISPLAY is not set"),
+])
+def test_a_bad_rendering_backend_is_one_line_before_any_simulator_starts(tmp_path, value, fragment):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "DISPLAY"}
+    env["MUJOCO_GL"] = value
+    for args in (["data", "generate", "--tasks", "drawer-open", "--episodes", "1", "--out",
+                  str(tmp_path / "ds")], ["eval", "--tasks", "drawer-open", "--episodes", "1"]):
+        p = subprocess.run([sys.executable, "-m", "vlamp", *args], capture_output=True, text=True,
+                           env=env, timeout=300)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr[-3000:]
+        assert fragment in p.stderr
+    assert not (tmp_path / "ds").exists()

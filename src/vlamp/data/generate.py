@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from vlamp.data.lerobot import Episode, check_output_dir, write_dataset
 from vlamp.io import cache_dir
 from vlamp.precision.errors import VlampError
-from vlamp.sim.env import DEFAULT_CAMERA, UNRECORDED_CAMERA, check_camera
+from vlamp.sim.env import DEFAULT_CAMERA, UNRECORDED_CAMERA, check_camera, check_rendering
 from vlamp.sim.evaluate import EVAL_SEED
 from vlamp.sim.tasks import Task, resolve_tasks
 
@@ -125,6 +125,7 @@ def generate(
         VlampError: On unknown tasks, a bad count, an existing or unwritable ``out``.
     """
     chosen = resolve_tasks(tasks)
+    check_rendering()
     if episodes_per_task < 1:
         raise VlampError(f"episodes per task must be >= 1, got {episodes_per_task}")
     if image_size < 8:

@@ -38,6 +38,33 @@ UNRECORDED_CAMERA = "corner"
 NAMED_CAMERAS = ("corner", "corner2", "corner3", "topview", "behindGripper", "gripperPOV")
 
 ACTION_NAMES = ("dx", "dy", "dz", "grip")
+GL_BACKENDS = {"egl": "EGL", "osmesa": "OSMesa", "glfw": "glfw"}  # MUJOCO_GL -> the library it loads
+_DEBIAN = {"egl": "libegl1", "osmesa": "libosmesa6", "glfw": "libglfw3"}
+
+
+def check_rendering() -> str:
+    """The rendering backend MuJoCo will use (``MUJOCO_GL``, vlamp's default ``egl``), checked
+    before any simulator starts, so a bad setting is one line instead of tracebacks from every
+    worker process.
+
+    Raises:
+        VlampError: If ``MUJOCO_GL`` is empty or names no backend MuJoCo has, ``glfw`` has no
+            display, or the backend's library is not installed.
+    """
+    import ctypes.util
+
+    backend = os.environ.get("MUJOCO_GL", "egl").strip().lower()
+    headless = "use MUJOCO_GL=egl (headless, vlamp's default) or osmesa"
+    if backend not in GL_BACKENDS:
+        raise VlampError(f"MUJOCO_GL={os.environ.get('MUJOCO_GL', '')!r} names no rendering backend; "
+                         f"legal: {', '.join(GL_BACKENDS)} — {headless}, or unset it")
+    if backend == "glfw" and not os.environ.get("DISPLAY"):
+        raise VlampError(f"MUJOCO_GL=glfw renders into a window and DISPLAY is not set; {headless}")
+    if ctypes.util.find_library(GL_BACKENDS[backend]) is None:
+        raise VlampError(f"MUJOCO_GL={backend}: the {GL_BACKENDS[backend]} library is not installed "
+                         f"(Debian: apt-get install {_DEBIAN[backend]}); or use another backend: "
+                         f"{', '.join(b for b in GL_BACKENDS if b != backend)}")
+    return backend
 
 
 @dataclasses.dataclass
@@ -66,6 +93,7 @@ class MetaWorldEnv:
 
     def __init__(self, task: Task, image_size: int = 64, max_steps: int = 200,
                  camera: str = DEFAULT_CAMERA) -> None:
+        check_rendering()
         import metaworld
         import metaworld.policies
         import mujoco

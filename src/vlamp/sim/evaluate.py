@@ -13,7 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vlamp.precision.errors import VlampError
-from vlamp.sim.env import DEFAULT_CAMERA, MetaWorldEnv, Observation
+from vlamp.sim.env import DEFAULT_CAMERA, MetaWorldEnv, Observation, check_rendering
 from vlamp.sim.tasks import Task, resolve_tasks
 
 EVAL_SEED = 1_000_000  # evaluation episodes start here; generated training data never does
@@ -211,8 +211,8 @@ def evaluate(
             picklable *recipe*: a callable of no arguments that builds the policy in each process
             (:func:`vlamp.train.policy.policy_recipe`, ``ExpertPolicy``), built there with one
             torch thread. Same episodes and seeds as with one process; a policy computing on one
-            thread can round differently, so an episode may end a step apart (measured on the
-            demo's policy: every outcome the same, one of 60 episodes one step shorter). No GIF.
+            thread can round differently, so an episode may end a step apart (the README says how
+            often). No GIF.
 
     Returns:
         An :class:`EvalResult`.
@@ -221,6 +221,7 @@ def evaluate(
     if workers < 1:
         raise VlampError(f"workers must be >= 1, got {workers}")
     check_execution(replan_every, ensemble)  # before any process or simulator starts
+    check_rendering()
     settings = (episodes, seed, replan_every, ensemble, image_size, camera, max_steps)
     bar = tqdm(total=len(chosen) * episodes, desc="eval", unit="ep", disable=not progress, leave=False)
     start = time.perf_counter()
