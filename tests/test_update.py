@@ -160,7 +160,7 @@ def test_a_kahan_run_resumed_with_masters_starts_them_from_w_plus_c(tiny_dataset
     stored bf16 weights plus their Kahan compensation (not from the bf16 weights alone), and a
     switch to stochastic rounding says the compensation is dropped."""
     from vlamp.train.checkpoint import latest_checkpoint
-    from vlamp.train.trainer import kahan_weights
+    from vlamp.train.checkpoint import kahan_weights
 
     out = tmp_path / "run"
 

@@ -82,9 +82,8 @@ def measure_plan(
     sensitivity: float | None = None,
 ) -> PrecisionPlan:
     """Measures which modules of ``model`` are faster in FP32 than in low precision, here, and,
-    with ``sensitivity``, which lose too much accuracy in low precision.
-
-    ``model`` is not changed: every measurement runs on copies.
+    with ``sensitivity``, which lose too much accuracy in low precision. ``model`` is not changed:
+    every measurement runs on copies.
 
     Args:
         model: The model, not yet set up by a plan, on the device it will train on.
@@ -96,13 +95,11 @@ def measure_plan(
             not measured: their plan is returned as is, with the reason in ``measured``.
         rules: User rules, or a YAML rules file; they come first and are never overridden by a
             measurement.
-        builtin_rules: Whether the built-in FP32 islands apply.
-        loss_fn: How to get the loss from the model and the batch.
+        builtin_rules: Whether the built-in FP32 islands apply. loss_fn: How to get the loss.
         repeats: Timed repetitions per module and per variant (medians are compared).
         margin: Keep FP32 only where low precision is slower by more than this fraction.
-        cache: Read and write the plan cache.
-        cache_dir: Where the cache lives (default :func:`default_plan_cache`).
-        refresh: Measure again even if a cached plan exists (and overwrite it).
+        cache, cache_dir, refresh: Read and write the plan cache, kept in ``cache_dir`` (default
+            :func:`default_plan_cache`); ``refresh`` measures again and overwrites it.
         require_native: With a named mode, measure only where this hardware computes its format
             natively; ``False`` measures an emulated format too (to see per module what it costs).
         log: Called with one line for what is done (cache hit, measuring, the decision).
@@ -113,27 +110,18 @@ def measure_plan(
 
     Returns:
         A :class:`PrecisionPlan` for the chosen mode; ``plan.measured`` holds per-module times
-        (``modules``), whole-step times (``step_ms``), the ``reason``, the cache ``key`` and
-        ``from_cache``.
+        (``modules``), step times (``step_ms``), the ``reason``, the cache ``key``, ``from_cache``.
 
     Raises:
         VlampError: If the model was already set up, ``repeats < 1`` or ``margin < 0``.
     """
     say = log or (lambda _msg: None)
-    if repeats < 1 or margin < 0:
-        raise VlampError(f"measure_plan: repeats must be >= 1 and margin >= 0, got {repeats}, {margin}")
-    if any(hasattr(m, _MARK) for m in model.modules()):
-        raise VlampError("measure_plan: the model already has a precision plan applied; "
-                         "measure before MixedPrecision.setup")
-    device = model_device(model)
-    hw = detect(device)
+    _check_arguments(model, repeats, margin, sensitivity)
+    hw = detect(model_device(model))
     requested = mode if isinstance(mode, str) else mode.name
-    if sensitivity is not None and sensitivity <= 0:
-        raise VlampError(f"measure_plan: sensitivity must be a relative error > 0, got {sensitivity}")
     is_auto = requested.strip().lower() == "auto"
     if isinstance(rules, (str, os.PathLike)):  # a YAML rules file
-        loaded = PrecisionPlan.load(rules, mode=None if is_auto else requested)
-        rules, builtin_rules = loaded.user_rules, loaded.builtin_rules
+        rules, builtin_rules = _load_rules(rules, None if is_auto else requested)
     if is_auto:
         choice = choose_mode(hw)
         if choice.mode == "fp32":
@@ -145,23 +133,42 @@ def measure_plan(
         low_mode = get_mode(requested)
         if low_mode.name == "fp32":
             return PrecisionPlan("fp32", rules, builtin_rules=builtin_rules)
-        fmt = dtype_name(low_mode.compute_dtype)
-        if sensitivity is not None and (low_mode.default_policy.param != torch.float32
-                                        or (require_native and fmt not in native_formats(hw))):
-            rules, builtin_rules = _accurate_rules(model, example_batch, low_mode, rules, sensitivity,
-                                                   loss_fn, say)
-        if low_mode.default_policy.param != torch.float32:
-            reason = (f"{low_mode.name} stores weights in {fmt} to save memory; keeping modules in "
-                      f"FP32 for speed would undo that, so its plan is not measured")
+        reason = _unmeasured_reason(low_mode, hw, require_native)
+        if reason is not None:
+            if sensitivity is not None:  # the accuracy half still applies
+                rules, builtin_rules = _accurate_rules(model, example_batch, low_mode, rules,
+                                                       sensitivity, loss_fn, say)
             say(f"precision: {low_mode.name} not measured ({reason})")
             return PrecisionPlan(low_mode, rules, builtin_rules=builtin_rules,
                                  measured={"requested": requested, "reason": reason})
-        if require_native and fmt not in native_formats(hw):
-            reason = (f"{hw.name} has no native {fmt}: it is emulated everywhere, so a measured plan "
-                      f"would only move the whole model to FP32; the mode's plan is used as is")
-            say(f"precision: {low_mode.name} not measured ({reason})")
-            return PrecisionPlan(low_mode, rules, builtin_rules=builtin_rules,
-                                 measured={"requested": requested, "reason": reason})
+    return _timed_plan(model, example_batch, low_mode, requested, rules, builtin_rules, hw,
+                       loss_fn=loss_fn, repeats=repeats, margin=margin, cache=cache,
+                       cache_dir=cache_dir, refresh=refresh, sensitivity=sensitivity, say=say)
+
+
+def _load_rules(path: str | os.PathLike[str], mode: str | None) -> tuple[tuple[Rule, ...], bool]:
+    loaded = PrecisionPlan.load(path, mode=mode)
+    return loaded.user_rules, loaded.builtin_rules
+
+
+def _check_arguments(model: nn.Module, repeats: int, margin: float, sensitivity: float | None) -> None:
+    if repeats < 1 or margin < 0:
+        raise VlampError(f"measure_plan: repeats must be >= 1 and margin >= 0, got {repeats}, {margin}")
+    if any(hasattr(m, _MARK) for m in model.modules()):
+        raise VlampError("measure_plan: the model already has a precision plan applied; "
+                         "measure before MixedPrecision.setup")
+    if sensitivity is not None and sensitivity <= 0:
+        raise VlampError(f"measure_plan: sensitivity must be a relative error > 0, got {sensitivity}")
+
+
+def _timed_plan(model: nn.Module, example_batch: Any, low_mode: Mode, requested: str, rules: Any,
+                builtin_rules: bool, hw: Any, *, loss_fn: LossFn | None, repeats: int,
+                margin: float, cache: bool, cache_dir: str | os.PathLike[str] | None,
+                refresh: bool, sensitivity: float | None, say: Callable[[str], None]
+                ) -> PrecisionPlan:
+    """The timed half of :func:`measure_plan`: from the cache, or measured and cached."""
+    is_auto = requested.strip().lower() == "auto"
+    device = model_device(model)
     base = PrecisionPlan(low_mode, rules, builtin_rules=builtin_rules)
     asked = requested if sensitivity is None else f"{requested}|sensitivity={sensitivity:g}"
     key = _cache_key(model, example_batch, asked, base, hw.as_dict(), margin, loss_fn)
@@ -178,31 +185,9 @@ def measure_plan(
         base = PrecisionPlan(low_mode, rules, builtin_rules=builtin_rules)
     say(f"precision: measuring {low_mode.name} against fp32 per module on {hw.name} "
         f"({torch.get_num_threads()} threads)...")
-    with _rng_kept():
-        modules = _time_modules(model, example_batch, base, loss_fn, repeats, device)
-        keep = [n for n, t in modules.items() if t["low_ms"] > t["fp32_ms"] * (1 + margin)]
-        for name in keep:
-            modules[name]["kept_fp32"] = True
-        low = low_mode.compute_dtype
-        measured_rules = [Rule(name, FP32,
-                               f"measured:{dtype_name(low)} {modules[name]['low_ms']:.2f} ms > "
-                               f"fp32 {modules[name]['fp32_ms']:.2f} ms") for name in keep]
-        low_plan = PrecisionPlan(low_mode, (*base.user_rules, *measured_rules),
-                                 builtin_rules=builtin_rules)
-        step = _time_steps(model, example_batch, low_plan, loss_fn, repeats, device)
-    fp32_ms, low_ms = step["fp32"], step[low_mode.name]
-    faster = low_ms < fp32_ms
-    if is_auto and not faster:
-        chosen = PrecisionPlan("fp32", rules, builtin_rules=builtin_rules)
-        reason = (f"measured: a {low_mode.name} step takes {low_ms:.1f} ms against {fp32_ms:.1f} ms "
-                  f"in fp32 here, so fp32 is faster")
-    else:
-        chosen = low_plan
-        reason = (f"measured: a {low_mode.name} step takes {low_ms:.1f} ms against {fp32_ms:.1f} ms "
-                  f"in fp32 ({fp32_ms / low_ms:.2f}x); {len(keep)} of {len(modules)} modules kept in "
-                  f"fp32 where {dtype_name(low)} was slower")
-        if not faster:
-            reason += f"; {low_mode.name} is slower than fp32 on this machine"
+    chosen, reason, step, modules = _measure(model, example_batch, base, is_auto, loss_fn, repeats,
+                                             margin, device)
+    low = low_mode.compute_dtype
     chosen.measured = {
         "requested": requested, "reason": reason, "key": key, "dtype": dtype_name(low),
         "hardware": hw.name, "torch": str(torch.__version__), "threads": torch.get_num_threads(),
@@ -212,6 +197,52 @@ def measure_plan(
     if cache:
         _write_cached(path, chosen)
     return chosen
+
+
+def _unmeasured_reason(mode: Mode, hw: Any, require_native: bool) -> str | None:
+    """Why a named low-precision mode's plan is not timed here (``None``: it is)."""
+    fmt = dtype_name(mode.compute_dtype)
+    if mode.default_policy.param != torch.float32:
+        return (f"{mode.name} stores weights in {fmt} to save memory; keeping modules in "
+                f"FP32 for speed would undo that, so its plan is not measured")
+    if require_native and fmt not in native_formats(hw):
+        return (f"{hw.name} has no native {fmt}: it is emulated everywhere, so a measured plan "
+                f"would only move the whole model to FP32; the mode's plan is used as is")
+    return None
+
+
+def _measure(model: nn.Module, batch: Any, base: PrecisionPlan, is_auto: bool,
+             loss_fn: LossFn | None, repeats: int, margin: float, device: torch.device
+             ) -> tuple[PrecisionPlan, str, dict[str, float], dict[str, dict[str, Any]]]:
+    """Times every candidate module and the whole step (see the module's text): the chosen plan,
+    the reason, the step times and the per-module times."""
+    low_mode, builtin_rules = base.mode, base.builtin_rules
+    with _rng_kept():
+        modules = _time_modules(model, batch, base, loss_fn, repeats, device)
+        keep = [n for n, t in modules.items() if t["low_ms"] > t["fp32_ms"] * (1 + margin)]
+        for name in keep:
+            modules[name]["kept_fp32"] = True
+        low = low_mode.compute_dtype
+        measured_rules = [Rule(name, FP32,
+                               f"measured:{dtype_name(low)} {modules[name]['low_ms']:.2f} ms > "
+                               f"fp32 {modules[name]['fp32_ms']:.2f} ms") for name in keep]
+        low_plan = PrecisionPlan(low_mode, (*base.user_rules, *measured_rules),
+                                 builtin_rules=builtin_rules)
+        step = _time_steps(model, batch, low_plan, loss_fn, repeats, device)
+    fp32_ms, low_ms = step["fp32"], step[low_mode.name]
+    faster = low_ms < fp32_ms
+    if is_auto and not faster:
+        chosen = PrecisionPlan("fp32", base.user_rules, builtin_rules=builtin_rules)
+        reason = (f"measured: a {low_mode.name} step takes {low_ms:.1f} ms against {fp32_ms:.1f} ms "
+                  f"in fp32 here, so fp32 is faster")
+    else:
+        chosen = low_plan
+        reason = (f"measured: a {low_mode.name} step takes {low_ms:.1f} ms against {fp32_ms:.1f} ms "
+                  f"in fp32 ({fp32_ms / low_ms:.2f}x); {len(keep)} of {len(modules)} modules kept in "
+                  f"fp32 where {dtype_name(low)} was slower")
+        if not faster:
+            reason += f"; {low_mode.name} is slower than fp32 on this machine"
+    return chosen, reason, step, modules
 
 
 def _accurate_rules(model: nn.Module, batch: Any, mode: Mode, rules: Any, threshold: float,

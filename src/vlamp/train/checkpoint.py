@@ -200,3 +200,34 @@ def latest_checkpoint(run_dir: str | Path) -> Checkpoint:
             continue
         return ckpt
     raise CheckpointError(f"no valid checkpoint in {str(run_dir)!r}: " + "; ".join(problems))
+
+
+def kahan_weights(model: dict[str, torch.Tensor], train: dict[str, torch.Tensor]
+                  ) -> dict[str, torch.Tensor]:
+    """The weights a Kahan-updated run really had, ``w + c`` in FP32, by parameter name, from a
+    checkpoint's stored weights and its ``update.kahan.NAME`` buffers."""
+    prefix = "update.kahan."
+    return {k.removeprefix(prefix): model[k.removeprefix(prefix)].float() + v.float()
+            for k, v in train.items() if k.startswith(prefix) and k.removeprefix(prefix) in model}
+
+
+def resume_note(saved: dict[str, Any], mode: str, update: str) -> str | None:
+    """What a resume in ``mode`` with ``update`` carries over from a run saved with the precision
+    state ``saved``; ``None`` when both are the same."""
+    saved_mode, saved_update = saved["mode"], saved.get("update", "master")
+    if (saved_mode, saved_update) == (mode, update):
+        return None
+    if saved_update == update:
+        return (f"resuming a {saved_mode} run in {mode}: weights and optimizer state carry over, "
+                f"loss-scaler state only where the scaler type matches")
+    kept = {"master": "their FP32 masters",
+            "kahan": "the stored weights plus their Kahan compensation (w + c)"}.get(
+        saved_update, "the stored weights")
+    into = {"master": "start the FP32 masters",
+            "kahan": "set the stored weights and their compensation"}.get(
+        update, "are rounded into the stored weights")
+    note = (f"resuming a {saved_mode} run updated by {saved_update} with precision.update={update}: "
+            f"{kept} {into}")
+    if update in ("stochastic", "naive") and saved_update in ("master", "kahan"):
+        note += f"; what {saved_update} kept below the stored weights' precision is dropped"
+    return note

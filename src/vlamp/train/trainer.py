@@ -252,13 +252,16 @@ class Trainer:
         return path
 
     def _restore(self, c: ckpt.Checkpoint) -> None:
-        switched = self._switch_note(c) is not None
+        note = ckpt.resume_note(c.state["precision"], self.mp.mode.name, self.mp.settings.method)
+        if note:
+            warnings.warn(note, stacklevel=2)
+        switched = note is not None
         masters = {k.removeprefix("master."): v for k, v in c.train.items() if k.startswith("master.")}
         # The most precise copy of each weight: its FP32 master where the run kept one, so a switch
         # between modes (bf16-true -> fp16-true, -true -> mixed) carries the trained weights over.
         exact = {**c.model, **{k: v for k, v in masters.items() if k in c.model}}
         if switched:  # and w + c where the run kept Kahan buffers (kept as they are otherwise)
-            exact.update(kahan_weights(c.model, c.train))
+            exact.update(ckpt.kahan_weights(c.model, c.train))
         if self.sharded:  # full tensors from the file; each rank keeps its shard
             exact = distributed.shard_like(exact, self.model.state_dict())
         try:
@@ -286,28 +289,6 @@ class Trainer:
         self.step, self.applied_steps = c.step, int(c.state["applied_steps"])
         if self.world.main:
             truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
-
-    def _switch_note(self, c: ckpt.Checkpoint) -> str | None:
-        """Warns, and returns the warning, when the run resumes in another mode or update method
-        than it was saved in: what carries over and what does not."""
-        saved_mode = c.state["precision"]["mode"]
-        saved_update = c.state["precision"].get("update", "master")
-        mode, update = self.mp.mode.name, self.mp.settings.method
-        if (saved_mode, saved_update) == (mode, update):
-            return None
-        note = (f"resuming a {saved_mode} run in {mode}: weights and optimizer state carry over, "
-                f"loss-scaler state only where the scaler type matches")
-        if saved_update != update:
-            kept = {"master": "their FP32 masters", "kahan": "the stored weights plus their Kahan "
-                    "compensation (w + c)"}.get(saved_update, "the stored weights")
-            into = {"master": "start the FP32 masters", "kahan": "set the stored weights and their "
-                    "compensation"}.get(update, "are rounded into the stored weights")
-            note = (f"resuming a {saved_mode} run updated by {saved_update} with "
-                    f"precision.update={update}: {kept} {into}")
-            if update in ("stochastic", "naive") and saved_update in ("master", "kahan"):
-                note += f"; what {saved_update} kept below the stored weights' precision is dropped"
-        warnings.warn(note, stacklevel=3)
-        return note
 
     # -- the loop --------------------------------------------------------------------------------
     def example_batch(self) -> Batch:
@@ -516,11 +497,3 @@ def _check_same_model(saved: dict[str, Any], now: dict[str, Any]) -> None:
         raise ckpt.CheckpointError("the checkpoint is of a different model config (" + "; ".join(diff)
                                    + "); resume with the run's own config.yaml")
 
-
-def kahan_weights(model: dict[str, torch.Tensor], train: dict[str, torch.Tensor]
-                  ) -> dict[str, torch.Tensor]:
-    """The weights a Kahan-updated run really had, ``w + c`` in FP32, by parameter name, from a
-    checkpoint's stored weights and its ``update.kahan.NAME`` buffers."""
-    prefix = "update.kahan."
-    return {k.removeprefix(prefix): model[k.removeprefix(prefix)].float() + v.float()
-            for k, v in train.items() if k.startswith(prefix) and k.removeprefix(prefix) in model}
