@@ -8,7 +8,7 @@ import sys
 
 from vlamp.models.config import SIZES
 from vlamp.models.hf import PRESETS as HF_PRESETS
-from vlamp.precision import MODE_NAMES, PrecisionPlan
+from vlamp.precision import MODE_NAMES, PrecisionPlan, describe_plan
 from vlamp.precision.weight_update import UPDATES
 
 
@@ -71,14 +71,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlamp.models.config import ModelConfig, with_size
-    from vlamp.models.tinyvla import TinyVLA
-    from vlamp.models.tokenizer import WordTokenizer
     from vlamp.precision.autoplan import measure_plan
     from vlamp.precision.errors import VlampError
     from vlamp.precision.hardware import resolve_device
     from vlamp.precision.modes import get_mode
-    from vlamp.sim.tasks import DEFAULT_SUITE, TASKS
 
     if args.batch_size < 1:
         raise VlampError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -86,19 +82,7 @@ def run(args: argparse.Namespace) -> int:
     mode = args.mode or ("auto" if args.auto else "bf16-mixed")
     if mode == "auto" and not args.auto:
         mode = get_mode("auto", device).name  # the hardware table, for the device asked about
-    if args.model:
-        if args.auto or args.sensitivity is not None or args.fsdp:
-            raise VlampError("--model describes a transformers model's plan; --auto, --sensitivity "
-                             "and --fsdp need TinyVLA (they run the model)")
-        from vlamp.models.hf import build_hf_model
-
-        model = build_hf_model(args.model, device="meta")
-    else:
-        vocab = len(WordTokenizer.build(TASKS[t].instruction for t in DEFAULT_SUITE))
-        image_size = args.image_size or (64 if args.size == "small" else 128)
-        shape = with_size({"size": args.size, "vocab_size": vocab, "head": args.head,
-                           "image_size": image_size})
-        model = TinyVLA(ModelConfig(**shape)).to(device)
+    model = _model(args, device)
     if args.rules:
         plan = PrecisionPlan.load(args.rules, mode=None if mode == "auto" else mode)
         if args.no_builtin_rules:
@@ -123,27 +107,14 @@ def run(args: argparse.Namespace) -> int:
                             rules=plan.user_rules, builtin_rules=plan.builtin_rules,
                             refresh=args.refresh, log=lambda line: print(line, file=sys.stderr),
                             sensitivity=args.sensitivity)
-    table = plan.describe(model, max_depth=args.depth,
+    table = describe_plan(plan, model, max_depth=args.depth,
                           update=args.update if plan.mode.name.endswith("-true") else "master")
     print(json.dumps(table.to_dicts(), indent=2) if args.json else table)
     if plan.measured and plan.measured.get("step_ms") and not args.json:
         steps = ", ".join(f"{k} {v:.1f} ms" for k, v in plan.measured["step_ms"].items())
         print(f"measured forward+backward step at batch {args.batch_size}: {steps}")
     if args.fsdp and not args.json:
-        import torch
-
-        from vlamp.precision.apply import apply_plan
-        from vlamp.precision.fsdp import plan_groups
-
-        resolved = plan.resolve(model, warn_unmatched=False)
-        apply_plan(resolved)
-        groups = [g for g, _ in plan_groups(model, resolved)]
-        print(f"\nFSDP2 shard groups ({len(groups)}), as `torchrun ... vlamp train "
-              f"distributed.strategy=fsdp` shards this plan:")
-        for g in groups:
-            print(f"  {g.line()}")
-        low = sum(g.num_params for g in groups if g.param_dtype != torch.float32)
-        print(f"{low:,} of {sum(g.num_params for g in groups):,} parameters travel in low precision")
+        _print_shard_groups(plan, model)
     if args.out:
         try:
             plan.save(args.out)
@@ -151,6 +122,46 @@ def run(args: argparse.Namespace) -> int:
             raise VlampError(f"--out {args.out!r}: cannot write ({e.strerror})") from None
         print(f"plan written to {args.out} (use it with precision.rules={args.out})", file=sys.stderr)
     return 0
+
+
+def _model(args: argparse.Namespace, device):
+    """The model the plan is described on: a transformers config on the meta device, or TinyVLA."""
+    from vlamp.models.config import ModelConfig, with_size
+    from vlamp.models.tinyvla import TinyVLA
+    from vlamp.models.tokenizer import WordTokenizer
+    from vlamp.precision.errors import VlampError
+    from vlamp.sim.tasks import DEFAULT_SUITE, TASKS
+
+    if args.model:
+        if args.auto or args.sensitivity is not None or args.fsdp:
+            raise VlampError("--model describes a transformers model's plan; --auto, --sensitivity "
+                             "and --fsdp need TinyVLA (they run the model)")
+        from vlamp.models.hf import build_hf_model
+
+        return build_hf_model(args.model, device="meta")
+    vocab = len(WordTokenizer.build(TASKS[t].instruction for t in DEFAULT_SUITE))
+    image_size = args.image_size or (64 if args.size == "small" else 128)
+    shape = with_size({"size": args.size, "vocab_size": vocab, "head": args.head,
+                       "image_size": image_size})
+    return TinyVLA(ModelConfig(**shape)).to(device)
+
+
+def _print_shard_groups(plan: PrecisionPlan, model) -> None:
+    """The FSDP2 shard groups the plan makes of ``model``."""
+    import torch
+
+    from vlamp.precision.apply import apply_plan
+    from vlamp.precision.fsdp import plan_groups
+
+    resolved = plan.resolve(model, warn_unmatched=False)
+    apply_plan(resolved)
+    groups = [g for g, _ in plan_groups(model, resolved)]
+    print(f"\nFSDP2 shard groups ({len(groups)}), as `torchrun ... vlamp train "
+          f"distributed.strategy=fsdp` shards this plan:")
+    for g in groups:
+        print(f"  {g.line()}")
+    low = sum(g.num_params for g in groups if g.param_dtype != torch.float32)
+    print(f"{low:,} of {sum(g.num_params for g in groups):,} parameters travel in low precision")
 
 
 def _print_errors(errors: dict, threshold: float, top: int = 12) -> None:

@@ -93,9 +93,9 @@ def measure_plan(
             whether it is taken) or a mode name (kept; only its per-module plan is measured). The
             ``-true`` modes, whose point is memory, and formats this hardware only emulates are
             not measured: their plan is returned as is, with the reason in ``measured``.
-        rules: User rules, or a YAML rules file; they come first and are never overridden by a
-            measurement.
-        builtin_rules: Whether the built-in FP32 islands apply. loss_fn: How to get the loss.
+        rules: User rules or a YAML rules file: first, never overridden by a measurement.
+        builtin_rules: Whether the built-in FP32 islands apply.
+        loss_fn: How to get the loss from the model and the batch.
         repeats: Timed repetitions per module and per variant (medians are compared).
         margin: Keep FP32 only where low precision is slower by more than this fraction.
         cache, cache_dir, refresh: Read and write the plan cache, kept in ``cache_dir`` (default
