@@ -1,9 +1,8 @@
 """Camera frames that stay on disk: decoded once into a ``.npy`` file, read per batch.
 
 A LeRobot dataset stores frames compressed (PNG in the data parquet, or mp4 video). Training draws
-random frames every step, so decoding them per batch costs time (about 9 ms for 64 PNGs of
-64x64 on a 2-core Xeon, 7% of a TinyVLA step) and decoding them all into memory costs RAM (the
-whole dataset, before the first step). A :class:`FrameStore` does neither: the frames are decoded
+random frames every step, so decoding them per batch costs time (a few percent of a TinyVLA
+step; docs/measurements.md) and decoding them all into memory costs RAM (the whole dataset, before the first step). A :class:`FrameStore` does neither: the frames are decoded
 once into an uncompressed ``(N, H, W, 3)`` uint8 ``.npy`` file in the user cache (keyed by the
 dataset's files, so a changed dataset is decoded again), and a batch is read with one ``preadv``
 per frame into a fresh array. The reads go through the page cache, not the process's memory: the

@@ -136,10 +136,9 @@ class ImageEncoder(nn.Module):
     """Image (B, 3, H, W) in [0, 1] -> (B, H/2^s * W/2^s, D) tokens, conditioned on ``cond``
     (one more with ``keypoints``: the spatial-softmax positions of the second-to-last stage).
 
-    Convolutions run channels-last (NHWC), weights and activations alike: measured on a 2-core
-    Xeon with AVX512-BF16 (torch 2.13), a default training step took 0.207 s against 0.222 s NCHW
-    in FP32 and 0.149 s against 0.160 s in bf16-mixed; oneDNN's NHWC kernels are the fast ones on
-    GPUs' tensor cores too."""
+    Convolutions run channels-last (NHWC), weights and activations alike: oneDNN's NHWC kernels
+    are the fast ones on CPUs and on GPUs' tensor cores (docs/measurements.md has the step
+    times)."""
 
     def __init__(self, channels: list[int], cond_dim: int, dim: int, keypoints: bool = False) -> None:
         super().__init__()

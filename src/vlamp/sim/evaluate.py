@@ -19,13 +19,11 @@ from vlamp.sim.tasks import Task, resolve_tasks
 EVAL_SEED = 1_000_000  # evaluation episodes start here; generated training data never does
 TARGET_HALF_WIDTH = 0.05  # the evaluation is sized so that its mean is known to +-5 points (95%)
 
-# The defaults of every evaluation (vlamp eval, the trainer's, the demo's), chosen by measured
-# ablations (README, "How sharp the evaluation is"). 35 episodes of each of the 6 default tasks put
-# the mean's 95% interval within +-5 points from a success rate of 84% up (the default policy now
-# succeeds in 99-100%, where the interval is +-0.9-1.8 points; a weaker policy, such as the demo's
-# at 800 steps or a precision that costs success, still gets +-5). Querying the policy at every step
-# and averaging the chunks' predictions for it (ACT's temporal ensembling, k = 0.1) gave 86.7% where
-# executing 8 actions of each chunk gave 73.3%, on the same checkpoint and episodes.
+# The defaults of every evaluation (vlamp eval, the trainer's, the demo's), chosen by the ablations
+# in the README ("How sharp the evaluation is"). 35 episodes of each of the 6 default tasks put the
+# mean's 95% interval within +-5 points from a success rate of 84% up (episodes_for computes it).
+# The policy is queried at every step and the chunks' predictions for it averaged (ACT's temporal
+# ensembling, k = 0.1).
 EPISODES = 35  # per task
 REPLAN_EVERY = 1  # steps between queries of the policy
 ENSEMBLE = 0.1  # temporal ensembling weight (0: off)
@@ -211,8 +209,8 @@ def evaluate(
             picklable *recipe*: a callable of no arguments that builds the policy in each process
             (:func:`vlamp.train.policy.policy_recipe`, ``ExpertPolicy``), built there with one
             torch thread. Same episodes and seeds as with one process; a policy computing on one
-            thread can round differently, so an episode may end a step apart (the README says how
-            often). No GIF.
+            thread can round differently, so an episode may end a step apart (docs/measurements.md
+            says how often). No GIF.
 
     Returns:
         An :class:`EvalResult`.

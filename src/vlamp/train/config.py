@@ -31,9 +31,8 @@ class DatasetConfig:
         val_episodes: Episodes per task held out for the validation loss.
         augment: Random-shift augmentation of training images (DrQ's: pad 4, random crop). Off by
             default: the camera is fixed, so where an object is in the image says where it is on
-            the table, and shifting images by up to 4 px blurs exactly that. Measured (fp32, seed
-            0, 120 paired episodes): closed-loop success 100% without, 83.3% with (faucet-close
-            20/20 against 9/20); validation action L1 0.037 against 0.074.
+            the table, and shifting images by up to 4 px blurs exactly that (the README's ablation
+            measures what it cost).
         stream: Keep the frames on disk: decoded once into the user cache and read per batch, so
             memory does not grow with the dataset (a dataset larger than RAM trains); off decodes
             them all into memory before the first step.
@@ -124,10 +123,8 @@ class PrecisionConfig:
 @dataclasses.dataclass
 class TrainConfig:
     """Attributes:
-        steps: Optimizer steps to run (skipped steps count). 1,200 by default: on one seed, 1,200
-            and 1,500 both gave 100% closed-loop success (validation action L1 0.043 and 0.037);
-            at the 0.50 s an FP32 step took on a 2-core AVX2 CPU (an earlier session), 1,200 steps
-            would take about 10 minutes there (estimated, not timed).
+        steps: Optimizer steps to run (skipped steps count); docs/measurements.md gives what
+            the default reaches and how long it takes.
         batch_size: Samples per micro-batch.
         grad_accum: Micro-batches per step.
         lr: Peak learning rate (AdamW).
