@@ -172,8 +172,7 @@ def baseline_fit(trainer, dtype: torch.dtype, steps: int, on_step=None
 
 def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]:
     from vlamp.precision.dtypes import to_dtype
-    from vlamp.precision.memory import ActivationMeter, state_memory, step_memory
-    from vlamp.precision.verify import count_ops
+    from vlamp.precision.memory import state_memory
     from vlamp.train.config import decode
     from vlamp.train.trainer import Trainer
 
@@ -183,8 +182,7 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
     if runner == "torch.amp":
         config.precision.mode = "fp32"  # the model stays plain; the loop below brings autocast
     config.eval.final = False
-    config.train.save_every = 0
-    config.train.val_every = 0
+    config.train.save_every = config.train.val_every = 0
     threads = spec.get("threads") or "auto"
     if threads != "auto":
         torch.set_num_threads(int(threads))
@@ -193,11 +191,7 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
     low = to_dtype(mode.split("-")[0]) if mode != "fp32" else torch.float32
     amp = _AmpAutocast(low, device.type)
     autocast = amp.autocast if runner == "torch.amp" else trainer.mp.autocast
-    thread_times = None
-    if threads == "auto" and device.type == "cuda":
-        threads = torch.get_num_threads()  # the GPU computes; CPU threads only feed it
-    elif threads == "auto":
-        threads, thread_times = choose_threads(trainer, autocast)
+    threads, thread_times = _threads(threads, trainer, autocast)
     steps = config.train.steps
     on_step = None
     if channel is not None:
@@ -218,40 +212,12 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
         peak, gpu_peak = _peak_rss(), _gpu_peak(device)
         losses, scales, times, skipped, val = r.losses, r.scales, r.step_times, r.skipped_steps, r.val_action_l1
     memory = state_memory(trainer.model, trainer.optimizer, trainer.mp if runner == "vlamp" else None)
-    b = trainer.example_batch()
-
-    # Ranks run it together (their wrapper's collectives must match); one process, eagerly.
-    counted = trainer.forward if trainer.world.distributed else trainer.model
-    with ActivationMeter(trainer.model) as meter:  # what one step's forward saves for its backward
-        with autocast():
-            loss = counted(b)
-    loss.backward()
-    trainer.model.zero_grad(set_to_none=True)
-    top: dict[str, int] = {}
-    for name, n in meter.by_module.items():
-        top[name.split(".")[0]] = top.get(name.split(".")[0], 0) + n
-
-    def one_step() -> None:
-        with autocast():
-            loss = counted(b)
-        loss.backward()
-
-    ops = count_ops(one_step)  # proof of what a step computes in, counted at the aten level
-    trainer.model.zero_grad(set_to_none=True)
-    where = f"cuda:{device.index or 0}" if device.type == "cuda" else "cpu"
-    live = step_memory(one_step, where) or {}  # live tensors over a forward+backward
-    trainer.model.zero_grad(set_to_none=True)
+    probe = _probe_step(trainer, autocast)
     timed = times[spec.get("warmup", 5):] or times
     median = statistics.median(timed)
     samples = trainer.effective_batch  # all ranks' samples per step
-    success, per_task, outcomes = None, None, None
-    if spec.get("eval_episodes", 0) > 0:
-        config.eval.episodes = spec["eval_episodes"]
-        if runner == "torch.amp":
-            trainer.mp = amp  # the evaluated forward passes use the same autocast
-        e = trainer.evaluate()
-        success, per_task = e["success_rate"], {t["task"]: t["success_rate"] for t in e["per_task"]}
-        outcomes = {t["task"]: t["outcomes"] for t in e["per_task"]}
+    success, per_task, outcomes = _success(trainer, spec.get("eval_episodes", 0),
+                                           amp if runner == "torch.amp" else None)
     plan = getattr(trainer.mp, "plan", None)
     update = config.precision.update
     return {
@@ -262,16 +228,17 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
         "fp32_rules": sum(1 for r in plan.user_rules if r.label.startswith("measured:")) if plan else 0,
         "threads": int(threads), "threads_probe_ms": thread_times,
         "step_time_s_median": median, "step_time_s_p90": float(np.percentile(timed, 90)),
-        "step_times": times, "samples_per_s": samples / median, "casts_per_step": ops["casts"],
-        "compute_ops_per_step": ops["compute"],
+        "step_times": times, "samples_per_s": samples / median, "casts_per_step": probe["ops"]["casts"],
+        "compute_ops_per_step": probe["ops"]["compute"],
         "peak_rss_bytes": peak, "rss_before_training_bytes": rss_before,
         "training_rss_bytes": peak - rss_before if reset else None,  # what training itself added
         "peak_rss_is_training_only": reset, **memory,
-        "activations_bytes": meter.total, "activations_by_module": top,
-        "activations_by_dtype": meter.by_dtype, "data_bytes": trainer.data.memory_bytes,
+        "activations_bytes": probe["activations"], "activations_by_module": probe["by_module"],
+        "activations_by_dtype": probe["by_dtype"], "data_bytes": trainer.data.memory_bytes,
         "data_streamed": not isinstance(trainer.data.images, np.ndarray),
-        "step_peak_bytes": live.get("peak_bytes"), "step_added_bytes": live.get("added_bytes"),
-        "step_peak_by_kind": live.get("peak_by_kind"),
+        "step_peak_bytes": probe["live"].get("peak_bytes"),
+        "step_added_bytes": probe["live"].get("added_bytes"),
+        "step_peak_by_kind": probe["live"].get("peak_by_kind"),
         "device": str(device), "tf32": config.precision.tf32 if device.type == "cuda" else None,
         "gpu_peak_bytes": gpu_peak,  # torch.cuda.max_memory_allocated over training
         "gpu_training_bytes": gpu_peak - gpu_before if gpu_peak is not None else None,
@@ -292,6 +259,64 @@ class _AmpAutocast:
 
     def autocast(self):
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+
+def _threads(threads: str | int, trainer, autocast) -> tuple[int, Any]:
+    """The thread count asked for, or (``"auto"``) the fastest of a short probe on a CPU; on a
+    GPU the CPU threads only feed it, and torch's default stands."""
+    if threads != "auto":
+        return int(threads), None
+    if trainer.device.type == "cuda":
+        return torch.get_num_threads(), None
+    return choose_threads(trainer, autocast)
+
+
+def _probe_step(trainer, autocast) -> dict[str, Any]:
+    """One more forward+backward on a training batch, instrumented: what its forward saves for
+    the backward (by module and dtype), the kernels and casts it runs (counted at the aten level),
+    and the live tensors over it."""
+    from vlamp.precision.memory import ActivationMeter, step_memory
+    from vlamp.precision.verify import count_ops
+
+    b = trainer.example_batch()
+    # Ranks run it together (their wrapper's collectives must match); one process, eagerly.
+    counted = trainer.forward if trainer.world.distributed else trainer.model
+    with ActivationMeter(trainer.model) as meter:  # what one step's forward saves for its backward
+        with autocast():
+            loss = counted(b)
+    loss.backward()
+    trainer.model.zero_grad(set_to_none=True)
+    top: dict[str, int] = {}
+    for name, n in meter.by_module.items():
+        top[name.split(".")[0]] = top.get(name.split(".")[0], 0) + n
+
+    def one_step() -> None:
+        with autocast():
+            loss = counted(b)
+        loss.backward()
+
+    ops = count_ops(one_step)  # proof of what a step computes in, counted at the aten level
+    trainer.model.zero_grad(set_to_none=True)
+    device = trainer.device
+    where = f"cuda:{device.index or 0}" if device.type == "cuda" else "cpu"
+    live = step_memory(one_step, where) or {}  # live tensors over a forward+backward
+    trainer.model.zero_grad(set_to_none=True)
+    return {"activations": meter.total, "by_module": top, "by_dtype": meter.by_dtype, "ops": ops,
+            "live": live}
+
+
+def _success(trainer, episodes: int, amp: _AmpAutocast | None
+             ) -> tuple[float | None, dict | None, dict | None]:
+    """Closed-loop success (mean, per task, episode outcomes per task) over ``episodes`` per task;
+    ``amp``: the baseline's forward passes run under its autocast."""
+    if episodes <= 0:
+        return None, None, None
+    trainer.config.eval.episodes = episodes
+    if amp is not None:
+        trainer.mp = amp  # the evaluated forward passes use the same autocast
+    e = trainer.evaluate()
+    return (e["success_rate"], {t["task"]: t["success_rate"] for t in e["per_task"]},
+            {t["task"]: t["outcomes"] for t in e["per_task"]})
 
 
 def _validate_amp(trainer, amp: _AmpAutocast) -> float | None:

@@ -18,6 +18,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -125,7 +126,49 @@ def generate(
         VlampError: On unknown tasks, a bad count, an existing or unwritable ``out``.
     """
     chosen = resolve_tasks(tasks)
+    _check_arguments(episodes_per_task, image_size, max_tries, camera, seed)
+    if out is None:
+        root = default_cache_dir() / dataset_id(chosen, episodes_per_task, image_size, seed, max_steps,
+                                                max_tries, camera)
+        if (root / "meta/info.json").is_file():
+            return root
+    else:
+        root = Path(out)
+    check_output_dir(root)  # fail before minutes of simulation rather than after
     check_rendering()
+    # Tasks take turns, so every task's first episode comes early.
+    jobs = [(i, t, k, seed, image_size, max_steps, max_tries, camera) for k in range(episodes_per_task)
+            for i, t in enumerate(chosen)]
+    say = tqdm.write if progress else (lambda line: print(line, file=sys.stderr))
+    results, stats = _roll_out(jobs, chosen, episodes_per_task, workers, max_tries, max_steps, say,
+                               progress)
+    for name, st in stats.items():
+        st["expert_success_rate"] = st["kept"] / st["rollouts"] if st["rollouts"] else None
+    short = {n: st for n, st in stats.items() if st["kept"] < st["asked"]}
+    for name, st in short.items():
+        say(f"warning: {name}: {st['kept']} of {st['asked']} episodes (the expert succeeded in "
+            f"{st['kept']} of {st['rollouts']} rollouts)")
+    episodes = [results[(t.name, k)] for t in chosen for k in range(episodes_per_task)
+                if (t.name, k) in results]
+    if not episodes:
+        raise VlampError(f"the expert succeeded in no episode of {', '.join(stats)}; "
+                         f"try a larger --max-steps (now {max_steps})")
+    from vlamp.sim.env import ACTION_NAMES, STATE_NAMES
+
+    report = {"camera": camera, "max_tries": max_tries, "give_up": GIVE_UP, "max_steps": max_steps,
+              "tasks": stats}
+    try:
+        return write_dataset(root, episodes, fps=FPS, state_names=STATE_NAMES,
+                             action_names=ACTION_NAMES, extra_meta={REPORT: report})
+    except VlampError:
+        if out is None and (root / "meta/info.json").is_file():
+            return root  # another process filled the cache meanwhile
+        raise
+
+
+def _check_arguments(episodes_per_task: int, image_size: int, max_tries: int, camera: str,
+                     seed: int) -> None:
+    """Everything :func:`generate` is given, before a simulator starts."""
     if episodes_per_task < 1:
         raise VlampError(f"episodes per task must be >= 1, got {episodes_per_task}")
     if image_size < 8:
@@ -139,19 +182,15 @@ def generate(
                          f"seeds up to {last:,}; evaluation episodes use {EVAL_SEED:,} and up, and a "
                          f"policy must not be evaluated on episodes it was trained on: choose a seed "
                          f"from 0 to {(EVAL_SEED - 1_000 * episodes_per_task) // 100_000}")
-    if out is None:
-        root = default_cache_dir() / dataset_id(chosen, episodes_per_task, image_size, seed, max_steps,
-                                                max_tries, camera)
-        if (root / "meta/info.json").is_file():
-            return root
-    else:
-        root = Path(out)
-    check_output_dir(root)  # fail before minutes of simulation rather than after
-    # Tasks take turns, so every task's first episode comes early.
-    jobs = [(i, t, k, seed, image_size, max_steps, max_tries, camera) for k in range(episodes_per_task)
-            for i, t in enumerate(chosen)]
+
+
+def _roll_out(jobs: list[tuple], chosen: list[Task], episodes_per_task: int, workers: int | None,
+              max_tries: int, max_steps: int, say, progress: bool
+              ) -> tuple[dict[tuple[str, int], Episode], dict[str, dict[str, Any]]]:
+    """Runs the expert's rollouts over ``workers`` processes: the kept episodes by (task, index),
+    and per task how many were asked, kept and rolled out; a task that fails ``GIVE_UP`` episodes
+    in a row is given up (the others go on)."""
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-    say = tqdm.write if progress else (lambda line: print(line, file=sys.stderr))
     results: dict[tuple[str, int], Episode] = {}
     stats = {t.name: {"asked": episodes_per_task, "kept": 0, "rollouts": 0, "failed_episodes": 0,
                       "given_up": False} for t in chosen}
@@ -183,28 +222,7 @@ def generate(
                 say(f"warning: {name}: given up after {GIVE_UP} failed episodes in a row; the other "
                     f"tasks go on (a larger --max-steps may help)")
     bar.close()
-    for name, st in stats.items():
-        st["expert_success_rate"] = st["kept"] / st["rollouts"] if st["rollouts"] else None
-    short = {n: st for n, st in stats.items() if st["kept"] < st["asked"]}
-    for name, st in short.items():
-        say(f"warning: {name}: {st['kept']} of {st['asked']} episodes (the expert succeeded in "
-            f"{st['kept']} of {st['rollouts']} rollouts)")
-    episodes = [results[(t.name, k)] for t in chosen for k in range(episodes_per_task)
-                if (t.name, k) in results]
-    if not episodes:
-        raise VlampError(f"the expert succeeded in no episode of {', '.join(stats)}; "
-                         f"try a larger --max-steps (now {max_steps})")
-    from vlamp.sim.env import ACTION_NAMES, STATE_NAMES
-
-    report = {"camera": camera, "max_tries": max_tries, "give_up": GIVE_UP, "max_steps": max_steps,
-              "tasks": stats}
-    try:
-        return write_dataset(root, episodes, fps=FPS, state_names=STATE_NAMES,
-                             action_names=ACTION_NAMES, extra_meta={REPORT: report})
-    except VlampError:
-        if out is None and (root / "meta/info.json").is_file():
-            return root  # another process filled the cache meanwhile
-        raise
+    return results, stats
 
 
 def generation_report(root: str | os.PathLike[str]) -> dict | None:

@@ -86,29 +86,8 @@ def read_dataset(root: str | Path, camera_key: str | None = None, *, stream: boo
     name = f"{str(root)!r}"
     if not root.is_dir():
         raise VlampError(f"dataset {name}: no such directory")
-    info_path = root / "meta/info.json"
-    if not info_path.is_file():
-        raise VlampError(f"{name} is not a LeRobot v3.0 dataset: missing meta/info.json")
-    info = _json(info_path, name)
-    version = info.get("codebase_version")
-    if version != CODEBASE_VERSION:
-        raise VlampError(f"dataset {name}: codebase_version is {version!r}; vlamp reads {CODEBASE_VERSION!r}")
-    features = info.get("features") or {}
-    cameras = [k for k, f in features.items() if f.get("dtype") in ("image", "video")]
-    for key in (STATE_KEY, ACTION_KEY):
-        if key not in features:
-            raise VlampError(f"dataset {name}: info.json has no {key!r} feature")
-    if not cameras:
-        raise VlampError(f"dataset {name}: info.json has no image or video feature")
-    camera_key = camera_key or cameras[0]
-    if camera_key not in cameras:
-        raise VlampError(f"dataset {name}: no camera {camera_key!r}; cameras: {', '.join(cameras)}")
-    for rel in ("meta/stats.json", "meta/tasks.parquet"):
-        if not (root / rel).is_file():
-            raise VlampError(f"{name} is not a LeRobot v3.0 dataset: missing {rel}")
-    data_files = sorted(root.glob("data/chunk-*/file-*.parquet"))
-    if not data_files:
-        raise VlampError(f"{name} is not a LeRobot v3.0 dataset: no data/chunk-*/file-*.parquet")
+    info, camera_key, data_files = _check_layout(root, name, camera_key)
+    features = info["features"]
     stats = _json(root / "meta/stats.json", name)
     tasks_table = _parquet(root / "meta/tasks.parquet", name)
     task_col = "task" if "task" in tasks_table.column_names else "__index_level_0__"
@@ -153,6 +132,40 @@ def read_dataset(root: str | Path, camera_key: str | None = None, *, stream: boo
                 _into_memory(frames, len(order), bar)
     return LeRobotData(root, info, stats, tasks, camera_key, images, state, action,
                        ints["episode_index"], ints["frame_index"], ints["task_index"])
+
+
+def _check_layout(root: Path, name: str, camera_key: str | None
+                  ) -> tuple[dict[str, Any], str, list[Path]]:
+    """``meta/info.json``, the camera to read and the data files of a LeRobot v3.0 dataset, after
+    checking its version, features and files.
+
+    Raises:
+        VlampError: Naming what is missing or wrong.
+    """
+    info_path = root / "meta/info.json"
+    if not info_path.is_file():
+        raise VlampError(f"{name} is not a LeRobot v3.0 dataset: missing meta/info.json")
+    info = _json(info_path, name)
+    version = info.get("codebase_version")
+    if version != CODEBASE_VERSION:
+        raise VlampError(f"dataset {name}: codebase_version is {version!r}; vlamp reads {CODEBASE_VERSION!r}")
+    features = info.get("features") or {}
+    cameras = [k for k, f in features.items() if f.get("dtype") in ("image", "video")]
+    for key in (STATE_KEY, ACTION_KEY):
+        if key not in features:
+            raise VlampError(f"dataset {name}: info.json has no {key!r} feature")
+    if not cameras:
+        raise VlampError(f"dataset {name}: info.json has no image or video feature")
+    camera_key = camera_key or cameras[0]
+    if camera_key not in cameras:
+        raise VlampError(f"dataset {name}: no camera {camera_key!r}; cameras: {', '.join(cameras)}")
+    for rel in ("meta/stats.json", "meta/tasks.parquet"):
+        if not (root / rel).is_file():
+            raise VlampError(f"{name} is not a LeRobot v3.0 dataset: missing {rel}")
+    data_files = sorted(root.glob("data/chunk-*/file-*.parquet"))
+    if not data_files:
+        raise VlampError(f"{name} is not a LeRobot v3.0 dataset: no data/chunk-*/file-*.parquet")
+    return info, camera_key, data_files
 
 
 def _json(path: Path, name: str) -> dict[str, Any]:
