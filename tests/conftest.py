@@ -6,6 +6,17 @@ import pytest
 import torch
 
 
+# Fixtures whose data the simulator renders (or whose tests start torchrun or bench processes):
+# every test that takes one is an integration test, marked slow by construction.
+SIMULATOR_FIXTURES = {"tiny_dataset", "dataset", "runs", "cache"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SIMULATOR_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)

@@ -77,6 +77,7 @@ def test_data_and_eval_user_errors(args, fragment):
     assert rc == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err
 
 
+@pytest.mark.slow
 def test_eval_expert_cli_writes_json(tmp_path):
     path = tmp_path / "r.json"
     rc, out, err = run_cli("eval", "--policy", "expert", "--tasks", "faucet-open", "--episodes", "1",

@@ -43,6 +43,7 @@ def test_pairs_episode_by_episode():
         compare_paired(a, result([1, 1, 0], [1, 0]))
 
 
+@pytest.mark.slow
 def test_the_expert_beats_a_random_policy_on_the_same_episodes():
     kw = {"episodes": 4, "image_size": 16, "max_steps": 100, "progress": False}
     expert = evaluate(ExpertPolicy(), "handle-press,coffee-button", **kw)

@@ -183,6 +183,7 @@ def test_unwritable_output(tmp_path):
         generate("reach", 1, out=blocker / "ds", workers=1, progress=False)
 
 
+@pytest.mark.slow
 def test_expert_scores_at_least_90_percent_on_the_default_suite():
     result = evaluate(ExpertPolicy(), episodes=2, progress=False)
     assert [t.task for t in result.tasks] == ["drawer-open", "drawer-close", "window-open",
@@ -191,6 +192,7 @@ def test_expert_scores_at_least_90_percent_on_the_default_suite():
     assert result.steps_per_s > 0 and result.as_dict()["episodes"] == 12
 
 
+@pytest.mark.slow
 def test_random_policy_scores_about_zero(tmp_path):
     gif = tmp_path / "rollout.gif"
     result = evaluate(RandomPolicy(seed=0), "drawer-open,window-close", episodes=2, max_steps=100,

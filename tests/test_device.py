@@ -43,6 +43,7 @@ def test_cuda_on_a_machine_without_it_says_so():
         resolve_device("cuda:0")
 
 
+@pytest.mark.slow
 def test_train_with_a_bad_device_exits_2_with_one_line(tmp_path):
     cases = [("train.device=tpu", "train.device must be one of auto, cpu, cuda, cuda:N")]
     if NO_CUDA:

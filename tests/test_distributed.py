@@ -135,6 +135,7 @@ def test_resume_at_another_world_size(runs):
         assert distance(weights(part, 20), weights(full, 20)) <= 0.01 * moved, target
 
 
+@pytest.mark.slow
 def test_mixed_precision_across_ranks(tmp_path):
     """bf16-mixed and fp16-mixed under DDP and FSDP2 (tests/dist_worker.py): the ranks agree, the
     first step equals one process's, FSDP2 keeps the FP32 islands FP32 (traced dtypes, forward and
@@ -237,6 +238,7 @@ def test_my_share_and_loss_shares_in_one_process():
     assert distributed.loss_shares([torch.ones(3, 4)], distributed.World()) is None
 
 
+@pytest.mark.slow
 def test_bench_runs_a_mode_on_two_torchrun_ranks(tmp_path):
     """``vlamp bench --nproc 2``: the modes on 2 real ranks (FSDP2 here) beside a 1-process fp32
     run; throughput reported in total and per rank, and against the single process."""

@@ -46,12 +46,14 @@ def test_suites_and_names_mix_in_one_list():
     assert len(p.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_the_expert_solves_newly_added_tasks_rendered():
     tasks = ["reach", "push", "pick-place", "coffee-pull", "hammer", "assembly"]
     result = evaluate(ExpertPolicy(), tasks, episodes=1, image_size=32, progress=False)
     assert {t.task: t.successes for t in result.tasks} == dict.fromkeys(tasks, 1)
 
 
+@pytest.mark.slow
 def test_a_goal_in_free_space_is_drawn_and_a_paired_scenes_goal_is_not():
     import dataclasses
 
@@ -68,6 +70,7 @@ def test_a_goal_in_free_space_is_drawn_and_a_paired_scenes_goal_is_not():
     assert not TASKS["drawer-open"].show_goal and TASKS["reach"].show_goal
 
 
+@pytest.mark.slow
 def test_generation_gives_up_a_failing_task_and_keeps_the_others(tmp_path):
     # 45 steps: handle-press succeeds (its expert needs ~31), drawer-open cannot (~88)
     root = generate("handle-press,drawer-open", GIVE_UP + 1, out=tmp_path / "ds", image_size=16,
@@ -82,6 +85,7 @@ def test_generation_gives_up_a_failing_task_and_keeps_the_others(tmp_path):
     assert failing["expert_success_rate"] == 0.0
 
 
+@pytest.mark.slow
 def test_generation_never_uses_the_evaluation_episodes_seeds(tmp_path):
     with pytest.raises(VlampError, match=r"seeds up to 1,000,019; evaluation episodes use 1,000,000 "
                                          r"and up.*choose a seed from 0 to 9"):

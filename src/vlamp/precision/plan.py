@@ -223,10 +223,14 @@ class PrecisionPlan:
         unknown = set(data) - set(_PLAN_KEYS)
         if unknown:
             raise VlampError(f"{where}: unknown keys {sorted(unknown)}; legal: {', '.join(_PLAN_KEYS)}")
-        file_mode = data.get("mode")
-        if mode is not None and file_mode is not None and get_mode(mode).name != get_mode(file_mode).name:
-            raise VlampError(f"{where} is for mode {file_mode!r}, "
-                             f"but mode {get_mode(mode).name!r} was asked for")
+        try:  # the mode is normalised once, here; the plan keeps the Mode
+            file_mode = get_mode(data["mode"]) if data.get("mode") is not None else None
+            mode = get_mode(mode) if mode is not None else None
+        except VlampError as e:
+            raise VlampError(f"{where}: {e}") from None
+        if mode is not None and file_mode is not None and mode.name != file_mode.name:
+            raise VlampError(f"{where} is for mode {file_mode.name!r}, "
+                             f"but mode {mode.name!r} was asked for")
         rules = data.get("rules") or []
         if not isinstance(rules, list) or not all(
                 isinstance(r, dict) and {"pattern", "policy"} <= set(r) <= {"pattern", "policy", "label"}
