@@ -46,7 +46,8 @@ def test_short_run_in_every_mode_trains_logs_and_checkpoints(tiny_dataset, tmp_p
     assert [row["step"] for row in train_rows(out)] == [1, 2, 3, 4]
     assert list((out / "tb").glob("events.out.tfevents.*"))
     weights = load_file(out / "checkpoints" / "step_0000004" / "model.safetensors")
-    low = {"bf16-true": torch.bfloat16, "fp16-true": torch.float16}.get(mode, torch.float32)
+    low = {"bf16-true": torch.bfloat16, "fp16-true": torch.float16,
+           "bf16-storage": torch.bfloat16}.get(mode, torch.float32)
     assert weights["trunk.0.qkv.weight"].dtype == low
     assert weights["action_out.weight"].dtype == torch.float32  # an FP32 island in every mode
 
@@ -57,7 +58,7 @@ def test_loss_goes_down(tiny_dataset, tmp_path):
     assert sum(r.losses[-5:]) / 5 < 0.7 * r.losses[0]
 
 
-@pytest.mark.parametrize("mode", ["fp32", "fp16-mixed"])
+@pytest.mark.parametrize("mode", ["fp32", "fp16-mixed", "bf16-storage"])
 def test_resume_is_bit_exact(tiny_dataset, tmp_path, mode):
     """Stop after step 3 (the checkpoint), resume to step 6: same losses, same final bytes."""
     full = tmp_path / "full"

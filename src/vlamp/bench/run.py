@@ -55,9 +55,10 @@ def default_modes(device: str | None = "auto") -> tuple[list[str], list[str]]:
 
 
 def split_mode(label: str) -> tuple[str, str]:
-    """``"bf16-true/kahan"`` -> ``("bf16-true", "kahan")``; a plain mode updates by ``master``."""
+    """``"bf16-true/kahan"`` -> ``("bf16-true", "kahan")``; a plain mode updates its own way
+    (``auto``)."""
     mode, _, update = label.partition("/")
-    return mode, update or "master"
+    return mode, update or "auto"
 
 
 def parse_modes(text: str, device: str | None = "auto") -> tuple[list[str], list[str]]:
@@ -68,12 +69,13 @@ def parse_modes(text: str, device: str | None = "auto") -> tuple[list[str], list
     bad = [m for m in modes if split_mode(m)[0] not in MODE_NAMES]
     if bad or not modes:
         raise VlampError(f"unknown mode(s) {', '.join(bad) or '(none)'}; legal: {', '.join(MODE_NAMES)}"
-                         f", and -true modes with an update: bf16-true/kahan, /stochastic, /naive")
+                         f", and -true or -storage modes with an update: bf16-true/kahan, /stochastic, /naive")
     for m in modes:
         mode, update = split_mode(m)
-        if update not in UPDATES or (update != "master" and not mode.endswith("-true")):
-            raise VlampError(f"mode {m!r}: an update after the slash is for -true modes, one of "
-                             f"{', '.join(UPDATES)}")
+        stores_low = mode.endswith(("-true", "-storage"))
+        if update not in ("auto", *UPDATES) or (update not in ("auto", "master") and not stores_low):
+            raise VlampError(f"mode {m!r}: an update after the slash is for -true and -storage "
+                             f"modes, one of {', '.join(UPDATES)}")
     if "fp32" not in modes:
         modes.insert(0, "fp32")  # the reference every ratio is taken against
     hw = detect(resolve_device(device))

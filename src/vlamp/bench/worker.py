@@ -221,7 +221,7 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
     plan = getattr(trainer.mp, "plan", None)
     update = config.precision.update
     return {
-        "mode": mode if update == "master" else f"{mode}/{update}", "runner": runner,
+        "mode": mode if update in ("auto", "master") else f"{mode}/{update}", "runner": runner,
         "steps": len(losses),
         "precision": trainer.mp.mode.name if runner == "vlamp" else mode,
         "precision_reason": (plan.measured or {}).get("reason") if plan is not None else None,

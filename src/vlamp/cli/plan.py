@@ -62,10 +62,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         f"({', '.join(HF_PRESETS)}) or a local config.json (or its directory); built "
                         "on the meta device, so nothing is allocated or downloaded. Needs "
                         'pip install "vlamp[hf]"')
-    p.add_argument("--update", default="master", choices=UPDATES,
-                   help="how a -true mode updates its low-precision weights (precision.update): "
-                        "decides the optimizer state's dtype and the bytes per parameter shown "
-                        "(default: master, FP32 master copies)")
+    p.add_argument("--update", default="auto", choices=("auto", *UPDATES),
+                   help="how a -true or -storage mode updates its low-precision weights "
+                        "(precision.update): decides the optimizer state's dtype and the bytes "
+                        "per parameter shown (default: auto, the mode's own: FP32 masters in "
+                        "-true modes, stochastic rounding in bf16-storage)")
     p.add_argument("--json", action="store_true", help="print rows as JSON")
     p.set_defaults(run=run)
 
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
                             refresh=args.refresh, log=lambda line: print(line, file=sys.stderr),
                             sensitivity=args.sensitivity)
     table = describe_plan(plan, model, max_depth=args.depth,
-                          update=args.update if plan.mode.name.endswith("-true") else "master")
+                          update=args.update)
     print(json.dumps(table.to_dicts(), indent=2) if args.json else table)
     if plan.measured and plan.measured.get("step_ms") and not args.json:
         steps = ", ".join(f"{k} {v:.1f} ms" for k, v in plan.measured["step_ms"].items())

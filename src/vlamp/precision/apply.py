@@ -4,7 +4,12 @@ puts a precision boundary on each module whose policy differs from its parent's.
 A boundary module with FP32 compute runs with autocast off and its floating inputs cast up to FP32;
 one with low-precision compute runs under autocast in that dtype (inputs cast to it when its own
 parameters are stored in it). Floating outputs leave in the policy's output dtype. Modules that only
-inherit their parent's policy are left alone, so a plan costs nothing where it changes nothing.
+inherit their parent's policy are left alone, so a plan costs nothing where it changes nothing —
+except modules whose own weights are stored in low precision and compute in FP32
+(``params=bf16,compute=fp32``, the ``bf16-storage`` mode): for its forward, each such module's
+weights (and those of its descendants, which a parent such as ``MultiheadAttention`` may use
+directly) are cast up to FP32, and the ops save the stored BF16 weight for the backward instead of
+the FP32 copy (:mod:`vlamp.precision.saved`), so the copies live only while the module computes.
 
 A boundary is the module's own ``forward`` run inside a ``with torch.autocast(...)`` block: the
 module's class is swapped for a subclass of it (same name, same state dict, ``isinstance`` still
@@ -75,6 +80,8 @@ class _Boundary:
         # Low-precision compute over FP32 weights is autocast's job; otherwise the inputs are cast.
         self.low = policy.compute != torch.float32
         self.cast_inputs_to = None if self.low and policy.param != policy.compute else policy.compute
+        # Low-precision storage computing in FP32: the weights are cast up for the forward.
+        self.upcast_weights = not self.low and policy.param != torch.float32
 
     def __call__(self, forward: Callable[..., Any], module: nn.Module, args: tuple, kwargs: dict) -> Any:
         if not torch.compiler.is_compiling():  # a compiled graph would guard on the count
@@ -86,11 +93,30 @@ class _Boundary:
             def cast(t: torch.Tensor) -> torch.Tensor:
                 return upcasts.cast(t, to) if t.is_floating_point() and t.dtype != to else t
             args, kwargs = map_tensors(args, cast), map_tensors(kwargs, cast)
-        with torch.autocast(_device_type(module, args, kwargs),
-                            dtype=self.policy.compute if self.low else None, enabled=self.low), \
-                saving_low_precision(upcasts):  # an FP32 island saves what it got, not its copy
-            output = forward(module, *args, **kwargs)
+        device_type = _device_type(module, args, kwargs)
+        swapped = _upcast_weights(module, upcasts) if self.upcast_weights else []
+        try:
+            with torch.autocast(device_type, dtype=self.policy.compute if self.low else None,
+                                enabled=self.low), \
+                    saving_low_precision(upcasts):  # an FP32 island saves what it got, not its copy
+                output = forward(module, *args, **kwargs)
+        finally:
+            for owner, name, p in swapped:
+                owner._parameters[name] = p
         return cast_floating(output, self.policy.output)
+
+
+def _upcast_weights(module: nn.Module, upcasts: Upcasts) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """Puts FP32 copies of the low-precision parameters of ``module`` and its descendants in
+    their place (differentiable casts: the gradients reach the stored parameters); returns what to
+    put back."""
+    swapped = []
+    for owner in module.modules():
+        for name, p in list(owner._parameters.items()):
+            if p is not None and p.dtype in (torch.bfloat16, torch.float16):
+                swapped.append((owner, name, p))
+                owner._parameters[name] = upcasts.cast(p, torch.float32)
+    return swapped
 
 
 def _boundary_class(cls: type) -> type:
@@ -153,7 +179,9 @@ def apply_plan(resolved: Sequence[Resolved]) -> Undo:
             if buf is not None and buf.is_floating_point() and buf.dtype != r.policy.param:
                 setattr(m, key, buf.to(r.policy.param))
         setattr(m, _MARK, r.policy)
-        if r.policy != r.parent_policy:
+        stored_low = r.policy.param != torch.float32 and r.policy.compute == torch.float32 and any(
+            True for _ in m.parameters(recurse=False))
+        if r.policy != r.parent_policy or stored_low:
             setattr(m, _CALLS, 0)
             setattr(m, _BOUNDARY, _Boundary(r.policy))
             m.__class__ = _boundary_class(type(m))

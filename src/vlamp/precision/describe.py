@@ -120,7 +120,7 @@ class PlanTable:
 
 
 def describe_plan(plan: PrecisionPlan, model: nn.Module, max_depth: int | None = None,
-                  uncalled: Mapping[str, str] | None = None, update: str = "master",
+                  uncalled: Mapping[str, str] | None = None, update: str = "auto",
                   moments: int = 2) -> PlanTable:
     """The per-module table of ``plan`` on ``model``: storage / compute / output / grad /
     optimizer-state dtype, parameter count and deciding rule. Rows below ``max_depth`` are folded
@@ -139,6 +139,7 @@ def describe_plan(plan: PrecisionPlan, model: nn.Module, max_depth: int | None =
         A :class:`PlanTable`; ``str()`` renders it.
     """
     timings = (plan.measured or {}).get("modules", {})
+    update = plan.mode.default_update if update == "auto" else update
     return PlanTable.build(plan.resolve(model, warn_unmatched=False), plan.mode, max_depth,
                            timings=timings, uncalled=uncalled, update=update, moments=moments)
 

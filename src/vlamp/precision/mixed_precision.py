@@ -85,8 +85,8 @@ class MixedPrecision:
             (:mod:`vlamp.precision.diagnostics`); read :attr:`last_diagnostics` after each step.
         update: How weights the plan stores in low precision (the ``-true`` modes, ``params=bf16``
             rules) are updated: an :class:`UpdateSettings` (method, gradient accumulation dtype,
-            rounding seed) or just the method's name (``"master"``, ``"kahan"``,
-            ``"stochastic"``, ``"naive"``).
+            rounding seed) or just the method's name (``"auto"``: the mode's own, ``"master"``,
+            ``"kahan"``, ``"stochastic"``, ``"naive"``).
 
     Example:
         >>> plan = measure_plan(model, batch, "auto")                      # doctest: +SKIP
@@ -111,9 +111,10 @@ class MixedPrecision:
         diagnostics: str | int | None = None,
         update: UpdateSettings | str = UpdateSettings(),
     ) -> None:
-        self.settings = update if isinstance(update, UpdateSettings) else UpdateSettings(update)
+        settings = update if isinstance(update, UpdateSettings) else UpdateSettings(update)
         self.plan = _plan(mode, rules, builtin_rules, device)
         self.mode = self.plan.mode
+        self.settings = settings.resolved(self.mode.default_update)
         #: What was asked for (``"auto"``, or a measured plan's request), beside :attr:`mode`.
         self.requested_mode = mode if isinstance(mode, str) else \
             ((mode.measured or {}).get("requested", mode.mode.name) if isinstance(mode, PrecisionPlan)

@@ -28,9 +28,10 @@ class Policy:
         Policy(param=fp32, compute=bf16, output=bf16)
 
     Raises:
-        VlampError: On an unknown dtype, or weights stored in low precision that would compute in
-            another dtype (``params=bf16,compute=fp32``): nothing casts such weights for the
-            forward yet, so the policy would crash at the first matmul.
+        VlampError: On an unknown dtype, or weights stored in one low-precision dtype that would
+            compute in another (``params=fp16,compute=bf16``). Low-precision storage computes in
+            its own dtype, or in FP32 (``params=bf16,compute=fp32``: the weights are cast up for
+            each forward).
     """
 
     param: torch.dtype = torch.float32
@@ -40,11 +41,11 @@ class Policy:
     def __post_init__(self) -> None:
         for field in ("param", "compute", "output"):
             object.__setattr__(self, field, to_dtype(getattr(self, field), what=f"Policy.{field}"))
-        if self.param != torch.float32 and self.compute != self.param:
+        if self.param != torch.float32 and self.compute not in (self.param, torch.float32):
             p, c = dtype_name(self.param), dtype_name(self.compute)
             raise VlampError(f"policy params={p},compute={c}: weights stored in {p} compute in {p} "
-                             f"(casting them to {c} for each forward is not built yet); use "
-                             f"params={p},compute={p} or params=fp32,compute={c}")
+                             f"or, cast up for each forward, in fp32; use params={p},compute={p}, "
+                             f"params={p},compute=fp32 or params=fp32,compute={c}")
 
     @classmethod
     def parse(cls, spec: str) -> Policy:

@@ -23,12 +23,14 @@ from vlamp.precision.dtypes import LOW_PRECISION
 
 
 class _Low:
-    """A saved FP32 tensor kept as the low-precision tensor it was cast from."""
+    """A saved FP32 tensor kept as the low-precision tensor it was cast from (and, for a view of
+    the FP32 copy, such as a weight's transpose, the view's geometry)."""
 
-    __slots__ = ("dtype", "packed")
+    __slots__ = ("dtype", "packed", "view")
 
-    def __init__(self, packed: Any, dtype: torch.dtype) -> None:
-        self.packed, self.dtype = packed, dtype
+    def __init__(self, packed: Any, dtype: torch.dtype,
+                 view: tuple[torch.Size, tuple[int, ...], int] | None = None) -> None:
+        self.packed, self.dtype, self.view = packed, dtype, view
 
 
 class _Outer:
@@ -58,6 +60,18 @@ class Upcasts:
             return None
         return entry[1]
 
+    def original_of_view(self, t: torch.Tensor) -> tuple[torch.Tensor, tuple] | None:
+        """For a view of an FP32 copy (``up.t()``, as a linear layer saves its weight): the
+        low-precision original, and the view's size, stride and offset, when the original's
+        upcast has the copy's layout (so the view can be taken again)."""
+        base = t._base
+        if base is None:
+            return None
+        low = self.original(base)
+        if low is None or low.stride() != base.stride():
+            return None
+        return low, (t.size(), t.stride(), t.storage_offset())
+
 
 @contextlib.contextmanager
 def saving_low_precision(upcasts: Upcasts) -> Iterator[None]:
@@ -70,15 +84,18 @@ def saving_low_precision(upcasts: Upcasts) -> Iterator[None]:
     outer_pack, outer_unpack = outer if outer is not None else (None, None)
 
     def pack(t: torch.Tensor) -> Any:
-        low = upcasts.original(t)
+        low, view = upcasts.original(t), None
+        if low is None:
+            low, view = upcasts.original_of_view(t) or (None, None)
         if low is not None:
-            return _Low(outer_pack(low) if outer_pack else low, t.dtype)
+            return _Low(outer_pack(low) if outer_pack else low, t.dtype, view)
         return _Outer(outer_pack(t)) if outer_pack else t
 
     def unpack(packed: Any) -> torch.Tensor:
         if isinstance(packed, _Low):
             low = outer_unpack(packed.packed) if outer_unpack else packed.packed
-            return low.to(packed.dtype)
+            up = low.to(packed.dtype)
+            return up if packed.view is None else up.as_strided(*packed.view)
         if isinstance(packed, _Outer):
             return outer_unpack(packed.packed)
         return packed

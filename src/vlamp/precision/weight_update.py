@@ -34,8 +34,8 @@ import torch
 
 from vlamp.precision.errors import VlampError
 
-Method = Literal["master", "kahan", "stochastic", "naive"]
-UPDATES: tuple[str, ...] = ("master", "kahan", "stochastic", "naive")
+Method = Literal["auto", "master", "kahan", "stochastic", "naive"]
+UPDATES: tuple[str, ...] = ("master", "kahan", "stochastic", "naive")  # the methods themselves
 GRAD_ACCUMS: tuple[str, ...] = ("fp32", "storage")
 
 
@@ -44,10 +44,12 @@ class UpdateSettings:
     """How weights the plan stores in low precision are updated: one frozen value.
 
     Args:
-        method: ``"master"`` (FP32 master copies, the default), ``"kahan"`` (a compensation buffer
-            in the weight's dtype), ``"stochastic"`` (stochastic rounding into BF16) or ``"naive"``
-            (round to nearest). Without masters the optimizer's moments are kept in the weight's
-            dtype. See :mod:`vlamp.precision.update`.
+        method: ``"auto"`` (the default: the mode's own, ``Mode.default_update``: FP32 masters,
+            or stochastic rounding in ``bf16-storage``), ``"master"`` (FP32 master copies),
+            ``"kahan"`` (a compensation buffer in the weight's dtype), ``"stochastic"``
+            (stochastic rounding into BF16) or ``"naive"`` (round to nearest). Without masters
+            the optimizer's moments are kept in the weight's dtype. See
+            :mod:`vlamp.precision.update`.
         grad_accum: The dtype gradients of several micro-batches are summed in: ``"fp32"``
             (default) or ``"storage"`` (the weight's dtype).
         seed: Seed of the stochastic-rounding generator (its state is saved with the run).
@@ -60,7 +62,7 @@ class UpdateSettings:
         'kahan'
     """
 
-    method: Method = "master"
+    method: Method = "auto"
     grad_accum: Literal["fp32", "storage"] = "fp32"
     seed: int = 0
 
@@ -68,9 +70,13 @@ class UpdateSettings:
         check_update(self.method, self.grad_accum, where="UpdateSettings")
         object.__setattr__(self, "seed", int(self.seed))
 
+    def resolved(self, default: str) -> UpdateSettings:
+        """These settings with ``"auto"`` replaced by ``default`` (the mode's method)."""
+        return dataclasses.replace(self, method=default) if self.method == "auto" else self
+
     def describe(self) -> str:
         """The line ``describe`` prints under the table about how low-precision weights are updated."""
-        how = {"master": "FP32 masters", "kahan": "Kahan-compensated, moments in the weight's dtype",
+        how = {"auto": "the mode's own method", "master": "FP32 masters", "kahan": "Kahan-compensated, moments in the weight's dtype",
                "stochastic": "stochastic rounding, moments in the weight's dtype",
                "naive": "round to nearest, moments in the weight's dtype"}[self.method]
         return (f"low-precision weights updated by {self.method} ({how}); gradients of several "
@@ -79,8 +85,8 @@ class UpdateSettings:
 
 def check_update(update: str, grad_accum: str, where: str = "MixedPrecision") -> None:
     """Raises a :class:`VlampError` naming the legal values when either name is unknown."""
-    if update not in UPDATES:
-        raise VlampError(f"{where}: unknown update {update!r}; legal: {', '.join(UPDATES)}")
+    if update not in ("auto", *UPDATES):
+        raise VlampError(f"{where}: unknown update {update!r}; legal: auto, {', '.join(UPDATES)}")
     if grad_accum not in GRAD_ACCUMS:
         raise VlampError(f"{where}: unknown grad_accum {grad_accum!r}; legal: {', '.join(GRAD_ACCUMS)}")
 

@@ -99,8 +99,10 @@ class PrecisionConfig:
         sensitivity: With ``measure``: also measure each module's error in low precision against
             FP32 on a real batch and keep in FP32 those above this relative error, instead of the
             built-in islands (e.g. 0.02); 0 turns it off.
-        update: How weights stored in low precision (``bf16-true``, ``fp16-true``) are updated:
-            ``master`` (FP32 master copies: 18 bytes per parameter with AdamW), ``kahan`` (a
+        update: How weights stored in low precision (``bf16-true``, ``fp16-true``,
+            ``bf16-storage``) are updated: ``auto`` (the mode's own: ``master`` in the ``-true``
+            modes, ``stochastic`` in ``bf16-storage``), ``master`` (FP32 master copies: 18 bytes
+            per parameter with AdamW), ``kahan`` (a
             compensation buffer in the weight's dtype, BF16 moments: 10), ``stochastic``
             (stochastic rounding into BF16, BF16 moments: 8) or ``naive`` (round to nearest: 8,
             loses updates below the format's resolution).
@@ -115,7 +117,7 @@ class PrecisionConfig:
     tf32: bool = False
     diagnostics: str = "off"
     sensitivity: float = 0.0
-    update: str = "master"
+    update: str = "auto"
     grad_accum: str = "fp32"
     loss_scale: LossScaleConfig = dataclasses.field(default_factory=LossScaleConfig)
 

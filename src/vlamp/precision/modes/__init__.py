@@ -7,9 +7,10 @@ import torch
 from vlamp.precision.errors import VlampError
 from vlamp.precision.modes.base import FP32Mode, Mode
 from vlamp.precision.modes.mixed import MixedMode
+from vlamp.precision.modes.storage import StorageMode
 from vlamp.precision.modes.true import TrueMode
 
-MODE_NAMES = ("fp32", "bf16-mixed", "fp16-mixed", "bf16-true", "fp16-true")
+MODE_NAMES = ("fp32", "bf16-mixed", "fp16-mixed", "bf16-true", "fp16-true", "bf16-storage")
 
 
 def get_mode(name: str | Mode, device: str | torch.device | None = None) -> Mode:
@@ -35,10 +36,11 @@ def get_mode(name: str | Mode, device: str | torch.device | None = None) -> Mode
         "fp16-mixed": lambda: MixedMode(torch.float16),
         "bf16-true": lambda: TrueMode(torch.bfloat16),
         "fp16-true": lambda: TrueMode(torch.float16),
+        "bf16-storage": lambda: StorageMode(torch.bfloat16),
     }
     if key not in table:
         raise VlampError(f"mode: unknown mode {name!r}; legal: {', '.join(MODE_NAMES)}, auto")
     return table[key]()
 
 
-__all__ = ["MODE_NAMES", "FP32Mode", "MixedMode", "Mode", "TrueMode", "get_mode"]
+__all__ = ["MODE_NAMES", "FP32Mode", "MixedMode", "Mode", "StorageMode", "TrueMode", "get_mode"]

@@ -23,11 +23,14 @@ class Mode:
         compute_dtype: The dtype most operations run in.
         master_weights: Whether parameters stored in low precision get FP32 master copies that the
             optimizer updates (so updates smaller than the storage format's resolution survive).
+        default_update: The update method ``update="auto"`` means in this mode (see
+            :class:`~vlamp.precision.weight_update.UpdateSettings`).
     """
 
     name = "fp32"
     compute_dtype: torch.dtype = torch.float32
     master_weights = True
+    default_update = "master"
 
     @property
     def default_policy(self) -> Policy:
