@@ -26,9 +26,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modes", default=None,
                    help="comma-separated modes; fp32 is always added as the reference (default: fp32 "
-                        "and the mixed modes this machine computes natively). A -true mode may name "
-                        "how its weights are updated: bf16-true/kahan, bf16-true/stochastic, "
-                        "bf16-true/naive (default: FP32 masters)")
+                        "and the mixed modes this machine computes natively). A -true or -storage "
+                        "mode may name how its weights are updated: bf16-true/kahan, "
+                        "bf16-true/stochastic, bf16-true/naive, bf16-storage/kahan (default: the "
+                        "mode's own, FP32 masters in -true modes, stochastic in bf16-storage)")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default: 300; "
                                                            "--quick: 10)")
     p.add_argument("--seeds", type=int, default=1, help="repeat every run with this many seeds")
