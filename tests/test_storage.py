@@ -107,3 +107,14 @@ def test_a_policy_rule_and_other_update_methods_work_too():
 def test_explicit_updates_override_the_modes_default(update):
     _, _, mp = setup(update=update)
     assert mp.settings.method == update
+
+
+def test_the_bench_knows_bf16_storage_computes_in_fp32():
+    """No "emulated here" note for bf16-storage on a CPU without native bf16, and no torch.amp
+    baseline built for it (there is no low-precision compute to compare with)."""
+    from vlamp.bench.run import compute_format, parse_modes
+
+    assert compute_format("bf16-storage") == compute_format("bf16-storage/kahan") == "fp32"
+    assert compute_format("bf16-mixed") == "bf16" and compute_format("fp16-true/kahan") == "fp16"
+    modes, notes = parse_modes("bf16-storage,bf16-storage/kahan", device="cpu")
+    assert modes == ["fp32", "bf16-storage", "bf16-storage/kahan"] and notes == []

@@ -28,9 +28,10 @@ from vlamp.bench.machine import (
 )
 from vlamp.bench.summary import summarize
 from vlamp.io import write_text_atomic
+from vlamp.precision.dtypes import dtype_name
 from vlamp.precision.errors import VlampError
 from vlamp.precision.hardware import detect, native_formats, resolve_device
-from vlamp.precision.modes import MODE_NAMES
+from vlamp.precision.modes import MODE_NAMES, get_mode
 from vlamp.precision.weight_update import UPDATES
 from vlamp.train.config import RunConfig, to_dict
 
@@ -80,9 +81,15 @@ def parse_modes(text: str, device: str | None = "auto") -> tuple[list[str], list
         modes.insert(0, "fp32")  # the reference every ratio is taken against
     hw = detect(resolve_device(device))
     native = native_formats(hw)
-    notes = [f"{m} runs emulated here: {hw.name} has no native {m.split('-')[0]} arithmetic"
-             for m in dict.fromkeys(modes) if m != "fp32" and m.split("-")[0] not in native]
+    notes = [f"{m} runs emulated here: {hw.name} has no native {compute_format(m)} arithmetic"
+             for m in dict.fromkeys(modes) if compute_format(m) not in ("fp32", *native)]
     return list(dict.fromkeys(modes)), notes
+
+
+def compute_format(label: str) -> str:
+    """The format a bench run's kernels compute in: ``bf16`` for ``bf16-mixed``, ``fp32`` for
+    ``fp32`` and ``bf16-storage`` (bf16 weights, cast up for every kernel)."""
+    return dtype_name(get_mode(split_mode(label)[0]).compute_dtype)
 
 
 class _Worker:
@@ -187,7 +194,7 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    low = next((split_mode(m)[0] for m in modes if m != "fp32"), None)
+    low = next((split_mode(m)[0] for m in modes if compute_format(m) != "fp32"), None)
     plan = [(m, "vlamp", nproc) for m in modes] + ([("fp32", "vlamp", 1)] if nproc > 1 else []) \
         + ([(low, "torch.amp", 1)] if baseline and low else [])
     round_steps = max(1, math.ceil(config.train.steps / max(1, rounds)))
