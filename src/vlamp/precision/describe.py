@@ -77,19 +77,26 @@ class PlanTable:
             def cell(values: list[str]) -> str:
                 return "+".join(dict.fromkeys(values)) or "-"
 
-            p_dtypes = [r.policy.param for r in with_params]
-            held = sum(n * bytes_per_param(r.policy.param, mode, update, moments) for r, n in owned)
+            # frozen: no gradient, no optimizer state; the weight alone
+            frozen = {id(r) for r in with_params
+                      if not any(p.requires_grad for p in r.module.parameters(recurse=False))}
+            held = sum(n * (torch.empty((), dtype=r.policy.param).element_size() if id(r) in frozen
+                            else bytes_per_param(r.policy.param, mode, update, moments))
+                       for r, n in owned)
             count = sum(n for _, n in owned)
             rows.append(Row(
                 module=head.name or "(root)",
                 cls=type(head.module).__name__,
-                params=cell([dtype_name(d) for d in p_dtypes]),
+                params=cell([dtype_name(r.policy.param) for r in with_params]),
                 compute=cell(["fp32 (itself)" if r.itself else dtype_name(r.policy.compute)
                               for r in group]),
                 output=cell(["as returned" if r.itself and r.policy == r.parent_policy
                              else dtype_name(r.policy.output) for r in group]),
-                grad=cell([dtype_name(d) for d in p_dtypes]),
-                optim=cell([dtype_name(_state_dtype(d, mode, update)) for d in p_dtypes]),
+                grad=cell(["-" if id(r) in frozen else dtype_name(r.policy.param)
+                           for r in with_params]),
+                optim=cell(["frozen" if id(r) in frozen
+                            else dtype_name(_state_dtype(r.policy.param, mode, update))
+                            for r in with_params]),
                 num_params=count,
                 bytes_per_param=held / count if count else 0.0,
                 rule=head.decided_by + (" (never ran: storage only)" if head.name in uncalled else ""),

@@ -44,7 +44,7 @@ class MasterWeights(WeightUpdate):
         for group in optimizer.param_groups:
             params = []
             for p in group["params"]:
-                if p.dtype in LOW_PRECISION:
+                if p.dtype in LOW_PRECISION and p.requires_grad:  # frozen weights need none
                     m = torch.nn.Parameter(p.detach().float().clone(), requires_grad=p.requires_grad)
                     self.model_params.append(p)
                     self.masters.append(m)

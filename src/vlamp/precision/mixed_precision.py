@@ -17,11 +17,13 @@ from vlamp.precision.apply import apply_plan, uncalled_boundaries
 from vlamp.precision.describe import PlanTable, describe_plan
 from vlamp.precision.diagnostics import Diagnostics, parse_every
 from vlamp.precision.errors import VlampError
+from vlamp.precision.freeze import freeze as freeze_modules
+from vlamp.precision.freeze import frozen_rules
 from vlamp.precision.fsdp import ShardGroup, shard_model
 from vlamp.precision.hardware import set_tf32
 from vlamp.precision.master import MasterWeights
-from vlamp.precision.modes import Mode, get_mode
-from vlamp.precision.plan import PrecisionPlan, RuleSpec
+from vlamp.precision.modes import Mode
+from vlamp.precision.plan import PrecisionPlan, RuleSpec, plan_for
 from vlamp.precision.probe import model_device
 from vlamp.precision.scaler import (
     CollapseWatch,
@@ -87,6 +89,10 @@ class MixedPrecision:
             rules) are updated: an :class:`UpdateSettings` (method, gradient accumulation dtype,
             rounding seed) or just the method's name (``"auto"``: the mode's own, ``"master"``,
             ``"kahan"``, ``"stochastic"``, ``"naive"``).
+        freeze: Modules to freeze at :meth:`setup` (names or class names, globs as in rules): no
+            gradients, no optimizer state, and in a ``-mixed`` mode their weights are stored in
+            the compute dtype (:mod:`vlamp.precision.freeze`). Build the optimizer over the
+            parameters that still require gradients.
 
     Example:
         >>> plan = measure_plan(model, batch, "auto")                      # doctest: +SKIP
@@ -110,11 +116,14 @@ class MixedPrecision:
         tf32: bool = False,
         diagnostics: str | int | None = None,
         update: UpdateSettings | str = UpdateSettings(),
+        freeze: Sequence[str] = (),
     ) -> None:
         settings = update if isinstance(update, UpdateSettings) else UpdateSettings(update)
-        self.plan = _plan(mode, rules, builtin_rules, device)
+        self.plan = plan_for(mode, rules, builtin_rules, device)
         self.mode = self.plan.mode
         self.settings = settings.resolved(self.mode.default_update)
+        self.freeze = list(freeze)
+        self.frozen: list[str] = []  # the frozen modules' names, after setup
         #: What was asked for (``"auto"``, or a measured plan's request), beside :attr:`mode`.
         self.requested_mode = mode if isinstance(mode, str) else \
             ((mode.measured or {}).get("requested", mode.mode.name) if isinstance(mode, PrecisionPlan)
@@ -159,6 +168,7 @@ class MixedPrecision:
         if self.model is not model or optimizer is None:
             self.device = model_device(model)
             set_tf32(self.tf32)
+            self._freeze(model)
             self._resolved = self.plan.resolve(model)
             apply_plan(self._resolved)
         elif self.optimizer is not None:
@@ -173,6 +183,18 @@ class MixedPrecision:
             self.diagnostics.attach(model, {id(x): w.name(i) for i, x in enumerate(w.masters)}
                                     if isinstance(w, MasterWeights) else None)
         return model, optimizer
+
+    def _freeze(self, model: nn.Module) -> None:
+        """Freezes the modules ``freeze`` names; their storage rules join the plan (once: a plan
+        saved with them, as a checkpoint's is, already holds them)."""
+        if not self.freeze:
+            return
+        self.frozen = list(freeze_modules(model, self.freeze))
+        extra = [r for r in frozen_rules(self.frozen, self.mode) if r not in self.plan.user_rules]
+        if extra:
+            self.plan = PrecisionPlan(self.mode, [*self.plan.user_rules, *extra],
+                                      builtin_rules=self.plan.builtin_rules,
+                                      measured=self.plan.measured)
 
     @property
     def resolved(self) -> list[Any]:
@@ -462,23 +484,3 @@ class MixedPrecision:
         return f"MixedPrecision(mode={self.mode.name!r}, scaler={type(self.scalers[0]).__name__})"
 
 
-
-def _plan(mode: str | Mode | PrecisionPlan, rules: RulesSpec | None, builtin_rules: bool,
-          device: str | torch.device | None) -> PrecisionPlan:
-    """The plan :class:`MixedPrecision` runs: a ready plan as it is, else ``rules`` (or a YAML
-    rules file) for the mode, normalised once here (``"auto"`` decided for ``device``).
-
-    Raises:
-        VlampError: On rules beside a ready plan, or a rules file for another mode.
-    """
-    if isinstance(mode, PrecisionPlan):
-        if rules is not None:
-            raise VlampError("MixedPrecision: a ready PrecisionPlan carries its rules; pass rules=None")
-        return mode
-    if isinstance(rules, PrecisionPlan):
-        raise VlampError("MixedPrecision: pass a ready PrecisionPlan as the first argument "
-                         "(MixedPrecision(plan)), not as rules")
-    mode = get_mode(mode, device)  # "auto": for the device it will run on, not whatever is here
-    if isinstance(rules, (str, os.PathLike)):
-        return PrecisionPlan.load(rules, mode=mode)
-    return PrecisionPlan(mode, rules, builtin_rules=builtin_rules)

@@ -249,6 +249,28 @@ class PrecisionPlan:
             raise VlampError(f"{where}: {e}") from None
 
 
+def plan_for(mode: str | Mode | PrecisionPlan, rules: Any, builtin_rules: bool = True,
+             device: Any = None) -> PrecisionPlan:
+    """The plan ``MixedPrecision`` runs: a ready plan as it is, else ``rules`` (or a YAML rules
+    file) for the mode, normalised once here (``"auto"`` decided for ``device``, the CUDA device
+    when present by default).
+
+    Raises:
+        VlampError: On rules beside a ready plan, or a rules file for another mode.
+    """
+    if isinstance(mode, PrecisionPlan):
+        if rules is not None:
+            raise VlampError("MixedPrecision: a ready PrecisionPlan carries its rules; pass rules=None")
+        return mode
+    if isinstance(rules, PrecisionPlan):
+        raise VlampError("MixedPrecision: pass a ready PrecisionPlan as the first argument "
+                         "(MixedPrecision(plan)), not as rules")
+    mode = get_mode(mode, device)  # "auto": for the device it will run on, not whatever is here
+    if isinstance(rules, (str, os.PathLike)):
+        return PrecisionPlan.load(rules, mode=mode)
+    return PrecisionPlan(mode, rules, builtin_rules=builtin_rules)
+
+
 _PLAN_KEYS = ("mode", "builtin_rules", "rules", "measured")
 
 

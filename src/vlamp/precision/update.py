@@ -84,9 +84,10 @@ class LowPrecisionUpdate(WeightUpdate):
         super().__init__(optimizer, names)
         self.grad_accum = grad_accum
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        self.low = [p for p in params if p.dtype in LOW_PRECISION]
+        self.low = [p for p in params if p.dtype in LOW_PRECISION and p.requires_grad]
         self.acc: dict[int, torch.Tensor] = {}  # fp32 gradient sums of earlier micro-batches
-        self.buckets = _buckets(params, {id(p) for p in self.low}, bucket)
+        self._low_ids = {id(p) for p in self.low}
+        self.buckets = _buckets(params, self._low_ids, bucket)
 
     def __len__(self) -> int:
         return len(self.low)
@@ -151,7 +152,7 @@ class LowPrecisionUpdate(WeightUpdate):
                 members = {id(p) for p in bucket}
                 for g, params in zip(optimizer.param_groups, groups):
                     g["params"] = [p for p in params if id(p) in members]
-                lifted = [self._lift(optimizer, p) for p in bucket if p.dtype in LOW_PRECISION]
+                lifted = [self._lift(optimizer, p) for p in bucket if id(p) in self._low_ids]
                 optimizer.step()
                 for p, dtype in lifted:
                     self._lower(optimizer, p, dtype)

@@ -151,6 +151,9 @@ class TrainConfig:
             activations (activation checkpointing): patterns on qualified names or class names, as
             precision rules take them, e.g. ``[vision.stages.0, vision.stages.1]`` or
             ``[ConvStage]``. Less memory, one more forward of those modules per step.
+        freeze: Modules that are not trained (patterns as ``checkpoint``'s, e.g. ``[vision]``): no
+            gradients, no optimizer state, and in a ``-mixed`` mode their weights are stored in
+            the compute dtype (2 bytes per parameter instead of 16).
     """
 
     steps: int = 1200
@@ -171,6 +174,7 @@ class TrainConfig:
     device: str = "auto"
     compile: bool = False
     checkpoint: list[str] = dataclasses.field(default_factory=list)
+    freeze: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

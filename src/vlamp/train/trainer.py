@@ -71,12 +71,12 @@ def split_episodes(data: LeRobotData, val_per_task: int) -> tuple[list[int], lis
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW; biases, norms and embeddings tables (1-D and position tables) are not decayed.
-
-    The fused kernel (one pass over all parameters) took 1.9 ms per step against 5.3 ms for the
-    multi-tensor ``foreach`` one on TinyVLA (2-core Xeon, torch 2.13), the same in every mode."""
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n)]
+    """AdamW over the parameters that require gradients; biases, norms and embeddings tables (1-D
+    and position tables) are not decayed. Fused: one pass over all parameters (faster than the
+    multi-tensor ``foreach`` kernel; docs/measurements.md)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # frozen: none
+    decay = [p for n, p in trainable if p.ndim >= 2 and "pos_embed" not in n]
+    no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "pos_embed" not in n)]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, fused=True)
 
@@ -197,6 +197,7 @@ class Trainer:
         saved = resume_from.state["precision"].get("plan") if resume_from is not None else None
         settings = p.loss_scale.settings()
         common = {"scaler_settings": settings, "tf32": p.tf32, "diagnostics": p.diagnostics,
+                  "freeze": self.config.train.freeze,
                   "update": UpdateSettings(p.update, p.grad_accum, self.config.train.seed)}
         if saved is not None and p.mode in ("auto", saved.get("mode")):
             plan = PrecisionPlan.from_dict(saved, where=f"checkpoint {resume_from.path}")
