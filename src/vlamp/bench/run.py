@@ -32,7 +32,7 @@ from vlamp.precision.dtypes import dtype_name
 from vlamp.precision.errors import VlampError
 from vlamp.precision.hardware import detect, native_formats, resolve_device
 from vlamp.precision.modes import MODE_NAMES, get_mode
-from vlamp.precision.weight_update import UPDATES
+from vlamp.precision.weight_update import OPTIMIZER_STATES, UPDATES
 from vlamp.train.config import RunConfig, to_dict
 
 
@@ -55,24 +55,36 @@ def default_modes(device: str | None = "auto") -> tuple[list[str], list[str]]:
     return modes, notes
 
 
-def split_mode(label: str) -> tuple[str, str]:
-    """``"bf16-true/kahan"`` -> ``("bf16-true", "kahan")``; a plain mode updates its own way
-    (``auto``)."""
+def split_mode(label: str) -> tuple[str, str, str]:
+    """A run's label -> (mode, ``precision.update``, ``precision.optimizer_state``):
+    ``"bf16-true/kahan+8bit"`` -> ``("bf16-true", "kahan", "8bit")``; a plain mode updates its
+    own way with its own state (``auto``)."""
+    label, plus, state = label.partition("+")
     mode, _, update = label.partition("/")
-    return mode, update or "auto"
+    return mode, update or "auto", state if plus else "auto"
+
+
+def run_label(mode: str, update: str, state: str) -> str:
+    """The inverse of :func:`split_mode`, in its shortest spelling."""
+    return (mode + (f"/{update}" if update not in ("auto", "master") else "")
+            + (f"+{state}" if state != "auto" else ""))
 
 
 def parse_modes(text: str, device: str | None = "auto") -> tuple[list[str], list[str]]:
     """``"bf16-mixed,fp16-mixed"`` -> the modes with fp32 first, and notes on modes ``device``
     only emulates. A ``-true`` mode may name how its weights are updated after a slash
-    (``bf16-true/kahan``, ``/stochastic``, ``/naive``; see ``precision.update``)."""
+    (``bf16-true/kahan``, ``/stochastic``, ``/naive``; see ``precision.update``), and any mode
+    its optimizer's state after a plus (``bf16-true/stochastic+8bit``, ``fp32+8bit``)."""
     modes = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in modes if split_mode(m)[0] not in MODE_NAMES]
     if bad or not modes:
         raise VlampError(f"unknown mode(s) {', '.join(bad) or '(none)'}; legal: {', '.join(MODE_NAMES)}"
                          f", and -true or -storage modes with an update: bf16-true/kahan, /stochastic, /naive")
     for m in modes:
-        mode, update = split_mode(m)
+        mode, update, state = split_mode(m)
+        if state not in OPTIMIZER_STATES:
+            raise VlampError(f"mode {m!r}: the optimizer state after the plus is one of "
+                             f"{', '.join(OPTIMIZER_STATES)}")
         stores_low = mode.endswith(("-true", "-storage"))
         if update not in ("auto", *UPDATES) or (update not in ("auto", "master") and not stores_low):
             raise VlampError(f"mode {m!r}: an update after the slash is for -true and -storage "
@@ -205,11 +217,12 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
             specs = []
             for mode, runner, ranks in plan:
                 cfg = to_dict(config)
-                cfg["precision"]["mode"], cfg["precision"]["update"] = split_mode(mode)
+                p = cfg["precision"]
+                p["mode"], p["update"], p["optimizer_state"] = split_mode(mode)
                 cfg["train"]["seed"] = config.train.seed + seed
-                cfg["output_dir"] = str(Path(tmp) / f"run-{mode.replace('/', '-')}-{runner}-{ranks}-{seed}")
+                cfg["output_dir"] = str(Path(tmp) / f"run-{mode.replace('/', '-').replace('+', '-')}-{runner}-{ranks}-{seed}")
                 cfg["resume"] = False
-                specs.append((f"{mode.replace('/', '-')}-{runner.replace('.', '')}-x{ranks}-s{cfg['train']['seed']}",
+                specs.append((f"{mode.replace('/', '-').replace('+', '-')}-{runner.replace('.', '')}-x{ranks}-s{cfg['train']['seed']}",
                               {"config": cfg, "runner": runner, "warmup": warmup,
                                "threads": threads if ranks == 1 else 1, "ranks": ranks,
                                "round_steps": round_steps, "eval_episodes": eval_episodes,

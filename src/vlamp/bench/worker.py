@@ -171,6 +171,7 @@ def baseline_fit(trainer, dtype: torch.dtype, steps: int, on_step=None
 
 
 def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]:
+    from vlamp.bench.run import run_label
     from vlamp.precision.dtypes import to_dtype
     from vlamp.precision.memory import state_memory
     from vlamp.train.config import decode
@@ -219,9 +220,9 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
     success, per_task, outcomes = _success(trainer, spec.get("eval_episodes", 0),
                                            amp if runner == "torch.amp" else None)
     plan = getattr(trainer.mp, "plan", None)
-    update = config.precision.update
     return {
-        "mode": mode if update in ("auto", "master") else f"{mode}/{update}", "runner": runner,
+        "mode": run_label(mode, config.precision.update, config.precision.optimizer_state),
+        "runner": runner,
         "steps": len(losses),
         "precision": trainer.mp.mode.name if runner == "vlamp" else mode,
         "precision_reason": (plan.measured or {}).get("reason") if plan is not None else None,

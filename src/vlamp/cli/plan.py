@@ -67,6 +67,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(precision.update): decides the optimizer state's dtype and the bytes "
                         "per parameter shown (default: auto, the mode's own: FP32 masters in "
                         "-true modes, stochastic rounding in bf16-storage)")
+    p.add_argument("--optimizer-state", default="auto", choices=("auto", "8bit"),
+                   help="the optimizer's moments (precision.optimizer_state): auto, the update "
+                        "method's dtype, or 8bit (block-wise quantized, ~1 byte per moment)")
     p.add_argument("--json", action="store_true", help="print rows as JSON")
     p.set_defaults(run=run)
 
@@ -109,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
                             refresh=args.refresh, log=lambda line: print(line, file=sys.stderr),
                             sensitivity=args.sensitivity)
     table = describe_plan(plan, model, max_depth=args.depth,
-                          update=args.update)
+                          update=args.update, state8=args.optimizer_state == "8bit")
     print(json.dumps(table.to_dicts(), indent=2) if args.json else table)
     if plan.measured and plan.measured.get("step_ms") and not args.json:
         steps = ", ".join(f"{k} {v:.1f} ms" for k, v in plan.measured["step_ms"].items())

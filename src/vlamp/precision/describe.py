@@ -12,6 +12,7 @@ from torch import nn
 from vlamp.precision.dtypes import dtype_name
 from vlamp.precision.modes import Mode
 from vlamp.precision.plan import PrecisionPlan, Resolved
+from vlamp.precision.state8 import BLOCK
 
 COLUMNS = ("module", "class", "params", "compute", "output", "grad", "optim", "#params", "B/param",
            "rule", "measured")
@@ -59,7 +60,7 @@ class PlanTable:
     def build(cls, resolved: Sequence[Resolved], mode: Mode, max_depth: int | None = None,
               timings: Mapping[str, Mapping[str, Any]] | None = None,
               uncalled: Mapping[str, str] | None = None, update: str = "master",
-              moments: int = 2) -> PlanTable:
+              moments: int = 2, state8: bool = False) -> PlanTable:
         timings, uncalled = timings or {}, uncalled or {}
         rows: list[Row] = []
         groups: list[list[Resolved]] = []
@@ -81,7 +82,7 @@ class PlanTable:
             frozen = {id(r) for r in with_params
                       if not any(p.requires_grad for p in r.module.parameters(recurse=False))}
             held = sum(n * (torch.empty((), dtype=r.policy.param).element_size() if id(r) in frozen
-                            else bytes_per_param(r.policy.param, mode, update, moments))
+                            else bytes_per_param(r.policy.param, mode, update, moments, state8))
                        for r, n in owned)
             count = sum(n for _, n in owned)
             rows.append(Row(
@@ -94,7 +95,7 @@ class PlanTable:
                              else dtype_name(r.policy.output) for r in group]),
                 grad=cell(["-" if id(r) in frozen else dtype_name(r.policy.param)
                            for r in with_params]),
-                optim=cell(["frozen" if id(r) in frozen
+                optim=cell(["frozen" if id(r) in frozen else "8bit" if state8
                             else dtype_name(_state_dtype(r.policy.param, mode, update))
                             for r in with_params]),
                 num_params=count,
@@ -128,7 +129,7 @@ class PlanTable:
 
 def describe_plan(plan: PrecisionPlan, model: nn.Module, max_depth: int | None = None,
                   uncalled: Mapping[str, str] | None = None, update: str = "auto",
-                  moments: int = 2) -> PlanTable:
+                  moments: int = 2, state8: bool = False) -> PlanTable:
     """The per-module table of ``plan`` on ``model``: storage / compute / output / grad /
     optimizer-state dtype, parameter count and deciding rule. Rows below ``max_depth`` are folded
     into their ancestor.
@@ -141,6 +142,7 @@ def describe_plan(plan: PrecisionPlan, model: nn.Module, max_depth: int | None =
             :meth:`MixedPrecision.describe`).
         update: The update method (see :mod:`vlamp.precision.update`); with ``moments``
             (optimizer-state tensors per parameter; AdamW 2) it decides the bytes per parameter.
+        state8: The optimizer's moments are kept in 8 bits (``optimizer_state="8bit"``).
 
     Returns:
         A :class:`PlanTable`; ``str()`` renders it.
@@ -148,19 +150,23 @@ def describe_plan(plan: PrecisionPlan, model: nn.Module, max_depth: int | None =
     timings = (plan.measured or {}).get("modules", {})
     update = plan.mode.default_update if update == "auto" else update
     return PlanTable.build(plan.resolve(model, warn_unmatched=False), plan.mode, max_depth,
-                           timings=timings, uncalled=uncalled, update=update, moments=moments)
+                           timings=timings, uncalled=uncalled, update=update, moments=moments,
+                           state8=state8)
 
 
-def bytes_per_param(param: torch.dtype, mode: Mode, update: str = "master", moments: int = 2) -> float:
+def bytes_per_param(param: torch.dtype, mode: Mode, update: str = "master", moments: int = 2,
+                    state8: bool = False) -> float:
     """Bytes training holds for one parameter stored in ``param``: the weight, its FP32 master
     (``update="master"``) or compensation buffer (``"kahan"``), one gradient in the dtype the
-    optimizer reads it in, and ``moments`` optimizer-state tensors (AdamW: 2)."""
+    optimizer reads it in, and ``moments`` optimizer-state tensors (AdamW: 2), each of 1 byte
+    plus its share of a block's FP32 scale with ``state8``."""
     size = torch.empty((), dtype=param).element_size()
+    moment = 1 + 4 / BLOCK if state8 else None
     if param == torch.float32:
-        return 4 + 4 + 4 * moments
+        return 4 + 4 + (moment or 4) * moments
     if mode.master_weights and update == "master":
-        return size + 4 + 4 + 4 * moments
-    return size + (size if update == "kahan" else 0) + size + size * moments
+        return size + 4 + 4 + (moment or 4) * moments
+    return size + (size if update == "kahan" else 0) + size + (moment or size) * moments
 
 
 def _state_dtype(param: torch.dtype, mode: Mode, update: str) -> torch.dtype:

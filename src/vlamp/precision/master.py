@@ -30,14 +30,12 @@ class MasterWeights(WeightUpdate):
         VlampError: If the optimizer already holds state (it would refer to the old tensors).
     """
 
-    state_key = "master_weights"
-
     def __init__(self, optimizer: torch.optim.Optimizer, names: dict[int, str] | None = None,
-                 grad_accum: str = "fp32", mode_name: str = "this mode") -> None:
+                 grad_accum: str = "fp32", mode_name: str = "this mode", state8: bool = False) -> None:
         if optimizer.state:
             raise VlampError("MixedPrecision.setup: the optimizer already has state; "
                              "set it up before its first step")
-        super().__init__(optimizer, names)
+        super().__init__(optimizer, dict(names or {}), state8=state8)
         self.grad_accum, self.mode_name = grad_accum, mode_name
         self.model_params: list[torch.Tensor] = []
         self.masters: list[torch.Tensor] = []
@@ -46,6 +44,8 @@ class MasterWeights(WeightUpdate):
             for p in group["params"]:
                 if p.dtype in LOW_PRECISION and p.requires_grad:  # frozen weights need none
                     m = torch.nn.Parameter(p.detach().float().clone(), requires_grad=p.requires_grad)
+                    if id(p) in self.names:  # the master's optimizer state is saved by the name
+                        self.names[id(m)] = self.names[id(p)]
                     self.model_params.append(p)
                     self.masters.append(m)
                     params.append(m)
@@ -159,12 +159,12 @@ class MasterWeights(WeightUpdate):
             source = weights.get(self.names.get(id(p), ""))
             m.copy_(source if source is not None and source.shape == m.shape else p)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def masters_state(self) -> dict[str, torch.Tensor]:
         """The masters by parameter name (so another mode can take them by name)."""
         return {self.name(i): m.detach() for i, m in enumerate(self.masters)}
 
     @torch.no_grad()
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_masters(self, state: dict[str, torch.Tensor]) -> None:
         """Restores :meth:`state_dict` (also an older one keyed by position) and rounds the masters
         into the model. Masters not saved, or saved for other parameters (another mode or plan),
         are taken from the model's current weights: load the weights into the model first."""

@@ -59,7 +59,9 @@ def state_memory(model: nn.Module, optimizer: torch.optim.Optimizer, mp: Any = N
     }
     weights = getattr(mp, "weights", None)
     if weights is not None:
-        out["compensation_bytes"] = weights.state_bytes().get("compensation", 0)
+        held = weights.state_bytes()
+        out["compensation_bytes"] = held.get("compensation", 0)
+        out["optimizer_bytes"] += held.get("optimizer", 0)  # 8-bit moments live with the update
     out["state_bytes"] = sum(out.values())
     return out
 

@@ -445,10 +445,11 @@ class MixedPrecision:
             "scalers": [{"type": type(s).__name__, **s.state_dict()} for s in self.scalers],
             "plan": self.plan.to_dict(),
             "tf32": self.tf32,
-            "master_weights": {}, "update_tensors": {},
+            "master_weights": self.weights.masters_state(),
+            "update_tensors": self.weights.state_dict(),
             "update": self.settings.method, "grad_accum": self.settings.grad_accum,
+            "optimizer_state": self.settings.optimizer_state,
         }
-        state[self.weights.state_key] = self.weights.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -462,7 +463,8 @@ class MixedPrecision:
         for scaler, s in zip(self.scalers, saved):
             if s.get("type") == type(scaler).__name__:
                 scaler.load_state_dict({k: v for k, v in s.items() if k != "type"})
-        self.weights.load_state_dict(state.get(self.weights.state_key) or {})
+        self.weights.load_masters(state.get("master_weights") or {})
+        self.weights.load_state_dict(state.get("update_tensors") or {})
 
     def describe(self, max_depth: int | None = None) -> PlanTable:
         """The describe table of the model given to :meth:`setup`; after the first step, rules on
@@ -470,8 +472,11 @@ class MixedPrecision:
         if self.model is None:
             raise VlampError("MixedPrecision.describe: call setup(model, optimizer) first")
         table = describe_plan(self.plan, self.model, max_depth=max_depth, uncalled=self.uncalled,
-                              update=self.settings.method, moments=moments_per_param(self.optimizer))
-        if self.low_precision_storage:
+                              update=self.settings.method,
+                              moments=max(moments_per_param(self.optimizer),  # 8-bit: held here
+                                          max(map(len, self.weights.packed.values()), default=0)),
+                              state8=self.settings.optimizer_state == "8bit")
+        if self.low_precision_storage or self.settings.optimizer_state != "auto":
             table.notes.append(self.settings.describe())
         device = self.device_type
         fp32 = ("TF32 tensor cores (tf32=True)" if self.tf32 else "IEEE FP32 (tf32=False)") \

@@ -41,9 +41,7 @@ import torch
 from vlamp.precision.dtypes import LOW_PRECISION
 from vlamp.precision.errors import VlampError
 from vlamp.precision.master import MasterWeights
-from vlamp.precision.weight_update import UpdateSettings, WeightUpdate, moments
-
-BUCKET = 1 << 20  # elements per optimizer call: 4 MiB of each FP32 tensor kind
+from vlamp.precision.weight_update import BUCKET, UpdateSettings, WeightUpdate, moments
 
 
 @torch.no_grad()
@@ -68,6 +66,7 @@ class LowPrecisionUpdate(WeightUpdate):
         grad_accum: ``"fp32"`` or ``"storage"``: the dtype gradients of several micro-batches are
             summed in.
         bucket: Elements per optimizer call; bounds the transient FP32 copies.
+        state8: Keep the optimizer's moments in 8 bits instead of the weight's dtype.
 
     Raises:
         VlampError: If the optimizer already stepped.
@@ -77,17 +76,17 @@ class LowPrecisionUpdate(WeightUpdate):
     fused_handoff = False  # the optimizer steps bucket by bucket, on FP32 copies
 
     def __init__(self, optimizer: torch.optim.Optimizer, names: dict[int, str],
-                 grad_accum: str = "fp32", bucket: int = BUCKET) -> None:
+                 grad_accum: str = "fp32", bucket: int = BUCKET, state8: bool = False) -> None:
         if optimizer.state:
             raise VlampError("MixedPrecision.setup: the optimizer already has state; "
                              "set it up before its first step")
-        super().__init__(optimizer, names)
+        super().__init__(optimizer, names, state8=state8, bucket=bucket)
         self.grad_accum = grad_accum
         params = [p for g in optimizer.param_groups for p in g["params"]]
         self.low = [p for p in params if p.dtype in LOW_PRECISION and p.requires_grad]
         self.acc: dict[int, torch.Tensor] = {}  # fp32 gradient sums of earlier micro-batches
         self._low_ids = {id(p) for p in self.low}
-        self.buckets = _buckets(params, self._low_ids, bucket)
+        self.buckets = self._buckets(optimizer, lift_all=state8)
 
     def __len__(self) -> int:
         return len(self.low)
@@ -141,46 +140,44 @@ class LowPrecisionUpdate(WeightUpdate):
         self.acc.clear()
 
     # -- the step ----------------------------------------------------------------------------------
-    @torch.no_grad()
     def step(self, optimizer: torch.optim.Optimizer, stepped: bool = False) -> None:
         """The optimizer's step over every parameter, bucket by bucket (see the module's text)."""
         if stepped:
             raise VlampError(f"{type(self).__name__}: a fused optimizer cannot step these weights itself")
-        groups = [g["params"] for g in optimizer.param_groups]
-        try:
-            for bucket in self.buckets:
-                members = {id(p) for p in bucket}
-                for g, params in zip(optimizer.param_groups, groups):
-                    g["params"] = [p for p in params if id(p) in members]
-                lifted = [self._lift(optimizer, p) for p in bucket if id(p) in self._low_ids]
-                optimizer.step()
-                for p, dtype in lifted:
-                    self._lower(optimizer, p, dtype)
-        finally:
-            for g, params in zip(optimizer.param_groups, groups):
-                g["params"] = params
+        self._step_in_buckets(optimizer, self.buckets)
         self.acc.clear()
+
+    def _lifts(self, p: torch.Tensor) -> bool:
+        return id(p) in self._low_ids or self.state8
 
     def _lift(self, optimizer: torch.optim.Optimizer, p: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
         """``p``, its gradient and its optimizer state as FP32 for the optimizer's arithmetic."""
         dtype = p.dtype
-        grad = self.acc.pop(id(p), None)
-        grad = grad if grad is not None else (p.grad.float() if p.grad is not None else None)
-        value = self._exact_fp32(p)
-        p.grad = None
-        p.data = value
-        p.grad = grad
-        for k, v in moments(optimizer, p):
-            optimizer.state[p][k] = v.float()
+        if id(p) in self._low_ids:
+            grad = self.acc.pop(id(p), None)
+            grad = grad if grad is not None else (p.grad.float() if p.grad is not None else None)
+            value = self._exact_fp32(p)
+            p.grad = None
+            p.data = value
+            p.grad = grad
+        if self.state8:
+            super()._lift(optimizer, p)
+        else:
+            for k, v in moments(optimizer, p):
+                optimizer.state[p][k] = v.float()
         return p, dtype
 
     def _lower(self, optimizer: torch.optim.Optimizer, p: torch.Tensor, dtype: torch.dtype) -> None:
         """The updated FP32 values rounded back into ``dtype`` by the method."""
-        low = self._round(p, p.data, dtype)
-        p.grad = None
-        p.data = low
-        for k, v in moments(optimizer, p):
-            optimizer.state[p][k] = v.to(dtype)
+        if id(p) in self._low_ids:
+            low = self._round(p, p.data, dtype)
+            p.grad = None
+            p.data = low
+        if self.state8:
+            super()._lower(optimizer, p, dtype)
+        else:
+            for k, v in moments(optimizer, p):
+                optimizer.state[p][k] = v.to(dtype)
 
     def _exact_fp32(self, p: torch.Tensor) -> torch.Tensor:
         """A fresh FP32 copy of the weight the optimizer works on."""
@@ -203,8 +200,8 @@ class KahanUpdate(LowPrecisionUpdate):
     method = "kahan"
 
     def __init__(self, optimizer: torch.optim.Optimizer, names: dict[int, str],
-                 grad_accum: str = "fp32", bucket: int = BUCKET) -> None:
-        super().__init__(optimizer, names, grad_accum, bucket)
+                 grad_accum: str = "fp32", bucket: int = BUCKET, state8: bool = False) -> None:
+        super().__init__(optimizer, names, grad_accum, bucket, state8)
         self.compensation: dict[int, torch.Tensor] = {}  # id(p) -> buffer, made at the first step
 
     def _exact_fp32(self, p: torch.Tensor) -> torch.Tensor:
@@ -241,20 +238,22 @@ class KahanUpdate(LowPrecisionUpdate):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The compensation buffers by parameter name (``kahan.NAME``)."""
-        return {f"kahan.{self.name_of(p)}": self.compensation[id(p)] for p in self.low
-                if id(p) in self.compensation}
+        return {**super().state_dict(), **{f"kahan.{self.name_of(p)}": self.compensation[id(p)]
+                                           for p in self.low if id(p) in self.compensation}}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Buffers of parameters this model does not have are ignored; a missing one starts at
         zero."""
+        super().load_state_dict(state)
         for p in self.low:
             saved = state.get(f"kahan.{self.name_of(p)}")
             if saved is not None and saved.shape == p.shape:
                 self.compensation[id(p)] = saved.to(device=p.device, dtype=p.dtype).clone()
 
     def state_bytes(self) -> dict[str, int]:
-        return {"compensation": sum(c.numel() * c.element_size() for c in self.compensation.values())}
+        return {**super().state_bytes(),
+                "compensation": sum(c.numel() * c.element_size() for c in self.compensation.values())}
 
 
 class StochasticUpdate(LowPrecisionUpdate):
@@ -270,8 +269,9 @@ class StochasticUpdate(LowPrecisionUpdate):
     method = "stochastic"
 
     def __init__(self, optimizer: torch.optim.Optimizer, names: dict[int, str],
-                 grad_accum: str = "fp32", bucket: int = BUCKET, seed: int = 0) -> None:
-        super().__init__(optimizer, names, grad_accum, bucket)
+                 grad_accum: str = "fp32", bucket: int = BUCKET, state8: bool = False,
+                 seed: int = 0) -> None:
+        super().__init__(optimizer, names, grad_accum, bucket, state8)
         other = next((p for p in self.low if p.dtype != torch.bfloat16), None)
         if other is not None:
             raise VlampError(f"update 'stochastic': {self.name_of(other)} is stored in "
@@ -295,9 +295,10 @@ class StochasticUpdate(LowPrecisionUpdate):
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The rounding generator's state (``generator``), once it exists."""
         state = self.generator.get_state() if self.generator is not None else self._generator_state
-        return {"generator": state} if state is not None else {}
+        return {**super().state_dict(), **({"generator": state} if state is not None else {})}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_state_dict(state)
         if "generator" in state:
             self._generator_state = state["generator"].cpu().clone()
             if self.generator is not None:
@@ -317,12 +318,13 @@ def weight_update_for(optimizer: torch.optim.Optimizer, settings: UpdateSettings
     Raises:
         VlampError: If the method is not ``master`` and no parameter is stored in low precision.
     """
+    state8 = settings.optimizer_state == "8bit"
     if settings.method == "master":
-        masters = MasterWeights(optimizer, names, settings.grad_accum, mode_name)
-        return masters if len(masters) else WeightUpdate(optimizer, names)
+        masters = MasterWeights(optimizer, names, settings.grad_accum, mode_name, state8=state8)
+        return masters if len(masters) else WeightUpdate(optimizer, names, state8=state8)
     cls = LOW_PRECISION_UPDATES[settings.method]
     extra = {"seed": settings.seed} if settings.method == "stochastic" else {}
-    update = cls(optimizer, names, settings.grad_accum, **extra)
+    update = cls(optimizer, names, settings.grad_accum, state8=state8, **extra)
     if not len(update):
         raise VlampError(f"MixedPrecision: update={settings.method!r} is for weights stored in low "
                          f"precision, and {mode_name} stores none; use a -true mode or a "
@@ -342,24 +344,3 @@ def clip_grads(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         g.mul_(coef.to(g.dtype))
     return norm
 
-
-def _buckets(params: list[torch.Tensor], low: set[int], size: int) -> list[list[torch.Tensor]]:
-    """FP32 parameters in one call (nothing is copied for them); the low-precision ones in
-    buckets of about ``size`` elements."""
-    out: list[list[torch.Tensor]] = []
-    plain = [p for p in params if id(p) not in low]
-    if plain:
-        out.append(plain)
-    current: list[torch.Tensor] = []
-    count = 0
-    for p in params:
-        if id(p) not in low:
-            continue
-        current.append(p)
-        count += p.numel()
-        if count >= size:
-            out.append(current)
-            current, count = [], 0
-    if current:
-        out.append(current)
-    return out

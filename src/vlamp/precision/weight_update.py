@@ -33,10 +33,13 @@ from typing import Literal
 import torch
 
 from vlamp.precision.errors import VlampError
+from vlamp.precision.state8 import dequantize, is_signed, quantize
 
 Method = Literal["auto", "master", "kahan", "stochastic", "naive"]
 UPDATES: tuple[str, ...] = ("master", "kahan", "stochastic", "naive")  # the methods themselves
 GRAD_ACCUMS: tuple[str, ...] = ("fp32", "storage")
+OPTIMIZER_STATES: tuple[str, ...] = ("auto", "8bit")
+BUCKET = 1 << 20  # elements per optimizer call on a bucketed step: 4 MiB of each FP32 tensor kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +56,10 @@ class UpdateSettings:
         grad_accum: The dtype gradients of several micro-batches are summed in: ``"fp32"``
             (default) or ``"storage"`` (the weight's dtype).
         seed: Seed of the stochastic-rounding generator (its state is saved with the run).
+        optimizer_state: ``"auto"`` (the method's: FP32 beside FP32 weights and masters, the
+            weight's dtype without masters) or ``"8bit"`` (block-wise quantized moments,
+            :mod:`vlamp.precision.state8`, with any method: the optimizer steps a bucket at a
+            time on FP32 copies).
 
     Raises:
         VlampError: On an unknown method or grad_accum; the message lists the legal values.
@@ -65,9 +72,13 @@ class UpdateSettings:
     method: Method = "auto"
     grad_accum: Literal["fp32", "storage"] = "fp32"
     seed: int = 0
+    optimizer_state: Literal["auto", "8bit"] = "auto"
 
     def __post_init__(self) -> None:
         check_update(self.method, self.grad_accum, where="UpdateSettings")
+        if self.optimizer_state not in OPTIMIZER_STATES:
+            raise VlampError(f"UpdateSettings: unknown optimizer_state {self.optimizer_state!r}; "
+                             f"legal: {', '.join(OPTIMIZER_STATES)}")
         object.__setattr__(self, "seed", int(self.seed))
 
     def resolved(self, default: str) -> UpdateSettings:
@@ -79,8 +90,9 @@ class UpdateSettings:
         how = {"auto": "the mode's own method", "master": "FP32 masters", "kahan": "Kahan-compensated, moments in the weight's dtype",
                "stochastic": "stochastic rounding, moments in the weight's dtype",
                "naive": "round to nearest, moments in the weight's dtype"}[self.method]
+        state = "; optimizer moments in 8 bits (block-wise)" if self.optimizer_state == "8bit" else ""
         return (f"low-precision weights updated by {self.method} ({how}); gradients of several "
-                f"micro-batches summed in {self.grad_accum}")
+                f"micro-batches summed in {self.grad_accum}{state}")
 
 
 def check_update(update: str, grad_accum: str, where: str = "MixedPrecision") -> None:
@@ -95,22 +107,28 @@ class WeightUpdate:
     """The optimizer updates the model's own parameters: what FP32 storage needs, and the hooks
     every other method overrides where it differs.
 
+    With ``state8`` the optimizer's moments live here between steps, quantized to 8 bits, and
+    :meth:`step` runs the optimizer a bucket of parameters at a time on FP32 copies of them.
+
     Args:
         optimizer: The optimizer over the model's parameters, not stepped yet.
         names: Parameter id -> qualified name (for state dicts and messages).
+        state8: Keep the optimizer's moments in 8 bits.
+        bucket: Elements per optimizer call on a bucketed step; bounds the transient FP32 copies.
     """
 
     #: Whether a fused optimizer may unscale and step inside its own kernel (the gradients it
     #: reads are the ones this update hands back, and its step is the whole update).
     fused_handoff = True
 
-    #: Where :meth:`MixedPrecision.state_dict` keeps :meth:`state_dict`'s tensors (checkpoints
-    #: write them as ``master.NAME`` or ``update.KEY``).
-    state_key = "update_tensors"
-
-    def __init__(self, optimizer: torch.optim.Optimizer, names: dict[int, str] | None = None) -> None:
-        del optimizer
+    def __init__(self, optimizer: torch.optim.Optimizer | None, names: dict[int, str] | None = None,
+                 state8: bool = False, bucket: int = BUCKET) -> None:
         self.names = names or {}
+        self.state8 = state8
+        self.packed: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}  # id(p) -> key ->
+        self.bucket = bucket
+        if state8:
+            self.fused_handoff = False  # the step is bucketed: no single fused call to hand off
 
     def __len__(self) -> int:
         """How many parameters this method holds apart from a plain optimizer step (0 here)."""
@@ -143,8 +161,67 @@ class WeightUpdate:
     # -- the step ----------------------------------------------------------------------------------
     def step(self, optimizer: torch.optim.Optimizer, stepped: bool = False) -> None:
         """Applies the step; ``stepped`` when a fused optimizer already ran its own."""
-        if not stepped:
+        if stepped:
+            return
+        if self.state8:
+            self._step_in_buckets(optimizer, self._buckets(optimizer, lift_all=True))
+        else:
             optimizer.step()
+
+    @torch.no_grad()
+    def _step_in_buckets(self, optimizer: torch.optim.Optimizer,
+                         buckets: list[list[torch.Tensor]]) -> None:
+        """``optimizer.step()`` over one bucket of parameters at a time, each lifted to what the
+        optimizer's arithmetic needs (:meth:`_lift`) and lowered after (:meth:`_lower`)."""
+        groups = [g["params"] for g in optimizer.param_groups]
+        try:
+            for bucket in buckets:
+                members = {id(p) for p in bucket}
+                for g, params in zip(optimizer.param_groups, groups):
+                    g["params"] = [p for p in params if id(p) in members]
+                lifted = [self._lift(optimizer, p) for p in bucket if self._lifts(p)]
+                optimizer.step()
+                for p, dtype in lifted:
+                    self._lower(optimizer, p, dtype)
+        finally:
+            for g, params in zip(optimizer.param_groups, groups):
+                g["params"] = params
+
+    def _buckets(self, optimizer: torch.optim.Optimizer, lift_all: bool) -> list[list[torch.Tensor]]:
+        """The parameters in buckets of about ``bucket`` elements: those :meth:`_lifts` (all of
+        them with ``lift_all``); the rest together in one call, where nothing is copied."""
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        lifted = [p for p in params if lift_all or self._lifts(p)]
+        ids = {id(p) for p in lifted}
+        out: list[list[torch.Tensor]] = [[p for p in params if id(p) not in ids]]
+        current: list[torch.Tensor] = []
+        count = 0
+        for p in lifted:
+            current.append(p)
+            count += p.numel()
+            if count >= self.bucket:
+                out.append(current)
+                current, count = [], 0
+        return [b for b in (*out, current) if b]
+
+    def _lifts(self, p: torch.Tensor) -> bool:
+        """Whether ``p`` is lifted for a bucketed step (every parameter, with 8-bit state)."""
+        return self.state8
+
+    def _lift(self, optimizer: torch.optim.Optimizer, p: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
+        """Before the bucket's step: the optimizer's state of ``p`` in FP32."""
+        for k, (codes, absmax) in self.packed.pop(id(p), {}).items():
+            optimizer.state[p][k] = dequantize(codes, absmax, is_signed(k), p)
+        return p, p.dtype
+
+    def _lower(self, optimizer: torch.optim.Optimizer, p: torch.Tensor, dtype: torch.dtype) -> None:
+        """After the bucket's step: the state of ``p`` quantized back into 8 bits."""
+        del dtype
+        if not self.state8:
+            return
+        for k, v in list(moments(optimizer, p)):
+            self.packed.setdefault(id(p), {})[k] = quantize(v, is_signed(k))
+            del optimizer.state[p][k]
 
     def zero_grad(self) -> None:
         """Drops whatever gradients the method holds apart from the parameters."""
@@ -173,19 +250,44 @@ class WeightUpdate:
         del weights
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The tensors a checkpoint must keep for an exact resume."""
-        return {}
+        """The tensors a checkpoint must keep for an exact resume: here the 8-bit moments, as
+        ``state8.NAME.KEY.codes`` and ``.absmax``."""
+        return {f"state8.{self.name_of_id(i)}.{k}.{part}": t for i, kinds in self.packed.items()
+                for k, pair in kinds.items() for part, t in zip(("codes", "absmax"), pair)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restores :meth:`state_dict`."""
+        """Restores :meth:`state_dict`; entries of parameters this model lacks are ignored."""
+        if not self.state8:
+            return
+        ids = {name: i for i, name in self.names.items()}
+        for key, t in state.items():
+            if not key.startswith("state8."):
+                continue
+            name, k, part = key.removeprefix("state8.").rsplit(".", 2)
+            if name in ids:
+                pair = self.packed.setdefault(ids[name], {}).get(k, (None, None))
+                pair = (t.clone(), pair[1]) if part == "codes" else (pair[0], t.clone())
+                self.packed[ids[name]][k] = pair
+
+    def masters_state(self) -> dict[str, torch.Tensor]:
+        """FP32 master weights by parameter name, where the method keeps them."""
+        return {}
+
+    def load_masters(self, state: dict[str, torch.Tensor]) -> None:
+        """Restores :meth:`masters_state`."""
         del state
 
     def state_bytes(self) -> dict[str, int]:
-        """Bytes held beside the model and the optimizer, by kind (``compensation``)."""
-        return {}
+        """Bytes held beside the model and the optimizer, by kind (``compensation``,
+        ``optimizer``: the 8-bit moments)."""
+        return {"optimizer": sum(t.numel() * t.element_size() for kinds in self.packed.values()
+                                 for pair in kinds.values() for t in pair)}
 
     def name_of(self, p: torch.Tensor) -> str:
         return self.names.get(id(p), "parameter")
+
+    def name_of_id(self, i: int) -> str:
+        return self.names.get(i, f"parameter{i}")
 
 
 def moments_per_param(optimizer: torch.optim.Optimizer | None) -> int:

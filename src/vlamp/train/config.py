@@ -19,7 +19,7 @@ from vlamp.precision.diagnostics import parse_every
 from vlamp.precision.errors import VlampError
 from vlamp.precision.hardware import DEVICE_NAMES, check_device_name
 from vlamp.precision.modes import get_mode
-from vlamp.precision.weight_update import check_update
+from vlamp.precision.weight_update import OPTIMIZER_STATES, check_update
 from vlamp.sim import evaluate as evaluation
 
 
@@ -106,6 +106,9 @@ class PrecisionConfig:
             compensation buffer in the weight's dtype, BF16 moments: 10), ``stochastic``
             (stochastic rounding into BF16, BF16 moments: 8) or ``naive`` (round to nearest: 8,
             loses updates below the format's resolution).
+        optimizer_state: ``auto`` (FP32 moments beside FP32 weights and masters, the weight's
+            dtype without masters) or ``8bit`` (AdamW's moments block-wise quantized to 8 bits,
+            2.03 bytes per parameter instead of 8; with any update method).
         grad_accum: Dtype gradients of several micro-batches (``train.grad_accum``) are summed in
             for weights stored in low precision: ``fp32`` or ``storage`` (the weight's dtype).
     """
@@ -118,6 +121,7 @@ class PrecisionConfig:
     diagnostics: str = "off"
     sensitivity: float = 0.0
     update: str = "auto"
+    optimizer_state: str = "auto"
     grad_accum: str = "fp32"
     loss_scale: LossScaleConfig = dataclasses.field(default_factory=LossScaleConfig)
 
@@ -261,6 +265,9 @@ class RunConfig:
         if self.precision.mode != "auto":
             get_mode(self.precision.mode)  # an unknown name fails here, before any loading
         check_update(self.precision.update, self.precision.grad_accum, where="precision")
+        if self.precision.optimizer_state not in OPTIMIZER_STATES:
+            raise VlampError(f"precision.optimizer_state must be one of "
+                             f"{', '.join(OPTIMIZER_STATES)}, got {self.precision.optimizer_state!r}")
         if self.distributed.strategy not in ("ddp", "fsdp"):
             raise VlampError(f"distributed.strategy must be one of ddp, fsdp, got "
                              f"{self.distributed.strategy!r}")

@@ -122,3 +122,14 @@ class EMA:
         out = {n: t for n, t in sd.items()}
         out.update({n: s.to(sd[n].dtype) for n, s in zip(self.names, self.shadow)})
         return out
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the parameters that require gradients; biases, norms and embeddings tables (1-D
+    and position tables) are not decayed. Fused: one pass over all parameters (faster than the
+    multi-tensor ``foreach`` kernel; docs/measurements.md)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # frozen: none
+    decay = [p for n, p in trainable if p.ndim >= 2 and "pos_embed" not in n]
+    no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "pos_embed" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, fused=True)

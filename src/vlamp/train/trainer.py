@@ -39,6 +39,7 @@ from vlamp.train.step import (
     Batch,
     compile_model,
     learning_rate,
+    make_optimizer,
     to_device,
     train_step,
 )
@@ -68,17 +69,6 @@ def split_episodes(data: LeRobotData, val_per_task: int) -> tuple[list[int], lis
         train += eps[: len(eps) - k]
         val += eps[len(eps) - k:] if k > 0 else []
     return sorted(train), sorted(val)
-
-
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the parameters that require gradients; biases, norms and embeddings tables (1-D
-    and position tables) are not decayed. Fused: one pass over all parameters (faster than the
-    multi-tensor ``foreach`` kernel; docs/measurements.md)."""
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # frozen: none
-    decay = [p for n, p in trainable if p.ndim >= 2 and "pos_embed" not in n]
-    no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "pos_embed" not in n)]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, fused=True)
 
 
 @dataclass
@@ -198,7 +188,8 @@ class Trainer:
         settings = p.loss_scale.settings()
         common = {"scaler_settings": settings, "tf32": p.tf32, "diagnostics": p.diagnostics,
                   "freeze": self.config.train.freeze,
-                  "update": UpdateSettings(p.update, p.grad_accum, self.config.train.seed)}
+                  "update": UpdateSettings(p.update, p.grad_accum, self.config.train.seed,
+                                           p.optimizer_state)}
         if saved is not None and p.mode in ("auto", saved.get("mode")):
             plan = PrecisionPlan.from_dict(saved, where=f"checkpoint {resume_from.path}")
             return MixedPrecision(plan, None, p.scaler or None, **common)

@@ -1,0 +1,152 @@
+"""8-bit optimizer state: the dynamic code, quantization error, training close to FP32 AdamW with
+every update method, ~2 bytes per parameter of moments, and a resume that gives the same bits."""
+
+import pytest
+import torch
+from torch import nn
+
+from vlamp import MixedPrecision, UpdateSettings
+from vlamp.precision.memory import state_memory
+from vlamp.precision.state8 import BLOCK, dequantize, dynamic_map, quantize
+
+
+def test_the_dynamic_maps_are_256_sorted_codes_with_zero_and_one():
+    signed, unsigned = dynamic_map(True), dynamic_map(False)
+    assert signed.numel() == unsigned.numel() == 256
+    assert torch.all(signed[1:] > signed[:-1]) and torch.all(unsigned[1:] >= unsigned[:-1])
+    assert {0.0, 1.0} <= set(signed.tolist()) and float(signed.min()) < -0.99
+    assert float(unsigned.min()) == 0.0 and float(unsigned[1]) < 1e-6  # fine steps near zero
+
+
+def test_quantization_error_is_within_half_a_code_step_of_each_blocks_scale():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, BLOCK + 17, generator=g) * torch.logspace(-6, 0, 3).unsqueeze(1)
+    codes, absmax = quantize(x, signed=True)
+    assert codes.dtype == torch.uint8 and absmax.numel() == -(-x.numel() // BLOCK)
+    y = dequantize(codes, absmax, True, x)
+    assert y.shape == x.shape
+    scale = absmax.repeat_interleave(BLOCK)[: x.numel()].view_as(x)
+    assert float(((y - x).abs() / scale).max()) < 0.0075  # the widest gap of the map, halved
+    v = x.square()  # a second moment: unsigned map, relative precision near zero
+    w = dequantize(*quantize(v, signed=False), False, v)
+    big = v > 1e-3 * v.max()
+    assert float(((w - v).abs() / v)[big].median()) < 0.02
+
+
+def run(mode, update, state, steps=60):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    mp = MixedPrecision(mode, builtin_rules=False,
+                        update=UpdateSettings(update, optimizer_state=state, seed=1))
+    mp.setup(model, opt)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(128, 16, generator=g)
+    y = (x[:, :4].sum(1, keepdim=True)).sin()
+    losses = []
+    for _ in range(steps):
+        with mp.autocast():
+            loss = (model(x).float() - y).square().mean()
+        mp.backward(loss)
+        mp.step(opt, clip_grad_norm=1.0)
+        losses.append(float(loss.detach()))
+    return model, opt, mp, losses
+
+
+@pytest.mark.parametrize(("mode", "update"), [("fp32", "master"), ("bf16-true", "master"),
+                                              ("bf16-true", "kahan"), ("bf16-true", "stochastic"),
+                                              ("bf16-storage", "stochastic")])
+def test_8bit_moments_train_like_full_precision_ones_with_every_update(mode, update):
+    model, opt, mp, low = run(mode, update, "8bit")
+    _, _, _, full = run(mode, update, "auto")
+    assert low[-1] < 0.3 * low[0]
+    assert abs(low[-1] - full[-1]) <= 0.15 * full[-1] + 1e-3, (low[-1], full[-1])
+    assert all(set(st) == {"step"} for st in opt.state.values())  # moments live in 8 bits
+    n = sum(p.numel() for p in model.parameters())
+    held = state_memory(model, opt, mp)["optimizer_bytes"] - sum(
+        t.numel() * t.element_size() for st in opt.state.values() for t in st.values())
+    assert 2 * n <= held <= 2 * n * (1 + 4 / BLOCK) + 2 * BLOCK * 2 * len(list(model.parameters()))
+    rows = {r["module"]: r for r in mp.describe().to_dicts()}
+    assert rows["2"]["optim"] == "8bit"
+
+
+def test_bytes_per_parameter_with_bf16_weights_and_8bit_moments():
+    _, _, mp, _ = run("bf16-true", "stochastic", "8bit", steps=1)
+    rows = {r["module"]: r for r in mp.describe().to_dicts()}
+    assert rows["2"]["B/param"] == pytest.approx(2 + 2 + 2 * (1 + 4 / BLOCK))  # 6.03
+
+
+@pytest.mark.parametrize("update", ["master", "stochastic"])
+def test_a_resume_from_the_state_dict_gives_the_same_bits(update):
+    mode = "bf16-true"
+    model, opt, mp, _ = run(mode, update, "8bit", steps=5)
+    import copy
+
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), mp.state_dict()))
+
+    def more(model, opt, mp):
+        g = torch.Generator().manual_seed(3)
+        for _ in range(4):
+            x = torch.randn(32, 16, generator=g)
+            with mp.autocast():
+                loss = model(x).float().square().mean()
+            mp.backward(loss)
+            mp.step(opt)
+        return model.state_dict()
+
+    straight = more(model, opt, mp)
+    torch.manual_seed(0)
+    again = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 1))
+    opt2 = torch.optim.AdamW(again.parameters(), lr=3e-3)
+    mp2 = MixedPrecision(mode, builtin_rules=False,
+                         update=UpdateSettings(update, optimizer_state="8bit", seed=1))
+    mp2.setup(again, opt2)
+    again.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    mp2.load_state_dict(saved[2])
+    assert saved[2]["update_tensors"] and all(k.startswith(("state8.", "generator"))
+                                              for k in saved[2]["update_tensors"])
+    resumed = more(again, opt2, mp2)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fp32", "bf16-true"])
+def test_the_trainer_checkpoints_8bit_moments_and_resumes_bit_exactly(tiny_dataset, tmp_path, mode):
+    import shutil
+
+    from conftest import tiny_overrides
+
+    from vlamp.train.config import load_config
+    from vlamp.train.trainer import Trainer
+
+    def run(out, *more):
+        cfg = load_config(None, tiny_overrides(tiny_dataset, out, mode,
+                                               "precision.optimizer_state=8bit", *more))
+        return Trainer(cfg, progress=False).fit()
+
+    full = tmp_path / "full"
+    run(full, "train.grad_accum=2")
+    saved = (full / "checkpoints" / "step_0000003" / "train.safetensors").read_bytes()
+    assert b"update.state8.trunk.0.qkv.weight.exp_avg_sq.codes" in saved
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoints" / "step_0000006")
+    run(part, "train.grad_accum=2", "resume=true")
+    for name in ("model.safetensors", "train.safetensors"):
+        assert (full / "checkpoints" / "step_0000006" / name).read_bytes() == \
+            (part / "checkpoints" / "step_0000006" / name).read_bytes(), name
+
+
+def test_bench_labels_name_the_update_and_the_optimizer_state():
+    from vlamp import VlampError
+    from vlamp.bench.run import parse_modes, run_label, split_mode
+
+    assert split_mode("bf16-true/stochastic+8bit") == ("bf16-true", "stochastic", "8bit")
+    assert split_mode("fp32+8bit") == ("fp32", "auto", "8bit") and split_mode("fp32") == ("fp32", "auto", "auto")
+    for label in ("bf16-true/kahan+8bit", "fp32+8bit", "bf16-storage", "bf16-true/naive"):
+        assert run_label(*split_mode(label)) == label
+    modes, _ = parse_modes("fp32+8bit,bf16-storage+8bit", device="cpu")
+    assert modes == ["fp32", "fp32+8bit", "bf16-storage+8bit"]
+    with pytest.raises(VlampError, match="the optimizer state after the plus is one of auto, 8bit"):
+        parse_modes("bf16-true+4bit", device="cpu")
