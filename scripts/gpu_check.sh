@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: the gpu-marked tests, then a short bench on the base model (75 M parameters,
 # 128 px): fp32, bf16-mixed, fp16-mixed and the hand-written torch.amp loop with TF32 off; bf16-true by
-# update method (masters, Kahan, stochastic rounding); then fp32
+# update method (masters, Kahan, stochastic rounding); bf16-storage and 8-bit moments; then fp32
 # and bf16-mixed with TF32 on. Prints the bench tables; about 5 minutes on one H200.
 #
 # Made for this project's GPU machine (Python 3.12, its own torch with CUDA, no network): it never
@@ -41,6 +41,9 @@ python3 -m vlamp bench --modes fp32,bf16-mixed,fp16-mixed --out "$out/bench_tf32
 echo "== bench, bf16-true updated with FP32 masters, Kahan compensation, stochastic rounding"
 python3 -m vlamp bench --modes bf16-true,bf16-true/kahan,bf16-true/stochastic --no-baseline \
   --out "$out/bench_updates" "${common[@]}"
+echo "== bench, the memory levers: bf16 storage with fp32 compute, 8-bit moments"
+python3 -m vlamp bench --modes bf16-storage,bf16-true/stochastic+8bit,bf16-mixed+8bit --no-baseline \
+  --out "$out/bench_levers" "${common[@]}"
 echo "== bench, TF32 on"
 python3 -m vlamp bench --modes fp32,bf16-mixed --no-baseline --out "$out/bench_tf32_on" \
   "${common[@]}" precision.tf32=true

@@ -167,3 +167,27 @@ def test_low_precision_updates_keep_small_updates_on_cuda(update):
         mp.step(opt)
     assert m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cuda"
     assert float(mp.master_weights()["weight"].float().mean()) == pytest.approx(1.01, abs=5e-4)
+
+
+def test_bf16_storage_and_8bit_moments_on_cuda():
+    """bf16-storage computes in fp32 on the GPU too (its weights bf16 on the device), and 8-bit
+    moments live on the device beside the weights."""
+    model = Net().cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    from vlamp import UpdateSettings
+
+    mp = MixedPrecision("bf16-storage", update=UpdateSettings(optimizer_state="8bit"))
+    mp.setup(model, opt)
+    x = torch.randn(32, 64, device="cuda")
+
+    def step():
+        with mp.autocast():
+            loss = model(x)
+        mp.backward(loss)
+
+    seen = trace_compute_dtypes(model, step, backward=True)
+    assert seen["inp"] == seen["out"] == {torch.float32}
+    mp.step(opt)
+    assert model.inp.weight.dtype == torch.bfloat16 and model.inp.weight.device.type == "cuda"
+    codes = [pair[0] for kinds in mp.weights.packed.values() for pair in kinds.values()]
+    assert codes and all(c.dtype == torch.uint8 and c.device.type == "cuda" for c in codes)
