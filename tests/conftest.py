@@ -45,3 +45,17 @@ def tiny_overrides(dataset, out, mode="fp32", *more):
             # Augmentation is off by default; on here so that every resume and rank-slicing test
             # also covers its random draws (the path with more state to get right).
             "dataset.augment=true", *TINY_MODEL, *more]
+
+
+def assert_resume_is_bit_exact(full, run, *more):
+    """Copies the finished run ``full`` without its last checkpoint (step 6), resumes it with
+    ``run(out, *more, "resume=true")`` and checks the last checkpoint's files are the same bytes."""
+    import shutil
+
+    part = full.parent / f"{full.name}-resumed"
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoints" / "step_0000006")
+    run(part, *more, "resume=true")
+    for name in ("model.safetensors", "train.safetensors"):
+        a = (full / "checkpoints" / "step_0000006" / name).read_bytes()
+        assert a == (part / "checkpoints" / "step_0000006" / name).read_bytes(), name

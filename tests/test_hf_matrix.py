@@ -174,9 +174,7 @@ def test_hf_vlm_trains_resumes_and_acts_through_vlamps_trainer(tiny_dataset, tmp
     """model.name=hf-vlm: PaliGemma's architecture with vlamp's chunk head, trained by the same
     trainer (bf16-mixed, built-in islands on its own norms and embeddings), resumed bit for bit,
     and loaded back as a policy."""
-    import shutil
-
-    from conftest import tiny_overrides
+    from conftest import assert_resume_is_bit_exact, tiny_overrides
 
     from vlamp.models.hf_vla import HFVLA
     from vlamp.train.config import load_config
@@ -196,13 +194,7 @@ def test_hf_vlm_trains_resumes_and_acts_through_vlamps_trainer(tiny_dataset, tmp
     assert islands["action_out"] == "builtin:action-output"
     assert islands["backbone.vision_tower.vision_model.embeddings"].startswith("builtin:patch-and")
     assert islands["backbone.language_model.norm"] == "builtin:norm(RMSNorm, upcasts itself)"
-    part = tmp_path / "part"
-    shutil.copytree(tmp_path / "full", part)
-    shutil.rmtree(part / "checkpoints" / "step_0000006")
-    train(part, "resume=true")
-    for name in ("model.safetensors", "train.safetensors"):
-        assert (tmp_path / "full" / "checkpoints" / "step_0000006" / name).read_bytes() == \
-            (part / "checkpoints" / "step_0000006" / name).read_bytes()
+    assert_resume_is_bit_exact(tmp_path / "full", train)
     loaded = load_policy(str(tmp_path / "full"))
     model = loaded.policy.model
     batch = model.example_batch(2)
