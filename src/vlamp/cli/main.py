@@ -7,10 +7,10 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from vlamp.cli import bench, data, demo, diagnose, doctor, evaluate, plan, train
+from vlamp.cli import bench, data, demo, diagnose, doctor, evaluate, merge, plan, train
 from vlamp.precision.errors import VlampError
 
-COMMANDS = (demo, doctor, plan, data, train, evaluate, bench, diagnose)
+COMMANDS = (demo, doctor, plan, data, train, evaluate, bench, diagnose, merge)
 
 
 class _Parser(argparse.ArgumentParser):

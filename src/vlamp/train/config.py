@@ -127,6 +127,21 @@ class PrecisionConfig:
 
 
 @dataclasses.dataclass
+class LoraConfig:
+    """Attributes:
+        rank: Rank of the adapters; 0 (the default) trains the model itself.
+        alpha: The adapters' output is scaled by ``alpha / rank``.
+        targets: The linear layers adapted (qualified names or class names, globs, e.g.
+            ``["trunk.*.qkv", "trunk.*.proj"]``); their weights are frozen and, in a ``-mixed``
+            mode, stored in the compute dtype (see :mod:`vlamp.models.lora`).
+    """
+
+    rank: int = 0
+    alpha: float = 16.0
+    targets: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """Attributes:
         steps: Optimizer steps to run (skipped steps count); docs/measurements.md gives what
@@ -155,6 +170,8 @@ class TrainConfig:
             activations (activation checkpointing): patterns on qualified names or class names, as
             precision rules take them, e.g. ``[vision.stages.0, vision.stages.1]`` or
             ``[ConvStage]``. Less memory, one more forward of those modules per step.
+        lora: LoRA adapters instead of training the adapted layers themselves
+            (``train.lora.rank=8 train.lora.targets=[trunk.*.qkv]``).
         freeze: Modules that are not trained (patterns as ``checkpoint``'s, e.g. ``[vision]``): no
             gradients, no optimizer state, and in a ``-mixed`` mode their weights are stored in
             the compute dtype (2 bytes per parameter instead of 16).
@@ -179,6 +196,7 @@ class TrainConfig:
     compile: bool = False
     checkpoint: list[str] = dataclasses.field(default_factory=list)
     freeze: list[str] = dataclasses.field(default_factory=list)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
 
 
 @dataclasses.dataclass
@@ -265,6 +283,11 @@ class RunConfig:
         if self.precision.mode != "auto":
             get_mode(self.precision.mode)  # an unknown name fails here, before any loading
         check_update(self.precision.update, self.precision.grad_accum, where="precision")
+        lora = self.train.lora
+        if lora.rank < 0 or (lora.rank > 0 and not lora.targets) or lora.alpha <= 0:
+            raise VlampError(f"train.lora: rank must be >= 0 (0: no adapters) and, with a rank, "
+                             f"targets must name linear layers and alpha be > 0; got rank "
+                             f"{lora.rank}, alpha {lora.alpha}, targets {lora.targets}")
         if self.precision.optimizer_state not in OPTIMIZER_STATES:
             raise VlampError(f"precision.optimizer_state must be one of "
                              f"{', '.join(OPTIMIZER_STATES)}, got {self.precision.optimizer_state!r}")

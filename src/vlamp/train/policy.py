@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from vlamp.data.dataset import Normalizer
+from vlamp.models.lora import add_lora
 from vlamp.models.registry import build_model
 from vlamp.models.tinyvla import TinyVLA
 from vlamp.models.tokenizer import WordTokenizer
@@ -104,6 +105,9 @@ def load_policy(path: str, mode: str | None = None, use_ema: bool = True,
         mp = MixedPrecision(mode or c.state["precision"]["mode"], config["precision"]["rules"] or None,
                             device=dev)
     model = build_model(ModelConfig(**saved_model_config(config["model"]))).to(dev)
+    lora = (config.get("train") or {}).get("lora") or {}
+    if lora.get("rank"):  # the adapters it was trained with (a merged checkpoint has none)
+        add_lora(model, lora["targets"], int(lora["rank"]), float(lora["alpha"]))
     mp.setup(model)
     model.load_state_dict(c.model)
     ema = {k.removeprefix("ema."): v for k, v in c.train.items() if k.startswith("ema.")}
