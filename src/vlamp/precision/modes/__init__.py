@@ -36,7 +36,7 @@ def get_mode(name: str | Mode, device: str | torch.device | None = None) -> Mode
         "fp16-mixed": lambda: MixedMode(torch.float16),
         "bf16-true": lambda: TrueMode(torch.bfloat16),
         "fp16-true": lambda: TrueMode(torch.float16),
-        "bf16-storage": lambda: StorageMode(torch.bfloat16),
+        "bf16-storage": StorageMode,
     }
     if key not in table:
         raise VlampError(f"mode: unknown mode {name!r}; legal: {', '.join(MODE_NAMES)}, auto")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from vlamp.precision.dtypes import dtype_name
 from vlamp.precision.modes.base import Mode
 from vlamp.precision.policy import Policy
 
@@ -18,18 +17,14 @@ class StorageMode(Mode):
     default update (``update="auto"``) is stochastic rounding: 8 bytes per parameter of state
     with AdamW, against 16 in FP32 (Kahan: 10; masters, which would hold more than FP32: 18).
 
-    Args:
-        storage_dtype: ``torch.bfloat16``.
+    Stochastic rounding is for BF16, so this mode stores BF16 only (an FP16 storage mode would
+    need Kahan or masters).
     """
 
+    name = "bf16-storage"
+    storage_dtype = torch.bfloat16
     compute_dtype = torch.float32
     default_update = "stochastic"
-
-    def __init__(self, storage_dtype: torch.dtype = torch.bfloat16) -> None:
-        if storage_dtype != torch.bfloat16:
-            raise ValueError(f"{type(self).__name__}: storage_dtype must be bf16")
-        self.storage_dtype = storage_dtype
-        self.name = f"{dtype_name(storage_dtype)}-storage"
 
     @property
     def default_policy(self) -> Policy:
