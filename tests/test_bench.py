@@ -116,7 +116,7 @@ def test_bench_compares_how_low_precision_weights_are_updated(cache, tmp_path):
     assert kahan["optimizer_bytes"] < fp32["optimizer_bytes"] / 1.5  # BF16 moments (FP32 islands aside)
     assert "bf16-true/kahan" in p.stdout and "memory by kind (MiB):" in p.stdout
     p = cli(cache, "bench", "--modes", "bf16-mixed/kahan", "--out", str(tmp_path / "c"))
-    assert p.returncode == 2 and "an update after the slash is for -true modes" in p.stderr
+    assert p.returncode == 2 and "an update after the slash is for -true and -storage modes" in p.stderr
 
 
 def test_bench_rejects_unknown_modes(cache, tmp_path):
