@@ -82,6 +82,7 @@ class _Boundary:
         self.cast_inputs_to = None if self.low and policy.param != policy.compute else policy.compute
         # Low-precision storage computing in FP32: the weights are cast up for the forward.
         self.upcast_weights = not self.low and policy.param != torch.float32
+        self.stored_low: list[tuple[nn.Module, str]] = []  # set by apply_plan
 
     def __call__(self, forward: Callable[..., Any], module: nn.Module, args: tuple, kwargs: dict) -> Any:
         if not torch.compiler.is_compiling():  # a compiled graph would guard on the count
@@ -94,7 +95,7 @@ class _Boundary:
                 return upcasts.cast(t, to) if t.is_floating_point() and t.dtype != to else t
             args, kwargs = map_tensors(args, cast), map_tensors(kwargs, cast)
         device_type = _device_type(module, args, kwargs)
-        swapped = _upcast_weights(module, upcasts) if self.upcast_weights else []
+        swapped = _upcast_weights(self.stored_low, upcasts) if self.upcast_weights else []
         try:
             with torch.autocast(device_type, dtype=self.policy.compute if self.low else None,
                                 enabled=self.low), \
@@ -106,16 +107,23 @@ class _Boundary:
         return cast_floating(output, self.policy.output)
 
 
-def _upcast_weights(module: nn.Module, upcasts: Upcasts) -> list[tuple[nn.Module, str, torch.Tensor]]:
-    """Puts FP32 copies of the low-precision parameters of ``module`` and its descendants in
-    their place (differentiable casts: the gradients reach the stored parameters); returns what to
-    put back."""
+def _stored_low(module: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(owner, name) of every low-precision parameter of ``module`` and its descendants."""
+    return [(owner, name) for owner in module.modules() for name, p in owner._parameters.items()
+            if p is not None and p.dtype in (torch.bfloat16, torch.float16)]
+
+
+def _upcast_weights(stored: list[tuple[nn.Module, str]], upcasts: Upcasts
+                    ) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """Puts FP32 copies of the ``stored`` parameters in their place (differentiable casts: the
+    gradients reach the stored parameters), skipping those an enclosing boundary already cast;
+    returns what to put back."""
     swapped = []
-    for owner in module.modules():
-        for name, p in list(owner._parameters.items()):
-            if p is not None and p.dtype in (torch.bfloat16, torch.float16):
-                swapped.append((owner, name, p))
-                owner._parameters[name] = upcasts.cast(p, torch.float32)
+    for owner, name in stored:
+        p = owner._parameters[name]
+        if p.dtype != torch.float32:
+            swapped.append((owner, name, p))
+            owner._parameters[name] = upcasts.cast(p, torch.float32)
     return swapped
 
 
@@ -186,6 +194,9 @@ def apply_plan(resolved: Sequence[Resolved]) -> Undo:
             setattr(m, _BOUNDARY, _Boundary(r.policy))
             m.__class__ = _boundary_class(type(m))
             bounded.append(m)
+    for m in bounded:  # every weight has its dtype now: where each subtree's low ones are, once
+        if getattr(m, _BOUNDARY).upcast_weights:
+            getattr(m, _BOUNDARY).stored_low = _stored_low(m)
     return Undo(bounded)
 
 

@@ -127,6 +127,7 @@ class WeightUpdate:
         self.state8 = state8
         self.packed: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}  # id(p) -> key ->
         self.bucket = bucket
+        self._all_buckets: list[list[torch.Tensor]] | None = None
         if state8:
             self.fused_handoff = False  # the step is bucketed: no single fused call to hand off
 
@@ -164,7 +165,9 @@ class WeightUpdate:
         if stepped:
             return
         if self.state8:
-            self._step_in_buckets(optimizer, self._buckets(optimizer, lift_all=True))
+            if self._all_buckets is None:  # the parameters are fixed once set up: bucket them once
+                self._all_buckets = self._buckets(optimizer, lift_all=True)
+            self._step_in_buckets(optimizer, self._all_buckets)
         else:
             optimizer.step()
 
