@@ -7,6 +7,7 @@ import dataclasses
 
 import torch
 
+from vlamp.models.presets import VLA_PRESETS
 from vlamp.precision.errors import VlampError
 
 HEADS = ("act", "flow")
@@ -52,11 +53,16 @@ def with_size(model: dict[str, object]) -> dict[str, object]:
         VlampError: On an unknown size.
     """
     size = model.get("size")
-    if size is None:
+    if size is None or size in VLA_PRESETS:  # a real-size preset's shapes are its own
         return model
     if size not in SIZES:
-        raise VlampError(f"model.size must be one of {', '.join(SIZES)}, got {size!r}")
+        raise VlampError(f"model.size must be one of {', '.join(size_names())}, got {size!r}")
     return {**SIZES[str(size)], **model}
+
+
+def size_names() -> list[str]:
+    """Every legal ``model.size``: TinyVLA's sizes, then hf-vlm's real-size presets."""
+    return [*SIZES, *VLA_PRESETS]
 
 
 @dataclasses.dataclass
@@ -74,7 +80,9 @@ class ModelConfig:
         hf_pretrained: For ``hf-vlm`` with ``hf_config`` a directory: load the backbone's weights
             from the safetensors there (as ``save_pretrained`` writes them) instead of random init;
             local files only, never a download.
-        size: The preset the shape started from (see ``SIZES``; keys given beside it win).
+        size: The preset the shape started from: TinyVLA's ``SIZES`` (keys given beside it win),
+            or, with ``name="hf-vlm"``, a real-size preset of :mod:`vlamp.models.presets`
+            (``smolvla``: 0.45 B parameters, ``pi0``: 3.3 B), whose shapes are its own.
         dim: Width of the text encoder, the trunk and the head.
         depth: Trunk transformer layers.
         heads: Attention heads.
@@ -113,8 +121,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.name not in MODEL_NAMES:
             raise VlampError(f"model.name must be one of {', '.join(MODEL_NAMES)}, got {self.name!r}")
-        if self.size not in SIZES:
-            raise VlampError(f"model.size must be one of {', '.join(SIZES)}, got {self.size!r}")
+        if self.size not in SIZES and self.size not in VLA_PRESETS:
+            raise VlampError(f"model.size must be one of {', '.join(size_names())}, got {self.size!r}")
+        if self.size in VLA_PRESETS and self.name != "hf-vlm":
+            raise VlampError(f"model.size={self.size} is a real-size hf-vlm preset: use it with "
+                             f"model.name=hf-vlm (TinyVLA's sizes: {', '.join(SIZES)})")
         if self.head not in HEADS:
             raise VlampError(f"model.head must be one of {', '.join(HEADS)}, got {self.head!r}")
         for name in ("dim", "depth", "heads", "text_layers", "chunk", "flow_steps", "max_tokens"):

@@ -18,15 +18,28 @@ from torch import nn
 
 from vlamp.models.config import ModelConfig, example_batch
 from vlamp.models.hf import read_config, transformers_module
+from vlamp.models.presets import VLA_PRESETS
 from vlamp.models.tinyvla import ChunkL1Loss
 from vlamp.precision.errors import VlampError
 
 
-def vlm_config(config: ModelConfig):
-    """The PaliGemma config of an hf-vlm model: ``model.hf_config`` when given, else one sized
-    by ``dim``, ``depth`` (decoder layers), ``text_layers`` (vision layers) and ``heads``, for
-    ``image_size`` images in patches of 8 pixels."""
+def vlm_config(config: ModelConfig, layers: dict[str, int] | None = None):
+    """The PaliGemma config of an hf-vlm model: ``model.hf_config`` when given, a real-size
+    preset's (``model.size``, :mod:`vlamp.models.presets`), else one sized by ``dim``, ``depth``
+    (decoder layers), ``text_layers`` (vision layers) and ``heads``, for ``image_size`` images in
+    patches of 8 pixels. ``layers`` overrides a preset's depths (``vision``, ``text``)."""
     T = transformers_module()
+    if config.size in VLA_PRESETS:
+        preset = VLA_PRESETS[config.size]
+        vision = {**preset["vision"], "image_size": config.image_size}
+        text = {**preset["text"], "max_position_embeddings": 1024}
+        for key, n in (layers or {}).items():
+            if key in ("vision", "text"):
+                (vision if key == "vision" else text)["num_hidden_layers"] = n
+        d, vocab = text["hidden_size"], text["vocab_size"]
+        return T.PaliGemmaConfig(vision_config={**vision, "projection_dim": d}, text_config=text,
+                                 vocab_size=vocab, image_token_index=vocab - 1, projection_dim=d,
+                                 hidden_size=d)
     if config.hf_config:
         path = Path(config.hf_config)
         path = path / "config.json" if path.is_dir() else path
@@ -53,15 +66,21 @@ class HFVLA(nn.Module):
     :class:`~vlamp.models.tinyvla.TinyVLA` (``loss = model(batch)``, ``model.predict(...)``,
     ``model.example_batch(n)``).
 
+    A real-size preset (``model.size=smolvla|pi0``) adds an action expert: a smaller Gemma
+    decoder whose sequence is the backbone's last hidden states (projected to its width), then
+    the action queries; the queries are read from its output instead.
+
     Args:
         config: The model config (``name="hf-vlm"``); ``vocab_size`` from the tokenizer.
+        layers: Depths that replace a preset's (``vision``, ``text``, ``expert``): the shallow
+            copies a memory probe measures (:mod:`vlamp.fit`).
 
     Raises:
         VlampError: Without transformers (``pip install "vlamp[hf]"``), with the flow head, or
             with a config that is not PaliGemma's.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layers: dict[str, int] | None = None) -> None:
         super().__init__()
         if config.head != "act":
             raise VlampError("model.name=hf-vlm has the act head only; use model.head=act")
@@ -69,9 +88,20 @@ class HFVLA(nn.Module):
             raise VlampError(f"HFVLA: vocab_size must be set from the tokenizer, got {config.vocab_size}")
         T = transformers_module()
         self.config = config
-        self.backbone = _pretrained(config) if config.hf_pretrained else T.PaliGemmaModel(vlm_config(config))
+        self.backbone = (_pretrained(config) if config.hf_pretrained
+                         else T.PaliGemmaModel(vlm_config(config, layers)))
         d = self.backbone.config.text_config.hidden_size
         self.state_proj = nn.Linear(config.state_dim, d)
+        self.expert = self.expert_in = None
+        if config.size in VLA_PRESETS:
+            shape = {**VLA_PRESETS[config.size]["expert"], "vocab_size": 2,
+                     "max_position_embeddings": 1024}
+            if layers and "expert" in layers:
+                shape["num_hidden_layers"] = layers["expert"]
+            self.expert_in = nn.Linear(d, shape["hidden_size"])
+            self.expert = T.GemmaModel(T.GemmaConfig(**shape))
+            self.expert.embed_tokens = None  # it reads embeddings only: no table of its own
+            d = shape["hidden_size"]
         self.action_queries = nn.Parameter(torch.randn(config.chunk, d) * 0.02)
         self.action_out = nn.Linear(d, config.action_dim)
         self.loss_fn = ChunkL1Loss()
@@ -87,11 +117,19 @@ class HFVLA(nn.Module):
         pixels = self.backbone.get_image_features((image - 0.5) * 2.0)  # SigLIP's [-1, 1]
         words = self.backbone.get_input_embeddings()(tokens)
         b = image.shape[0]
-        x = torch.cat([pixels.to(words.dtype), words, self.state_proj(state)[:, None].to(words.dtype),
-                       self.action_queries.expand(b, -1, -1).to(words.dtype)], dim=1)
+        parts = [pixels.to(words.dtype), words, self.state_proj(state)[:, None].to(words.dtype)]
+        queries = self.action_queries.expand(b, -1, -1)
+        if self.expert is None:
+            parts.append(queries.to(words.dtype))
+        x = torch.cat(parts, dim=1)
         keep = torch.ones(b, x.shape[1], dtype=torch.long, device=x.device)
         keep[:, pixels.shape[1]: pixels.shape[1] + tokens.shape[1]] = (tokens != 0).long()
         hidden = self.backbone.language_model(inputs_embeds=x, attention_mask=keep).last_hidden_state
+        if self.expert is not None:
+            prefix = self.expert_in(hidden)
+            x = torch.cat([prefix, queries.to(prefix.dtype)], dim=1)
+            keep = torch.cat([keep, keep.new_ones(b, self.config.chunk)], dim=1)
+            hidden = self.expert(inputs_embeds=x, attention_mask=keep).last_hidden_state
         return hidden[:, -self.config.chunk:]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -121,3 +159,11 @@ def _pretrained(config: ModelConfig):
         raise VlampError(f"model.hf_config {config.hf_config!r}: cannot load its weights "
                          f"({str(e).splitlines()[0]})") from None
     return full.model
+
+
+def preset_parameters(name: str) -> int:
+    """The parameter count of the real-size preset ``name`` (built on the meta device: nothing
+    is allocated)."""
+    with torch.device("meta"):
+        model = HFVLA(ModelConfig(name="hf-vlm", size=name, vocab_size=64, channels=[8]))
+    return sum(p.numel() for p in model.parameters())
