@@ -75,13 +75,16 @@ _SWAPPED: dict[type, type] = {}  # module class -> its boundary subclass
 class _Boundary:
     """What one boundary module does around its forward."""
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, module: nn.Module) -> None:
         self.policy = policy
         # Low-precision compute over FP32 weights is autocast's job; otherwise the inputs are cast.
         self.low = policy.compute != torch.float32
         self.cast_inputs_to = None if self.low and policy.param != policy.compute else policy.compute
-        # Low-precision storage computing in FP32: the weights are cast up for the forward.
-        self.upcast_weights = not self.low and policy.param != torch.float32
+        # Low-precision storage computing in FP32: the weights are cast up for the forward. Not an
+        # embedding's: a lookup is exact in any dtype, so its rows are looked up where they are
+        # stored and the output cast (a 257k-word table is not copied to FP32 on every forward).
+        self.upcast_weights = (not self.low and policy.param != torch.float32
+                               and not isinstance(module, nn.Embedding))
         self.stored_low: list[tuple[nn.Module, str]] = []  # set by apply_plan
 
     def __call__(self, forward: Callable[..., Any], module: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -107,9 +110,21 @@ class _Boundary:
         return cast_floating(output, self.policy.output)
 
 
+# Modules known to compute with their children's weights without calling the children
+# (``MultiheadAttention`` reads ``out_proj.weight``): their boundary casts the whole subtree.
+READS_CHILDREN = (nn.MultiheadAttention,)
+
+
 def _stored_low(module: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(owner, name) of every low-precision parameter of ``module`` and its descendants."""
-    return [(owner, name) for owner in module.modules() for name, p in owner._parameters.items()
+    """(owner, name) of every low-precision parameter a boundary at ``module`` casts up: its own,
+    those of descendants that have no boundary of their own (their weights are used inside this
+    forward), and all of its subtree's for a module of :data:`READS_CHILDREN`. Descendants with a
+    boundary cast their own when they run, so no more than one module's weights are held in FP32
+    at a time (casting a 3 B-parameter model's whole tree from its root would copy 13 GB)."""
+    whole = isinstance(module, READS_CHILDREN)
+    owners = [module, *(m for m in module.modules()
+                        if m is not module and (whole or not hasattr(m, _BOUNDARY)))]
+    return [(owner, name) for owner in owners for name, p in owner._parameters.items()
             if p is not None and p.dtype in (torch.bfloat16, torch.float16)]
 
 
@@ -191,7 +206,7 @@ def apply_plan(resolved: Sequence[Resolved]) -> Undo:
             True for _ in m.parameters(recurse=False))
         if r.policy != r.parent_policy or stored_low:
             setattr(m, _CALLS, 0)
-            setattr(m, _BOUNDARY, _Boundary(r.policy))
+            setattr(m, _BOUNDARY, _Boundary(r.policy, m))
             m.__class__ = _boundary_class(type(m))
             bounded.append(m)
     for m in bounded:  # every weight has its dtype now: where each subtree's low ones are, once
