@@ -159,14 +159,26 @@ def bytes_per_param(param: torch.dtype, mode: Mode, update: str = "master", mome
     """Bytes training holds for one parameter stored in ``param``: the weight, its FP32 master
     (``update="master"``) or compensation buffer (``"kahan"``), one gradient in the dtype the
     optimizer reads it in, and ``moments`` optimizer-state tensors (AdamW: 2), each of 1 byte
-    plus its share of a block's FP32 scale with ``state8``."""
+    plus its share of a block's FP32 scale with ``state8``. The sum of :func:`state_by_kind`."""
+    return sum(state_by_kind(param, mode, update, moments, state8).values())
+
+
+def state_by_kind(param: torch.dtype, mode: Mode, update: str = "master", moments: int = 2,
+                  state8: bool = False) -> dict[str, float]:
+    """:func:`bytes_per_param` by kind: ``weights``, ``masters``, ``compensation``, ``grads``,
+    ``optimizer`` (bytes for one trained parameter stored in ``param``)."""
     size = torch.empty((), dtype=param).element_size()
     moment = 1 + 4 / BLOCK if state8 else None
-    if param == torch.float32:
-        return 4 + 4 + (moment or 4) * moments
-    if mode.master_weights and update == "master":
-        return size + 4 + 4 + (moment or 4) * moments
-    return size + (size if update == "kahan" else 0) + size + (moment or size) * moments
+    out = {"weights": float(size), "masters": 0.0, "compensation": 0.0, "grads": float(size),
+           "optimizer": 0.0}
+    if param == torch.float32 or (mode.master_weights and update == "master"):
+        out["masters"] = 0.0 if param == torch.float32 else 4.0
+        out["grads"] = 4.0  # FP32 masters read FP32 gradients
+        out["optimizer"] = (moment or 4) * moments
+    else:
+        out["compensation"] = float(size) if update == "kahan" else 0.0
+        out["optimizer"] = (moment or size) * moments
+    return out
 
 
 def _state_dtype(param: torch.dtype, mode: Mode, update: str) -> torch.dtype:
@@ -185,4 +197,4 @@ def _measured_cell(entries: list[Mapping[str, Any]]) -> str:
     return f"fp32 {fp32:.2f} / {low} {lp:.2f} / plan {chosen:.2f} ms"
 
 
-__all__ = ["COLUMNS", "PlanTable", "Row", "describe_plan"]
+__all__ = ["COLUMNS", "PlanTable", "Row", "bytes_per_param", "describe_plan", "state_by_kind"]

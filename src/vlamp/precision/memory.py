@@ -6,6 +6,7 @@
   with autograd's saved-tensor hooks (each storage counted once, parameters not counted).
 * :func:`step_memory`: the live tensor memory over one training step, by kind, from PyTorch's
   profiler (what the step needs, whatever the allocator keeps besides).
+* :class:`PeakRSS`, :func:`available_memory`: a process's measured peak, and what a run may use.
 * :func:`checkpoint_modules`: the modules a rule names recompute their forward in the backward
   instead of saving their activations (``torch.utils.checkpoint``, non-reentrant).
 """
@@ -136,6 +137,76 @@ def _storage(t: torch.Tensor) -> tuple[int, int] | None:
         return storage.data_ptr(), storage.nbytes()
     except (RuntimeError, NotImplementedError):
         return None
+
+
+class PeakRSS:
+    """The peak of this process's resident memory above a baseline (Linux: ``VmHWM``, reset
+    through ``/proc/self/clear_refs``); on CUDA, ``torch.cuda.max_memory_allocated`` above the
+    allocated bytes at the reset.
+
+    Example:
+        >>> peak = PeakRSS()              # the baseline is now   # doctest: +SKIP
+        >>> train(); peak.read()          # bytes above it        # doctest: +SKIP
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self.baseline = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Starts a new measurement from the memory held now."""
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self.baseline = torch.cuda.memory_allocated()
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass  # not Linux, or not allowed: the lifetime peak is read instead
+        self.baseline = _status_bytes("VmRSS")
+
+    def read(self) -> int:
+        """Bytes of the peak since :meth:`reset`, above what was held then (0 if unknown)."""
+        if self.cuda:
+            return int(torch.cuda.max_memory_allocated() - self.baseline)
+        return max(0, _status_bytes("VmHWM") - self.baseline)
+
+
+def _status_bytes(key: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def available_memory(device: torch.device | str = "cpu") -> int:
+    """Bytes a new training run may use here: the GPU's free memory, or the memory Linux
+    reports available (``MemAvailable``), capped by this process's cgroup limit."""
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    free = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current") as f:
+                free = min(free, int(limit) - int(f.read()))
+    except (OSError, ValueError):
+        pass
+    return free
 
 
 # The columns of torch.profiler's memory timeline, after its leading one.

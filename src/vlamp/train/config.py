@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,10 @@ class TrainConfig:
         freeze: Modules that are not trained (patterns as ``checkpoint``'s, e.g. ``[vision]``): no
             gradients, no optimizer state, and in a ``-mixed`` mode their weights are stored in
             the compute dtype (2 bytes per parameter instead of 16).
+        memory_budget: Memory the run may use (``24GiB``, ``500MB``; ``auto``: what this machine
+            or GPU has free now; empty: no check). The peak is predicted before the model is
+            built (``vlamp fit``): with ``precision.mode=auto`` the run trains with the fastest
+            configuration that fits; otherwise a run predicted not to fit is refused.
     """
 
     steps: int = 1200
@@ -197,6 +202,7 @@ class TrainConfig:
     checkpoint: list[str] = dataclasses.field(default_factory=list)
     freeze: list[str] = dataclasses.field(default_factory=list)
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    memory_budget: str = ""
 
 
 @dataclasses.dataclass
@@ -288,6 +294,8 @@ class RunConfig:
             raise VlampError(f"train.lora: rank must be >= 0 (0: no adapters) and, with a rank, "
                              f"targets must name linear layers and alpha be > 0; got rank "
                              f"{lora.rank}, alpha {lora.alpha}, targets {lora.targets}")
+        if t.memory_budget not in ("", "auto"):
+            parse_size(t.memory_budget)
         if self.precision.optimizer_state not in OPTIMIZER_STATES:
             raise VlampError(f"precision.optimizer_state must be one of "
                              f"{', '.join(OPTIMIZER_STATES)}, got {self.precision.optimizer_state!r}")
@@ -304,6 +312,28 @@ class RunConfig:
                 or self.eval.workers < 0:
             raise VlampError("eval.episodes must be >= 1; eval.every, eval.workers and "
                              "dataset.val_episodes >= 0")
+
+
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str, where: str = "train.memory_budget") -> int:
+    """``"24GiB"``, ``"500 MB"``, ``"2e9"`` -> bytes.
+
+    Raises:
+        VlampError: Naming ``where`` and the legal forms.
+    """
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else ""
+    try:
+        value = float(m.group(1)) if m else -1.0
+    except ValueError:
+        value = -1.0
+    if not m or unit not in UNITS or value <= 0:
+        raise VlampError(f"{where}: {text!r} is not a size; use a number with a unit "
+                         f"({', '.join(u for u in UNITS if u)}), e.g. 24GiB, or auto")
+    return int(value * UNITS[unit])
 
 
 def keys(cls: type = RunConfig, prefix: str = "") -> dict[str, dataclasses.Field]:

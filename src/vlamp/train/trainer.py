@@ -17,8 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from vlamp.data.dataset import ChunkDataset, random_shift, random_shift_offsets
-from vlamp.data.generate import dataset_camera, generate
-from vlamp.data.reader import LeRobotData, read_dataset
+from vlamp.data.generate import dataset_camera
+from vlamp.data.reader import LeRobotData
 from vlamp.models.config import saved_model_config
 from vlamp.models.lora import add_lora
 from vlamp.models.registry import build_model
@@ -26,13 +26,15 @@ from vlamp.models.tokenizer import WordTokenizer
 from vlamp.precision.autoplan import measure_plan
 from vlamp.precision.errors import VlampError
 from vlamp.precision.hardware import set_tf32, synchronize
-from vlamp.precision.memory import checkpoint_modules
+from vlamp.precision.memory import PeakRSS, checkpoint_modules
 from vlamp.precision.mixed_precision import MixedPrecision
 from vlamp.precision.plan import PrecisionPlan
 from vlamp.precision.weight_update import UpdateSettings
 from vlamp.train import checkpoint as ckpt
 from vlamp.train import distributed
+from vlamp.train.budget import check_budget
 from vlamp.train.config import RunConfig, save_config, to_dict
+from vlamp.train.data import load_data, split_episodes
 from vlamp.train.logs import RunLog, truncate_metrics
 from vlamp.train.policy import VLAPolicy, policy_recipe
 from vlamp.train.step import (
@@ -44,32 +46,6 @@ from vlamp.train.step import (
     to_device,
     train_step,
 )
-
-
-def load_data(config: RunConfig, progress: bool = True) -> LeRobotData:
-    """The configured dataset; the default suite is generated into the cache on first use."""
-    path = config.dataset.path
-    if not path:
-        path = str(generate(progress=progress))
-    if not Path(path).is_dir():
-        raise VlampError(f"dataset.path {path!r} is not a directory (a LeRobot v3.0 dataset; "
-                         f"see `vlamp data generate`)")
-    return read_dataset(path, stream=config.dataset.stream, progress=progress)
-
-
-def split_episodes(data: LeRobotData, val_per_task: int) -> tuple[list[int], list[int]]:
-    """Train/validation episode split: the last ``val_per_task`` episodes of each task validate
-    (never all of a task's episodes)."""
-    starts = np.r_[0, np.flatnonzero(np.diff(data.episode_index)) + 1]
-    by_task: dict[int, list[int]] = {}
-    for s in starts:
-        by_task.setdefault(int(data.task_index[s]), []).append(int(data.episode_index[s]))
-    train, val = [], []
-    for eps in by_task.values():
-        k = min(val_per_task, len(eps) - 1)
-        train += eps[: len(eps) - k]
-        val += eps[len(eps) - k:] if k > 0 else []
-    return sorted(train), sorted(val)
 
 
 @dataclass
@@ -86,6 +62,7 @@ class TrainResult:
     eval: dict[str, Any] | None = None
     seconds: float = 0.0  # the whole run, its closed-loop evaluations included
     eval_seconds: float = 0.0  # of which the closed-loop evaluations
+    peak_bytes: int = 0  # the training steps' measured peak above the memory before the model
 
 
 class Trainer:
@@ -142,7 +119,9 @@ class Trainer:
         m.action_dim, m.image_size = int(self.data.action.shape[1]), self.image_size
         if resume_from is not None:
             _check_same_model(resume_from.state["config"]["model"], to_dict(config)["model"])
-
+        config, self.predicted = check_budget(config, self.device, self._log_line)
+        self.config = config
+        self.peak = PeakRSS(self.device)  # the run's memory: what it holds above this
         torch.manual_seed(config.train.seed)
         self.rng = np.random.default_rng(config.train.seed)
         self.model = build_model(m).to(self.device)  # the same initial weights on every rank
@@ -166,6 +145,10 @@ class Trainer:
         if resume_from is not None:
             self._restore(resume_from)
         distributed.barrier(self.world)  # every rank checked the run directory before any writes
+
+    def _log_line(self, line: str) -> None:
+        if self.progress:
+            tqdm.write(line)
 
     @property
     def effective_batch(self) -> int:
@@ -199,7 +182,7 @@ class Trainer:
         if p.measure and p.mode != "fp32":
             plan = None
             if self.world.main:  # measured once, on rank 0; every rank trains on its plan
-                log = (lambda line: tqdm.write(line)) if self.progress else None
+                log = self._log_line
                 set_tf32(p.tf32)  # measured as it will run
                 plan = measure_plan(self.model, self.example_batch(), p.mode, rules=p.rules or None,
                                     log=log, sensitivity=p.sensitivity or None)
@@ -319,6 +302,7 @@ class Trainer:
         bar = tqdm(total=t.steps, initial=self.step, desc=f"train {self.mp.mode.name}", unit="step",
                    disable=not self.progress, dynamic_ncols=True)
         start, window_t, window_n = time.perf_counter(), time.perf_counter(), 0
+        measured_all = self.step > 0  # a resumed run's peak includes loading the checkpoint
         clip = t.clip_grad_norm or None
         try:
             while self.step < t.steps:
@@ -334,6 +318,8 @@ class Trainer:
                     r = train_step(self.forward, batches, self.mp, self.optimizer, clip, shares)
                 synchronize(self.device)
                 result.step_times.append(time.perf_counter() - t0)
+                if not measured_all:  # the training steps' peak, before validation or a save
+                    result.peak_bytes = max(result.peak_bytes, self.peak.read())
                 self.step += 1
                 window_n += len(positions)  # samples of all ranks
                 if not r.outcome.skipped:
@@ -356,6 +342,7 @@ class Trainer:
                                     skipped=self.mp.skipped_steps, samples_s=f"{rate:.0f}")
                 bar.update()
                 last = self.step == t.steps
+                measured_all = measured_all or self._busy(self.step)
                 if self.val_set is not None and ((t.val_every and self.step % t.val_every == 0) or last):
                     result.val_action_l1 = self.validate()
                     log.row("val", {"step": self.step, "action_l1": result.val_action_l1})
@@ -369,12 +356,20 @@ class Trainer:
                     self.save()
                 if on_step is not None:
                     on_step(self.step)
+            if result.peak_bytes:  # measured, and predicted where a budget was checked
+                log.row("memory", {"step": self.step, "peak_bytes": result.peak_bytes,
+                                   "predicted_peak_bytes": getattr(self.predicted, "peak", None)})
         finally:
             bar.close()
             log.close()
         result.skipped_steps = self.mp.skipped_steps
         result.seconds = time.perf_counter() - start
         return result
+
+    def _busy(self, step: int) -> bool:
+        """Whether anything but training runs after ``step`` (validation, evaluation, a save)."""
+        t, e = self.config.train, self.config.eval
+        return step == t.steps or any(n and step % n == 0 for n in (t.save_every, t.val_every, e.every))
 
     def eval_weights(self) -> dict[str, torch.Tensor] | None:
         """The EMA weights when averaging, else ``None`` (the live weights)."""

@@ -1,0 +1,147 @@
+"""A run's memory budget: ``vlamp fit`` and ``train.memory_budget``.
+
+:func:`fit_run` predicts every candidate configuration of a run (:mod:`vlamp.train.fit`) and
+chooses the fastest that fits; :func:`check_budget` is what the trainer calls before it builds
+the model: with ``precision.mode=auto`` it trains with the choice, with a mode named it refuses a
+run predicted not to fit, in one line with the numbers and the best configuration that would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import torch
+
+from vlamp.precision.errors import VlampError
+from vlamp.precision.memory import available_memory
+from vlamp.train import fit
+from vlamp.train.config import RunConfig, parse_size
+
+CPU_MODES = ("fp32", "bf16-mixed", "bf16-true", "bf16-storage")
+CUDA_MODES = (*CPU_MODES, "fp16-mixed")
+
+
+@dataclasses.dataclass
+class FitResult:
+    """Every candidate's prediction, the budget and the choice (``None``: nothing fits)."""
+
+    predictions: list[fit.Prediction]
+    budget: int
+    chosen: fit.Prediction | None
+    asked: fit.Prediction | None  # the configuration as given, where it is one of the candidates
+    notes: list[str]
+
+    def reason(self) -> str:
+        return fit.reason(self.chosen, self.predictions) if self.chosen else (
+            f"nothing fits {fit.gib(self.budget)} GiB: the smallest peak is "
+            f"{fit.gib(min(p.peak for p in self.predictions))} GiB "
+            f"({min(self.predictions, key=lambda p: p.peak).candidate.label()})")
+
+
+def budget_bytes(text: str, device: torch.device) -> int:
+    """``auto`` (what this machine has free now) or a size."""
+    return available_memory(device) if text == "auto" else parse_size(text)
+
+
+def given(config: RunConfig) -> fit.Candidate:
+    """The configuration ``config`` asks for, as a candidate (``auto`` mode: fp32)."""
+    p, t = config.precision, config.train
+    mode = "fp32" if p.mode == "auto" else p.mode
+    update = fit.default_update(mode) if p.update == "auto" else p.update
+    if not mode.endswith(("-true", "-storage")):
+        update = "-"
+    return fit.Candidate(mode, update, p.optimizer_state, bool(t.checkpoint), t.batch_size,
+                         t.grad_accum)
+
+
+def candidate_modes(device: torch.device, log: Callable[[str], None] | None = None
+                    ) -> tuple[list[str], list[str]]:
+    """The modes worth predicting here: every mode whose compute format's measured GEMM
+    throughput is at least half FP32's (``bf16-storage`` computes in FP32: always); and notes on
+    those left out."""
+    from vlamp.precision.hardware import measure_throughput
+
+    gemm = measure_throughput(str(device))["gemm"]
+    modes, notes = [], []
+    for mode in CUDA_MODES if device.type == "cuda" else CPU_MODES:
+        low = mode.split("-")[0]
+        ratio = gemm.get(low, 0.0) / gemm["fp32"] if low != "fp32" else 1.0
+        if mode.endswith("-storage") or ratio >= 0.5:
+            modes.append(mode)
+        else:
+            notes.append(f"{mode} left out: {low} matrix math measured {ratio:.2f}x fp32's here "
+                         f"(emulated); name it with --modes to predict it anyway")
+    return modes, notes
+
+
+def fit_run(config: RunConfig, device: torch.device, budget: int, modes: Sequence[str] | None = None,
+            log: Callable[[str], None] | None = None) -> FitResult:
+    """Predicts the run's candidates (its batch split into micro-batches, every mode of ``modes``
+    x update x optimizer state x checkpointing) and chooses the fastest that fits ``budget``."""
+    notes: list[str] = []
+    if modes is None:
+        modes, notes = candidate_modes(device, log)
+    asked = given(config)
+    frozen = list(config.train.freeze)
+    batch = config.train.batch_size * config.train.grad_accum
+    probes = {m: fit.probe(config.model, m, batch, log) for m in dict.fromkeys([*modes, asked.mode])}
+    cands = fit.candidates(modes, batch)
+    if asked not in cands:
+        cands.append(asked)
+    states: dict[tuple[str, str, str], tuple] = {}
+    predictions = []
+    sample = fit.sample_bytes(config.model)
+    for c in cands:
+        key = (c.mode, c.update, c.optimizer_state)
+        if key not in states:
+            states[key] = fit.state_bytes(config.model, *key, frozen=frozen)
+        predictions.append(fit.predict(c, *states[key], probes[c.mode], sample))
+    chosen = fit.choose(predictions, budget)
+    mine = next((p for p in predictions if p.candidate == asked), None)
+    return FitResult(predictions, budget, chosen, mine, notes)
+
+
+def with_candidate(config: RunConfig, c: fit.Candidate) -> RunConfig:
+    """``config`` set to train with candidate ``c``."""
+    precision = dataclasses.replace(config.precision, mode=c.mode, optimizer_state=c.optimizer_state,
+                                    update=c.update if c.update != "-" else "auto")
+    blocks = fit.blocks_of(config.model) if c.checkpoint else list(config.train.checkpoint)
+    train = dataclasses.replace(config.train, batch_size=c.micro_batch, grad_accum=c.grad_accum,
+                                checkpoint=blocks if c.checkpoint else [])
+    return dataclasses.replace(config, precision=precision, train=train)
+
+
+def check_budget(config: RunConfig, device: torch.device, log: Callable[[str], None] | None = None
+                 ) -> tuple[RunConfig, fit.Prediction | None]:
+    """What the trainer does with ``train.memory_budget`` before it builds the model.
+
+    Returns:
+        The config to train with (the fit's choice with ``precision.mode=auto``; else as given)
+        and its prediction; ``(config, None)`` without a budget.
+
+    Raises:
+        VlampError: If the run is predicted not to fit: one line with the prediction, the budget
+            and the best configuration that fits (or that none does).
+    """
+    text = config.train.memory_budget
+    if not text:
+        return config, None
+    budget = budget_bytes(text, device)
+    auto = config.precision.mode == "auto"
+    result = fit_run(config, device, budget, modes=None if auto else [config.precision.mode], log=log)
+    if auto and result.chosen is not None:
+        if log:
+            log(f"memory budget {fit.gib(budget)} GiB: {result.reason()}")
+        return with_candidate(config, result.chosen.candidate), result.chosen
+    mine = result.asked
+    if mine is not None and mine.fits:
+        return config, mine
+    if not auto:  # what would fit, over every mode
+        result = fit_run(config, device, budget, log=log)
+    best = result.chosen
+    need = f"needs {fit.gib(mine.peak)} GiB" if mine is not None else "is not one fit can predict"
+    fix = (f"; the fastest that fits: {' '.join(best.candidate.overrides(fit.blocks_of(config.model)))}"
+           f" ({fit.gib(best.peak)} GiB)" if best is not None else f"; {result.reason()}")
+    raise VlampError(f"train.memory_budget: this run {need} (predicted), over the budget of "
+                     f"{fit.gib(budget)} GiB{fix}")

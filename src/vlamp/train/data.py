@@ -1,0 +1,39 @@
+"""The run's dataset: loaded (the default suite generated on first use) and split into training
+and validation episodes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vlamp.data.generate import generate
+from vlamp.data.reader import LeRobotData, read_dataset
+from vlamp.precision.errors import VlampError
+from vlamp.train.config import RunConfig
+
+
+def load_data(config: RunConfig, progress: bool = True) -> LeRobotData:
+    """The configured dataset; the default suite is generated into the cache on first use."""
+    path = config.dataset.path
+    if not path:
+        path = str(generate(progress=progress))
+    if not Path(path).is_dir():
+        raise VlampError(f"dataset.path {path!r} is not a directory (a LeRobot v3.0 dataset; "
+                         f"see `vlamp data generate`)")
+    return read_dataset(path, stream=config.dataset.stream, progress=progress)
+
+
+def split_episodes(data: LeRobotData, val_per_task: int) -> tuple[list[int], list[int]]:
+    """Train/validation episode split: the last ``val_per_task`` episodes of each task validate
+    (never all of a task's episodes)."""
+    starts = np.r_[0, np.flatnonzero(np.diff(data.episode_index)) + 1]
+    by_task: dict[int, list[int]] = {}
+    for s in starts:
+        by_task.setdefault(int(data.task_index[s]), []).append(int(data.episode_index[s]))
+    train, val = [], []
+    for eps in by_task.values():
+        k = min(val_per_task, len(eps) - 1)
+        train += eps[: len(eps) - k]
+        val += eps[len(eps) - k:] if k > 0 else []
+    return sorted(train), sorted(val)

@@ -1,0 +1,254 @@
+"""What fits: a training run's peak memory predicted by kind for candidate configurations, the
+fastest one that fits a budget chosen, and a run that would not fit refused before its first step.
+
+Where each figure comes from:
+
+* **State** (weights, FP32 masters, Kahan buffers, gradients, optimizer state): exact, from the
+  plan's dtype for every parameter of the full model, built on the meta device (nothing
+  allocated), and :func:`vlamp.precision.describe.state_by_kind`.
+* **Activations** and **step time**: measured (:mod:`vlamp.train.fit_probe`) on shallow copies of
+  the model (one layer per stack, then one more in each stack), at micro-batches of 1 and 2, and
+  extrapolated linearly in depth and batch; with checkpointing of every block, plus one block's
+  activations for its recomputation in the backward.
+* **Transient**: what a step holds beside the state for a moment: the bucketed update's FP32
+  copies of the largest bucket, and in ``bf16-storage`` the FP32 copy of the largest module's
+  weights and its FP32 gradient.
+* **Runtime**: what the allocator and runtime hold beyond the tensors, measured on the probe
+  (its measured peak minus its predicted tensors).
+
+The peak is the larger of two moments: the end of the forward (activations, no gradients unless
+micro-batches accumulate them) and the optimizer step (all gradients, no activations).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import torch
+
+from vlamp.models.config import ModelConfig
+from vlamp.models.registry import BLOCKS, build_model, stack_depths
+from vlamp.precision.describe import state_by_kind
+from vlamp.precision.modes import get_mode
+from vlamp.precision.plan import PrecisionPlan
+from vlamp.precision.weight_update import BUCKET
+from vlamp.train.fit_probe import ModeProbe, probe_mode
+
+KINDS = ("weights", "masters", "compensation", "grads", "optimizer", "activations", "transient",
+         "data", "runtime")
+UPDATES_OF = {"true": ("master", "kahan", "stochastic"), "storage": ("stochastic", "kahan")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One configuration a run could train with.
+
+    Attributes:
+        mode: The precision mode.
+        update: How low-precision weights are updated (``master``, ``kahan``, ``stochastic``;
+            ``-`` where no weight is stored low).
+        optimizer_state: ``auto`` or ``8bit``.
+        checkpoint: Every block recomputes its forward in the backward.
+        micro_batch: Samples per micro-batch.
+        grad_accum: Micro-batches per step (``micro_batch * grad_accum`` is the batch).
+    """
+
+    mode: str
+    update: str = "-"
+    optimizer_state: str = "auto"
+    checkpoint: bool = False
+    micro_batch: int = 1
+    grad_accum: int = 1
+
+    def label(self) -> str:
+        """``bf16-storage/stochastic+8bit ckpt 4x2`` (micro-batch x accumulation)."""
+        text = self.mode + (f"/{self.update}" if self.update != "-" else "")
+        text += "+8bit" if self.optimizer_state == "8bit" else ""
+        return f"{text}{' ckpt' if self.checkpoint else ''} {self.micro_batch}x{self.grad_accum}"
+
+    def overrides(self, blocks: Sequence[str]) -> list[str]:
+        """The ``vlamp train`` overrides that run this configuration."""
+        out = [f"precision.mode={self.mode}", f"precision.optimizer_state={self.optimizer_state}",
+               f"train.batch_size={self.micro_batch}", f"train.grad_accum={self.grad_accum}"]
+        if self.update != "-":
+            out.append(f"precision.update={self.update}")
+        if self.checkpoint:
+            out.append(f"train.checkpoint=[{','.join(blocks)}]")
+        return out
+
+
+@dataclasses.dataclass
+class Prediction:
+    """A candidate's predicted peak by kind (bytes), its expected step time (seconds, from the
+    probes) and whether it fits the budget."""
+
+    candidate: Candidate
+    by_kind: dict[str, int]
+    step_s: float
+    fits: bool = True
+
+    @property
+    def peak(self) -> int:
+        return sum(self.by_kind.values())
+
+
+def candidates(modes: Sequence[str], batch: int, *, updates: Sequence[str] | None = None,
+               states: Sequence[str] = ("auto", "8bit"), checkpoint: Sequence[bool] = (False, True),
+               min_micro: int = 1) -> list[Candidate]:
+    """Every combination of mode x update x optimizer state x checkpointing x micro-batch (the
+    batch's divisors down to ``min_micro``, accumulating to the same batch)."""
+    out = []
+    micros = [m for m in range(batch, 0, -1) if batch % m == 0 and m >= min_micro
+              and (m == batch or (batch // m) & (batch // m - 1) == 0)]  # batch / power of two
+    for mode in modes:
+        kind = mode.rsplit("-", 1)[-1]
+        methods = updates or UPDATES_OF.get(kind, ("-",))
+        for update in (methods if kind in UPDATES_OF else ("-",)):
+            for state in states:
+                for ckpt in checkpoint:
+                    for m in micros:
+                        out.append(Candidate(mode, update, state, ckpt, m, batch // m))
+    return out
+
+
+def state_bytes(config: ModelConfig, mode: str, update: str, optimizer_state: str,
+                frozen: Sequence[str] = (), depths: dict[str, int] | None = None
+                ) -> tuple[dict[str, float], dict[str, int]]:
+    """The exact state of the full model by kind (weights, masters, compensation, grads,
+    optimizer), from the plan's dtypes on a meta-device build; and sizes the transient needs
+    (``largest_param``, ``largest_module``: elements; ``low_params``: elements stored low).
+    ``depths`` builds a shallow copy instead (see :func:`vlamp.models.registry.build_model`)."""
+    from vlamp.precision.freeze import frozen_modules
+
+    with torch.device("meta"):
+        model = build_model(config, depths)
+    plan = PrecisionPlan(mode)
+    m = plan.mode
+    method = update if update != "-" else m.default_update
+    cold = {id(p) for mod in frozen_modules(model, frozen).values() for p in mod.parameters()} \
+        if frozen else set()
+    totals = dict.fromkeys(("weights", "masters", "compensation", "grads", "optimizer"), 0.0)
+    sizes = {"largest_param": 0, "largest_module": 0, "low_params": 0}
+    for r in plan.resolve(model, warn_unmatched=False):
+        own = list(r.module.parameters(recurse=False))
+        sizes["largest_module"] = max(sizes["largest_module"], sum(p.numel() for p in own))
+        for p in own:
+            dtype = r.policy.param
+            if id(p) in cold:
+                totals["weights"] += p.numel() * torch.empty((), dtype=dtype).element_size()
+                continue
+            per = state_by_kind(dtype, m, method, 2, optimizer_state == "8bit")
+            for k, v in per.items():
+                totals[k] += v * p.numel()
+            sizes["largest_param"] = max(sizes["largest_param"], p.numel())
+            sizes["low_params"] += p.numel() if dtype != torch.float32 else 0
+    return totals, sizes
+
+
+def predict(candidate: Candidate, state: dict[str, float], sizes: dict[str, int],
+            probe: ModeProbe, sample_bytes: int) -> Prediction:
+    """The candidate's peak by kind at the larger of its two moments (see the module's text)."""
+    c = candidate
+    acts = probe.activations(c.micro_batch, c.checkpoint)
+    lifted = c.optimizer_state == "8bit" or (c.update not in ("-", "master"))
+    bucket = BUCKET + sizes["largest_param"] if lifted else 0
+    per_elem = (8 if c.update not in ("-", "master") else 0) + (16 if c.optimizer_state == "8bit" else 8)
+    step_transient = bucket * per_elem if lifted else 0
+    backward_transient = 8 * sizes["largest_module"] if c.mode.endswith("-storage") else 0
+    accumulated = state["grads"] if c.grad_accum > 1 else 0.0
+    if c.grad_accum > 1 and c.update not in ("-", "master"):
+        accumulated += 4 * sizes["low_params"]  # FP32 sums of the low-precision gradients
+    held = {k: int(state[k]) for k in ("weights", "masters", "compensation", "optimizer")}
+    forward = {"grads": int(accumulated), "activations": int(acts),
+               "transient": int(backward_transient)}
+    step = {"grads": int(state["grads"]), "activations": 0, "transient": int(step_transient)}
+    moment = forward if sum(forward.values()) >= sum(step.values()) else step
+    data = 2 * c.micro_batch * sample_bytes  # the batch and the next one being assembled
+    by_kind = {**held, **moment, "data": data, "runtime": int(probe.runtime_bytes)}
+    return Prediction(c, {k: by_kind[k] for k in KINDS}, probe.step_seconds(c))
+
+
+def choose(predictions: Sequence[Prediction], budget: int) -> Prediction | None:
+    """Marks each prediction as fitting ``budget`` or not; returns the fastest that fits (ties:
+    the smaller peak), or ``None``."""
+    for p in predictions:
+        p.fits = p.peak <= budget
+    fitting = [p for p in predictions if p.fits]
+    return min(fitting, key=lambda p: (p.step_s, p.peak)) if fitting else None
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def table(predictions: Sequence[Prediction], budget: int, chosen: Prediction | None,
+          limit: int = 16) -> str:
+    """The candidates as an aligned table (GiB by kind, peak, fits, expected step time): the
+    fitting ones fastest first, then the nearest misses."""
+    rows = sorted(predictions, key=lambda p: (not p.fits, p.step_s if p.fits else p.peak))
+    shown = rows[:limit]
+    if chosen is not None and chosen not in shown:
+        shown.append(chosen)
+    head = ["configuration", *KINDS, "peak", "fits", "step s"]
+    body = [[("* " if p is chosen else "  ") + p.candidate.label(),
+             *(gib(p.by_kind[k]) for k in KINDS), gib(p.peak), "yes" if p.fits else "no",
+             f"{p.step_s:.3g}"] for p in shown]
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                       enumerate(zip(r, widths))) for r in [head, *body]]
+    lines.insert(1, "-" * len(lines[0]))
+    more = len(rows) - len(shown)
+    lines.append(f"GiB; budget {gib(budget)} GiB; {sum(p.fits for p in predictions)} of "
+                 f"{len(predictions)} configurations fit" + (f" ({more} not shown)" if more > 0 else ""))
+    return "\n".join(lines)
+
+
+def reason(chosen: Prediction, predictions: Sequence[Prediction]) -> str:
+    """One sentence: why this configuration."""
+    fitting = [p for p in predictions if p.fits]
+    faster = [p for p in predictions if not p.fits and p.step_s < chosen.step_s]
+    text = (f"{chosen.candidate.label()}: the fastest of {len(fitting)} that fit "
+            f"(predicted peak {gib(chosen.peak)} GiB, {chosen.step_s:.3g} s per step)")
+    if faster:
+        best = min(faster, key=lambda p: p.step_s)
+        text += (f"; {best.candidate.label()} would be faster ({best.step_s:.3g} s) but needs "
+                 f"{gib(best.peak)} GiB")
+    return text
+
+
+def sample_bytes(config: ModelConfig) -> int:
+    """Bytes of one training sample as the trainer batches it (FP32 image, state, actions)."""
+    c = config
+    return 4 * (3 * c.image_size ** 2 + c.state_dim + c.chunk * c.action_dim) + 9 * c.max_tokens + c.chunk
+
+
+def blocks_of(config: ModelConfig) -> list[str]:
+    """The block classes ``train.checkpoint`` names for this model (its repeated layers)."""
+    with torch.device("meta"):
+        model = build_model(config, {k: 1 for k in stack_depths(config)})
+    present = {type(m).__name__ for m in model.modules()}
+    return [b for b in BLOCKS if b in present]
+
+
+def default_update(mode: str) -> str:
+    """The update method a mode uses by default, ``-`` where it stores no weight low."""
+    return get_mode(mode).default_update if mode.endswith(("-true", "-storage")) else "-"
+
+
+def probe(config: ModelConfig, mode: str, batch: int, log: Callable[[str], None] | None = None
+          ) -> ModeProbe:
+    """:func:`~vlamp.train.fit_probe.probe_mode`, with the runtime's bytes set: the one-layer
+    copy's measured peak minus the tensors :func:`predict` counts for it."""
+    measured = probe_mode(config, mode, batch, log)
+    base = {s: 1 for s in measured.depths}
+    state, sizes = state_bytes(config, mode, "-", "auto", depths=base)
+    shallow = dataclasses.replace(measured, depths=base)
+    counted = predict(Candidate(mode, default_update(mode), "auto", False, batch, 1), state, sizes,
+                      shallow, sample_bytes(config)).peak  # its peak: the steps at ``batch``
+    measured.runtime_bytes = max(0.0, measured.probe_peak - counted)
+    return measured
+
+
+__all__ = ["KINDS", "Candidate", "Prediction", "blocks_of", "candidates", "choose", "predict",
+           "probe", "reason", "sample_bytes", "state_bytes", "table"]

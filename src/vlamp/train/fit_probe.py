@@ -1,0 +1,167 @@
+"""The measurements a memory prediction needs, made on shallow copies of the model.
+
+A stack of identical layers saves the same activations and takes the same time per layer, so a
+model of one layer per stack, and copies with one more layer in each stack, measure everything
+the full model would need per layer; the full model's figure is the base plus each stack's
+per-layer figure times its remaining layers. Each copy is measured at micro-batches of 1 and 2
+(what grows with the batch, and what does not: autocast's low-precision copies of weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import torch
+
+from vlamp.models.config import ModelConfig
+from vlamp.models.registry import BLOCKS, build_model, stack_depths
+from vlamp.precision.memory import ActivationMeter, PeakRSS, checkpoint_modules
+from vlamp.precision.mixed_precision import MixedPrecision
+from vlamp.precision.weight_update import UpdateSettings
+from vlamp.train.step import make_optimizer, train_step
+
+
+@dataclasses.dataclass
+class Measured:
+    """One shallow copy's figures: activations (bytes) and step time (s) at micro-batch 1 and 2,
+    without and with checkpointing of every block."""
+
+    acts: dict[tuple[bool, int], float]
+    seconds: dict[int, float]  # at micro-batch 1 and the run's batch
+
+
+@dataclasses.dataclass
+class ModeProbe:
+    """A mode's measurements, extrapolated to the full model.
+
+    Attributes:
+        mode: The precision mode.
+        depths: Layers per stack of the full model.
+        base: The one-layer-per-stack copy's figures.
+        deeper: Stack -> the copy with one more layer there.
+        runtime_bytes: The probe's measured peak beyond the tensors counted (allocator, runtime);
+            set by :func:`vlamp.train.fit.probe`.
+        state8_seconds_per_param: Extra step time per parameter of 8-bit moments (measured).
+        params: Parameters of the full model.
+        probe_peak: The one-layer copy's measured peak over its steps at micro-batch 2 (bytes
+            above the process's resident memory before it was built).
+    """
+
+    mode: str
+    depths: dict[str, int]
+    base: Measured
+    deeper: dict[str, Measured]
+    runtime_bytes: float = 0.0
+    state8_seconds_per_param: float = 0.0
+    params: int = 0
+    probe_peak: float = 0.0
+
+    def _full(self, get: Callable[[Measured], float]) -> float:
+        return get(self.base) + sum(self._layer(get, s) * (n - 1) for s, n in self.depths.items())
+
+    def _at(self, get: Callable[[Measured, int], float], batch: int, at: tuple[int, int] = (1, 2)
+            ) -> float:
+        """The full model's figure at ``batch``, on the line through the figures at ``at``."""
+        lo, hi = at
+        one, two = self._full(lambda m: get(m, lo)), self._full(lambda m: get(m, hi))
+        slope = (two - one) / (hi - lo) if hi != lo else 0.0
+        return max(0.0, one + slope * (batch - lo))
+
+    def activations(self, batch: int, checkpoint: bool) -> float:
+        """Bytes saved for the backward at micro-batch ``batch``; with checkpointing, plus the
+        largest layer's activations, alive while it is recomputed."""
+        saved = self._at(lambda m, b: m.acts[(checkpoint, b)], batch)
+        if checkpoint and self.deeper:
+            saved += max(self._layer(lambda m: m.acts[(False, 2)], s) * batch / 2 for s in self.deeper)
+        return saved
+
+    def _layer(self, get: Callable[[Measured], float], stack: str) -> float:
+        return max(0.0, get(self.deeper[stack]) - get(self.base))
+
+    def step_seconds(self, candidate) -> float:
+        """Expected step time: ``grad_accum`` micro-batches' forward and backward, the update;
+        checkpointing adds one more forward of the blocks (a third of their time)."""
+        at = (1, max(self.base.seconds))
+        micro = self._at(lambda m, b: m.seconds[b], candidate.micro_batch, at)
+        if candidate.checkpoint and self.deeper:
+            per_layer = self._at(lambda m, b: sum(self._layer(lambda x: x.seconds[b], s) * n
+                                                  for s, n in self.depths.items()),
+                                 candidate.micro_batch, at)
+            micro += per_layer / 3
+        extra = self.state8_seconds_per_param * self.params if candidate.optimizer_state == "8bit" else 0
+        return micro * candidate.grad_accum + extra
+
+
+def probe_mode(config: ModelConfig, mode: str, batch: int,
+               log: Callable[[str], None] | None = None, threads: int | None = None) -> ModeProbe:
+    """Measures ``mode`` on the shallow copies of ``config``'s model (see the module's text), in
+    a fresh process: its peak is measured from a clean start, as a training run's is."""
+    import multiprocessing
+
+    if log:
+        log(f"fit: probing {mode} on one layer per stack, then one more in each")
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_probe_here, (config, mode, batch, threads or torch.get_num_threads()))
+
+
+def _probe_here(config: ModelConfig, mode: str, batch: int, threads: int) -> ModeProbe:
+    torch.set_num_threads(threads)
+    depths = stack_depths(config)
+    base = {s: 1 for s in depths}
+    peak = PeakRSS()
+    measured_base = _measure(config, mode, base, batch, peak)
+    probe_peak = peak.read()
+    deeper = {}
+    for s in depths:
+        deeper[s] = _measure(config, mode, {**base, s: 2}, batch, None)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in build_model(config).parameters())
+    return ModeProbe(mode, depths, measured_base, deeper, params=params,
+                     state8_seconds_per_param=_state8_seconds(), probe_peak=probe_peak)
+
+
+def _measure(config: ModelConfig, mode: str, depths: dict[str, int], batch: int,
+             peak: PeakRSS | None) -> Measured:
+    torch.manual_seed(0)
+    if peak is not None:
+        peak.reset()
+    model = build_model(config, depths)
+    mp = MixedPrecision(mode, update=UpdateSettings())
+    mp.setup(model)
+    optimizer = make_optimizer(model, 1e-5, 0.0)
+    mp.setup(model, optimizer)
+    batches = {b: model.example_batch(b) for b in {1, 2, batch}}
+    seconds = {}
+    for b in sorted({batch, 1}, reverse=True):  # the first step allocates the optimizer's state; the median of 3 after it
+        times = []
+        for _ in range(4):
+            start = time.perf_counter()
+            train_step(model, [batches[b]], mp, optimizer)
+            times.append(time.perf_counter() - start)
+        seconds[b] = sorted(times[1:])[1]
+    acts = {}
+    for ckpt in (False, True):
+        if ckpt:
+            checkpoint_modules(model, [b for b in BLOCKS if any(type(m).__name__ == b
+                                                                for m in model.modules())])
+        for b in (1, 2):
+            with mp.accumulate(), ActivationMeter(model) as meter, mp.autocast():
+                loss = model(batches[b])
+            del loss
+            acts[(ckpt, b)] = float(meter.total)
+    return Measured(acts, seconds)
+
+
+def _state8_seconds() -> float:
+    """Seconds per parameter that 8-bit moments add to a step (dequantize and quantize two
+    moments), measured on 2^20 elements."""
+    from vlamp.precision.state8 import dequantize, quantize
+
+    x = torch.randn(1 << 20)
+    start = time.perf_counter()
+    for signed in (True, False):
+        codes, absmax = quantize(x.abs() if not signed else x, signed)
+        dequantize(codes, absmax, signed, x)
+    return (time.perf_counter() - start) / (1 << 20)
