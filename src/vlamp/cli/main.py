@@ -7,10 +7,10 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from vlamp.cli import bench, data, demo, diagnose, doctor, evaluate, merge, plan, train
+from vlamp.cli import bench, data, demo, diagnose, doctor, evaluate, fit, merge, plan, train
 from vlamp.precision.errors import VlampError
 
-COMMANDS = (demo, doctor, plan, data, train, evaluate, bench, diagnose, merge)
+COMMANDS = (demo, doctor, plan, fit, data, train, evaluate, bench, diagnose, merge)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -76,16 +76,20 @@ def candidate_modes(device: torch.device, log: Callable[[str], None] | None = No
 
 
 def fit_run(config: RunConfig, device: torch.device, budget: int, modes: Sequence[str] | None = None,
-            log: Callable[[str], None] | None = None) -> FitResult:
+            log: Callable[[str], None] | None = None, probes: dict | None = None) -> FitResult:
     """Predicts the run's candidates (its batch split into micro-batches, every mode of ``modes``
-    x update x optimizer state x checkpointing) and chooses the fastest that fits ``budget``."""
+    x update x optimizer state x checkpointing) and chooses the fastest that fits ``budget``.
+    ``probes`` (mode -> probe) is filled and reused: a mode is measured once."""
     notes: list[str] = []
     if modes is None:
         modes, notes = candidate_modes(device, log)
     asked = given(config)
     frozen = list(config.train.freeze)
     batch = config.train.batch_size * config.train.grad_accum
-    probes = {m: fit.probe(config.model, m, batch, log) for m in dict.fromkeys([*modes, asked.mode])}
+    probes = {} if probes is None else probes
+    for m in dict.fromkeys([*modes, asked.mode]):
+        if m not in probes:
+            probes[m] = fit.probe(config.model, m, batch, log)
     cands = fit.candidates(modes, batch)
     if asked not in cands:
         cands.append(asked)
@@ -129,7 +133,8 @@ def check_budget(config: RunConfig, device: torch.device, log: Callable[[str], N
         return config, None
     budget = budget_bytes(text, device)
     auto = config.precision.mode == "auto"
-    result = fit_run(config, device, budget, modes=None if auto else [config.precision.mode], log=log)
+    probes: dict = {}
+    result = fit_run(config, device, budget, None if auto else [config.precision.mode], log, probes)
     if auto and result.chosen is not None:
         if log:
             log(f"memory budget {fit.gib(budget)} GiB: {result.reason()}")
@@ -138,7 +143,7 @@ def check_budget(config: RunConfig, device: torch.device, log: Callable[[str], N
     if mine is not None and mine.fits:
         return config, mine
     if not auto:  # what would fit, over every mode
-        result = fit_run(config, device, budget, log=log)
+        result = fit_run(config, device, budget, log=log, probes=probes)
     best = result.chosen
     need = f"needs {fit.gib(mine.peak)} GiB" if mine is not None else "is not one fit can predict"
     fix = (f"; the fastest that fits: {' '.join(best.candidate.overrides(fit.blocks_of(config.model)))}"

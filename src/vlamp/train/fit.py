@@ -179,6 +179,7 @@ def choose(predictions: Sequence[Prediction], budget: int) -> Prediction | None:
 
 
 def gib(n: float) -> str:
+    """Bytes as GiB with two decimals."""
     return f"{n / 2**30:.2f}"
 
 
@@ -190,16 +191,18 @@ def table(predictions: Sequence[Prediction], budget: int, chosen: Prediction | N
     shown = rows[:limit]
     if chosen is not None and chosen not in shown:
         shown.append(chosen)
+    unit, scale = ("MiB", 2**20) if max(p.peak for p in shown) < 2**31 else ("GiB", 2**30)
     head = ["configuration", *KINDS, "peak", "fits", "step s"]
     body = [[("* " if p is chosen else "  ") + p.candidate.label(),
-             *(gib(p.by_kind[k]) for k in KINDS), gib(p.peak), "yes" if p.fits else "no",
+             *(f"{p.by_kind[k] / scale:.{2 if unit == 'GiB' else 0}f}" for k in KINDS),
+             f"{p.peak / scale:.{2 if unit == 'GiB' else 0}f}", "yes" if p.fits else "no",
              f"{p.step_s:.3g}"] for p in shown]
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
                        enumerate(zip(r, widths))) for r in [head, *body]]
     lines.insert(1, "-" * len(lines[0]))
     more = len(rows) - len(shown)
-    lines.append(f"GiB; budget {gib(budget)} GiB; {sum(p.fits for p in predictions)} of "
+    lines.append(f"{unit}; budget {gib(budget)} GiB; {sum(p.fits for p in predictions)} of "
                  f"{len(predictions)} configurations fit" + (f" ({more} not shown)" if more > 0 else ""))
     return "\n".join(lines)
 

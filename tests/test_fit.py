@@ -1,0 +1,133 @@
+"""What fits: the real-size presets, exact state bytes, the prediction's arithmetic, the budget's
+refusal before the first step, and a measured peak beside a predicted one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import TINY_MODEL, tiny_overrides
+from test_cli_precision import run_cli
+from vlamp.models.config import ModelConfig
+from vlamp.precision.errors import VlampError
+from vlamp.train import fit
+from vlamp.train.config import load_config, parse_size
+from vlamp.train.fit_probe import Measured, ModeProbe
+
+pytest.importorskip("transformers")
+
+
+def test_presets_have_the_published_parameter_counts():
+    from vlamp.models.hf_vla import preset_parameters
+
+    pi0 = preset_parameters("pi0")
+    assert abs(pi0 / 3.3e9 - 1) < 0.10, pi0
+    # SmolVLA's published 0.45 B includes SmolVLM's untied LM head (49,280 x 960), which a
+    # policy never runs and this preset does not build.
+    smol = preset_parameters("smolvla")
+    assert abs(smol / (450e6 - 49280 * 960) - 1) < 0.10, smol
+    with pytest.raises(VlampError, match="model.name=hf-vlm"):
+        ModelConfig(size="pi0")
+
+
+def test_sizes_parse_and_bad_ones_say_the_legal_forms():
+    assert parse_size("24GiB") == 24 * 2**30
+    assert parse_size("500 MB") == 500 * 10**6
+    assert parse_size("2e9") == 2 * 10**9
+    for bad in ("lots", "-3GB", "12 parsecs", ""):
+        with pytest.raises(VlampError, match="GiB"):
+            parse_size(bad)
+
+
+def _tiny() -> ModelConfig:
+    return ModelConfig(dim=32, depth=3, heads=2, text_layers=2, channels=[8, 8], chunk=4,
+                       vocab_size=20, image_size=32)
+
+
+def test_state_is_exact_from_the_plan():
+    cfg = _tiny()
+    from vlamp.models.registry import build_model
+
+    n = sum(p.numel() for p in build_model(cfg).parameters())
+    state, sizes = fit.state_bytes(cfg, "fp32", "-", "auto")
+    assert sum(state.values()) == 16 * n and state["weights"] == 4 * n
+    low, _ = fit.state_bytes(cfg, "bf16-storage", "stochastic", "8bit")
+    # bf16 weight + bf16 gradient + 2 one-byte moments with a 4-byte scale per 256, except the
+    # parameters the built-in rules keep in FP32 (norms, positions, the action output)
+    assert 6.0 * n < sum(low.values()) < 7.0 * n
+    assert low["masters"] == 0 and sizes["low_params"] < n
+
+
+def _probe(per_layer: float, base: float) -> ModeProbe:
+    """A probe with planted figures: ``base`` bytes per sample, ``per_layer`` more per layer."""
+    def measured(layers: int) -> Measured:
+        acts = {(ck, b): b * (base + per_layer * layers) * (0.5 if ck else 1.0)
+                for ck in (False, True) for b in (1, 2)}
+        return Measured(acts, {1: 0.1 * layers, 8: 0.5 * layers})
+    return ModeProbe("fp32", {"text": 2, "trunk": 3}, measured(2),
+                     {"text": measured(3), "trunk": measured(3)}, runtime_bytes=1000.0, params=100)
+
+
+def test_activations_and_time_extrapolate_in_depth_and_batch():
+    p = _probe(per_layer=100.0, base=1000.0)
+    # full depth: 2 + 3 = 5 layers -> 1000 + 500 per sample
+    assert p.activations(4, checkpoint=False) == pytest.approx(4 * 1500)
+    # checkpointed: half saved, plus one layer's activations for its recomputation
+    assert p.activations(4, checkpoint=True) == pytest.approx(4 * 750 + 4 * 100)
+    c = fit.Candidate("fp32", micro_batch=8, grad_accum=2)
+    assert p.step_seconds(c) == pytest.approx(2 * 0.5 * 5 / 2 * 2, rel=1e-6)
+
+
+def test_choose_takes_the_fastest_that_fits_and_the_table_says_why():
+    p = _probe(per_layer=100.0, base=1000.0)
+    state = {"weights": 4e3, "masters": 0.0, "compensation": 0.0, "grads": 4e3, "optimizer": 8e3}
+    sizes = {"largest_param": 10, "largest_module": 10, "low_params": 0}
+    preds = [fit.predict(c, state, sizes, p, 100) for c in fit.candidates(["fp32"], 64)]
+    budget = sorted(q.peak for q in preds)[len(preds) // 2]
+    chosen = fit.choose(preds, budget)
+    assert chosen.fits and all(q.step_s >= chosen.step_s for q in preds if q.fits)
+    assert any(not q.fits for q in preds)
+    text = fit.table(preds, budget, chosen)
+    assert "* " + chosen.candidate.label() in text and "no" in text
+    for q in preds:  # every kind is counted at one moment of the step, and they sum to the peak
+        assert q.peak == sum(q.by_kind.values()) and set(q.by_kind) == set(fit.KINDS)
+
+
+@pytest.mark.slow
+def test_a_run_over_its_budget_is_refused_before_its_first_step(tiny_dataset, tmp_path):
+    from vlamp.train.trainer import Trainer
+
+    cfg = load_config(None, tiny_overrides(tiny_dataset, tmp_path / "r", "fp32",
+                                           "train.memory_budget=1MB"))
+    with pytest.raises(VlampError, match=r"needs .* GiB \(predicted\), over the budget of 0.00 GiB"):
+        Trainer(cfg, progress=False)
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").rglob("*.safetensors"))
+
+
+@pytest.mark.slow
+def test_the_measured_peak_is_recorded_beside_the_predicted_one(tiny_dataset, tmp_path):
+    from vlamp.train.trainer import Trainer
+
+    out = tmp_path / "r"
+    cfg = load_config(None, tiny_overrides(tiny_dataset, out, "auto", "train.memory_budget=auto",
+                                           "train.batch_size=16"))
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.predicted is not None and trainer.predicted.fits
+    assert trainer.config.precision.mode == trainer.predicted.candidate.mode  # the fit's choice
+    trainer.fit()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    memory = [r for r in rows if r["kind"] == "memory"]
+    assert len(memory) == 1 and memory[0]["predicted_peak_bytes"] == trainer.predicted.peak
+    # A tiny model: the runtime's own bytes dominate; the README's table holds the 10% figures
+    assert 0.5 < memory[0]["peak_bytes"] / memory[0]["predicted_peak_bytes"] < 1.5
+
+
+def test_fit_cli_rejects_bad_input_in_one_line():
+    for args, match in ((["--budget", "lots"], "not a size"), (["--modes", "fp33"], "fp33")):
+        code, _, err = run_cli("fit", *args, *TINY_MODEL)
+        assert code == 2 and match in err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
