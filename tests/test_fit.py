@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-
 from conftest import TINY_MODEL, tiny_overrides
 from test_cli_precision import run_cli
+
 from vlamp.models.config import ModelConfig
 from vlamp.precision.errors import VlampError
 from vlamp.train import fit
