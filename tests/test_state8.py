@@ -142,3 +142,54 @@ def test_bench_labels_name_the_update_and_the_optimizer_state():
     assert modes == ["fp32", "fp32+8bit", "bf16-storage+8bit"]
     with pytest.raises(VlampError, match="the optimizer state after the plus is one of auto, 8bit"):
         parse_modes("bf16-true+4bit", device="cpu")
+
+
+def _trained(mode, update, state, bucket):
+    """Three steps of two micro-batches on an embedding and a linear layer larger than a small
+    bucket; the weights, the method's tensors and the optimizer's state after them."""
+    from torch import nn
+
+    from vlamp.precision.mixed_precision import MixedPrecision
+    from vlamp.precision.weight_update import UpdateSettings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(300, 40), nn.Linear(40, 70), nn.LayerNorm(70))
+    mp = MixedPrecision(mode, update=UpdateSettings(update, optimizer_state=state))
+    mp.setup(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    mp.setup(model, opt)
+    mp.weights.bucket = bucket
+    if hasattr(mp.weights, "buckets"):
+        mp.weights.buckets = mp.weights._buckets(opt, lift_all=mp.weights.state8)
+    largest, inner = [], opt.step
+
+    def step(*args, **kwargs):  # the most elements one optimizer call works on
+        largest.append(max(p.numel() for group in opt.param_groups for p in group["params"]))
+        return inner(*args, **kwargs)
+    opt.step = step
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for _ in range(2):
+            with mp.autocast():
+                loss = model(torch.randint(0, 300, (8, 5), generator=g)).float().pow(2).mean()
+            mp.backward(loss / 2)
+        mp.step(opt)
+    optim = {(i, k): v.clone() for i, p in enumerate(opt.param_groups[0]["params"])
+             for k, v in opt.state[p].items()}
+    return {**model.state_dict(), **mp.weights.state_dict(), **mp.weights.masters_state()}, optim, \
+        max(largest)
+
+
+@pytest.mark.parametrize("mode,update,state", [
+    ("bf16-true", "naive", "auto"), ("bf16-true", "kahan", "auto"),
+    ("bf16-true", "stochastic", "auto"), ("bf16-true", "stochastic", "8bit"),
+    ("fp32", "auto", "8bit"), ("bf16-true", "master", "8bit"), ("bf16-storage", "kahan", "8bit")])
+def test_a_parameter_larger_than_a_bucket_is_stepped_in_slices_to_the_same_bits(mode, update, state):
+    whole, whole_optim, _ = _trained(mode, update, state, bucket=1 << 20)
+    sliced, sliced_optim, largest = _trained(mode, update, state, bucket=1024)  # 12,000 and 2,800
+    assert largest <= 1024  # no FP32 copy of more than a bucket at once
+    assert whole.keys() == sliced.keys() and whole_optim.keys() == sliced_optim.keys()
+    for k in whole:
+        assert torch.equal(whole[k], sliced[k]), k
+    for k in whole_optim:
+        assert torch.equal(whole_optim[k], sliced_optim[k]), k

@@ -183,6 +183,23 @@ class LowPrecisionUpdate(WeightUpdate):
         """A fresh FP32 copy of the weight the optimizer works on."""
         return p.data.float()
 
+    def _slice_buffers(self, p: torch.Tensor, piece: torch.Tensor, a: int, b: int):
+        """The slice is low precision like ``p``; its FP32 gradient sum is a view of ``p``'s."""
+        if id(p) in self._low_ids:
+            self._low_ids.add(id(piece))
+        if id(p) in self.acc:
+            self.acc[id(piece)] = self.acc[id(p)].view(-1)[a:b]
+
+        def undo() -> None:
+            self._low_ids.discard(id(piece))
+            self.acc.pop(id(piece), None)
+        return undo
+
+    def _after_sliced(self, p: torch.Tensor) -> None:
+        if id(p) in self._low_ids:  # as a whole step leaves it: the gradient is spent
+            p.grad = None
+            self.acc.pop(id(p), None)
+
     def _round(self, p: torch.Tensor, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``value`` (the updated FP32 weight of ``p``) in ``dtype``: round to nearest."""
         del p
@@ -218,6 +235,20 @@ class KahanUpdate(LowPrecisionUpdate):
         else:
             c.copy_(residual)
         return low
+
+    def _slice_buffers(self, p: torch.Tensor, piece: torch.Tensor, a: int, b: int):
+        undo_low = super()._slice_buffers(p, piece, a, b)
+        c = self.compensation.get(id(p))
+        if c is not None:
+            self.compensation[id(piece)] = c.view(-1)[a:b]
+
+        def undo() -> None:
+            made = self.compensation.pop(id(piece), None)
+            if made is not None and c is None:  # the first step made the slice's buffer
+                whole = self.compensation.setdefault(id(p), torch.zeros_like(p.data))
+                whole.view(-1)[a:b].copy_(made.view(-1))
+            undo_low()
+        return undo
 
     def exact_weights(self) -> dict[str, torch.Tensor]:
         """``w + c`` in FP32 of every parameter that has a compensation buffer, by name."""

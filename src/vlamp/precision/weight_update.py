@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 
 from vlamp.precision.errors import VlampError
-from vlamp.precision.state8 import dequantize, is_signed, quantize
+from vlamp.precision.state8 import BLOCK, dequantize, is_signed, quantize
 
 Method = Literal["auto", "master", "kahan", "stochastic", "naive"]
 UPDATES: tuple[str, ...] = ("master", "kahan", "stochastic", "naive")  # the methods themselves
@@ -179,6 +179,9 @@ class WeightUpdate:
         groups = [g["params"] for g in optimizer.param_groups]
         try:
             for bucket in buckets:
+                if len(bucket) == 1 and self._too_big(bucket[0]):
+                    self._step_sliced(optimizer, bucket[0], groups)
+                    continue
                 members = {id(p) for p in bucket}
                 for g, params in zip(optimizer.param_groups, groups):
                     g["params"] = [p for p in params if id(p) in members]
@@ -200,6 +203,9 @@ class WeightUpdate:
         current: list[torch.Tensor] = []
         count = 0
         for p in lifted:
+            if self._too_big(p):  # stepped alone, a slice at a time
+                out.append([p])
+                continue
             current.append(p)
             count += p.numel()
             if count >= self.bucket:
@@ -210,6 +216,74 @@ class WeightUpdate:
     def _lifts(self, p: torch.Tensor) -> bool:
         """Whether ``p`` is lifted for a bucketed step (every parameter, with 8-bit state)."""
         return self.state8
+
+    def _too_big(self, p: torch.Tensor) -> bool:
+        """Whether ``p`` is lifted and larger than a bucket (a contiguous one: it is sliced)."""
+        return p.numel() > self.bucket and self._lifts(p) and p.is_contiguous()
+
+    @torch.no_grad()
+    def _step_sliced(self, optimizer: torch.optim.Optimizer, p: torch.Tensor,
+                     groups: list[list[torch.Tensor]]) -> None:
+        """Steps ``p`` a block-aligned slice of about ``bucket`` elements at a time, so its FP32
+        copies are one slice's (pi0's 527 M-element embedding would need 8 GB at once). Each slice
+        is a view of ``p`` standing in for it, with views of its gradient, moments, 8-bit codes
+        and the method's buffers (:meth:`_slice_buffers`); the optimizer's arithmetic is
+        elementwise, so every element gets the update it would have got in one piece."""
+        size = max(BLOCK, self.bucket // BLOCK * BLOCK)
+        state = optimizer.state.pop(p, {})
+        packed = self.packed.pop(id(p), {})
+        full: dict[str, torch.Tensor] = {}  # moments (and 8-bit codes/scales) of the whole of p
+        flat = p.data.view(-1)
+        grad = p.grad
+        slot = next(i for i, params in enumerate(groups) if any(q is p for q in params))
+        step = state.get("step")  # before the first step there is none, and no moments either
+        stepped = step
+        for a in range(0, p.numel(), size):
+            b = min(p.numel(), a + size)
+            piece = torch.nn.Parameter(flat[a:b])
+            piece.grad = grad.view(-1)[a:b] if grad is not None else None
+            optimizer.state[piece] = {k: v.view(-1)[a:b] for k, v in state.items()
+                                      if k != "step" and v.shape == p.shape}
+            if step is not None:
+                optimizer.state[piece]["step"] = step.clone()
+            blocks = slice(a // BLOCK, -(-b // BLOCK))
+            self.packed[id(piece)] = {k: (codes[a:blocks.stop * BLOCK], absmax[blocks])
+                                      for k, (codes, absmax) in packed.items()}
+            undo = self._slice_buffers(p, piece, a, b)
+            for i, g in enumerate(optimizer.param_groups):
+                g["params"] = [piece] if i == slot else []
+            lifted = self._lift(optimizer, piece)
+            optimizer.step()
+            self._lower(optimizer, *lifted)
+            flat[a:b].copy_(piece.data)
+            for k, v in optimizer.state.pop(piece).items():
+                if k == "step":
+                    stepped = v
+                    continue
+                full.setdefault(k, torch.empty(p.numel(), dtype=v.dtype, device=v.device))[a:b].copy_(
+                    v.view(-1))
+            for k, (codes, absmax) in self.packed.pop(id(piece), {}).items():
+                n_blocks = -(-p.numel() // BLOCK)
+                full.setdefault(f"{k}.codes", codes.new_empty(n_blocks * BLOCK))[
+                    a:a + codes.numel()].copy_(codes)
+                full.setdefault(f"{k}.absmax", absmax.new_empty(n_blocks))[blocks].copy_(absmax)
+            undo()
+        codes = {k.removesuffix(".codes") for k in full if k.endswith(".codes")}
+        if codes:
+            self.packed[id(p)] = {k: (full.pop(f"{k}.codes"), full.pop(f"{k}.absmax")) for k in codes}
+        optimizer.state[p] = {**({"step": stepped} if stepped is not None else {}),
+                              **{k: v.view(p.shape) for k, v in full.items()}}
+        self._after_sliced(p)
+
+    def _slice_buffers(self, p: torch.Tensor, piece: torch.Tensor, a: int, b: int):
+        """Gives ``piece`` (elements ``a:b`` of ``p``) views of the method's own buffers of ``p``;
+        returns what copies them back and forgets ``piece``."""
+        del p, piece, a, b
+        return lambda: None
+
+    def _after_sliced(self, p: torch.Tensor) -> None:
+        """After every slice of ``p`` is stepped."""
+        del p
 
     def _lift(self, optimizer: torch.optim.Optimizer, p: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
         """Before the bucket's step: the optimizer's state of ``p`` in FP32."""
