@@ -130,3 +130,13 @@ def test_fit_cli_rejects_bad_input_in_one_line():
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+
+
+def test_step_in_backward_is_refused_where_it_cannot_hold():
+    with pytest.raises(VlampError, match="clip_grad_norm=0"):
+        load_config(None, ["precision.step_in_backward=true"])
+    cfg = load_config(None, ["precision.step_in_backward=true", "train.clip_grad_norm=0"])
+    assert cfg.precision.step_in_backward
+    labels = {c.label() for c in fit.candidates(["bf16-storage", "bf16-true"], 8, in_backward=True)}
+    assert "bf16-storage/stochastic+8bit in-bwd 8x1" in labels
+    assert not any("master" in x and "in-bwd" in x for x in labels)

@@ -193,3 +193,59 @@ def test_a_parameter_larger_than_a_bucket_is_stepped_in_slices_to_the_same_bits(
         assert torch.equal(whole[k], sliced[k]), k
     for k in whole_optim:
         assert torch.equal(whole_optim[k], sliced_optim[k]), k
+
+
+def _three_steps(mode, update, state, in_backward, micro=1, clip=None):
+    from torch import nn
+
+    from vlamp.precision.mixed_precision import MixedPrecision
+    from vlamp.precision.weight_update import UpdateSettings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(300, 40), nn.Linear(40, 70), nn.LayerNorm(70))
+    mp = MixedPrecision(mode, update=UpdateSettings(update, optimizer_state=state,
+                                                    in_backward=in_backward))
+    mp.setup(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    mp.setup(model, opt)
+    g = torch.Generator().manual_seed(1)
+    held = []
+    for _ in range(3):
+        for _ in range(micro):
+            with mp.autocast():
+                loss = model(torch.randint(0, 300, (8, 5), generator=g)).float().pow(2).mean()
+            mp.backward(loss / micro)
+            held.append(sum(p.grad is not None for p in model.parameters()))
+        mp.step(opt, clip_grad_norm=clip)
+    return model.state_dict(), held
+
+
+@pytest.mark.parametrize("mode,update,state", [
+    ("fp32", "auto", "auto"), ("fp32", "auto", "8bit"), ("bf16-true", "kahan", "auto"),
+    ("bf16-storage", "naive", "8bit")])
+def test_the_step_in_the_backward_gives_the_same_bits_and_holds_no_gradient(mode, update, state):
+    after, _ = _three_steps(mode, update, state, in_backward=False)
+    inside, held = _three_steps(mode, update, state, in_backward=True)
+    assert held == [0, 0, 0]  # each gradient freed as soon as its weight was stepped
+    for k in after:
+        assert torch.equal(after[k], inside[k]), k
+
+
+def test_the_step_in_the_backward_with_stochastic_rounding_draws_in_another_order():
+    after, _ = _three_steps("bf16-storage", "stochastic", "8bit", in_backward=False)
+    inside, _ = _three_steps("bf16-storage", "stochastic", "8bit", in_backward=True)
+    for k in after:  # the weights are stepped in the backward's order: other draws, same scale
+        torch.testing.assert_close(after[k].float(), inside[k].float(), rtol=0.02, atol=0.02)
+
+
+def test_the_step_in_the_backward_refuses_what_needs_every_gradient_first():
+    from vlamp.precision.errors import VlampError
+
+    with pytest.raises(VlampError, match="loss scaler"):
+        _three_steps("fp16-mixed", "auto", "auto", in_backward=True)
+    with pytest.raises(VlampError, match="kahan, stochastic or naive"):
+        _three_steps("bf16-true", "master", "auto", in_backward=True)
+    with pytest.raises(VlampError, match="clip_grad_norm=0"):
+        _three_steps("fp32", "auto", "auto", in_backward=True, clip=1.0)
+    with pytest.raises(VlampError, match="grad_accum=1"):
+        _three_steps("fp32", "auto", "auto", in_backward=True, micro=2)

@@ -178,6 +178,14 @@ class MixedPrecision:
         if optimizer is not None:
             names = {id(p): n for n, p in model.named_parameters()}
             self.weights = weight_update_for(optimizer, self.settings, names, self.mode.name)
+            if self.settings.in_backward:  # where every gradient is needed first, it cannot
+                scaled = not isinstance(self.scalers[0], NoLossScaler) or len(self.scalers) > 1
+                if scaled or isinstance(self.weights, MasterWeights):
+                    raise VlampError(f"MixedPrecision: no step in the backward in {self.mode.name} "
+                                     f"with update={self.settings.method}: " + (
+                                         "the loss scaler must see every gradient first" if scaled
+                                         else "use update=kahan, stochastic or naive"))
+                self.weights.step_in_backward(optimizer)
         if optimizer is not None and self.diagnostics is not None:
             w = self.weights
             self.diagnostics.attach(model, {id(x): w.name(i) for i, x in enumerate(w.masters)}

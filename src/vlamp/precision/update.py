@@ -134,9 +134,11 @@ class LowPrecisionUpdate(WeightUpdate):
     def clip(self, optimizer: torch.optim.Optimizer, grads: list[torch.Tensor],
              max_norm: float) -> torch.Tensor:
         del optimizer
+        self._refuse_clip()
         return clip_grads(grads, max_norm)
 
     def zero_grad(self) -> None:
+        super().zero_grad()
         self.acc.clear()
 
     # -- the step ----------------------------------------------------------------------------------
@@ -144,6 +146,8 @@ class LowPrecisionUpdate(WeightUpdate):
         """The optimizer's step over every parameter, bucket by bucket (see the module's text)."""
         if stepped:
             raise VlampError(f"{type(self).__name__}: a fused optimizer cannot step these weights itself")
+        if self.in_backward:
+            return
         self._step_in_buckets(optimizer, self.buckets)
         self.acc.clear()
 

@@ -60,6 +60,11 @@ class UpdateSettings:
             weight's dtype without masters) or ``"8bit"`` (block-wise quantized moments,
             :mod:`vlamp.precision.state8`, with any method: the optimizer steps a bucket at a
             time on FP32 copies).
+        in_backward: Step each parameter as soon as its gradient is complete, inside the
+            backward, and free the gradient (:meth:`WeightUpdate.step_in_backward`): gradients
+            never coexist, so they hold one parameter's bytes instead of 2-4 per parameter. One
+            micro-batch per step, no clipping by the global norm and no loss scaler (they need
+            every gradient before any step); FP32 weights or a method without masters.
 
     Raises:
         VlampError: On an unknown method or grad_accum; the message lists the legal values.
@@ -73,6 +78,7 @@ class UpdateSettings:
     grad_accum: Literal["fp32", "storage"] = "fp32"
     seed: int = 0
     optimizer_state: Literal["auto", "8bit"] = "auto"
+    in_backward: bool = False
 
     def __post_init__(self) -> None:
         check_update(self.method, self.grad_accum, where="UpdateSettings")
@@ -91,6 +97,7 @@ class UpdateSettings:
                "stochastic": "stochastic rounding, moments in the weight's dtype",
                "naive": "round to nearest, moments in the weight's dtype"}[self.method]
         state = "; optimizer moments in 8 bits (block-wise)" if self.optimizer_state == "8bit" else ""
+        state += "; each weight stepped inside the backward" if self.in_backward else ""
         return (f"low-precision weights updated by {self.method} ({how}); gradients of several "
                 f"micro-batches summed in {self.grad_accum}{state}")
 
@@ -120,6 +127,8 @@ class WeightUpdate:
     #: Whether a fused optimizer may unscale and step inside its own kernel (the gradients it
     #: reads are the ones this update hands back, and its step is the whole update).
     fused_handoff = True
+    #: Set by :meth:`step_in_backward`: the step is taken parameter by parameter in the backward.
+    in_backward = False
 
     def __init__(self, optimizer: torch.optim.Optimizer | None, names: dict[int, str] | None = None,
                  state8: bool = False, bucket: int = BUCKET) -> None:
@@ -155,14 +164,43 @@ class WeightUpdate:
              max_norm: float) -> torch.Tensor:
         """Clips the step's gradients to total norm ``max_norm``; returns the norm before. Works on
         the optimizer's parameters, so sharded (DTensor) gradients clip by their global norm."""
+        self._refuse_clip()
         del grads
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
 
+    def _refuse_clip(self) -> None:
+        if self.in_backward:
+            raise VlampError("step in the backward: each weight is stepped when its gradient is "
+                             "made, so there is no global norm to clip by; turn clipping off "
+                             "(train.clip_grad_norm=0) or precision.step_in_backward=false")
+
     # -- the step ----------------------------------------------------------------------------------
+    def step_in_backward(self, optimizer: torch.optim.Optimizer) -> None:
+        """From now on each parameter is stepped the moment its gradient is complete (a
+        post-accumulate-grad hook: the optimizer over that one parameter, in slices if it is
+        larger than a bucket), and the gradient freed; :meth:`step` then has nothing left to do.
+        The gradients of a backward never coexist. Learning rates set on the optimizer's groups
+        before the backward apply, as they would to a step after it."""
+        self.in_backward = True
+        self._fired: set[int] = set()
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.register_post_accumulate_grad_hook(
+                    lambda p, optimizer=optimizer: self._step_now(optimizer, p))
+
+    def _step_now(self, optimizer: torch.optim.Optimizer, p: torch.Tensor) -> None:
+        if id(p) in self._fired:
+            raise VlampError("step in the backward: a second backward before the step reached "
+                             f"{self.name_of(p)}; it steps each weight at its gradient, so use one "
+                             f"micro-batch per step (train.grad_accum=1)")
+        self._fired.add(id(p))
+        self._step_in_buckets(optimizer, [[p]])
+        p.grad = None
+
     def step(self, optimizer: torch.optim.Optimizer, stepped: bool = False) -> None:
         """Applies the step; ``stepped`` when a fused optimizer already ran its own."""
-        if stepped:
+        if stepped or self.in_backward:
             return
         if self.state8:
             if self._all_buckets is None:  # the parameters are fixed once set up: bucket them once
@@ -302,6 +340,8 @@ class WeightUpdate:
 
     def zero_grad(self) -> None:
         """Drops whatever gradients the method holds apart from the parameters."""
+        if self.in_backward:
+            self._fired.clear()
 
     def to(self, device: torch.device) -> None:
         """Moves what the method holds apart from the model to ``device``."""

@@ -52,7 +52,7 @@ def given(config: RunConfig) -> fit.Candidate:
     if not mode.endswith(("-true", "-storage")):
         update = "-"
     return fit.Candidate(mode, update, p.optimizer_state, bool(t.checkpoint), t.batch_size,
-                         t.grad_accum)
+                         t.grad_accum, p.step_in_backward)
 
 
 def candidate_modes(device: torch.device, log: Callable[[str], None] | None = None
@@ -90,7 +90,7 @@ def fit_run(config: RunConfig, device: torch.device, budget: int, modes: Sequenc
     for m in dict.fromkeys([*modes, asked.mode]):
         if m not in probes:
             probes[m] = fit.probe(config.model, m, batch, log)
-    cands = fit.candidates(modes, batch)
+    cands = fit.candidates(modes, batch, in_backward=not config.train.clip_grad_norm)
     if asked not in cands:
         cands.append(asked)
     states: dict[tuple[str, str, str], tuple] = {}
@@ -109,7 +109,8 @@ def fit_run(config: RunConfig, device: torch.device, budget: int, modes: Sequenc
 def with_candidate(config: RunConfig, c: fit.Candidate) -> RunConfig:
     """``config`` set to train with candidate ``c``."""
     precision = dataclasses.replace(config.precision, mode=c.mode, optimizer_state=c.optimizer_state,
-                                    update=c.update if c.update != "-" else "auto")
+                                    update=c.update if c.update != "-" else "auto",
+                                    step_in_backward=c.in_backward)
     blocks = fit.blocks_of(config.model) if c.checkpoint else list(config.train.checkpoint)
     train = dataclasses.replace(config.train, batch_size=c.micro_batch, grad_accum=c.grad_accum,
                                 checkpoint=blocks if c.checkpoint else [])

@@ -112,6 +112,11 @@ class PrecisionConfig:
             2.03 bytes per parameter instead of 8; with any update method).
         grad_accum: Dtype gradients of several micro-batches (``train.grad_accum``) are summed in
             for weights stored in low precision: ``fp32`` or ``storage`` (the weight's dtype).
+        step_in_backward: Step each weight inside the backward as soon as its gradient is made,
+            and free the gradient: gradients never coexist (with bf16 weights and 8-bit moments,
+            4 bytes per parameter instead of 6). Needs ``train.grad_accum=1``,
+            ``train.clip_grad_norm=0``, no loss scaler, and FP32 weights or an update without
+            masters (``kahan``, ``stochastic``, ``naive``).
     """
 
     mode: str = "auto"
@@ -124,6 +129,7 @@ class PrecisionConfig:
     update: str = "auto"
     optimizer_state: str = "auto"
     grad_accum: str = "fp32"
+    step_in_backward: bool = False
     loss_scale: LossScaleConfig = dataclasses.field(default_factory=LossScaleConfig)
 
 
@@ -294,6 +300,10 @@ class RunConfig:
             raise VlampError(f"train.lora: rank must be >= 0 (0: no adapters) and, with a rank, "
                              f"targets must name linear layers and alpha be > 0; got rank "
                              f"{lora.rank}, alpha {lora.alpha}, targets {lora.targets}")
+        if self.precision.step_in_backward and (t.grad_accum != 1 or t.clip_grad_norm):
+            raise VlampError(f"precision.step_in_backward steps each weight at its gradient: it "
+                             f"needs train.grad_accum=1 and train.clip_grad_norm=0, got "
+                             f"{t.grad_accum} and {t.clip_grad_norm}")
         if t.memory_budget not in ("", "auto"):
             parse_size(t.memory_budget)
         if self.precision.optimizer_state not in OPTIMIZER_STATES:

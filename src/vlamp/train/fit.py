@@ -52,6 +52,7 @@ class Candidate:
         checkpoint: Every block recomputes its forward in the backward.
         micro_batch: Samples per micro-batch.
         grad_accum: Micro-batches per step (``micro_batch * grad_accum`` is the batch).
+        in_backward: Each weight stepped inside the backward (``precision.step_in_backward``).
     """
 
     mode: str
@@ -60,11 +61,13 @@ class Candidate:
     checkpoint: bool = False
     micro_batch: int = 1
     grad_accum: int = 1
+    in_backward: bool = False
 
     def label(self) -> str:
         """``bf16-storage/stochastic+8bit ckpt 4x2`` (micro-batch x accumulation)."""
         text = self.mode + (f"/{self.update}" if self.update != "-" else "")
         text += "+8bit" if self.optimizer_state == "8bit" else ""
+        text += " in-bwd" if self.in_backward else ""
         return f"{text}{' ckpt' if self.checkpoint else ''} {self.micro_batch}x{self.grad_accum}"
 
     def overrides(self, blocks: Sequence[str]) -> list[str]:
@@ -75,6 +78,8 @@ class Candidate:
             out.append(f"precision.update={self.update}")
         if self.checkpoint:
             out.append(f"train.checkpoint=[{','.join(blocks)}]")
+        if self.in_backward:
+            out.append("precision.step_in_backward=true")
         return out
 
 
@@ -95,9 +100,11 @@ class Prediction:
 
 def candidates(modes: Sequence[str], batch: int, *, updates: Sequence[str] | None = None,
                states: Sequence[str] = ("auto", "8bit"), checkpoint: Sequence[bool] = (False, True),
-               min_micro: int = 1) -> list[Candidate]:
+               min_micro: int = 1, in_backward: bool = False) -> list[Candidate]:
     """Every combination of mode x update x optimizer state x checkpointing x micro-batch (the
-    batch's divisors down to ``min_micro``, accumulating to the same batch)."""
+    batch's divisors down to ``min_micro``, accumulating to the same batch); with
+    ``in_backward`` (a run without clipping) also the step in the backward, where it can be:
+    one micro-batch, no masters, no loss scaler."""
     out = []
     micros = [m for m in range(batch, 0, -1) if batch % m == 0 and m >= min_micro
               and (m == batch or (batch // m) & (batch // m - 1) == 0)]  # batch / power of two
@@ -109,6 +116,8 @@ def candidates(modes: Sequence[str], batch: int, *, updates: Sequence[str] | Non
                 for ckpt in checkpoint:
                     for m in micros:
                         out.append(Candidate(mode, update, state, ckpt, m, batch // m))
+                    if in_backward and update != "master" and not mode.startswith("fp16"):
+                        out.append(Candidate(mode, update, state, ckpt, batch, 1, True))
     return out
 
 
@@ -152,7 +161,8 @@ def predict(candidate: Candidate, state: dict[str, float], sizes: dict[str, int]
     c = candidate
     acts = probe.activations(c.micro_batch, c.checkpoint)
     lifted = c.optimizer_state == "8bit" or (c.update not in ("-", "master"))
-    bucket = BUCKET + sizes["largest_param"] if lifted else 0
+    # a bucket closes at BUCKET elements; a larger parameter is stepped in slices of BUCKET
+    bucket = BUCKET + min(sizes["largest_param"], BUCKET) if lifted else 0
     per_elem = (8 if c.update not in ("-", "master") else 0) + (16 if c.optimizer_state == "8bit" else 8)
     step_transient = bucket * per_elem if lifted else 0
     backward_transient = 8 * sizes["largest_module"] if c.mode.endswith("-storage") else 0
@@ -163,6 +173,10 @@ def predict(candidate: Candidate, state: dict[str, float], sizes: dict[str, int]
     forward = {"grads": int(accumulated), "activations": int(acts),
                "transient": int(backward_transient)}
     step = {"grads": int(state["grads"]), "activations": 0, "transient": int(step_transient)}
+    if c.in_backward:  # one gradient at a time, stepped as the backward goes: no step moment
+        forward = {"grads": 4 * sizes["largest_param"], "activations": int(acts),
+                   "transient": int(backward_transient + step_transient)}
+        step = {"grads": 0, "activations": 0, "transient": 0}
     moment = forward if sum(forward.values()) >= sum(step.values()) else step
     data = 2 * c.micro_batch * sample_bytes  # the batch and the next one being assembled
     by_kind = {**held, **moment, "data": data, "runtime": int(probe.runtime_bytes)}

@@ -175,7 +175,7 @@ class Trainer:
         common = {"scaler_settings": settings, "tf32": p.tf32, "diagnostics": p.diagnostics,
                   "freeze": [*self.config.train.freeze, *(f"{n}.base" for n in self.adapted)],
                   "update": UpdateSettings(p.update, p.grad_accum, self.config.train.seed,
-                                           p.optimizer_state)}
+                                           p.optimizer_state, p.step_in_backward)}
         if saved is not None and p.mode in ("auto", saved.get("mode")):
             plan = PrecisionPlan.from_dict(saved, where=f"checkpoint {resume_from.path}")
             return MixedPrecision(plan, None, p.scaler or None, **common)
