@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -34,6 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--modes", default=None, metavar="A,B",
                    help="precision modes to consider (default: every mode whose compute format "
                         "is measured at least half as fast as FP32 here, and bf16-storage)")
+    p.add_argument("--largest", default=None, metavar="KEY",
+                   help="instead: the largest value of a layer count (model.depth or "
+                        "model.text_layers) at which some configuration fits the budget")
     p.add_argument("--rows", type=int, default=16, metavar="N", help="table rows to print")
     p.add_argument("--json", action="store_true", help="every prediction as JSON")
     p.set_defaults(run=run, allow_extra=True)
@@ -46,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from vlamp.precision.modes import get_mode
     from vlamp.sim.tasks import DEFAULT_SUITE, TASKS
     from vlamp.train import fit
-    from vlamp.train.budget import budget_bytes, fit_run
+    from vlamp.train.budget import budget_bytes, fit_run, largest
     from vlamp.train.config import load_config
 
     config = load_config(args.config, list(args.overrides) + list(getattr(args, "extra", [])))
@@ -62,7 +66,18 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(config.train.device)
     budget = budget_bytes(args.budget or config.train.memory_budget or "auto", device)
     log = None if args.json else (lambda line: print(line, file=sys.stderr))
-    result = fit_run(config, device, budget, modes, log)
+    if args.largest:
+        found = largest(config, args.largest, device, budget, modes, log)
+        if found is None:
+            print(f"nothing fits {fit.gib(budget)} GiB even at {args.largest}=1")
+            return 1
+        n, result = found
+        print(f"largest {args.largest}={n}: {result.chosen.candidate.label()}, predicted peak "
+              f"{fit.gib(result.chosen.peak)} GiB of {fit.gib(budget)}")
+        config.model = dataclasses.replace(config.model, **{args.largest.removeprefix("model."): n})
+        m = config.model
+    else:
+        result = fit_run(config, device, budget, modes, log)
     if args.json:
         print(json.dumps({"budget_bytes": budget, "chosen": _row(result.chosen),
                           "predictions": [_row(p) for p in result.predictions]}, indent=1))
@@ -74,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
     if result.chosen is not None:
         blocks = fit.blocks_of(m)
         given = " ".join(args.overrides + list(getattr(args, "extra", [])))
+        if args.largest:
+            given += f" {args.largest}={getattr(m, args.largest.removeprefix('model.'))}"
         print(f"train it: vlamp train {given + ' ' if given else ''}"
               f"{' '.join(result.chosen.candidate.overrides(blocks))}")
     return 0 if result.chosen is not None else 1

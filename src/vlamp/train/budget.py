@@ -15,6 +15,7 @@ import torch
 
 from vlamp.precision.errors import VlampError
 from vlamp.precision.memory import available_memory
+from vlamp.models.registry import stack_depths
 from vlamp.train import fit
 from vlamp.train.config import RunConfig, parse_size
 
@@ -96,14 +97,50 @@ def fit_run(config: RunConfig, device: torch.device, budget: int, modes: Sequenc
     states: dict[tuple[str, str, str], tuple] = {}
     predictions = []
     sample = fit.sample_bytes(config.model)
+    depths = stack_depths(config.model)  # the probes' shallow copies serve any depth
+    scaled = {m: dataclasses.replace(p, depths={**p.depths, **depths}) for m, p in probes.items()}
     for c in cands:
         key = (c.mode, c.update, c.optimizer_state)
         if key not in states:
-            states[key] = fit.state_bytes(config.model, *key, frozen=frozen)
-        predictions.append(fit.predict(c, *states[key], probes[c.mode], sample))
+            states[key] = fit.state_by_depth(config.model, *key, frozen=frozen)
+        predictions.append(fit.predict(c, *states[key], scaled[c.mode], sample))
     chosen = fit.choose(predictions, budget)
     mine = next((p for p in predictions if p.candidate == asked), None)
     return FitResult(predictions, budget, chosen, mine, notes)
+
+
+def largest(config: RunConfig, key: str, device: torch.device, budget: int,
+            modes: Sequence[str] | None = None, log: Callable[[str], None] | None = None,
+            limit: int = 4096) -> tuple[int, FitResult] | None:
+    """The largest value of the integer model key ``key`` (a depth: ``depth``, ``text_layers``)
+    at which some candidate fits ``budget``, by bisection; the probes are made once (shallow
+    copies do not depend on depth). ``None`` if not even 1 fits.
+
+    Raises:
+        VlampError: If ``key`` is not a depth of this model's stacks.
+    """
+    from vlamp.models.registry import stack_depths as depths_of
+
+    field = key.removeprefix("model.")
+    base = depths_of(config.model)
+    if field not in ("depth", "text_layers") or not base:
+        raise VlampError(f"--largest {key}: the key must be a layer count of the model, "
+                         f"model.depth or model.text_layers (for a model sized by them)")
+    probes: dict = {}
+
+    def at(n: int) -> FitResult:
+        model = dataclasses.replace(config.model, **{field: n})
+        return fit_run(dataclasses.replace(config, model=model), device, budget, modes, log, probes)
+
+    if at(1).chosen is None:
+        return None
+    lo, hi = 1, 2
+    while hi <= limit and at(hi).chosen is not None:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if at(mid).chosen is not None else (lo, mid)
+    return lo, at(lo)
 
 
 def with_candidate(config: RunConfig, c: fit.Candidate) -> RunConfig:

@@ -126,7 +126,8 @@ def state_bytes(config: ModelConfig, mode: str, update: str, optimizer_state: st
                 ) -> tuple[dict[str, float], dict[str, int]]:
     """The exact state of the full model by kind (weights, masters, compensation, grads,
     optimizer), from the plan's dtypes on a meta-device build; and sizes the transient needs
-    (``largest_param``, ``largest_module``: elements; ``low_params``: elements stored low).
+    (``largest_param``, ``largest_module``: elements, embeddings aside; ``largest_grad``:
+    bytes; ``low_params``, ``params``: elements stored low, and all).
     ``depths`` builds a shallow copy instead (see :func:`vlamp.models.registry.build_model`)."""
     from vlamp.precision.freeze import frozen_modules
 
@@ -138,21 +139,47 @@ def state_bytes(config: ModelConfig, mode: str, update: str, optimizer_state: st
     cold = {id(p) for mod in frozen_modules(model, frozen).values() for p in mod.parameters()} \
         if frozen else set()
     totals = dict.fromkeys(("weights", "masters", "compensation", "grads", "optimizer"), 0.0)
-    sizes = {"largest_param": 0, "largest_module": 0, "low_params": 0}
+    sizes = {"largest_param": 0, "largest_module": 0, "largest_grad": 0, "low_params": 0,
+             "params": sum(p.numel() for p in model.parameters())}
     for r in plan.resolve(model, warn_unmatched=False):
         own = list(r.module.parameters(recurse=False))
-        sizes["largest_module"] = max(sizes["largest_module"], sum(p.numel() for p in own))
+        if not isinstance(r.module, torch.nn.Embedding):  # looked up where stored: never cast up
+            sizes["largest_module"] = max(sizes["largest_module"], sum(p.numel() for p in own))
         for p in own:
             dtype = r.policy.param
+            size = torch.empty((), dtype=dtype).element_size()
             if id(p) in cold:
-                totals["weights"] += p.numel() * torch.empty((), dtype=dtype).element_size()
+                totals["weights"] += p.numel() * size
                 continue
             per = state_by_kind(dtype, m, method, 2, optimizer_state == "8bit")
             for k, v in per.items():
                 totals[k] += v * p.numel()
             sizes["largest_param"] = max(sizes["largest_param"], p.numel())
+            sizes["largest_grad"] = max(sizes["largest_grad"], p.numel() * size)
             sizes["low_params"] += p.numel() if dtype != torch.float32 else 0
     return totals, sizes
+
+
+def state_by_depth(config: ModelConfig, mode: str, update: str, optimizer_state: str,
+                   frozen: Sequence[str] = ()) -> tuple[dict[str, float], dict[str, int]]:
+    """:func:`state_bytes` of the full model from shallow meta-device builds (one layer per
+    stack, one more in each), extrapolated in depth as the probes are: a model of thousands of
+    layers is counted as fast as one of two. Exact for stacks of identical layers."""
+    depths = stack_depths(config)
+    if not depths:
+        return state_bytes(config, mode, update, optimizer_state, frozen)
+    base = {s: 1 for s in depths}
+    state, sizes = state_bytes(config, mode, update, optimizer_state, frozen, base)
+    state, sizes = dict(state), dict(sizes)
+    for stack, n in depths.items():
+        more, more_sizes = state_bytes(config, mode, update, optimizer_state, frozen,
+                                       {**base, stack: 2})
+        one, one_sizes = state_bytes(config, mode, update, optimizer_state, frozen, base)
+        for k in state:
+            state[k] += (more[k] - one[k]) * (n - 1)
+        for k in ("low_params", "params"):
+            sizes[k] += (more_sizes[k] - one_sizes[k]) * (n - 1)
+    return state, sizes
 
 
 def predict(candidate: Candidate, state: dict[str, float], sizes: dict[str, int],
@@ -174,13 +201,14 @@ def predict(candidate: Candidate, state: dict[str, float], sizes: dict[str, int]
                "transient": int(backward_transient)}
     step = {"grads": int(state["grads"]), "activations": 0, "transient": int(step_transient)}
     if c.in_backward:  # one gradient at a time, stepped as the backward goes: no step moment
-        forward = {"grads": 4 * sizes["largest_param"], "activations": int(acts),
+        forward = {"grads": sizes["largest_grad"], "activations": int(acts),
                    "transient": int(backward_transient + step_transient)}
         step = {"grads": 0, "activations": 0, "transient": 0}
     moment = forward if sum(forward.values()) >= sum(step.values()) else step
     data = 2 * c.micro_batch * sample_bytes  # the batch and the next one being assembled
     by_kind = {**held, **moment, "data": data, "runtime": int(probe.runtime_bytes)}
-    return Prediction(c, {k: by_kind[k] for k in KINDS}, probe.step_seconds(c))
+    timed = dataclasses.replace(probe, params=sizes.get("params", probe.params))
+    return Prediction(c, {k: by_kind[k] for k in KINDS}, timed.step_seconds(c))
 
 
 def choose(predictions: Sequence[Prediction], budget: int) -> Prediction | None:
