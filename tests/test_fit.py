@@ -127,7 +127,7 @@ def test_auto_with_a_budget_trains_with_the_fits_choice(tiny_dataset, tmp_path, 
 def test_the_measured_peak_is_recorded_beside_the_predicted_one(tiny_dataset, tmp_path):
     """In a fresh process, as a run is (a long-lived one reuses memory it freed before)."""
     out = tmp_path / "r"
-    code, stdout, err = run_cli("train", *tiny_overrides(
+    code, _, err = run_cli("train", *tiny_overrides(
         tiny_dataset, out, "fp32", "train.memory_budget=auto", "train.batch_size=16",
         "train.steps=3", "--no-progress"))
     assert code == 0, err

@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from vlamp.models.registry import stack_depths
 from vlamp.precision.errors import VlampError
 from vlamp.precision.memory import available_memory
-from vlamp.models.registry import stack_depths
 from vlamp.train import fit
 from vlamp.train.config import RunConfig, parse_size
 
