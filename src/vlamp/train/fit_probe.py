@@ -10,6 +10,7 @@ per-layer figure times its remaining layers. Each copy is measured at micro-batc
 from __future__ import annotations
 
 import dataclasses
+import gc
 import time
 from collections.abc import Callable
 
@@ -112,10 +113,12 @@ def _probe_here(config: ModelConfig, mode: str, batch: int, threads: int) -> Mod
     base = {s: 1 for s in depths}
     peak = PeakRSS()
     measured_base = _measure(config, mode, base, batch, peak)
+    gc.collect()  # the copy's model and precision hooks refer to each other: free them now
     probe_peak = peak.read()
     deeper = {}
     for s in depths:
         deeper[s] = _measure(config, mode, {**base, s: 2}, batch, None)
+        gc.collect()
     with torch.device("meta"):
         params = sum(p.numel() for p in build_model(config).parameters())
     return ModeProbe(mode, depths, measured_base, deeper, params=params,
@@ -134,13 +137,13 @@ def _measure(config: ModelConfig, mode: str, depths: dict[str, int], batch: int,
     mp.setup(model, optimizer)
     batches = {b: model.example_batch(b) for b in {1, 2, batch}}
     seconds = {}
-    for b in sorted({batch, 1}, reverse=True):  # the first step allocates the optimizer's state; the median of 3 after it
-        times = []
-        for _ in range(4):
+    for b in sorted({batch, 1}, reverse=True):
+        times: list[float] = []  # the first step allocates the optimizer's state: not timed
+        while len(times) < (4 if not times or times[-1] < 2.0 else 2):  # a long step: once more
             start = time.perf_counter()
             train_step(model, [batches[b]], mp, optimizer)
             times.append(time.perf_counter() - start)
-        seconds[b] = sorted(times[1:])[1]
+        seconds[b] = sorted(times[1:])[(len(times) - 1) // 2]
     acts = {}
     for ckpt in (False, True):
         if ckpt:
