@@ -88,11 +88,12 @@ def fit_run(config: RunConfig, device: torch.device, budget: int, modes: Sequenc
     frozen = list(config.train.freeze)
     batch = config.train.batch_size * config.train.grad_accum
     probes = {} if probes is None else probes
-    for m in dict.fromkeys([*modes, asked.mode]):
+    named = [asked.mode] if config.precision.mode != "auto" else []  # the run as given, if one
+    for m in dict.fromkeys([*modes, *named]):
         if m not in probes:
             probes[m] = fit.probe(config.model, m, batch, log)
     cands = fit.candidates(modes, batch, in_backward=not config.train.clip_grad_norm)
-    if asked not in cands:
+    if named and asked not in cands:
         cands.append(asked)
     states: dict[tuple[str, str, str], tuple] = {}
     predictions = []

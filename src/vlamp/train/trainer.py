@@ -342,7 +342,10 @@ class Trainer:
                                     skipped=self.mp.skipped_steps, samples_s=f"{rate:.0f}")
                 bar.update()
                 last = self.step == t.steps
-                measured_all = measured_all or self._busy(self.step)
+                if not measured_all and self._busy(self.step):  # logged before a save can fail
+                    measured_all = True
+                    log.row("memory", {"step": self.step, "peak_bytes": result.peak_bytes,
+                                       "predicted_peak_bytes": getattr(self.predicted, "peak", None)})
                 if self.val_set is not None and ((t.val_every and self.step % t.val_every == 0) or last):
                     result.val_action_l1 = self.validate()
                     log.row("val", {"step": self.step, "action_l1": result.val_action_l1})
@@ -356,9 +359,6 @@ class Trainer:
                     self.save()
                 if on_step is not None:
                     on_step(self.step)
-            if result.peak_bytes:  # measured, and predicted where a budget was checked
-                log.row("memory", {"step": self.step, "peak_bytes": result.peak_bytes,
-                                   "predicted_peak_bytes": getattr(self.predicted, "peak", None)})
         finally:
             bar.close()
             log.close()
