@@ -87,12 +87,13 @@ def run(args: argparse.Namespace) -> int:
     print(fit.table(result.predictions, budget, result.chosen, args.rows))
     print(result.reason())
     if result.chosen is not None:
-        blocks = fit.blocks_of(m)
-        given = " ".join(args.overrides + list(getattr(args, "extra", [])))
+        chosen = result.chosen.candidate.overrides(fit.blocks_of(m))
         if args.largest:
-            given += f" {args.largest}={getattr(m, args.largest.removeprefix('model.'))}"
-        print(f"train it: vlamp train {given + ' ' if given else ''}"
-              f"{' '.join(result.chosen.candidate.overrides(blocks))}")
+            chosen.append(f"{args.largest}={getattr(m, args.largest.removeprefix('model.'))}")
+        keys = {c.split("=", 1)[0] for c in chosen}  # the choice replaces what it sets
+        given = [o for o in [*args.overrides, *getattr(args, "extra", [])]
+                 if o.lstrip("-").split("=", 1)[0] not in keys]
+        print(f"train it: vlamp train {' '.join([*given, *chosen])}")
     return 0 if result.chosen is not None else 1
 
 
