@@ -169,12 +169,11 @@ def state_by_depth(config: ModelConfig, mode: str, update: str, optimizer_state:
     if not depths:
         return state_bytes(config, mode, update, optimizer_state, frozen)
     base = {s: 1 for s in depths}
-    state, sizes = state_bytes(config, mode, update, optimizer_state, frozen, base)
-    state, sizes = dict(state), dict(sizes)
+    one, one_sizes = state_bytes(config, mode, update, optimizer_state, frozen, base)
+    state, sizes = dict(one), dict(one_sizes)
     for stack, n in depths.items():
         more, more_sizes = state_bytes(config, mode, update, optimizer_state, frozen,
                                        {**base, stack: 2})
-        one, one_sizes = state_bytes(config, mode, update, optimizer_state, frozen, base)
         for k in state:
             state[k] += (more[k] - one[k]) * (n - 1)
         for k in ("low_params", "params"):
