@@ -118,3 +118,11 @@ def test_the_bench_knows_bf16_storage_computes_in_fp32():
     assert compute_format("bf16-mixed") == "bf16" and compute_format("fp16-true/kahan") == "fp16"
     modes, notes = parse_modes("bf16-storage,bf16-storage/kahan", device="cpu")
     assert modes == ["fp32", "bf16-storage", "bf16-storage/kahan"] and notes == []
+
+
+def test_the_unmeasured_plan_names_the_storage_dtype():
+    """bf16-storage computes in FP32 and stores in BF16: the reason said "stores weights in fp32"."""
+    from vlamp.precision.autoplan import _unmeasured_reason
+    from vlamp.precision.modes import get_mode
+
+    assert "stores weights in bf16" in _unmeasured_reason(get_mode("bf16-storage"), None, False)

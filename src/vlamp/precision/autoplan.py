@@ -202,8 +202,9 @@ def _timed_plan(model: nn.Module, example_batch: Any, low_mode: Mode, requested:
 def _unmeasured_reason(mode: Mode, hw: Any, require_native: bool) -> str | None:
     """Why a named low-precision mode's plan is not timed here (``None``: it is)."""
     fmt = dtype_name(mode.compute_dtype)
-    if mode.default_policy.param != torch.float32:
-        return (f"{mode.name} stores weights in {fmt} to save memory; keeping modules in "
+    if mode.default_policy.param != torch.float32:  # named by the storage, not the compute
+        stored = dtype_name(mode.default_policy.param)
+        return (f"{mode.name} stores weights in {stored} to save memory; keeping modules in "
                 f"FP32 for speed would undo that, so its plan is not measured")
     if require_native and fmt not in native_formats(hw):
         return (f"{hw.name} has no native {fmt}: it is emulated everywhere, so a measured plan "
