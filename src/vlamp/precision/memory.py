@@ -6,8 +6,7 @@
   with autograd's saved-tensor hooks (each storage counted once, parameters not counted).
 * :func:`step_memory`: the live tensor memory over one training step, by kind, from PyTorch's
   profiler (what the step needs, whatever the allocator keeps besides).
-* :class:`PeakRSS`, :func:`available_memory`, :func:`release_freed_memory`: a process's measured
-  peak, what a run may use, and the allocator's free memory given back.
+* :class:`PeakRSS`, :func:`available_memory`: a process's measured peak, and what a run may use.
 * :func:`checkpoint_modules`: the modules a rule names recompute their forward in the backward
   instead of saving their activations (``torch.utils.checkpoint``, non-reentrant).
 """
@@ -174,21 +173,6 @@ class PeakRSS:
         if self.cuda:
             return int(torch.cuda.max_memory_allocated() - self.baseline)
         return max(0, _status_bytes("VmHWM") - self.baseline)
-
-
-def release_freed_memory() -> None:
-    """Gives the memory the allocator holds free back to the system (glibc's ``malloc_trim``;
-    nothing elsewhere). Building a model in FP32 and storing it in BF16 frees half of what was
-    allocated, in pieces glibc keeps: for a 3 B-parameter model, gigabytes that a later
-    allocation of another size cannot reuse, counted by the kernel as the process's until then."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass  # another C library: nothing to give back this way
 
 
 def _warm_up(device: torch.device) -> None:

@@ -18,12 +18,7 @@ import torch
 
 from vlamp.models.config import ModelConfig
 from vlamp.models.registry import BLOCKS, build_model, stack_depths
-from vlamp.precision.memory import (
-    ActivationMeter,
-    PeakRSS,
-    checkpoint_modules,
-    release_freed_memory,
-)
+from vlamp.precision.memory import ActivationMeter, PeakRSS, checkpoint_modules
 from vlamp.precision.mixed_precision import MixedPrecision
 from vlamp.precision.weight_update import UpdateSettings
 from vlamp.train.step import make_optimizer, train_step
@@ -140,7 +135,6 @@ def _measure(config: ModelConfig, mode: str, depths: dict[str, int], batch: int,
     mp.setup(model)
     optimizer = make_optimizer(model, 1e-5, 0.0)
     mp.setup(model, optimizer)
-    release_freed_memory()  # as the trainer does after its setup
     batches = {b: model.example_batch(b) for b in {1, 2, batch}}
     seconds = {}
     for b in sorted({batch, 1}, reverse=True):

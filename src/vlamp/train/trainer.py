@@ -26,7 +26,7 @@ from vlamp.models.tokenizer import WordTokenizer
 from vlamp.precision.autoplan import measure_plan
 from vlamp.precision.errors import VlampError
 from vlamp.precision.hardware import set_tf32, synchronize
-from vlamp.precision.memory import PeakRSS, checkpoint_modules, release_freed_memory
+from vlamp.precision.memory import PeakRSS, checkpoint_modules
 from vlamp.precision.mixed_precision import MixedPrecision
 from vlamp.precision.plan import PrecisionPlan
 from vlamp.precision.weight_update import UpdateSettings
@@ -137,7 +137,6 @@ class Trainer:
         wrapped = distributed.wrap(self.model, self.mp, d.strategy, d.reduce_dtype, self.world)
         self.optimizer = make_optimizer(self.model, config.train.lr, config.train.weight_decay)
         self.mp.setup(self.model, self.optimizer)
-        release_freed_memory()  # the FP32 build of weights now stored low
         self.forward = wrapped if not config.train.compile else compile_model(wrapped)
         self.ema = EMA(self.model, config.train.ema_decay, self.mp.master_weights) \
             if config.train.ema_decay else None
