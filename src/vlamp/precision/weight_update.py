@@ -274,6 +274,7 @@ class WeightUpdate:
         flat = p.data.view(-1)
         grad = p.grad
         slot = next(i for i, params in enumerate(groups) if any(q is p for q in params))
+        n_blocks = -(-p.numel() // BLOCK)
         step = state.get("step")  # before the first step there is none, and no moments either
         stepped = step
         for a in range(0, p.numel(), size):
@@ -301,7 +302,6 @@ class WeightUpdate:
                 full.setdefault(k, torch.empty(p.numel(), dtype=v.dtype, device=v.device))[a:b].copy_(
                     v.view(-1))
             for k, (codes, absmax) in self.packed.pop(id(piece), {}).items():
-                n_blocks = -(-p.numel() // BLOCK)
                 full.setdefault(f"{k}.codes", codes.new_empty(n_blocks * BLOCK))[
                     a:a + codes.numel()].copy_(codes)
                 full.setdefault(f"{k}.absmax", absmax.new_empty(n_blocks))[blocks].copy_(absmax)

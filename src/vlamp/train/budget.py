@@ -56,8 +56,7 @@ def given(config: RunConfig) -> fit.Candidate:
                          t.grad_accum, p.step_in_backward)
 
 
-def candidate_modes(device: torch.device, log: Callable[[str], None] | None = None
-                    ) -> tuple[list[str], list[str]]:
+def candidate_modes(device: torch.device) -> tuple[list[str], list[str]]:
     """The modes worth predicting here: every mode whose compute format's measured GEMM
     throughput is at least half FP32's (``bf16-storage`` computes in FP32: always); and notes on
     those left out."""
@@ -83,7 +82,7 @@ def fit_run(config: RunConfig, device: torch.device, budget: int, modes: Sequenc
     ``probes`` (mode -> probe) is filled and reused: a mode is measured once."""
     notes: list[str] = []
     if modes is None:
-        modes, notes = candidate_modes(device, log)
+        modes, notes = candidate_modes(device)
     asked = given(config)
     frozen = list(config.train.freeze)
     batch = config.train.batch_size * config.train.grad_accum
@@ -128,10 +127,14 @@ def largest(config: RunConfig, key: str, device: torch.device, budget: int,
         raise VlampError(f"--largest {key}: the key must be a layer count of the model, "
                          f"model.depth or model.text_layers (for a model sized by them)")
     probes: dict = {}
+    tried: dict[int, FitResult] = {}
 
     def at(n: int) -> FitResult:
-        model = dataclasses.replace(config.model, **{field: n})
-        return fit_run(dataclasses.replace(config, model=model), device, budget, modes, log, probes)
+        if n not in tried:
+            model = dataclasses.replace(config.model, **{field: n})
+            tried[n] = fit_run(dataclasses.replace(config, model=model), device, budget, modes,
+                               log, probes)
+        return tried[n]
 
     if at(1).chosen is None:
         return None
