@@ -107,6 +107,9 @@ class _Boundary:
         finally:
             for owner, name, p in swapped:
                 owner._parameters[name] = p
+            # Autograd keeps each saved tensor's pack hook (and so ``upcasts``) until the backward
+            # frees it: without this, every FP32 copy made here would live until then.
+            upcasts.clear()
         return cast_floating(output, self.policy.output)
 
 

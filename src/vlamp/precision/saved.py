@@ -54,6 +54,11 @@ class Upcasts:
             self.by_id[id(up)] = (up, t, up._version)
         return up
 
+    def clear(self) -> None:
+        """Forgets the copies (call when the forward that made them ends: what the ops saved
+        holds its own references)."""
+        self.by_id.clear()
+
     def original(self, t: torch.Tensor) -> torch.Tensor | None:
         entry = self.by_id.get(id(t))
         if entry is None or entry[0] is not t or t._version != entry[2]:
