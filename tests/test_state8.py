@@ -18,6 +18,23 @@ def test_the_dynamic_maps_are_256_sorted_codes_with_zero_and_one():
     assert float(unsigned.min()) == 0.0 and float(unsigned[1]) < 1e-6  # fine steps near zero
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_the_table_lookup_finds_the_nearest_code_as_a_binary_search_does(signed):
+    """The codes come from a table of float cells and one comparison; they must be
+    ``torch.bucketize``'s on random values, on every midpoint and on its neighbouring floats."""
+    from vlamp.precision.state8 import _codes, _midpoints
+
+    mids = _midpoints(signed)
+    g = torch.Generator().manual_seed(0)
+    values = torch.cat([torch.rand(1 << 16, generator=g) * 2 - 1,
+                        (torch.randn(1 << 16, generator=g) * torch.logspace(-9, 0, 1 << 16)),
+                        mids, torch.nextafter(mids, torch.tensor(2.0)),
+                        torch.nextafter(mids, torch.tensor(-2.0)), dynamic_map(signed),
+                        torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30])]).clamp(-1, 1)
+    values = values if signed else values.abs()
+    assert torch.equal(_codes(values, signed), torch.bucketize(values, mids, out_int32=True))
+
+
 def test_quantization_error_is_within_half_a_code_step_of_each_blocks_scale():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, BLOCK + 17, generator=g) * torch.logspace(-6, 0, 3).unsqueeze(1)

@@ -44,25 +44,65 @@ def _midpoints(signed: bool) -> torch.Tensor:
     return (m[:-1] + m[1:]) / 2
 
 
-def quantize(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+_SHIFT = 13  # a float's top 19 bits (sign, exponent, 10 of the mantissa) name its table cell
+
+
+@functools.cache
+def _table(signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every cell of floats sharing their top bits: the code of its smallest value (the
+    number of midpoints below it); and the midpoints with +inf appended. No cell holds more than
+    one midpoint (checked here), so a value's code is its cell's plus one if it lies above the
+    next midpoint: :func:`torch.bucketize`'s answer from two lookups and a comparison."""
+    mids = _midpoints(signed)
+    start = (torch.arange(1 << (32 - _SHIFT), dtype=torch.int64) << _SHIFT).to(torch.int32)
+    ends = (start.view(torch.float32), (start | ((1 << _SHIFT) - 1)).view(torch.float32))
+    lo, hi = torch.minimum(*ends), torch.maximum(*ends)
+    finite = torch.isfinite(lo) & torch.isfinite(hi)
+    code_lo = torch.bucketize(lo, mids, out_int32=True).where(finite, 0)
+    spread = torch.bucketize(hi, mids, out_int32=True).where(finite, 0) - code_lo
+    assert int(spread.max()) <= 1, "a table cell holds two midpoints: keep more mantissa bits"
+    return code_lo, torch.cat([mids, mids.new_tensor([float("inf")])])
+
+
+def _codes(scaled: torch.Tensor, signed: bool) -> torch.Tensor:
+    """``torch.bucketize(scaled, midpoints)`` (int32), about 3x faster: through :func:`_table`."""
+    table, mids = (t.to(scaled.device) for t in _table(signed))
+    flat = scaled.reshape(-1)
+    cell = (flat.view(torch.int32) >> _SHIFT).bitwise_and_((1 << (32 - _SHIFT)) - 1)
+    code = torch.index_select(table, 0, cell)  # index_select: faster than indexing on a CPU
+    del cell
+    return code.add_(flat > torch.index_select(mids, 0, code)).view(scaled.shape)
+
+
+def quantize(x: torch.Tensor, signed: bool,
+             out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` (any shape, FP32) -> (uint8 codes of ``x.numel()`` padded to whole blocks, FP32
-    absmax per block). Each value maps to the nearest code value of its block's scale."""
+    absmax per block). Each value maps to the nearest code value of its block's scale.
+
+    ``out``: codes and absmax of the right sizes to write into (a step re-encodes every moment:
+    writing into the buffers it already has keeps the long-lived state where it is, instead of
+    re-allocating it between the step's temporaries, which fragments the heap)."""
     flat = x.detach().reshape(-1).float()
     pad = (-flat.numel()) % BLOCK
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     blocks = flat.view(-1, BLOCK)
-    absmax = blocks.abs().amax(dim=1)
+    absmax = torch.amax(blocks.abs(), dim=1, out=out[1] if out is not None else None)
     scaled = blocks / absmax.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)
-    codes = torch.bucketize(scaled, _midpoints(signed).to(x.device))
-    return codes.to(torch.uint8).view(-1), absmax
+    index = _codes(scaled, signed)
+    del scaled
+    codes = out[0] if out is not None else torch.empty(flat.numel(), dtype=torch.uint8,
+                                                       device=x.device)
+    codes.copy_(index.view(-1))
+    return codes, absmax
 
 
 def dequantize(codes: torch.Tensor, absmax: torch.Tensor, signed: bool, like: torch.Tensor
                ) -> torch.Tensor:
     """The FP32 tensor of ``like``'s shape that :func:`quantize` encoded."""
-    values = dynamic_map(signed).to(codes.device)[codes.long()].view(-1, BLOCK)
-    out = (values * absmax.unsqueeze(1)).view(-1)[: like.numel()]
+    values = torch.index_select(dynamic_map(signed).to(codes.device), 0, codes.int()).view(-1, BLOCK)
+    values.mul_(absmax.unsqueeze(1))
+    out = values.view(-1)[: like.numel()]
     return out.view(like.shape).contiguous(memory_format=_format(like))
 
 

@@ -302,13 +302,16 @@ class WeightUpdate:
                 full.setdefault(k, torch.empty(p.numel(), dtype=v.dtype, device=v.device))[a:b].copy_(
                     v.view(-1))
             for k, (codes, absmax) in self.packed.pop(id(piece), {}).items():
+                if k in packed:
+                    continue  # lowered in place, into views of p's own codes
                 full.setdefault(f"{k}.codes", codes.new_empty(n_blocks * BLOCK))[
                     a:a + codes.numel()].copy_(codes)
                 full.setdefault(f"{k}.absmax", absmax.new_empty(n_blocks))[blocks].copy_(absmax)
             undo()
         codes = {k.removesuffix(".codes") for k in full if k.endswith(".codes")}
-        if codes:
-            self.packed[id(p)] = {k: (full.pop(f"{k}.codes"), full.pop(f"{k}.absmax")) for k in codes}
+        if codes or packed:
+            self.packed[id(p)] = {**packed, **{k: (full.pop(f"{k}.codes"), full.pop(f"{k}.absmax"))
+                                               for k in codes}}
         optimizer.state[p] = {**({"step": stepped} if stepped is not None else {}),
                               **{k: v.view(p.shape) for k, v in full.items()}}
         self._after_sliced(p)
@@ -325,7 +328,7 @@ class WeightUpdate:
 
     def _lift(self, optimizer: torch.optim.Optimizer, p: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
         """Before the bucket's step: the optimizer's state of ``p`` in FP32."""
-        for k, (codes, absmax) in self.packed.pop(id(p), {}).items():
+        for k, (codes, absmax) in self.packed.get(id(p), {}).items():  # kept: lowered into
             optimizer.state[p][k] = dequantize(codes, absmax, is_signed(k), p)
         return p, p.dtype
 
@@ -334,8 +337,9 @@ class WeightUpdate:
         del dtype
         if not self.state8:
             return
+        packed = self.packed.setdefault(id(p), {})
         for k, v in list(moments(optimizer, p)):
-            self.packed.setdefault(id(p), {})[k] = quantize(v, is_signed(k))
+            packed[k] = quantize(v, is_signed(k), out=packed.get(k))  # into the codes it had
             del optimizer.state[p][k]
 
     def zero_grad(self) -> None:
