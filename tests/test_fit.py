@@ -94,6 +94,20 @@ def test_choose_takes_the_fastest_that_fits_and_the_table_says_why():
         assert q.peak == sum(q.by_kind.values()) and set(q.by_kind) == set(fit.KINDS)
 
 
+def test_on_a_cpu_the_fp32_build_is_a_moment_of_its_own():
+    """A frozen backbone stored in bf16 holds 2 bytes per parameter while it trains, but it is
+    built in FP32 first: 4 bytes per parameter before anything else (on a GPU, in the host's)."""
+    p = _probe(per_layer=100.0, base=1000.0)
+    state = {"weights": 2e8, "masters": 0.0, "compensation": 0.0, "grads": 0.0, "optimizer": 0.0}
+    sizes = {"largest_param": 10, "largest_module": 10, "low_params": 10**8, "params": 10**8}
+    c = fit.Candidate("bf16-storage", "stochastic", "auto", micro_batch=1)
+    here = fit.predict(c, state, sizes, p, 100)
+    assert here.by_kind["weights"] == 4e8 and here.by_kind["activations"] == 0
+    assert here.peak == 4e8 + p.runtime_bytes
+    gpu = fit.predict(c, state, sizes, p, 100, built_here=False)
+    assert gpu.by_kind["weights"] == 2e8 and gpu.peak < here.peak
+
+
 @pytest.mark.slow
 def test_a_run_over_its_budget_is_refused_before_its_first_step(tiny_dataset, tmp_path, monkeypatch):
     from vlamp.train import budget

@@ -90,7 +90,7 @@ def fit_run(config: RunConfig, device: torch.device, budget: int, modes: Sequenc
     named = [asked.mode] if config.precision.mode != "auto" else []  # the run as given, if one
     for m in dict.fromkeys([*modes, *named]):
         if m not in probes:
-            probes[m] = fit.probe(config.model, m, batch, log)
+            probes[m] = fit.probe(config.model, m, batch, log, device)
     cands = fit.candidates(modes, batch, in_backward=not config.train.clip_grad_norm)
     if named and asked not in cands:
         cands.append(asked)
@@ -103,7 +103,8 @@ def fit_run(config: RunConfig, device: torch.device, budget: int, modes: Sequenc
         key = (c.mode, c.update, c.optimizer_state)
         if key not in states:
             states[key] = fit.state_by_depth(config.model, *key, frozen=frozen)
-        predictions.append(fit.predict(c, *states[key], scaled[c.mode], sample))
+        predictions.append(fit.predict(c, *states[key], scaled[c.mode], sample,
+                                       built_here=device.type == "cpu"))
     chosen = fit.choose(predictions, budget)
     mine = next((p for p in predictions if p.candidate == asked), None)
     return FitResult(predictions, budget, chosen, mine, notes)
@@ -158,6 +159,22 @@ def with_candidate(config: RunConfig, c: fit.Candidate) -> RunConfig:
     return dataclasses.replace(config, precision=precision, train=train)
 
 
+def cap_device_memory(budget: int, device: torch.device, log: Callable[[str], None] | None = None
+                      ) -> None:
+    """On CUDA, a budget below the card's memory caps this process's allocator at it (what it
+    holds now plus the budget), so a 24 GB card can be stood in for on a larger one: a run that
+    outgrows the budget fails with CUDA's out-of-memory error instead of quietly using more."""
+    if device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    held = torch.cuda.memory_allocated(device)
+    if budget + held < total:
+        torch.cuda.set_per_process_memory_fraction((budget + held) / total, device)
+        if log:
+            log(f"memory budget: this process may allocate {fit.gib(budget)} GiB of the "
+                f"{fit.gib(total)} GiB on {torch.cuda.get_device_name(device)}")
+
+
 def check_budget(config: RunConfig, device: torch.device, log: Callable[[str], None] | None = None
                  ) -> tuple[RunConfig, fit.Prediction | None]:
     """What the trainer does with ``train.memory_budget`` before it builds the model.
@@ -174,6 +191,7 @@ def check_budget(config: RunConfig, device: torch.device, log: Callable[[str], N
     if not text:
         return config, None
     budget = budget_bytes(text, device)
+    cap_device_memory(budget, device, log)
     auto = config.precision.mode == "auto"
     probes: dict = {}
     result = fit_run(config, device, budget, None if auto else [config.precision.mode], log, probes)

@@ -16,8 +16,9 @@ Where each figure comes from:
 * **Runtime**: what the allocator and runtime hold beyond the tensors, measured on the probe
   (its measured peak minus its predicted tensors).
 
-The peak is the larger of two moments: the end of the forward (activations, no gradients unless
-micro-batches accumulate them) and the optimizer step (all gradients, no activations).
+The peak is the largest of three moments: the end of the forward (activations, no gradients
+unless micro-batches accumulate them), the optimizer step (all gradients, no activations), and, on
+a CPU, the build (every weight in FP32 before the plan stores it in its dtype).
 """
 
 from __future__ import annotations
@@ -182,8 +183,10 @@ def state_by_depth(config: ModelConfig, mode: str, update: str, optimizer_state:
 
 
 def predict(candidate: Candidate, state: dict[str, float], sizes: dict[str, int],
-            probe: ModeProbe, sample_bytes: int) -> Prediction:
-    """The candidate's peak by kind at the larger of its two moments (see the module's text)."""
+            probe: ModeProbe, sample_bytes: int, built_here: bool = True) -> Prediction:
+    """The candidate's peak by kind at the largest of its moments (see the module's text);
+    ``built_here``: the model is built in FP32 in this memory (a CPU run; a GPU run builds it in
+    the host's)."""
     c = candidate
     acts = probe.activations(c.micro_batch, c.checkpoint)
     lifted = c.optimizer_state == "8bit" or (c.update not in ("-", "master"))
@@ -206,6 +209,9 @@ def predict(candidate: Candidate, state: dict[str, float], sizes: dict[str, int]
     moment = forward if sum(forward.values()) >= sum(step.values()) else step
     data = 2 * c.micro_batch * sample_bytes  # the batch and the next one being assembled
     by_kind = {**held, **moment, "data": data, "runtime": int(probe.runtime_bytes)}
+    build = 4 * sizes.get("params", probe.params)  # every weight in FP32 before it is stored
+    if built_here and build > sum(by_kind.values()) - by_kind["runtime"]:
+        by_kind = {**dict.fromkeys(KINDS, 0), "weights": build, "runtime": by_kind["runtime"]}
     timed = dataclasses.replace(probe, params=sizes.get("params", probe.params))
     return Prediction(c, {k: by_kind[k] for k in KINDS}, timed.step_seconds(c))
 
@@ -280,11 +286,11 @@ def default_update(mode: str) -> str:
     return get_mode(mode).default_update if mode.endswith(("-true", "-storage")) else "-"
 
 
-def probe(config: ModelConfig, mode: str, batch: int, log: Callable[[str], None] | None = None
-          ) -> ModeProbe:
+def probe(config: ModelConfig, mode: str, batch: int, log: Callable[[str], None] | None = None,
+          device: torch.device | str = "cpu") -> ModeProbe:
     """:func:`~vlamp.train.fit_probe.probe_mode`, with the runtime's bytes set: the one-layer
     copy's measured peak minus the tensors :func:`predict` counts for it."""
-    measured = probe_mode(config, mode, batch, log)
+    measured = probe_mode(config, mode, batch, log, device=device)
     base = {s: 1 for s in measured.depths}
     state, sizes = state_bytes(config, mode, "-", "auto", depths=base)
     shallow = dataclasses.replace(measured, depths=base)

@@ -21,7 +21,7 @@ from vlamp.models.registry import BLOCKS, build_model, stack_depths
 from vlamp.precision.memory import ActivationMeter, PeakRSS, checkpoint_modules
 from vlamp.precision.mixed_precision import MixedPrecision
 from vlamp.precision.weight_update import UpdateSettings
-from vlamp.train.step import make_optimizer, train_step
+from vlamp.train.step import make_optimizer, to_device, train_step
 
 
 @dataclasses.dataclass
@@ -96,52 +96,56 @@ class ModeProbe:
 
 
 def probe_mode(config: ModelConfig, mode: str, batch: int,
-               log: Callable[[str], None] | None = None, threads: int | None = None) -> ModeProbe:
-    """Measures ``mode`` on the shallow copies of ``config``'s model (see the module's text), in
-    a fresh process: its peak is measured from a clean start, as a training run's is."""
+               log: Callable[[str], None] | None = None, threads: int | None = None,
+               device: torch.device | str = "cpu") -> ModeProbe:
+    """Measures ``mode`` on the shallow copies of ``config``'s model (see the module's text) on
+    ``device``, in a fresh process: its peak is measured from a clean start, as a run's is."""
     import multiprocessing
 
     if log:
         log(f"fit: probing {mode} on one layer per stack, then one more in each")
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_probe_here, (config, mode, batch, threads or torch.get_num_threads()))
+        return pool.apply(_probe_here, (config, mode, batch, threads or torch.get_num_threads(),
+                                        str(device)))
 
 
-def _probe_here(config: ModelConfig, mode: str, batch: int, threads: int) -> ModeProbe:
+def _probe_here(config: ModelConfig, mode: str, batch: int, threads: int, device: str
+                ) -> ModeProbe:
     torch.set_num_threads(threads)
     depths = stack_depths(config)
     base = {s: 1 for s in depths}
-    peak = PeakRSS()
-    measured_base = _measure(config, mode, base, batch, peak)
+    peak = PeakRSS(device)
+    measured_base = _measure(config, mode, base, batch, peak, device)
     gc.collect()  # the copy's model and precision hooks refer to each other: free them now
     probe_peak = peak.read()
     deeper = {}
     for s in depths:
-        deeper[s] = _measure(config, mode, {**base, s: 2}, batch, None)
+        deeper[s] = _measure(config, mode, {**base, s: 2}, batch, None, device)
         gc.collect()
     with torch.device("meta"):
         params = sum(p.numel() for p in build_model(config).parameters())
     return ModeProbe(mode, depths, measured_base, deeper, params=params,
-                     state8_seconds_per_param=_state8_seconds(), probe_peak=probe_peak)
+                     state8_seconds_per_param=_state8_seconds(device), probe_peak=probe_peak)
 
 
 def _measure(config: ModelConfig, mode: str, depths: dict[str, int], batch: int,
-             peak: PeakRSS | None) -> Measured:
+             peak: PeakRSS | None, device: str) -> Measured:
     torch.manual_seed(0)
     if peak is not None:
         peak.reset()
-    model = build_model(config, depths)
-    mp = MixedPrecision(mode, update=UpdateSettings())
+    model = build_model(config, depths).to(device)
+    mp = MixedPrecision(mode, update=UpdateSettings(), device=device)
     mp.setup(model)
     optimizer = make_optimizer(model, 1e-5, 0.0)
     mp.setup(model, optimizer)
-    batches = {b: model.example_batch(b) for b in {1, 2, batch}}
+    batches = {b: to_device(model.example_batch(b), torch.device(device)) for b in {1, 2, batch}}
     seconds = {}
     for b in sorted({batch, 1}, reverse=True):
         times: list[float] = []  # the first step allocates the optimizer's state: not timed
         while len(times) < (4 if not times or times[-1] < 2.0 else 2):  # a long step: once more
             start = time.perf_counter()
             train_step(model, [batches[b]], mp, optimizer)
+            _sync(device)
             times.append(time.perf_counter() - start)
         seconds[b] = sorted(times[1:])[(len(times) - 1) // 2]
     acts = {}
@@ -157,14 +161,22 @@ def _measure(config: ModelConfig, mode: str, depths: dict[str, int], batch: int,
     return Measured(acts, seconds)
 
 
-def _state8_seconds() -> float:
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _state8_seconds(device: str) -> float:
     """Seconds per parameter that 8-bit moments add to a step (dequantize and quantize two
     moments), measured on 2^20 elements."""
     from vlamp.precision.state8 import dequantize, quantize
 
-    x = torch.randn(1 << 20)
-    start = time.perf_counter()
-    for signed in (True, False):
-        codes, absmax = quantize(x.abs() if not signed else x, signed)
-        dequantize(codes, absmax, signed, x)
+    x = torch.randn(1 << 20, device=device)
+    for _ in range(2):  # the first builds the code tables
+        _sync(device)
+        start = time.perf_counter()
+        for signed in (True, False):
+            codes, absmax = quantize(x.abs() if not signed else x, signed)
+            dequantize(codes, absmax, signed, x)
+        _sync(device)
     return (time.perf_counter() - start) / (1 << 20)
