@@ -108,6 +108,36 @@ def test_on_a_cpu_the_fp32_build_is_a_moment_of_its_own():
     assert gpu.by_kind["weights"] == 2e8 and gpu.peak < here.peak
 
 
+def test_a_mode_whose_state_alone_is_over_the_budget_is_not_probed(monkeypatch):
+    """Probing fp32 on pi0's shallow copy alone took 20 GB here: a mode whose weights and
+    optimizer state rule it out is listed as not fitting without being measured."""
+    import dataclasses as dc
+
+    import torch
+
+    from vlamp.models.registry import build_model
+    from vlamp.train import budget as bud
+    from vlamp.train.config import RunConfig
+
+    probed = []
+
+    def planted(config, mode, batch, log=None, device="cpu"):
+        probed.append(mode)
+        return dc.replace(_probe(per_layer=100.0, base=1000.0), mode=mode, depths={})
+    monkeypatch.setattr(fit, "probe", planted)
+    cfg = dc.replace(RunConfig(), model=_tiny())
+    cfg.train.batch_size = 4
+    n = sum(p.numel() for p in build_model(cfg.model).parameters())
+    lines = []
+    result = bud.fit_run(cfg, torch.device("cpu"), 5 * n, ["fp32", "bf16-storage"], lines.append)
+    # fp32 holds at least 6 B/param before gradients (with 8-bit moments); bf16-storage about 4
+    assert probed == ["bf16-storage"]
+    assert any("fp32 not probed" in line for line in lines)
+    rows = [p for p in result.predictions if p.candidate.mode == "fp32"]
+    assert rows and not any(p.fits for p in rows) and "-" in fit.table(result.predictions,
+                                                                        result.budget, None, 999)
+
+
 @pytest.mark.slow
 def test_a_run_over_its_budget_is_refused_before_its_first_step(tiny_dataset, tmp_path, monkeypatch):
     from vlamp.train import budget

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 
 EXAMPLES = """examples:
@@ -101,4 +102,4 @@ def _row(p) -> dict | None:
     if p is None:
         return None
     return {"configuration": p.candidate.label(), **p.by_kind, "peak_bytes": p.peak,
-            "fits": p.fits, "step_s": p.step_s}
+            "fits": p.fits, "step_s": None if math.isnan(p.step_s) else p.step_s}

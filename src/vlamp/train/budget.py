@@ -88,21 +88,32 @@ def fit_run(config: RunConfig, device: torch.device, budget: int, modes: Sequenc
     batch = config.train.batch_size * config.train.grad_accum
     probes = {} if probes is None else probes
     named = [asked.mode] if config.precision.mode != "auto" else []  # the run as given, if one
-    for m in dict.fromkeys([*modes, *named]):
-        if m not in probes:
-            probes[m] = fit.probe(config.model, m, batch, log, device)
     cands = fit.candidates(modes, batch, in_backward=not config.train.clip_grad_norm)
     if named and asked not in cands:
         cands.append(asked)
     states: dict[tuple[str, str, str], tuple] = {}
-    predictions = []
-    sample = fit.sample_bytes(config.model)
-    depths = stack_depths(config.model)  # the probes' shallow copies serve any depth
-    scaled = {m: dataclasses.replace(p, depths={**p.depths, **depths}) for m, p in probes.items()}
     for c in cands:
         key = (c.mode, c.update, c.optimizer_state)
         if key not in states:
             states[key] = fit.state_by_depth(config.model, *key, frozen=frozen)
+    measured = dict(probes)
+    for m in dict.fromkeys([*modes, *named]):
+        if m in probes:
+            continue
+        held = min(fit.held_bytes(states[k][0]) for k in states if k[0] == m)
+        if held > budget:  # no need to measure what its weights and optimizer state rule out
+            if log:
+                log(f"fit: {m} not probed: its weights and optimizer state alone need "
+                    f"{fit.gib(held)} GiB, over the budget of {fit.gib(budget)} GiB")
+            measured[m] = fit.unmeasured(config.model, m)
+        else:
+            probes[m] = measured[m] = fit.probe(config.model, m, batch, log, device)
+    predictions = []
+    sample = fit.sample_bytes(config.model)
+    depths = stack_depths(config.model)  # the probes' shallow copies serve any depth
+    scaled = {m: dataclasses.replace(p, depths={**p.depths, **depths}) for m, p in measured.items()}
+    for c in cands:
+        key = (c.mode, c.update, c.optimizer_state)
         predictions.append(fit.predict(c, *states[key], scaled[c.mode], sample,
                                        built_here=device.type == "cpu"))
     chosen = fit.choose(predictions, budget)

@@ -24,6 +24,7 @@ a CPU, the build (every weight in FP32 before the plan stores it in its dtype).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -34,7 +35,7 @@ from vlamp.precision.describe import state_by_kind
 from vlamp.precision.modes import get_mode
 from vlamp.precision.plan import PrecisionPlan
 from vlamp.precision.weight_update import BUCKET
-from vlamp.train.fit_probe import ModeProbe, probe_mode
+from vlamp.train.fit_probe import Measured, ModeProbe, probe_mode
 
 KINDS = ("weights", "masters", "compensation", "grads", "optimizer", "activations", "transient",
          "data", "runtime")
@@ -182,6 +183,19 @@ def state_by_depth(config: ModelConfig, mode: str, update: str, optimizer_state:
     return state, sizes
 
 
+def held_bytes(state: dict[str, float]) -> float:
+    """What a configuration holds through the whole step, whatever its activations: weights,
+    masters, compensation and optimizer state."""
+    return sum(state[k] for k in ("weights", "masters", "compensation", "optimizer"))
+
+
+def unmeasured(config: ModelConfig, mode: str) -> ModeProbe:
+    """A probe for a mode that was not measured (its state alone is over the budget): no
+    activations, no runtime, an unknown step time (NaN)."""
+    nothing = Measured({(ck, b): 0.0 for ck in (False, True) for b in (1, 2)}, {1: math.nan})
+    return ModeProbe(mode, stack_depths(config), nothing, {})
+
+
 def predict(candidate: Candidate, state: dict[str, float], sizes: dict[str, int],
             probe: ModeProbe, sample_bytes: int, built_here: bool = True) -> Prediction:
     """The candidate's peak by kind at the largest of its moments (see the module's text);
@@ -243,7 +257,7 @@ def table(predictions: Sequence[Prediction], budget: int, chosen: Prediction | N
     body = [[("* " if p is chosen else "  ") + p.candidate.label(),
              *(f"{p.by_kind[k] / scale:.{2 if unit == 'GiB' else 0}f}" for k in KINDS),
              f"{p.peak / scale:.{2 if unit == 'GiB' else 0}f}", "yes" if p.fits else "no",
-             f"{p.step_s:.3g}"] for p in shown]
+             "-" if math.isnan(p.step_s) else f"{p.step_s:.3g}"] for p in shown]
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
                        enumerate(zip(r, widths))) for r in [head, *body]]
@@ -300,5 +314,5 @@ def probe(config: ModelConfig, mode: str, batch: int, log: Callable[[str], None]
     return measured
 
 
-__all__ = ["KINDS", "Candidate", "Prediction", "blocks_of", "candidates", "choose", "predict",
-           "probe", "reason", "sample_bytes", "state_bytes", "table"]
+__all__ = ["KINDS", "Candidate", "Prediction", "blocks_of", "candidates", "choose", "held_bytes",
+           "predict", "probe", "reason", "sample_bytes", "state_bytes", "table", "unmeasured"]

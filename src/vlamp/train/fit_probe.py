@@ -79,6 +79,8 @@ class ModeProbe:
         return saved
 
     def _layer(self, get: Callable[[Measured], float], stack: str) -> float:
+        if stack not in self.deeper:  # not measured (see :func:`vlamp.train.fit.unmeasured`)
+            return 0.0
         return max(0.0, get(self.deeper[stack]) - get(self.base))
 
     def step_seconds(self, candidate) -> float:
