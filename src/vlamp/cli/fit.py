@@ -12,6 +12,8 @@ EXAMPLES = """examples:
   vlamp fit                                           # the default run, in what is free now
   vlamp fit model.name=hf-vlm model.size=smolvla train.batch_size=8 --budget 24GiB
   vlamp fit model.name=hf-vlm model.size=pi0 train.batch_size=2 --modes bf16-storage
+  vlamp fit --largest model.text_layers model.name=hf-vlm model.size=smolvla \\
+      train.batch_size=8 --modes fp32 --states auto     # the deepest fp32 with FP32 AdamW state
   vlamp train precision.mode=auto train.memory_budget=24GiB ...   # train with the choice
 """
 
@@ -36,6 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--modes", default=None, metavar="A,B",
                    help="precision modes to consider (default: every mode whose compute format "
                         "is measured at least half as fast as FP32 here, and bf16-storage)")
+    p.add_argument("--states", default="auto,8bit", metavar="A,B",
+                   help="optimizer-state dtypes to consider: auto (the update method's own: FP32 "
+                        "beside FP32 weights) and 8bit (block-wise 8-bit moments); default both")
     p.add_argument("--largest", default=None, metavar="KEY",
                    help="instead: the largest value of a layer count (model.depth or "
                         "model.text_layers) at which some configuration fits the budget")
@@ -60,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
     modes = [m.strip() for m in args.modes.split(",")] if args.modes else None
     for m in modes or []:
         get_mode(m)  # an unknown name: one line with the legal ones
+    states = [x.strip() for x in args.states.split(",")]
+    if not states or any(x not in fit.STATES for x in states):
+        raise VlampError(f"--states {args.states!r}: give one or more of {', '.join(fit.STATES)}")
     m = config.model  # the default suite's shapes where the dataset would set them
     if not m.vocab_size:
         m.vocab_size = len(WordTokenizer.build((TASKS[t].instruction for t in DEFAULT_SUITE),
@@ -68,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     budget = budget_bytes(args.budget or config.train.memory_budget or "auto", device)
     log = None if args.json else (lambda line: print(line, file=sys.stderr))
     if args.largest:
-        found = largest(config, args.largest, device, budget, modes, log)
+        found = largest(config, args.largest, device, budget, modes, log, states=states)
         if found is None:
             print(f"nothing fits {fit.gib(budget)} GiB even at {args.largest}=1")
             return 1
@@ -78,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         config.model = dataclasses.replace(config.model, **{args.largest.removeprefix("model."): n})
         m = config.model
     else:
-        result = fit_run(config, device, budget, modes, log)
+        result = fit_run(config, device, budget, modes, log, states=states)
     if args.json:
         print(json.dumps({"budget_bytes": budget, "chosen": _row(result.chosen),
                           "predictions": [_row(p) for p in result.predictions]}, indent=1))

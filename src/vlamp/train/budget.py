@@ -76,10 +76,11 @@ def candidate_modes(device: torch.device) -> tuple[list[str], list[str]]:
 
 
 def fit_run(config: RunConfig, device: torch.device, budget: int, modes: Sequence[str] | None = None,
-            log: Callable[[str], None] | None = None, probes: dict | None = None) -> FitResult:
+            log: Callable[[str], None] | None = None, probes: dict | None = None,
+            states: Sequence[str] = fit.STATES) -> FitResult:
     """Predicts the run's candidates (its batch split into micro-batches, every mode of ``modes``
-    x update x optimizer state x checkpointing) and chooses the fastest that fits ``budget``.
-    ``probes`` (mode -> probe) is filled and reused: a mode is measured once."""
+    x update x optimizer state of ``states`` x checkpointing) and chooses the fastest that fits
+    ``budget``. ``probes`` (mode -> probe) is filled and reused: a mode is measured once."""
     notes: list[str] = []
     if modes is None:
         modes, notes = candidate_modes(device)
@@ -88,7 +89,7 @@ def fit_run(config: RunConfig, device: torch.device, budget: int, modes: Sequenc
     batch = config.train.batch_size * config.train.grad_accum
     probes = {} if probes is None else probes
     named = [asked.mode] if config.precision.mode != "auto" else []  # the run as given, if one
-    cands = fit.candidates(modes, batch, in_backward=not config.train.clip_grad_norm)
+    cands = fit.candidates(modes, batch, states=states, in_backward=not config.train.clip_grad_norm)
     if named and asked not in cands:
         cands.append(asked)
     states: dict[tuple[str, str, str], tuple] = {}
@@ -123,7 +124,7 @@ def fit_run(config: RunConfig, device: torch.device, budget: int, modes: Sequenc
 
 def largest(config: RunConfig, key: str, device: torch.device, budget: int,
             modes: Sequence[str] | None = None, log: Callable[[str], None] | None = None,
-            limit: int = 4096) -> tuple[int, FitResult] | None:
+            limit: int = 4096, states: Sequence[str] = fit.STATES) -> tuple[int, FitResult] | None:
     """The largest value of the integer model key ``key`` (a depth: ``depth``, ``text_layers``)
     at which some candidate fits ``budget``, by bisection; the probes are made once (shallow
     copies do not depend on depth). ``None`` if not even 1 fits.
@@ -145,7 +146,7 @@ def largest(config: RunConfig, key: str, device: torch.device, budget: int,
         if n not in tried:
             model = dataclasses.replace(config.model, **{field: n})
             tried[n] = fit_run(dataclasses.replace(config, model=model), device, budget, modes,
-                               log, probes)
+                               log, probes, states)
         return tried[n]
 
     if at(1).chosen is None:

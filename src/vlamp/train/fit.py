@@ -39,6 +39,7 @@ from vlamp.train.fit_probe import Measured, ModeProbe, probe_mode
 
 KINDS = ("weights", "masters", "compensation", "grads", "optimizer", "activations", "transient",
          "data", "runtime")
+STATES = ("auto", "8bit")  # optimizer-state dtypes: the update method's own, and 8-bit moments
 UPDATES_OF = {"true": ("master", "kahan", "stochastic"), "storage": ("stochastic", "kahan")}
 
 
@@ -101,7 +102,7 @@ class Prediction:
 
 
 def candidates(modes: Sequence[str], batch: int, *, updates: Sequence[str] | None = None,
-               states: Sequence[str] = ("auto", "8bit"), checkpoint: Sequence[bool] = (False, True),
+               states: Sequence[str] = STATES, checkpoint: Sequence[bool] = (False, True),
                min_micro: int = 1, in_backward: bool = False) -> list[Candidate]:
     """Every combination of mode x update x optimizer state x checkpointing x micro-batch (the
     batch's divisors down to ``min_micro``, accumulating to the same batch); with
