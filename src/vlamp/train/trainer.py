@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -149,6 +150,8 @@ class Trainer:
     def _log_line(self, line: str) -> None:
         if self.progress:
             tqdm.write(line)
+        else:  # what the budget chose, and why, is printed either way
+            print(line, file=sys.stderr)
 
     @property
     def effective_batch(self) -> int:
