@@ -2,7 +2,8 @@
 # The GPU check: the gpu-marked tests, then a short bench on the base model (75 M parameters,
 # 128 px): fp32, bf16-mixed, fp16-mixed and the hand-written torch.amp loop with TF32 off; bf16-true by
 # update method (masters, Kahan, stochastic rounding); bf16-storage and 8-bit moments; then fp32
-# and bf16-mixed with TF32 on. Prints the bench tables; about 5 minutes on one H200.
+# and bf16-mixed with TF32 on; then the pi0-sized preset fitted into a 24 GiB budget and trained
+# 3 steps with the choice. Prints the bench tables and the fit; not yet run on a GPU.
 #
 # Made for this project's GPU machine (Python 3.12, its own torch with CUDA, no network): it never
 # installs torch; the packages that machine lacks come as wheels from .whl/, made here beforehand by
@@ -47,3 +48,12 @@ python3 -m vlamp bench --modes bf16-storage,bf16-true/stochastic+8bit,bf16-mixed
 echo "== bench, TF32 on"
 python3 -m vlamp bench --modes fp32,bf16-mixed --no-baseline --out "$out/bench_tf32_on" \
   "${common[@]}" precision.tf32=true
+echo "== the pi0-sized preset (3.25 B) in a 24 GiB budget: fit, then 3 steps with its choice"
+echo "   (the budget caps this process's CUDA allocator, standing in for a 24 GB card)"
+pi0=(model.name=hf-vlm model.size=pi0 model.image_size=128 train.device=cuda train.batch_size=8 train.clip_grad_norm=0
+     "dataset.path=$data" dataset.val_episodes=0)
+python3 -m vlamp fit "${pi0[@]}" --budget 24GiB --rows 12 2>&1 | tee "$out/fit_pi0_24gib.txt"
+python3 -m vlamp train "${pi0[@]}" precision.mode=auto train.memory_budget=24GiB train.steps=3 \
+  train.save_every=0 eval.final=false train.log_every=1 train.warmup_steps=1 --no-progress \
+  output_dir="$out/pi0_24gib" 2>&1 | tail -5
+grep '"memory"' "$out/pi0_24gib/metrics.jsonl"
