@@ -134,8 +134,11 @@ def test_a_mode_whose_state_alone_is_over_the_budget_is_not_probed(monkeypatch):
     assert probed == ["bf16-storage"]
     assert any("fp32 not probed" in line for line in lines)
     rows = [p for p in result.predictions if p.candidate.mode == "fp32"]
-    assert rows and not any(p.fits for p in rows) and "-" in fit.table(result.predictions,
-                                                                        result.budget, None, 999)
+    assert rows and not any(p.fits for p in rows) and all(p.step_s != p.step_s for p in rows)
+    assert "-" in fit.table(result.predictions, result.budget, None, 999)
+    mine = min((p for p in result.predictions if p.candidate.mode == "bf16-storage"),
+               key=lambda p: p.step_s)
+    assert "would be faster" not in fit.reason(mine, rows)  # no time to be faster by
 
 
 @pytest.mark.slow

@@ -228,7 +228,8 @@ def predict(candidate: Candidate, state: dict[str, float], sizes: dict[str, int]
     if built_here and build > sum(by_kind.values()) - by_kind["runtime"]:
         by_kind = {**dict.fromkeys(KINDS, 0), "weights": build, "runtime": by_kind["runtime"]}
     timed = dataclasses.replace(probe, params=sizes.get("params", probe.params))
-    return Prediction(c, {k: by_kind[k] for k in KINDS}, timed.step_seconds(c))
+    seconds = math.nan if math.isnan(probe.base.seconds.get(1, 0.0)) else timed.step_seconds(c)
+    return Prediction(c, {k: by_kind[k] for k in KINDS}, seconds)
 
 
 def choose(predictions: Sequence[Prediction], budget: int) -> Prediction | None:
