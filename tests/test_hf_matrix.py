@@ -255,3 +255,25 @@ def test_gpt2s_learned_position_embedding_is_an_fp32_island():
     assert rows["transformer.wpe"].decided_by == "builtin:positional-embedding"
     assert rows["transformer.wpe"].policy.param == torch.float32
     assert rows["transformer.wte"].policy.param == torch.bfloat16
+
+
+def test_hf_vlm_blocks_checkpoint_and_give_the_same_gradients():
+    """A checkpointed decoder layer is run again in the backward; with a KV cache its keys were
+    appended twice (a 178-vs-89 shape error at the first backward of `fit`'s choice)."""
+    from vlamp.models.config import ModelConfig
+    from vlamp.models.registry import build_model
+    from vlamp.precision.memory import checkpoint_modules
+
+    cfg = ModelConfig(name="hf-vlm", dim=32, depth=2, heads=2, text_layers=1, chunk=4,
+                      vocab_size=20, image_size=32)
+
+    def grads(blocks):
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        if blocks:
+            assert checkpoint_modules(model, blocks)
+        model(model.example_batch(2)).backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, ckpt = grads([]), grads(["GemmaDecoderLayer", "SiglipEncoderLayer"])
+    assert plain.keys() == ckpt.keys() and all(torch.allclose(plain[k], ckpt[k]) for k in plain)

@@ -124,12 +124,15 @@ class HFVLA(nn.Module):
         x = torch.cat(parts, dim=1)
         keep = torch.ones(b, x.shape[1], dtype=torch.long, device=x.device)
         keep[:, pixels.shape[1]: pixels.shape[1] + tokens.shape[1]] = (tokens != 0).long()
-        hidden = self.backbone.language_model(inputs_embeds=x, attention_mask=keep).last_hidden_state
+        # No KV cache: a policy never decodes, and a checkpointed layer's recomputation would
+        # append its keys to the cache a second time.
+        hidden = self.backbone.language_model(inputs_embeds=x, attention_mask=keep,
+                                              use_cache=False).last_hidden_state
         if self.expert is not None:
             prefix = self.expert_in(hidden)
             x = torch.cat([prefix, queries.to(prefix.dtype)], dim=1)
             keep = torch.cat([keep, keep.new_ones(b, self.config.chunk)], dim=1)
-            hidden = self.expert(inputs_embeds=x, attention_mask=keep).last_hidden_state
+            hidden = self.expert(inputs_embeds=x, attention_mask=keep, use_cache=False).last_hidden_state
         return hidden[:, -self.config.chunk:]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
