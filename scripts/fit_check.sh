@@ -2,7 +2,7 @@
 # Predicted vs measured peak: each run records both in metrics.jsonl (train.memory_budget set).
 cd "$(dirname "$0")/.."
 V=${VLAMP:-vlamp}
-COMMON="train.steps=3 eval.final=false train.threads=2 train.memory_budget=200GiB train.log_every=1 train.warmup_steps=1"
+COMMON="train.steps=3 eval.final=false train.threads=${THREADS:-2} train.memory_budget=200GiB train.log_every=1 train.warmup_steps=1 dataset.val_episodes=0"
 mkdir -p "${OUT:-runs/fitcheck}"
 run() { name=$1; shift; rm -rf ${OUT:-runs/fitcheck}/$name; $V train $COMMON output_dir=${OUT:-runs/fitcheck}/$name "$@" --no-progress > ${OUT:-runs/fitcheck}/$name.log 2>&1; grep '"memory"' ${OUT:-runs/fitcheck}/$name/metrics.jsonl | tail -1 | sed "s/^/$name /"; }
 run tiny-fp32 precision.mode=fp32
@@ -15,4 +15,8 @@ run smol-fp32 model.name=hf-vlm model.size=smolvla precision.mode=fp32 train.bat
 run smol-storage-8bit model.name=hf-vlm model.size=smolvla precision.mode=bf16-storage precision.optimizer_state=8bit train.batch_size=8
 run smol-storage-ckpt model.name=hf-vlm model.size=smolvla precision.mode=bf16-storage 'train.checkpoint=[SiglipEncoderLayer,GemmaDecoderLayer]' train.batch_size=8
 run smol-fp32-8bit-2x4 model.name=hf-vlm model.size=smolvla precision.mode=fp32 precision.optimizer_state=8bit train.batch_size=2 train.grad_accum=4
+# The real-size rows of the README (each takes the machine: run them one at a time):
+#   fp32 at the depth `vlamp fit --largest model.depth ... --modes fp32 --states auto` finds, and
+#   precision.mode=auto at a 3x larger depth (see README, "What fits on your machine"), and
+#   the pi0-sized preset with precision.mode=auto train.memory_budget=18GiB.
 echo done
