@@ -18,6 +18,7 @@ import torch
 
 from vlamp.models.config import ModelConfig
 from vlamp.models.registry import BLOCKS, build_model, stack_depths
+from vlamp.precision.errors import VlampError
 from vlamp.precision.memory import ActivationMeter, PeakRSS, checkpoint_modules
 from vlamp.precision.mixed_precision import MixedPrecision
 from vlamp.precision.weight_update import UpdateSettings
@@ -103,12 +104,19 @@ def probe_mode(config: ModelConfig, mode: str, batch: int,
     """Measures ``mode`` on the shallow copies of ``config``'s model (see the module's text) on
     ``device``, in a fresh process: its peak is measured from a clean start, as a run's is."""
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     if log:
         log(f"fit: probing {mode} on one layer per stack, then one more in each")
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_probe_here, (config, mode, batch, threads or torch.get_num_threads(),
-                                        str(device)))
+    # An executor, not a Pool: a Pool waits forever for a worker the OOM killer took.
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(_probe_here, config, mode, batch,
+                               threads or torch.get_num_threads(), str(device)).result()
+        except BrokenProcessPool:
+            raise VlampError(f"the probe of {mode} died before it finished (killed for "
+                             f"memory?); leave the mode out with --modes, or free memory") from None
 
 
 def _probe_here(config: ModelConfig, mode: str, batch: int, threads: int, device: str
