@@ -92,16 +92,16 @@ def fit_run(config: RunConfig, device: torch.device, budget: int, modes: Sequenc
     cands = fit.candidates(modes, batch, states=states, in_backward=not config.train.clip_grad_norm)
     if named and asked not in cands:
         cands.append(asked)
-    states: dict[tuple[str, str, str], tuple] = {}
+    held_by: dict[tuple[str, str, str], tuple] = {}  # (mode, update, state dtype) -> exact state
     for c in cands:
         key = (c.mode, c.update, c.optimizer_state)
-        if key not in states:
-            states[key] = fit.state_by_depth(config.model, *key, frozen=frozen)
+        if key not in held_by:
+            held_by[key] = fit.state_by_depth(config.model, *key, frozen=frozen)
     measured = dict(probes)
     for m in dict.fromkeys([*modes, *named]):
         if m in probes:
             continue
-        held = min(fit.held_bytes(states[k][0]) for k in states if k[0] == m)
+        held = min(fit.held_bytes(held_by[k][0]) for k in held_by if k[0] == m)
         if held > budget:  # no need to measure what its weights and optimizer state rule out
             if log:
                 log(f"fit: {m} not probed: its weights and optimizer state alone need "
@@ -115,7 +115,7 @@ def fit_run(config: RunConfig, device: torch.device, budget: int, modes: Sequenc
     scaled = {m: dataclasses.replace(p, depths={**p.depths, **depths}) for m, p in measured.items()}
     for c in cands:
         key = (c.mode, c.update, c.optimizer_state)
-        predictions.append(fit.predict(c, *states[key], scaled[c.mode], sample,
+        predictions.append(fit.predict(c, *held_by[key], scaled[c.mode], sample,
                                        built_here=device.type == "cpu"))
     chosen = fit.choose(predictions, budget)
     mine = next((p for p in predictions if p.candidate == asked), None)
