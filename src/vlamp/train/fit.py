@@ -311,7 +311,8 @@ def probe(config: ModelConfig, mode: str, batch: int, log: Callable[[str], None]
     state, sizes = state_bytes(config, mode, "-", "auto", depths=base)
     shallow = dataclasses.replace(measured, depths=base)
     counted = predict(Candidate(mode, default_update(mode), "auto", False, batch, 1), state, sizes,
-                      shallow, sample_bytes(config)).peak  # its peak: the steps at ``batch``
+                      shallow, sample_bytes(config),  # its peak: the steps at ``batch``
+                      built_here=torch.device(device).type == "cpu").peak
     measured.runtime_bytes = max(0.0, measured.probe_peak - counted)
     return measured
 
