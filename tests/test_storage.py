@@ -97,10 +97,12 @@ def test_no_fp32_weight_copy_outlives_the_forward():
     import gc
     model, _, mp = setup()
     shapes = {tuple(p.shape) for p in model.parameters() if p.dtype == torch.bfloat16}
+    gc.collect()
+    before = {id(o) for o in gc.get_objects() if isinstance(o, torch.Tensor)}  # other tests'
     with mp.autocast():
         loss = model(batch())
     gc.collect()
-    copies = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)
+    copies = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and id(o) not in before
               and not isinstance(o, nn.Parameter) and o.dtype == torch.float32
               and tuple(o.shape) in shapes and o.requires_grad]
     assert copies == []
