@@ -12,7 +12,7 @@ EXAMPLES = """examples:
   vlamp fit                                           # the default run, in what is free now
   vlamp fit model.name=hf-vlm model.size=smolvla train.batch_size=8 --budget 24GiB
   vlamp fit model.name=hf-vlm model.size=pi0 train.batch_size=2 --modes bf16-storage
-  vlamp fit --largest model.text_layers model.name=hf-vlm model.size=smolvla \\
+  vlamp fit --largest model.depth model.name=hf-vlm model.dim=2048 model.heads=8 \\
       train.batch_size=8 --modes fp32 --states auto     # the deepest fp32 with FP32 AdamW state
   vlamp train precision.mode=auto train.memory_budget=24GiB ...   # train with the choice
 """
