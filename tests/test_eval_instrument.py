@@ -144,7 +144,8 @@ def test_evaluation_defaults_are_one_set():
     from vlamp.train.config import EvalConfig
 
     c, sig = EvalConfig(), inspect.signature(evaluate).parameters
-    assert (c.episodes, c.replan_every, c.ensemble, c.max_steps) == \
-        (ev.EPISODES, ev.REPLAN_EVERY, ev.ENSEMBLE, ev.MAX_STEPS)
-    assert (sig["episodes"].default, sig["replan_every"].default, sig["ensemble"].default,
-            sig["max_steps"].default) == (ev.EPISODES, ev.REPLAN_EVERY, ev.ENSEMBLE, ev.MAX_STEPS)
+    assert (c.episodes, c.replan_every, c.ensemble) == (ev.EPISODES, ev.REPLAN_EVERY, ev.ENSEMBLE)
+    assert (sig["episodes"].default, sig["replan_every"].default, sig["ensemble"].default) == \
+        (ev.EPISODES, ev.REPLAN_EVERY, ev.ENSEMBLE)
+    # the episode limit: "not given" in both, which means ev.episode_limit of the tasks
+    assert c.max_steps == 0 and sig["max_steps"].default is None

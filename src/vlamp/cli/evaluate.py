@@ -10,7 +10,7 @@ import os
 from vlamp.io import write_text_atomic
 from vlamp.precision.errors import VlampError
 from vlamp.sim.env import CAMERAS, DEFAULT_CAMERA, NAMED_CAMERAS, check_camera
-from vlamp.sim.evaluate import ENSEMBLE, EPISODES, MAX_STEPS, REPLAN_EVERY
+from vlamp.sim.evaluate import ENSEMBLE, EPISODES, MAX_STEPS, METAWORLD_MAX_STEPS, REPLAN_EVERY
 from vlamp.sim.tasks import DEFAULT_SUITE, SUITES
 
 POLICIES = ("expert", "random")
@@ -51,8 +51,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ensemble", type=float, default=ENSEMBLE, metavar="K",
                    help=f"temporal ensembling: each step's action averages every chunk's prediction "
                         f"for it, weights exp(-K * i) from the oldest; 0: off (default: {ENSEMBLE})")
-    p.add_argument("--max-steps", type=int, default=MAX_STEPS,
-                   help=f"episode limit (default: {MAX_STEPS})")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help=f"episode limit (default: {MAX_STEPS} on the default suite's tasks, "
+                        f"Meta-World's own {METAWORLD_MAX_STEPS} on any other, the limit MT10 and "
+                        f"MT50 results are published at)")
     p.add_argument("--image-size", type=int, default=None,
                    help="camera image side (default: 64, or the checkpoint's)")
     p.add_argument("--camera", default=None,
@@ -77,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         raise VlampError(f"unknown policy {args.policy!r}; legal: {', '.join(POLICIES)}")
     if args.episodes < 1:
         raise VlampError(f"--episodes must be >= 1, got {args.episodes}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise VlampError(f"--max-steps must be >= 1, got {args.max_steps}")
     if args.checkpoint and args.compare:
         raise VlampError("--checkpoint and --compare exclude each other (--compare A B evaluates both)")
     if args.tasks is not None:

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from vlamp.precision.errors import VlampError
 from vlamp.sim.env import DEFAULT_CAMERA, MetaWorldEnv, Observation, check_rendering
-from vlamp.sim.tasks import Task, resolve_tasks
+from vlamp.sim.tasks import DEFAULT_SUITE, DIFFICULTY, Task, resolve_tasks
 
 EVAL_SEED = 1_000_000  # evaluation episodes start here; generated training data never does
 TARGET_HALF_WIDTH = 0.05  # the evaluation is sized so that its mean is known to +-5 points (95%)
@@ -27,7 +27,8 @@ TARGET_HALF_WIDTH = 0.05  # the evaluation is sized so that its mean is known to
 EPISODES = 35  # per task
 REPLAN_EVERY = 1  # steps between queries of the policy
 ENSEMBLE = 0.1  # temporal ensembling weight (0: off)
-MAX_STEPS = 200  # episode limit
+MAX_STEPS = 200  # episode limit of the default suite, whose tasks all end well within it
+METAWORLD_MAX_STEPS = 500  # Meta-World's own limit, the one MT10/MT50 results are reported at
 
 
 class Policy(Protocol):
@@ -118,6 +119,7 @@ class EvalResult:
     tasks: list[TaskResult]
     env_steps: int
     seconds: float
+    max_steps: int = MAX_STEPS
 
     @property
     def success_rate(self) -> float:
@@ -140,6 +142,16 @@ class EvalResult:
         rate measured."""
         return -(-episodes_for(self.success_rate, target) // max(1, len(self.tasks)))
 
+    def groups(self) -> dict[str, tuple[float, int]]:
+        """Meta-World's difficulty groups among the tasks run (:data:`vlamp.sim.tasks.DIFFICULTY`,
+        in its order): group -> (mean of its tasks' success rates, number of tasks)."""
+        group_of = {task: g for g, tasks in DIFFICULTY.items() for task in tasks}
+        rates: dict[str, list[float]] = {}
+        for t in self.tasks:
+            if t.task in group_of:
+                rates.setdefault(group_of[t.task], []).append(t.success_rate)
+        return {g: (float(np.mean(rates[g])), len(rates[g])) for g in DIFFICULTY if g in rates}
+
     def as_dict(self) -> dict[str, Any]:
         succ = sum(t.successes for t in self.tasks)
         n = sum(t.episodes for t in self.tasks)
@@ -150,6 +162,8 @@ class EvalResult:
             "episodes": n,
             "mean_length": float(np.mean([t.mean_length for t in self.tasks])) if self.tasks else 0.0,
             "env_steps_per_s": self.steps_per_s,
+            "max_steps": self.max_steps,
+            "groups": {g: {"success_rate": r, "tasks": n} for g, (r, n) in self.groups().items()},
             "per_task": [t.as_dict() for t in self.tasks],
         }
 
@@ -163,10 +177,15 @@ class EvalResult:
         d = self.as_dict()
         lines.append(f"{'mean':<{w}} {self.success_rate:>8.0%} [{d['ci95'][0]:5.0%}, {d['ci95'][1]:5.0%}] "
                      f"{d['mean_length']:>9.1f}   ({self.steps_per_s:.0f} env steps/s)")
-        lines.append(f"{'':<{w}} +-{self.half_width * 100:.1f} points (95%, {d['episodes']} episodes)")
+        lines.append(f"{'':<{w}} +-{self.half_width * 100:.1f} points (95%, {d['episodes']} episodes "
+                     f"of at most {self.max_steps} steps)")
         if self.half_width > TARGET_HALF_WIDTH:
             lines[-1] += (f"; about {self.episodes_needed()} episodes per task would make it "
                           f"+-{TARGET_HALF_WIDTH * 100:.0f}")
+        groups = self.groups()
+        if len(groups) > 1:  # the grouping SmolVLA's MT50 table reports
+            lines.append("by difficulty (mean of the tasks' rates): " + ", ".join(
+                f"{g} {r:.1%} ({n} task{'s' if n > 1 else ''})" for g, (r, n) in groups.items()))
         return "\n".join(lines)
 
 
@@ -180,7 +199,7 @@ def evaluate(
     ensemble: float = ENSEMBLE,
     image_size: int = 64,
     camera: str = DEFAULT_CAMERA,
-    max_steps: int = MAX_STEPS,
+    max_steps: int | None = None,
     gif_path: str | os.PathLike[str] | None = None,
     progress: bool = True,
     workers: int = 1,
@@ -202,7 +221,8 @@ def evaluate(
             ``replan_every`` steps. 0 executes each chunk's actions as predicted.
         image_size: Camera image side; must match what the policy was trained on.
         camera: What the images are rendered from; must match too.
-        max_steps: Episode limit; an episode that has not succeeded by then fails.
+        max_steps: Episode limit; an episode that has not succeeded by then fails. Default:
+            :func:`episode_limit` of the tasks.
         gif_path: If given, the first episode of each task is saved there as an animated GIF.
         progress: Show a progress bar.
         workers: Processes the tasks are spread over. With more than one, ``policy`` must be a
@@ -220,6 +240,8 @@ def evaluate(
         raise VlampError(f"workers must be >= 1, got {workers}")
     check_execution(replan_every, ensemble)  # before any process or simulator starts
     check_rendering()
+    if (max_steps := episode_limit(chosen) if max_steps is None else max_steps) < 1:
+        raise VlampError(f"max_steps must be >= 1, got {max_steps}")
     settings = (episodes, seed, replan_every, ensemble, image_size, camera, max_steps)
     bar = tqdm(total=len(chosen) * episodes, desc="eval", unit="ep", disable=not progress, leave=False)
     start = time.perf_counter()
@@ -246,7 +268,14 @@ def evaluate(
     bar.close()
     if gif_path is not None and frames:
         _save_gif(gif_path, frames)
-    return EvalResult(results, total_steps, time.perf_counter() - start)
+    return EvalResult(results, total_steps, time.perf_counter() - start, max_steps)
+
+
+def episode_limit(tasks: Sequence[Task]) -> int:
+    """The default episode limit: :data:`MAX_STEPS` (200) when every task is one of the default
+    suite's, which all end well within it; otherwise Meta-World's own 500
+    (:data:`METAWORLD_MAX_STEPS`), the limit MT10 and MT50 results are published at."""
+    return MAX_STEPS if all(t.name in DEFAULT_SUITE for t in tasks) else METAWORLD_MAX_STEPS
 
 
 def _run_task(policy, task: Task, settings: tuple, bar=None, frames: list | None = None

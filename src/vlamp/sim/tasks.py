@@ -104,6 +104,23 @@ SUITES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Meta-World's tasks by difficulty, the grouping SmolVLA's MT50 table reports (Seo et al. 2022,
+# "Masked World Models for Visual Control", as LeRobot's metaworld_config.json lists it): easy 28,
+# medium 11, hard 6, very hard 5 (tested: every task in exactly one group).
+DIFFICULTY: dict[str, tuple[str, ...]] = {
+    "easy": ("button-press", "button-press-topdown", "button-press-topdown-wall", "button-press-wall",
+             "coffee-button", "dial-turn", "door-close", "door-lock", "door-open", "door-unlock",
+             "drawer-close", "drawer-open", "faucet-close", "faucet-open", "handle-press",
+             "handle-press-side", "handle-pull", "handle-pull-side", "lever-pull", "plate-slide",
+             "plate-slide-back", "plate-slide-back-side", "plate-slide-side", "reach", "reach-wall",
+             "window-close", "window-open", "peg-unplug-side"),
+    "medium": ("basketball", "bin-picking", "box-close", "coffee-pull", "coffee-push", "hammer",
+               "peg-insert-side", "push-wall", "soccer", "sweep", "sweep-into"),
+    "hard": ("assembly", "hand-insert", "pick-out-of-hole", "pick-place", "push", "push-back"),
+    "very hard": ("shelf-place", "disassemble", "stick-pull", "stick-push", "pick-place-wall"),
+}
+
+
 def resolve_tasks(names: str | Sequence[str] | None) -> list[Task]:
     """Turns ``"mt10,drawer-close"`` (task names and suite names, mixed; or a list; or ``None`` for
     the default suite) into tasks, each once, in the order given.

@@ -22,13 +22,19 @@ from vlamp.precision.hardware import DEVICE_NAMES, check_device_name
 from vlamp.precision.modes import get_mode
 from vlamp.precision.weight_update import OPTIMIZER_STATES, check_update
 from vlamp.sim import evaluate as evaluation
+from vlamp.sim.tasks import resolve_tasks
 
 
 @dataclasses.dataclass
 class DatasetConfig:
     """Attributes:
-        path: A LeRobot v3.0 dataset directory; empty for the default 6-task suite, generated into
-            the user cache on first use.
+        path: A LeRobot v3.0 dataset directory; empty: the demonstrations of ``tasks``, generated
+            into the user cache on first use.
+        tasks: With no ``path``: the tasks (and suites: ``mt10``, ``mt50``) whose scripted-expert
+            demonstrations are generated; empty: the default 6-task suite.
+        episodes_per_task: With no ``path``: demonstrations generated per task.
+        image_size: With no ``path``: the side of the generated camera images (the model's
+            ``image_size`` follows the dataset).
         val_episodes: Episodes per task held out for the validation loss.
         augment: Random-shift augmentation of training images (DrQ's: pad 4, random crop). Off by
             default: the camera is fixed, so where an object is in the image says where it is on
@@ -40,6 +46,9 @@ class DatasetConfig:
     """
 
     path: str = ""
+    tasks: str = ""
+    episodes_per_task: int = 25
+    image_size: int = 64
     val_episodes: int = 2
     augment: bool = False
     stream: bool = True
@@ -221,7 +230,8 @@ class EvalConfig:
         ensemble: Temporal ensembling weight ``k``: each step's action averages what every chunk
             predicted for it, weights ``exp(-k * i)`` from the oldest; 0 executes each chunk's
             actions as predicted.
-        max_steps: Episode limit.
+        max_steps: Episode limit; 0 (the default): 200 steps on the default suite's tasks,
+            Meta-World's own 500 otherwise (:func:`vlamp.sim.evaluate.episode_limit`).
         workers: Processes the tasks are spread over (0: one per core; 1: in the training
             process). Same episodes and seeds either way. The processes are spawned: a script of
             your own that trains must keep its work under ``if __name__ == "__main__":``.
@@ -232,7 +242,7 @@ class EvalConfig:
     final: bool = True
     replan_every: int = evaluation.REPLAN_EVERY
     ensemble: float = evaluation.ENSEMBLE
-    max_steps: int = evaluation.MAX_STEPS
+    max_steps: int = 0
     workers: int = 0
 
 
@@ -319,9 +329,17 @@ class RunConfig:
             raise VlampError(f"eval.replan_every must be >= 1 and eval.ensemble >= 0, got "
                              f"{self.eval.replan_every} and {self.eval.ensemble}")
         if self.eval.episodes < 1 or self.eval.every < 0 or self.dataset.val_episodes < 0 \
-                or self.eval.workers < 0:
-            raise VlampError("eval.episodes must be >= 1; eval.every, eval.workers and "
-                             "dataset.val_episodes >= 0")
+                or self.eval.workers < 0 or self.eval.max_steps < 0:
+            raise VlampError("eval.episodes must be >= 1; eval.every, eval.workers, eval.max_steps "
+                             "and dataset.val_episodes >= 0")
+        if self.dataset.episodes_per_task < 1 or self.dataset.image_size < 16:
+            raise VlampError(f"dataset.episodes_per_task must be >= 1 and dataset.image_size >= 16, "
+                             f"got {self.dataset.episodes_per_task} and {self.dataset.image_size}")
+        if self.dataset.tasks:
+            try:  # an unknown name fails here, before any generation
+                resolve_tasks(self.dataset.tasks)
+            except VlampError as e:
+                raise VlampError(f"dataset.tasks: {e}") from None
 
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -410,9 +428,33 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"  # configs shipped with vlamp
+
+
+def recipe_names() -> list[str]:
+    """The recipes shipped with vlamp (``mt10``, ``mt50``), usable as ``--config NAME``."""
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def config_file(path: str | os.PathLike[str]) -> Path:
+    """A config file's path: ``path`` itself, or a shipped recipe's when ``path`` is its name.
+
+    Raises:
+        VlampError: If it is neither; the message lists the recipes.
+    """
+    p = Path(path)
+    if p.is_file():
+        return p
+    if str(path) in recipe_names():
+        return RECIPES / f"{path}.yaml"
+    raise VlampError(f"config file {str(p)!r} not found (a YAML file, or one of vlamp's recipes: "
+                     f"{', '.join(recipe_names())})")
+
+
 def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None
                 ) -> RunConfig:
-    """Builds a :class:`RunConfig` from defaults, a YAML file and ``key=value`` overrides.
+    """Builds a :class:`RunConfig` from defaults, a YAML file (or a recipe's name, see
+    :func:`config_file`) and ``key=value`` overrides.
 
     Raises:
         VlampError: On a missing or malformed file, an unknown key (naming the closest legal one)
@@ -420,9 +462,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     """
     tree: dict[str, Any] = {}
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise VlampError(f"config file {str(p)!r} not found")
+        p = config_file(path)
         try:
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:

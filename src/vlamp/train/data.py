@@ -14,10 +14,13 @@ from vlamp.train.config import RunConfig
 
 
 def load_data(config: RunConfig, progress: bool = True) -> LeRobotData:
-    """The configured dataset; the default suite is generated into the cache on first use."""
-    path = config.dataset.path
+    """The configured dataset; without a path, ``dataset.tasks``' demonstrations are generated into
+    the cache on first use (and found there after)."""
+    d = config.dataset
+    path = d.path
     if not path:
-        path = str(generate(progress=progress))
+        path = str(generate(d.tasks or None, d.episodes_per_task, image_size=d.image_size,
+                            progress=progress))
     if not Path(path).is_dir():
         raise VlampError(f"dataset.path {path!r} is not a directory (a LeRobot v3.0 dataset; "
                          f"see `vlamp data generate`)")

@@ -416,7 +416,7 @@ class Trainer:
         result = None
         if self.world.main:
             run = dict(replan_every=e.replan_every, ensemble=e.ensemble, image_size=self.image_size,
-                       camera=self.camera, max_steps=e.max_steps, progress=self.progress)
+                       camera=self.camera, max_steps=e.max_steps or None, progress=self.progress)
             if workers > 1 and isinstance(self.mp, MixedPrecision):
                 with tempfile.TemporaryDirectory(prefix="vlamp-eval-") as tmp:
                     path = self._policy_checkpoint(tmp, weights)

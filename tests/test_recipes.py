@@ -1,0 +1,131 @@
+"""The multi-task recipes (MT10, MT50) and evaluation as the field reports it: Meta-World's
+difficulty groups, its 500-step episode limit, and a recipe run end to end on a tiny scale."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from vlamp import VlampError
+from vlamp.sim.evaluate import (
+    MAX_STEPS,
+    METAWORLD_MAX_STEPS,
+    EvalResult,
+    TaskResult,
+    episode_limit,
+    evaluate,
+)
+from vlamp.sim.tasks import DEFAULT_SUITE, DIFFICULTY, SUITES, TASKS, resolve_tasks
+from vlamp.train.config import load_config, recipe_names
+
+
+def test_every_task_is_in_exactly_one_difficulty_group():
+    grouped = [t for tasks in DIFFICULTY.values() for t in tasks]
+    assert sorted(grouped) == sorted(TASKS) and len(grouped) == len(set(grouped)) == 50
+    assert {g: len(t) for g, t in DIFFICULTY.items()} == \
+        {"easy": 28, "medium": 11, "hard": 6, "very hard": 5}
+
+
+def _result(rates: dict[str, int], n: int = 10) -> EvalResult:
+    return EvalResult([TaskResult(t, n, s, 100.0, [True] * s + [False] * (n - s))
+                       for t, s in rates.items()], 1000, 1.0, METAWORLD_MAX_STEPS)
+
+
+def test_the_table_gives_each_difficulty_groups_mean_of_task_rates():
+    mt10 = dict(zip(SUITES["mt10"], [3, 0, 1, 10, 10, 10, 9, 1, 10, 10]))
+    result = _result(mt10)
+    groups = result.groups()
+    # reach 3, door-open 10, drawer-open 10, drawer-close 10, button-press-topdown 9, window x2 10
+    assert groups["easy"] == pytest.approx(((3 + 10 + 10 + 10 + 9 + 10 + 10) / 70, 7))
+    assert groups["medium"] == pytest.approx((0.1, 1))  # peg-insert-side
+    assert groups["hard"] == pytest.approx(((0 + 1) / 20, 2))  # push, pick-place
+    assert list(groups) == ["easy", "medium", "hard"]  # in DIFFICULTY's order, only those run
+    text = result.table()
+    assert "by difficulty (mean of the tasks' rates): easy 88.6% (7 tasks), medium 10.0% (1 task)" \
+        ", hard 5.0% (2 tasks)" in text and "at most 500 steps" in text
+    assert result.as_dict()["groups"]["hard"] == {"success_rate": 0.05, "tasks": 2}
+    assert "by difficulty" not in _result(dict.fromkeys(DEFAULT_SUITE, 5)).table()  # all easy
+
+
+def test_the_episode_limit_is_metaworlds_own_outside_the_default_suite():
+    assert episode_limit(resolve_tasks("default")) == MAX_STEPS == 200
+    assert episode_limit(resolve_tasks("mt10")) == episode_limit(resolve_tasks("drawer-open,reach")) \
+        == METAWORLD_MAX_STEPS == 500
+
+
+@pytest.mark.slow
+def test_an_episode_runs_to_the_limit_the_tasks_call_for():
+    def still(obs):  # never moves: fails every task, so each episode lasts exactly its limit
+        return np.zeros(4, dtype=np.float32)
+
+    result = evaluate(still, "reach,drawer-close", episodes=1, image_size=16, progress=False)
+    assert [t.mean_length for t in result.tasks] == [500.0, 500.0] and result.max_steps == 500
+    assert result.env_steps == 1000 and result.tasks[0].successes == 0
+    default = evaluate(still, "drawer-close", episodes=1, image_size=16, progress=False)
+    assert default.tasks[0].mean_length == 200.0
+    short = evaluate(still, "reach", episodes=1, image_size=16, progress=False, max_steps=7)
+    assert short.tasks[0].mean_length == 7.0
+
+
+def test_the_eval_command_prints_the_groups_and_rejects_a_bad_limit(tmp_path):
+    out = tmp_path / "eval.json"
+    p = subprocess.run([sys.executable, "-m", "vlamp", "eval", "--policy", "random", "--tasks",
+                        "reach,push", "--episodes", "1", "--max-steps", "5", "--image-size", "16",
+                        "--workers", "1", "--no-progress", "--json", str(out)],
+                       check=False, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "by difficulty (mean of the tasks' rates): easy 0.0% (1 task), hard 0.0% (1 task)" \
+        in p.stdout
+    saved = json.loads(out.read_text())
+    assert saved["max_steps"] == 5 and set(saved["groups"]) == {"easy", "hard"}
+    bad = subprocess.run([sys.executable, "-m", "vlamp", "eval", "--max-steps", "0"],
+                         check=False, capture_output=True, text=True)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert "--max-steps must be >= 1, got 0" in bad.stderr
+
+
+def test_every_shipped_recipe_loads_as_the_suite_it_names():
+    names = recipe_names()
+    assert names == ["mt10", "mt50"]
+    for name in names:
+        config = load_config(name)
+        assert [t.name for t in resolve_tasks(config.dataset.tasks)] == list(SUITES[name])
+        assert config.eval.max_steps == 500 and config.eval.episodes >= 10
+        assert not config.dataset.path  # generated from the suite on first use
+    assert load_config("mt10", ["train.steps=7"]).train.steps == 7  # overrides still win
+
+
+def test_a_bad_recipe_name_or_suite_is_one_line_naming_the_legal_ones():
+    with pytest.raises(VlampError, match=r"config file 'mt11' not found \(a YAML file, or one of "
+                                         r"vlamp's recipes: mt10, mt50\)"):
+        load_config("mt11")
+    with pytest.raises(VlampError, match=r"dataset.tasks: unknown task 'mt5'; did you mean"):
+        load_config(None, ["dataset.tasks=mt5"])
+    p = subprocess.run([sys.executable, "-m", "vlamp", "train", "--config", "mt11"],
+                       check=False, capture_output=True, text=True)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_a_recipe_generates_its_suite_trains_and_evaluates_end_to_end(tmp_path, monkeypatch):
+    from conftest import TINY_MODEL
+
+    from vlamp.train.trainer import Trainer
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the generated data goes here
+    config = load_config("mt10", [
+        "dataset.tasks=reach,drawer-close", "dataset.episodes_per_task=2", "dataset.image_size=16",
+        "dataset.val_episodes=1", "train.steps=2", "train.batch_size=8", "train.warmup_steps=1",
+        "eval.episodes=1", "eval.workers=1", "precision.mode=fp32", "precision.measure=false",
+        f"output_dir={tmp_path / 'run'}", *TINY_MODEL, "model.channels=[8,8]"])
+    result = Trainer(config, progress=False).fit()
+    generated = list((tmp_path / "cache" / "vlamp").rglob("meta/info.json"))
+    assert len(generated) == 1  # the suite's demonstrations, generated into the cache
+    info = json.loads(generated[0].read_text())
+    assert info["total_episodes"] == 4
+    ev = result.eval
+    assert [t["task"] for t in ev["per_task"]] == ["reach", "drawer-close"]
+    assert ev["max_steps"] == 500 and set(ev["groups"]) == {"easy"}
+    assert all(t["episodes"] == 1 for t in ev["per_task"])
