@@ -64,9 +64,16 @@ def _table(signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return code_lo, torch.cat([mids, mids.new_tensor([float("inf")])])
 
 
+@functools.cache
+def _on(device: torch.device, signed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_table`'s two tensors and :func:`dynamic_map` on ``device``, copied there once (a
+    step on a GPU would otherwise copy them for every parameter)."""
+    return (*(t.to(device) for t in _table(signed)), dynamic_map(signed).to(device))
+
+
 def _codes(scaled: torch.Tensor, signed: bool) -> torch.Tensor:
     """``torch.bucketize(scaled, midpoints)`` (int32), about 3x faster: through :func:`_table`."""
-    table, mids = (t.to(scaled.device) for t in _table(signed))
+    table, mids, _ = _on(scaled.device, signed)
     flat = scaled.reshape(-1)
     cell = (flat.view(torch.int32) >> _SHIFT).bitwise_and_((1 << (32 - _SHIFT)) - 1)
     code = torch.index_select(table, 0, cell)  # index_select: faster than indexing on a CPU
@@ -100,7 +107,7 @@ def quantize(x: torch.Tensor, signed: bool,
 def dequantize(codes: torch.Tensor, absmax: torch.Tensor, signed: bool, like: torch.Tensor
                ) -> torch.Tensor:
     """The FP32 tensor of ``like``'s shape that :func:`quantize` encoded."""
-    values = torch.index_select(dynamic_map(signed).to(codes.device), 0, codes.int()).view(-1, BLOCK)
+    values = torch.index_select(_on(codes.device, signed)[2], 0, codes.int()).view(-1, BLOCK)
     values.mul_(absmax.unsqueeze(1))
     out = values.view(-1)[: like.numel()]
     return out.view(like.shape).contiguous(memory_format=_format(like))

@@ -379,9 +379,12 @@ class Trainer:
         return self.ema.weights() if self.ema is not None else None
 
     @torch.no_grad()
-    def validate(self, batch_size: int = 256) -> float:
-        """Mean absolute action error on the validation episodes (normalized units, real steps)."""
+    def validate(self, batch_size: int | None = None) -> float:
+        """Mean absolute action error on the validation episodes (normalized units, real steps), in
+        batches of the training micro-batch unless ``batch_size`` is given: a batch the memory
+        budget was checked for (a large model's batch of 256 could outgrow it)."""
         assert self.val_set is not None
+        batch_size = batch_size or self.config.train.batch_size
         with _swapped(self.model, self.eval_weights()):
             self.model.eval()
             err, count = 0.0, 0.0
