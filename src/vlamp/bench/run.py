@@ -9,6 +9,8 @@ and the CPU counters read around each round say whether anything else was runnin
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import os
@@ -206,6 +208,11 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if not config.dataset.path:  # generated once here, not by every run's process at once
+        from vlamp.train.data import dataset_path
+
+        config = dataclasses.replace(config, dataset=dataclasses.replace(
+            config.dataset, path=dataset_path(config, progress)))
     low = next((split_mode(m)[0] for m in modes if compute_format(m) != "fp32"), None)
     plan = [(m, "vlamp", nproc) for m in modes] + ([("fp32", "vlamp", 1)] if nproc > 1 else []) \
         + ([(low, "torch.amp", 1)] if baseline and low else [])

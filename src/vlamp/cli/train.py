@@ -7,6 +7,7 @@ import argparse
 EXAMPLES = """examples:
   vlamp train train.steps=3000 precision.mode=bf16-mixed output_dir=runs/bf16
   vlamp train --config my.yaml train.batch_size=32
+  vlamp train --config mt10 output_dir=runs/mt10       # Meta-World MT10: data, training, evaluation
   vlamp train output_dir=runs/bf16 resume=true       # continue from the newest valid checkpoint
   torchrun --standalone --nproc-per-node 2 -m vlamp train distributed.strategy=fsdp \
       precision.mode=bf16-mixed train.batch_size=32   # 2 ranks x 32: the same steps as 1 x 64
@@ -32,12 +33,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         lines.append(f"  {key:<{width}} default: {value!r}{note}")
     p = sub.add_parser(
         "train", help="train a policy (config file + key=value overrides)",
-        description="Train TinyVLA by behaviour cloning on a LeRobot v3.0 dataset (default: the "
-                    "6-task Meta-World suite, generated on first use), in the chosen precision. "
+        description="Train a policy (model.name: TinyVLA, or hf-vlm) by behaviour cloning on a "
+                    "LeRobot v3.0 dataset (default: the scripted expert's demonstrations of "
+                    "dataset.tasks, the 6-task suite unless set, generated on first use), in the "
+                    "chosen precision. "
                     "Writes config.yaml, checkpoints/, metrics.jsonl and TensorBoard events (tb/) "
                     "to output_dir, then evaluates closed-loop.",
         epilog=EXAMPLES + "\n".join(lines), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, metavar="FILE", help="YAML config file")
+    p.add_argument("--config", default=None, metavar="FILE", help="YAML config file, or a recipe of vlamp's by name: mt10 (Meta-World MT10), "
+                        "mt50 (MT50); keys given after it win")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=run, allow_extra=True)

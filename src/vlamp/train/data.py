@@ -13,14 +13,19 @@ from vlamp.precision.errors import VlampError
 from vlamp.train.config import RunConfig
 
 
-def load_data(config: RunConfig, progress: bool = True) -> LeRobotData:
-    """The configured dataset; without a path, ``dataset.tasks``' demonstrations are generated into
-    the cache on first use (and found there after)."""
+def dataset_path(config: RunConfig, progress: bool = True) -> str:
+    """``dataset.path``, or without one the cache directory of ``dataset.tasks``' demonstrations,
+    generated there on first use (and found there after)."""
     d = config.dataset
-    path = d.path
-    if not path:
-        path = str(generate(d.tasks or None, d.episodes_per_task, image_size=d.image_size,
-                            progress=progress))
+    if d.path:
+        return d.path
+    return str(generate(d.tasks or None, d.episodes_per_task, image_size=d.image_size,
+                        progress=progress))
+
+
+def load_data(config: RunConfig, progress: bool = True) -> LeRobotData:
+    """The configured dataset (:func:`dataset_path`), read."""
+    path = dataset_path(config, progress)
     if not Path(path).is_dir():
         raise VlampError(f"dataset.path {path!r} is not a directory (a LeRobot v3.0 dataset; "
                          f"see `vlamp data generate`)")
