@@ -59,6 +59,27 @@ def test_state_is_exact_from_the_plan():
     assert low["masters"] == 0 and sizes["low_params"] < n
 
 
+def test_lora_is_counted_as_trained_adapters_on_frozen_layers():
+    from vlamp.models.lora import add_lora
+    from vlamp.models.registry import build_model
+    from vlamp.train.config import LoraConfig
+
+    cfg, lora = _tiny(), LoraConfig(rank=2, alpha=4.0, targets=["trunk.*.qkv"])
+    state, sizes = fit.state_bytes(cfg, "fp32", "-", "auto", lora=lora)
+    model = build_model(cfg)
+    adapters = add_lora(model, lora.targets, lora.rank, lora.alpha)
+    assert len(adapters) == 3  # one per trunk layer
+    frozen = sum(model.get_submodule(f"{n}.base").weight.numel() + model.get_submodule(f"{n}.base")
+                 .bias.numel() for n in adapters)
+    total = sum(p.numel() for p in model.parameters())
+    assert sizes["params"] == total  # the adapters counted
+    assert state["weights"] == 4 * total and state["grads"] == 4 * (total - frozen)
+    assert state["optimizer"] == 8 * (total - frozen)  # no state for the frozen base layers
+    # and the depth-extrapolated count is the same as the full build's
+    deep, _ = fit.state_by_depth(cfg, "fp32", "-", "auto", lora=lora)
+    assert deep == state
+
+
 def _probe(per_layer: float, base: float) -> ModeProbe:
     """A probe with planted figures: ``base`` bytes per sample, ``per_layer`` more per layer."""
     def measured(layers: int) -> Measured:

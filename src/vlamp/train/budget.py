@@ -96,7 +96,8 @@ def fit_run(config: RunConfig, device: torch.device, budget: int, modes: Sequenc
     for c in cands:
         key = (c.mode, c.update, c.optimizer_state)
         if key not in held_by:
-            held_by[key] = fit.state_by_depth(config.model, *key, frozen=frozen)
+            held_by[key] = fit.state_by_depth(config.model, *key, frozen=frozen,
+                                              lora=config.train.lora)
     measured = dict(probes)
     for m in dict.fromkeys([*modes, *named]):
         if m in probes:

@@ -30,11 +30,13 @@ from collections.abc import Callable, Sequence
 import torch
 
 from vlamp.models.config import ModelConfig
+from vlamp.models.lora import add_lora
 from vlamp.models.registry import BLOCKS, build_model, stack_depths
 from vlamp.precision.describe import state_by_kind
 from vlamp.precision.modes import get_mode
 from vlamp.precision.plan import PrecisionPlan
 from vlamp.precision.weight_update import BUCKET
+from vlamp.train.config import LoraConfig
 from vlamp.train.fit_probe import Measured, ModeProbe, probe_mode
 
 KINDS = ("weights", "masters", "compensation", "grads", "optimizer", "activations", "transient",
@@ -125,17 +127,22 @@ def candidates(modes: Sequence[str], batch: int, *, updates: Sequence[str] | Non
 
 
 def state_bytes(config: ModelConfig, mode: str, update: str, optimizer_state: str,
-                frozen: Sequence[str] = (), depths: dict[str, int] | None = None
-                ) -> tuple[dict[str, float], dict[str, int]]:
+                frozen: Sequence[str] = (), depths: dict[str, int] | None = None,
+                lora: LoraConfig | None = None) -> tuple[dict[str, float], dict[str, int]]:
     """The exact state of the full model by kind (weights, masters, compensation, grads,
     optimizer), from the plan's dtypes on a meta-device build; and sizes the transient needs
     (``largest_param``, ``largest_module``: elements, embeddings aside; ``largest_grad``:
     bytes; ``low_params``, ``params``: elements stored low, and all).
-    ``depths`` builds a shallow copy instead (see :func:`vlamp.models.registry.build_model`)."""
+    ``depths`` builds a shallow copy instead (see :func:`vlamp.models.registry.build_model`);
+    ``lora`` (``train.lora``) adapts it as the trainer does: adapters trained, the
+    adapted layers frozen."""
     from vlamp.precision.freeze import frozen_modules
 
     with torch.device("meta"):
         model = build_model(config, depths)
+        if lora is not None and lora.rank:
+            frozen = [*frozen, *(f"{n}.base" for n in add_lora(model, lora.targets, lora.rank,
+                                                               lora.alpha))]
     plan = PrecisionPlan(mode)
     m = plan.mode
     method = update if update != "-" else m.default_update
@@ -164,19 +171,20 @@ def state_bytes(config: ModelConfig, mode: str, update: str, optimizer_state: st
 
 
 def state_by_depth(config: ModelConfig, mode: str, update: str, optimizer_state: str,
-                   frozen: Sequence[str] = ()) -> tuple[dict[str, float], dict[str, int]]:
+                   frozen: Sequence[str] = (), lora: LoraConfig | None = None
+                   ) -> tuple[dict[str, float], dict[str, int]]:
     """:func:`state_bytes` of the full model from shallow meta-device builds (one layer per
     stack, one more in each), extrapolated in depth as the probes are: a model of thousands of
     layers is counted as fast as one of two. Exact for stacks of identical layers."""
     depths = stack_depths(config)
     if not depths:
-        return state_bytes(config, mode, update, optimizer_state, frozen)
+        return state_bytes(config, mode, update, optimizer_state, frozen, lora=lora)
     base = {s: 1 for s in depths}
-    one, one_sizes = state_bytes(config, mode, update, optimizer_state, frozen, base)
+    one, one_sizes = state_bytes(config, mode, update, optimizer_state, frozen, base, lora)
     state, sizes = dict(one), dict(one_sizes)
     for stack, n in depths.items():
         more, more_sizes = state_bytes(config, mode, update, optimizer_state, frozen,
-                                       {**base, stack: 2})
+                                       {**base, stack: 2}, lora)
         for k in state:
             state[k] += (more[k] - one[k]) * (n - 1)
         for k in ("low_params", "params"):
