@@ -18,7 +18,8 @@ from vlamp.sim.evaluate import (
     evaluate,
 )
 from vlamp.sim.tasks import DEFAULT_SUITE, DIFFICULTY, SUITES, TASKS, resolve_tasks
-from vlamp.train.config import load_config, recipe_names
+from vlamp.train.config import load_config
+from vlamp.train.recipes import recipe_names
 
 
 def test_every_task_is_in_exactly_one_difficulty_group():
@@ -103,6 +104,8 @@ def test_a_bad_recipe_name_or_suite_is_one_line_naming_the_legal_ones():
         load_config("mt11")
     with pytest.raises(VlampError, match=r"dataset.tasks: unknown task 'mt5'; did you mean"):
         load_config(None, ["dataset.tasks=mt5"])
+    with pytest.raises(VlampError, match=r"dataset.tasks .* dataset.path .*: give one of them"):
+        load_config(None, ["dataset.tasks=mt10", "dataset.path=data/mt10"])
     p = subprocess.run([sys.executable, "-m", "vlamp", "train", "--config", "mt11"],
                        check=False, capture_output=True, text=True)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1

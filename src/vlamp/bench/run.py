@@ -10,7 +10,6 @@ and the CPU counters read around each round say whether anything else was runnin
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import math
 import os

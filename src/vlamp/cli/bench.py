@@ -49,7 +49,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "train.batch_size is per rank (default: 1)")
     p.add_argument("--quick", action="store_true", help="a tiny model on a tiny dataset (seconds)")
     p.add_argument("--out", default="runs/bench", metavar="DIR", help="default: runs/bench")
-    p.add_argument("--config", default=None, metavar="FILE", help="YAML training config, or a recipe of vlamp's: mt10, mt50")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="YAML training config, or a recipe of vlamp's: mt10, mt50")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=run, allow_extra=True)

@@ -40,8 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "Writes config.yaml, checkpoints/, metrics.jsonl and TensorBoard events (tb/) "
                     "to output_dir, then evaluates closed-loop.",
         epilog=EXAMPLES + "\n".join(lines), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, metavar="FILE", help="YAML config file, or a recipe of vlamp's by name: mt10 (Meta-World MT10), "
-                        "mt50 (MT50); keys given after it win")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="YAML config file, or a recipe of vlamp's by name: mt10 (Meta-World "
+                        "MT10), mt50 (MT50); keys given after it win")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=run, allow_extra=True)

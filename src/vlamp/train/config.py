@@ -8,7 +8,6 @@ import difflib
 import os
 import re
 import typing
-from pathlib import Path
 from typing import Any
 
 import draccus
@@ -23,6 +22,7 @@ from vlamp.precision.modes import get_mode
 from vlamp.precision.weight_update import OPTIMIZER_STATES, check_update
 from vlamp.sim import evaluate as evaluation
 from vlamp.sim.tasks import resolve_tasks
+from vlamp.train.recipes import config_file
 
 
 @dataclasses.dataclass
@@ -335,6 +335,9 @@ class RunConfig:
         if self.dataset.episodes_per_task < 1 or self.dataset.image_size < 16:
             raise VlampError(f"dataset.episodes_per_task must be >= 1 and dataset.image_size >= 16, "
                              f"got {self.dataset.episodes_per_task} and {self.dataset.image_size}")
+        if self.dataset.tasks and self.dataset.path:
+            raise VlampError("dataset.tasks names demonstrations to generate; dataset.path "
+                             "names a dataset to read: give one of them")
         if self.dataset.tasks:
             try:  # an unknown name fails here, before any generation
                 resolve_tasks(self.dataset.tasks)
@@ -426,29 +429,6 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     for k, v in over.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
-
-
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"  # configs shipped with vlamp
-
-
-def recipe_names() -> list[str]:
-    """The recipes shipped with vlamp (``mt10``, ``mt50``), usable as ``--config NAME``."""
-    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
-
-
-def config_file(path: str | os.PathLike[str]) -> Path:
-    """A config file's path: ``path`` itself, or a shipped recipe's when ``path`` is its name.
-
-    Raises:
-        VlampError: If it is neither; the message lists the recipes.
-    """
-    p = Path(path)
-    if p.is_file():
-        return p
-    if str(path) in recipe_names():
-        return RECIPES / f"{path}.yaml"
-    raise VlampError(f"config file {str(p)!r} not found (a YAML file, or one of vlamp's recipes: "
-                     f"{', '.join(recipe_names())})")
 
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None
