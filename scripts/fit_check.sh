@@ -14,6 +14,7 @@ run tiny-kahan-b128 precision.mode=bf16-storage precision.update=kahan train.bat
 run smol-fp32 model.name=hf-vlm model.size=smolvla precision.mode=fp32 train.batch_size=8
 run smol-storage-8bit model.name=hf-vlm model.size=smolvla precision.mode=bf16-storage precision.optimizer_state=8bit train.batch_size=8
 run smol-storage-ckpt model.name=hf-vlm model.size=smolvla precision.mode=bf16-storage 'train.checkpoint=[SiglipEncoderLayer,GemmaDecoderLayer]' train.batch_size=8
+run smol-lora model.name=hf-vlm model.size=smolvla precision.mode=bf16-storage train.batch_size=8 train.lora.rank=16 'train.lora.targets=[Linear]' 'train.freeze=[Embedding,Conv2d,LayerNorm,GemmaRMSNorm,MultiheadAttention]'
 run smol-fp32-8bit-2x4 model.name=hf-vlm model.size=smolvla precision.mode=fp32 precision.optimizer_state=8bit train.batch_size=2 train.grad_accum=4
 # The real-size rows of the README (each takes the machine: run them one at a time):
 #   fp32 at the depth `vlamp fit --largest model.depth ... --modes fp32 --states auto` finds, and
