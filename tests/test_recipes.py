@@ -4,6 +4,7 @@ difficulty groups, its 500-step episode limit, and a recipe run end to end on a 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,3 +133,17 @@ def test_a_recipe_generates_its_suite_trains_and_evaluates_end_to_end(tmp_path, 
     assert [t["task"] for t in ev["per_task"]] == ["reach", "drawer-close"]
     assert ev["max_steps"] == 500 and set(ev["groups"]) == {"easy"}
     assert all(t["episodes"] == 1 for t in ev["per_task"])
+
+
+@pytest.mark.slow
+def test_a_suites_data_is_generated_once_for_processes_that_share_it(tmp_path, monkeypatch):
+    from vlamp.train.data import with_dataset_path
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    config = load_config("mt10", ["dataset.tasks=drawer-close", "dataset.episodes_per_task=1",
+                                  "dataset.image_size=16"])
+    ready = with_dataset_path(config, progress=False)  # what the bench hands each run's process
+    assert ready.dataset.tasks == "" and (tmp_path / "cache") in Path(ready.dataset.path).parents
+    assert json.loads((Path(ready.dataset.path) / "meta" / "info.json").read_text())[
+        "total_episodes"] == 1
+    assert with_dataset_path(ready) is ready  # a path given: nothing generated, nothing changed

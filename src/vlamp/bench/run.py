@@ -9,7 +9,6 @@ and the CPU counters read around each round say whether anything else was runnin
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -35,6 +34,7 @@ from vlamp.precision.hardware import detect, native_formats, resolve_device
 from vlamp.precision.modes import MODE_NAMES, get_mode
 from vlamp.precision.weight_update import OPTIMIZER_STATES, UPDATES
 from vlamp.train.config import RunConfig, to_dict
+from vlamp.train.data import with_dataset_path
 
 
 def default_modes(device: str | None = "auto") -> tuple[list[str], list[str]]:
@@ -207,11 +207,7 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if not config.dataset.path:  # generated once here, not by every run's process at once
-        from vlamp.train.data import dataset_path
-
-        config = dataclasses.replace(config, dataset=dataclasses.replace(
-            config.dataset, path=dataset_path(config, progress)))
+    config = with_dataset_path(config, progress)  # generated once here, not by every run at once
     low = next((split_mode(m)[0] for m in modes if compute_format(m) != "fp32"), None)
     plan = [(m, "vlamp", nproc) for m in modes] + ([("fp32", "vlamp", 1)] if nproc > 1 else []) \
         + ([(low, "torch.amp", 1)] if baseline and low else [])

@@ -3,6 +3,7 @@ and validation episodes."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,16 @@ def dataset_path(config: RunConfig, progress: bool = True) -> str:
         return d.path
     return str(generate(d.tasks or None, d.episodes_per_task, image_size=d.image_size,
                         progress=progress))
+
+
+def with_dataset_path(config: RunConfig, progress: bool = True) -> RunConfig:
+    """``config`` reading :func:`dataset_path`'s directory (generated now if it must be), for
+    processes that each load the same data: they find it instead of generating it at once."""
+    if config.dataset.path:
+        return config
+    path = dataset_path(config, progress)
+    return dataclasses.replace(config, dataset=dataclasses.replace(config.dataset, path=path,
+                                                                   tasks=""))
 
 
 def load_data(config: RunConfig, progress: bool = True) -> LeRobotData:
