@@ -17,7 +17,7 @@ import sys
 import torch
 
 from vlamp import MixedPrecision
-from vlamp.models.lora import add_lora
+from vlamp.models.lora import add_lora, frozen_bases
 from vlamp.models.registry import build_model
 from vlamp.precision.weight_update import UpdateSettings
 from vlamp.train.config import load_config
@@ -31,7 +31,7 @@ def main(mode: str = "bf16-storage", state: str = "auto", rank: int = 16) -> Non
     config.vocab_size = 1000  # the tokenizer's size on a dataset; it does not change the picture
     model = build_model(config)
     adapted = add_lora(model, ["Linear"], rank, 16.0)
-    freeze = [*FREEZE, *(f"{n}.base" for n in adapted)]
+    freeze = [*FREEZE, *frozen_bases(adapted)]
     mp = MixedPrecision(mode, freeze=freeze, update=UpdateSettings(optimizer_state=state))
     model, _ = mp.setup(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]))
     total = sum(p.numel() for p in model.parameters())

@@ -87,6 +87,12 @@ def add_lora(model: nn.Module, targets: Sequence[str], rank: int, alpha: float) 
     return chosen
 
 
+def frozen_bases(adapted: Sequence[str]) -> list[str]:
+    """The freeze patterns of the adapted layers' original weights (``train.freeze``'s form):
+    what :func:`add_lora`'s layers leave untrained."""
+    return [f"{name}.base" for name in adapted]
+
+
 def merge_lora(model: nn.Module) -> int:
     """Replaces every :class:`LoRALinear` of ``model`` by its merged FP32 linear layer, in place;
     returns how many."""

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from vlamp.models.config import ModelConfig
-from vlamp.models.lora import add_lora
+from vlamp.models.lora import add_lora, frozen_bases
 from vlamp.models.registry import BLOCKS, build_model, stack_depths
 from vlamp.precision.describe import state_by_kind
 from vlamp.precision.modes import get_mode
@@ -141,8 +141,7 @@ def state_bytes(config: ModelConfig, mode: str, update: str, optimizer_state: st
     with torch.device("meta"):
         model = build_model(config, depths)
         if lora is not None and lora.rank:
-            frozen = [*frozen, *(f"{n}.base" for n in add_lora(model, lora.targets, lora.rank,
-                                                               lora.alpha))]
+            frozen = [*frozen, *frozen_bases(add_lora(model, lora.targets, lora.rank, lora.alpha))]
     plan = PrecisionPlan(mode)
     m = plan.mode
     method = update if update != "-" else m.default_update

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from vlamp.models.config import ModelConfig, saved_model_config
-from vlamp.models.lora import add_lora, merge_lora
+from vlamp.models.lora import add_lora, frozen_bases, merge_lora
 from vlamp.models.registry import build_model
 from vlamp.precision.errors import VlampError
 from vlamp.precision.freeze import FROZEN
@@ -60,8 +60,9 @@ def merge_checkpoint(path: str | Path, out: str | Path, use_ema: bool = True) ->
 def _merged_plan(plan: dict[str, Any], adapted: list[str]) -> dict[str, Any]:
     """The saved plan without the rules on the adapters' frozen bases (gone), plus FP32 storage
     for the merged layers where the mode stores weights in low precision."""
+    bases = set(frozen_bases(adapted))
     rules = [r for r in plan.get("rules", [])
-             if not (r.get("label") == FROZEN and r["pattern"].endswith(".base"))]
+             if not (r.get("label") == FROZEN and r["pattern"] in bases)]
     mode = get_mode(plan["mode"])
     if mode.default_policy.param != torch.float32:
         keep = str(Policy(torch.float32, mode.compute_dtype, mode.compute_dtype))

@@ -21,7 +21,7 @@ from vlamp.data.dataset import ChunkDataset, random_shift, random_shift_offsets
 from vlamp.data.generate import dataset_camera
 from vlamp.data.reader import LeRobotData
 from vlamp.models.config import saved_model_config
-from vlamp.models.lora import add_lora
+from vlamp.models.lora import add_lora, frozen_bases
 from vlamp.models.registry import build_model
 from vlamp.models.tokenizer import WordTokenizer
 from vlamp.precision.autoplan import measure_plan
@@ -176,7 +176,7 @@ class Trainer:
         saved = resume_from.state["precision"].get("plan") if resume_from is not None else None
         settings = p.loss_scale.settings()
         common = {"scaler_settings": settings, "tf32": p.tf32, "diagnostics": p.diagnostics,
-                  "freeze": [*self.config.train.freeze, *(f"{n}.base" for n in self.adapted)],
+                  "freeze": [*self.config.train.freeze, *frozen_bases(self.adapted)],
                   "update": UpdateSettings(p.update, p.grad_accum, self.config.train.seed,
                                            p.optimizer_state, p.step_in_backward)}
         if saved is not None and p.mode in ("auto", saved.get("mode")):
