@@ -56,6 +56,7 @@ def test_plan_json_and_rules_file(tmp_path, capsys):
     (["plan", "--rules", "/no/such/file.yaml"], "cannot read"),
     (["frobnicate"], "invalid choice"),
     (["plan", "--depth", "x"], "invalid int value"),
+    (["plan", "--lean-islands", "-0.1"], "--lean-islands must be a fraction >= 0 (0: off)"),
 ])
 def test_user_errors_are_one_line_and_exit_2(args, fragment):
     rc, out, err = run_cli(*args)

@@ -141,34 +141,42 @@ def test_state_bytes_by_kind_per_parameter():
     assert master["masters_bytes"] == 4 * n and master["state_bytes"] == 18 * n
 
 
-def test_lean_norms_rules_compute_norms_in_fp32_and_save_fewer_bytes():
-    from pathlib import Path
-
+def test_lean_islands_compute_norms_in_fp32_and_save_fewer_bytes(tmp_path):
+    """TinyVLA's measured lean islands: every norm still computes in FP32 (traced), those that
+    lean hand on BF16, and the forward saves fewer bytes than with every island handing on FP32."""
     from vlamp.models.config import ModelConfig
     from vlamp.models.tinyvla import TinyVLA
-    from vlamp.precision.plan import PrecisionPlan
+    from vlamp.precision.autoplan import measure_plan
+    from vlamp.precision.lean import LEAN
     from vlamp.precision.verify import trace_compute_dtypes
 
-    rules = PrecisionPlan.load(Path(__file__).parent.parent / "docs" / "lean_norms.yaml", mode="bf16-mixed")
-
-    def run(plan):
+    def build():
         torch.manual_seed(0)
-        model = TinyVLA(ModelConfig(dim=32, depth=1, heads=2, text_layers=1, channels=[8, 8],
-                                    chunk=4, vocab_size=20, image_size=32))
+        return TinyVLA(ModelConfig(dim=32, depth=1, heads=2, text_layers=1, channels=[8, 8],
+                                   chunk=4, vocab_size=20, image_size=32))
+
+    batch = build().example_batch(8)
+
+    def run(lean):
+        model = build()
+        plan = measure_plan(model, batch, "bf16-mixed", lean=lean, cache_dir=tmp_path, repeats=1)
         mp = MixedPrecision(plan)
         mp.setup(model)
 
         def forward():
             with mp.autocast():
-                return model(model.example_batch(8))
+                return model(batch)
         with ActivationMeter(model) as meter:
             seen = trace_compute_dtypes(model, forward)
-        return meter, seen, model
+        return meter, seen, model, plan
 
-    plain, _, _ = run(PrecisionPlan("bf16-mixed"))
-    lean, seen, model = run(rules)
+    plain, _, _, _ = run(None)
+    lean, seen, model, plan = run(1.0)
     norms = [n for n, m in model.named_modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm))]
+    leaned = {r.pattern for r in plan.user_rules if LEAN in r.label}
     assert len(norms) >= 5 and all(seen[n] == {torch.float32} for n in norms)
+    assert any(n.startswith("vision") for n in leaned)  # a GroupNorm before a SiLU
+    assert plan.measured["lean"]["lean_error"] <= 2.0 * plan.measured["lean"]["mode_error"]
     assert lean.total < plain.total
 
 

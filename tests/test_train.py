@@ -219,6 +219,7 @@ def test_train_and_eval_checkpoint_through_the_cli(tiny_dataset, tmp_path):
     (["precision.mode=fp12"], "fp12"),
     (["model.head=diffusion"], "model.head must be one of act, flow"),
     (["steps"], "is not key=value"),
+    (["precision.lean_islands=-1"], "precision.lean_islands must be a fraction >= 0 (0: off)"),
 ])
 def test_config_errors_exit_2_in_one_line(tiny_dataset, tmp_path, args, message):
     p = cli("train", f"dataset.path={tiny_dataset}", f"output_dir={tmp_path / 'r'}", *args)

@@ -54,6 +54,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="measure each module's relative error in low precision against fp32 on a "
                         "batch and keep in fp32 those above ERROR (e.g. 0.02), instead of the "
                         "built-in islands; with --auto, the speed measurement follows")
+    p.add_argument("--lean-islands", type=float, default=0.05, metavar="FRACTION",
+                   help="with --auto: let the FP32 islands hand on the low-precision dtype where "
+                        "that grows the gradient error against fp32 by at most FRACTION, measured "
+                        "(precision.lean_islands; default: 0.05; 0: every island hands on fp32)")
     p.add_argument("--fsdp", action="store_true",
                    help="also list the FSDP2 shard groups the plan gives under torchrun "
                         "(distributed.strategy=fsdp): each group's gathered and reduced dtype")
@@ -96,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
     plan.resolve(model)  # warns (one line, by vlamp's main) about rules that match nothing
     if args.sensitivity is not None and args.sensitivity <= 0:
         raise VlampError(f"--sensitivity must be a relative error > 0, got {args.sensitivity}")
+    if not args.lean_islands >= 0:
+        raise VlampError(f"--lean-islands must be a fraction >= 0 (0: off), got {args.lean_islands}")
     if args.sensitivity is not None and not args.auto:
         from vlamp.precision.sensitivity import sensitivity_plan
 
@@ -110,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         plan = measure_plan(model, model.example_batch(args.batch_size), mode,
                             rules=plan.user_rules, builtin_rules=plan.builtin_rules,
                             refresh=args.refresh, log=lambda line: print(line, file=sys.stderr),
-                            sensitivity=args.sensitivity)
+                            sensitivity=args.sensitivity, lean=args.lean_islands or None)
     table = describe_plan(plan, model, max_depth=args.depth,
                           update=args.update, state8=args.optimizer_state == "8bit")
     print(json.dumps(table.to_dicts(), indent=2) if args.json else table)

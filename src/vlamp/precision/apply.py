@@ -218,6 +218,15 @@ def apply_plan(resolved: Sequence[Resolved]) -> Undo:
     return Undo(bounded)
 
 
+def hand_on(module: nn.Module, dtype: torch.dtype) -> None:
+    """Makes a boundary module of an applied plan hand its floating outputs on in ``dtype`` (a
+    measurement's what-if: :mod:`vlamp.precision.lean` tries each island's output in low precision
+    without applying the plan again to a fresh copy of the model)."""
+    boundary = getattr(module, _BOUNDARY)
+    boundary.policy = dataclasses.replace(boundary.policy, output=dtype)
+    setattr(module, _MARK, boundary.policy)
+
+
 def uncalled_boundaries(resolved: Sequence[Resolved]) -> dict[str, str] | None:
     """Ruled modules whose own forward never ran (their parent uses their weights directly, as
     ``MultiheadAttention`` does with ``out_proj``): name -> the rule that decided them. ``None``

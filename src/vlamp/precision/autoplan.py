@@ -3,7 +3,8 @@ and in FP32, and keep FP32 where low precision is slower on this machine.
 
 Algorithm (``measure_plan``)::
 
-    base  = the mode's plan (user rules, then the built-in FP32 islands)
+    base  = the mode's plan (user rules, then the built-in FP32 islands), with its lean islands:
+            those that may hand on the low-precision dtype (vlamp.precision.lean), measured
     probe = a copy of the model with ``base`` applied; one forward under autocast records the inputs
             of every candidate: a leaf module that ``base`` runs in low precision by default
     for each candidate, on copies of it, interleaved, ``repeats`` times after a warm-up:
@@ -42,6 +43,7 @@ from vlamp.precision.apply import _MARK, apply_plan
 from vlamp.precision.dtypes import dtype_name
 from vlamp.precision.errors import VlampError
 from vlamp.precision.hardware import choose_mode, detect, native_formats, synchronize
+from vlamp.precision.lean import DEFAULT_TOLERANCE, LEAN, islands, lean_plan, measure_lean
 from vlamp.precision.modes import Mode, get_mode
 from vlamp.precision.plan import PrecisionPlan, Resolved, Rule, RuleSpec
 from vlamp.precision.policy import FP32
@@ -50,11 +52,12 @@ from vlamp.precision.probe import (
     capture_inputs,
     loss_of,
     model_device,
+    rng_kept,
     tensors_in,
 )
 from vlamp.precision.sensitivity import sensitivity_plan
 
-CACHE_VERSION = 2  # 2: measured FP32 modules hand on FP32
+CACHE_VERSION = 3  # 2: measured FP32 modules hand on FP32; 3: lean islands
 
 
 def default_plan_cache() -> Path:
@@ -80,6 +83,7 @@ def measure_plan(
     require_native: bool = True,
     log: Callable[[str], None] | None = None,
     sensitivity: float | None = None,
+    lean: float | None = DEFAULT_TOLERANCE,
 ) -> PrecisionPlan:
     """Measures which modules of ``model`` are faster in FP32 than in low precision, here, and,
     with ``sensitivity``, which lose too much accuracy in low precision. ``model`` is not changed:
@@ -103,10 +107,12 @@ def measure_plan(
         require_native: With a named mode, measure only where this hardware computes its format
             natively; ``False`` measures an emulated format too (to see per module what it costs).
         log: Called with one line for what is done (cache hit, measuring, the decision).
-        sensitivity: The accuracy half: first measure each module's error in low precision
-            against FP32 (:mod:`vlamp.precision.sensitivity`) and keep in FP32 those above this
-            relative error, *instead of* the built-in islands; then the speed half as above. Also
-            for the ``-true`` modes and emulated formats, whose speed is not measured.
+        sensitivity: The accuracy half, before the speed half: keep in FP32 the modules whose own
+            error in low precision passes this (:mod:`vlamp.precision.sensitivity`), *instead of*
+            the built-in islands. Also for the ``-true`` modes and emulated formats.
+        lean: Lean islands (:mod:`vlamp.precision.lean`), before the speed half: the growth of the
+            gradient error their measurement allows (default 5%); ``None``: every island hands on
+            FP32. Also for the ``-true`` modes and emulated formats.
 
     Returns:
         A :class:`PrecisionPlan` for the chosen mode; ``plan.measured`` holds per-module times
@@ -116,34 +122,42 @@ def measure_plan(
         VlampError: If the model was already set up, ``repeats < 1`` or ``margin < 0``.
     """
     say = log or (lambda _msg: None)
-    _check_arguments(model, repeats, margin, sensitivity)
+    _check_arguments(model, repeats, margin, sensitivity, lean)
     hw = detect(model_device(model))
     requested = mode if isinstance(mode, str) else mode.name
     is_auto = requested.strip().lower() == "auto"
     if isinstance(rules, (str, os.PathLike)):  # a YAML rules file
         rules, builtin_rules = _load_rules(rules, None if is_auto else requested)
     if is_auto:
-        choice = choose_mode(hw)
-        if choice.mode == "fp32":
-            say(f"precision: fp32 ({choice.reason}); nothing to measure")
-            return PrecisionPlan("fp32", rules, builtin_rules=builtin_rules,
-                                 measured={"requested": "auto", "reason": choice.reason})
-        low_mode = get_mode(choice.mode)
+        low_mode = _proposed(hw, rules, builtin_rules, say)
+        if isinstance(low_mode, PrecisionPlan):
+            return low_mode
     else:
         low_mode = get_mode(requested)
         if low_mode.name == "fp32":
             return PrecisionPlan("fp32", rules, builtin_rules=builtin_rules)
         reason = _unmeasured_reason(low_mode, hw, require_native)
-        if reason is not None:
-            if sensitivity is not None:  # the accuracy half still applies
-                rules, builtin_rules = _accurate_rules(model, example_batch, low_mode, rules,
-                                                       sensitivity, loss_fn, say)
+        if reason is not None:  # the accuracy halves still apply
+            plan = _accurate_base(model, example_batch, low_mode, rules, builtin_rules,
+                                  sensitivity, lean, loss_fn, say)
+            plan.measured = {"requested": requested, "reason": reason, **(plan.measured or {})}
             say(f"precision: {low_mode.name} not measured ({reason})")
-            return PrecisionPlan(low_mode, rules, builtin_rules=builtin_rules,
-                                 measured={"requested": requested, "reason": reason})
+            return plan
     return _timed_plan(model, example_batch, low_mode, requested, rules, builtin_rules, hw,
                        loss_fn=loss_fn, repeats=repeats, margin=margin, cache=cache,
-                       cache_dir=cache_dir, refresh=refresh, sensitivity=sensitivity, say=say)
+                       cache_dir=cache_dir, refresh=refresh, sensitivity=sensitivity, lean=lean,
+                       say=say)
+
+
+def _proposed(hw: Any, rules: Any, builtin_rules: bool, say: Callable[[str], None]
+              ) -> Mode | PrecisionPlan:
+    """``auto``: the low-precision mode the hardware proposes, or the fp32 plan if it proposes none."""
+    choice = choose_mode(hw)
+    if choice.mode != "fp32":
+        return get_mode(choice.mode)
+    say(f"precision: fp32 ({choice.reason}); nothing to measure")
+    return PrecisionPlan("fp32", rules, builtin_rules=builtin_rules,
+                         measured={"requested": "auto", "reason": choice.reason})
 
 
 def _load_rules(path: str | os.PathLike[str], mode: str | None) -> tuple[tuple[Rule, ...], bool]:
@@ -151,7 +165,8 @@ def _load_rules(path: str | os.PathLike[str], mode: str | None) -> tuple[tuple[R
     return loaded.user_rules, loaded.builtin_rules
 
 
-def _check_arguments(model: nn.Module, repeats: int, margin: float, sensitivity: float | None) -> None:
+def _check_arguments(model: nn.Module, repeats: int, margin: float, sensitivity: float | None,
+                     lean: float | None) -> None:
     if repeats < 1 or margin < 0:
         raise VlampError(f"measure_plan: repeats must be >= 1 and margin >= 0, got {repeats}, {margin}")
     if any(hasattr(m, _MARK) for m in model.modules()):
@@ -159,18 +174,21 @@ def _check_arguments(model: nn.Module, repeats: int, margin: float, sensitivity:
                          "measure before MixedPrecision.setup")
     if sensitivity is not None and sensitivity <= 0:
         raise VlampError(f"measure_plan: sensitivity must be a relative error > 0, got {sensitivity}")
+    if lean is not None and not lean >= 0:
+        raise VlampError(f"measure_plan: lean must be a fraction >= 0 (or None: off), got {lean}")
 
 
 def _timed_plan(model: nn.Module, example_batch: Any, low_mode: Mode, requested: str, rules: Any,
                 builtin_rules: bool, hw: Any, *, loss_fn: LossFn | None, repeats: int,
                 margin: float, cache: bool, cache_dir: str | os.PathLike[str] | None,
-                refresh: bool, sensitivity: float | None, say: Callable[[str], None]
-                ) -> PrecisionPlan:
+                refresh: bool, sensitivity: float | None, lean: float | None,
+                say: Callable[[str], None]) -> PrecisionPlan:
     """The timed half of :func:`measure_plan`: from the cache, or measured and cached."""
     is_auto = requested.strip().lower() == "auto"
     device = model_device(model)
     base = PrecisionPlan(low_mode, rules, builtin_rules=builtin_rules)
-    asked = requested if sensitivity is None else f"{requested}|sensitivity={sensitivity:g}"
+    asked = requested + ("" if sensitivity is None else f"|sensitivity={sensitivity:g}") + (
+        "" if lean is None else f"|lean={lean:g}")
     key = _cache_key(model, example_batch, asked, base, hw.as_dict(), margin, loss_fn)
     path = Path(cache_dir) if cache_dir is not None else default_plan_cache()
     path = path / f"{key[:24]}.yaml"
@@ -179,10 +197,8 @@ def _timed_plan(model: nn.Module, example_batch: Any, low_mode: Mode, requested:
         if cached is not None:
             say(f"precision: {cached.mode.name}, measured plan from the cache ({path})")
             return cached
-    if sensitivity is not None:
-        rules, builtin_rules = _accurate_rules(model, example_batch, low_mode, rules, sensitivity,
-                                               loss_fn, say)
-        base = PrecisionPlan(low_mode, rules, builtin_rules=builtin_rules)
+    base = _accurate_base(model, example_batch, low_mode, rules, builtin_rules, sensitivity, lean,
+                          loss_fn, say)  # the speed half times the plan with its lean islands
     say(f"precision: measuring {low_mode.name} against fp32 per module on {hw.name} "
         f"({torch.get_num_threads()} threads)...")
     chosen, reason, step, modules = _measure(model, example_batch, base, is_auto, loss_fn, repeats,
@@ -192,6 +208,8 @@ def _timed_plan(model: nn.Module, example_batch: Any, low_mode: Mode, requested:
         "requested": requested, "reason": reason, "key": key, "dtype": dtype_name(low),
         "hardware": hw.name, "torch": str(torch.__version__), "threads": torch.get_num_threads(),
         "margin": margin, "step_ms": step, "modules": modules, "from_cache": False,
+        **({"lean": base.measured["lean"]}  # (an fp32 choice has no islands to lean)
+           if base.measured and "lean" in base.measured and chosen.mode.name != "fp32" else {}),
     }
     say(f"precision: {chosen.mode.name} ({reason})")
     if cache:
@@ -218,7 +236,7 @@ def _measure(model: nn.Module, batch: Any, base: PrecisionPlan, is_auto: bool,
     """Times every candidate module and the whole step (see the module's text): the chosen plan,
     the reason, the step times and the per-module times."""
     low_mode, builtin_rules = base.mode, base.builtin_rules
-    with _rng_kept():
+    with rng_kept():
         modules = _time_modules(model, batch, base, loss_fn, repeats, device)
         keep = [n for n, t in modules.items() if t["low_ms"] > t["fp32_ms"] * (1 + margin)]
         for name in keep:
@@ -232,8 +250,9 @@ def _measure(model: nn.Module, batch: Any, base: PrecisionPlan, is_auto: bool,
         step = _time_steps(model, batch, low_plan, loss_fn, repeats, device)
     fp32_ms, low_ms = step["fp32"], step[low_mode.name]
     faster = low_ms < fp32_ms
-    if is_auto and not faster:
-        chosen = PrecisionPlan("fp32", base.user_rules, builtin_rules=builtin_rules)
+    if is_auto and not faster:  # (a lean island's rule would cast an FP32 model's outputs down)
+        chosen = PrecisionPlan("fp32", [r for r in base.user_rules if LEAN not in r.label],
+                               builtin_rules=builtin_rules)
         reason = (f"measured: a {low_mode.name} step takes {low_ms:.1f} ms against {fp32_ms:.1f} ms "
                   f"in fp32 here, so fp32 is faster")
     else:
@@ -244,6 +263,31 @@ def _measure(model: nn.Module, batch: Any, base: PrecisionPlan, is_auto: bool,
         if not faster:
             reason += f"; {low_mode.name} is slower than fp32 on this machine"
     return chosen, reason, step, modules
+
+
+def _accurate_base(model: nn.Module, batch: Any, mode: Mode, rules: Any, builtin_rules: bool,
+                   sensitivity: float | None, lean: float | None, loss_fn: LossFn | None,
+                   say: Callable[[str], None]) -> PrecisionPlan:
+    """The plan the speed half starts from: the user's rules, with ``sensitivity`` the FP32 rules
+    of the modules above it (instead of the built-in islands), with ``lean`` the lean islands."""
+    if sensitivity is not None:
+        rules, builtin_rules = _accurate_rules(model, batch, mode, rules, sensitivity, loss_fn, say)
+    plan = PrecisionPlan(mode, rules, builtin_rules=builtin_rules)
+    return _lean(model, batch, plan, lean, loss_fn, say) if lean is not None else plan
+
+
+def _lean(model: nn.Module, batch: Any, plan: PrecisionPlan, tolerance: float,
+          loss_fn: LossFn | None, say: Callable[[str], None]) -> PrecisionPlan:
+    """``plan`` with its lean islands (:mod:`vlamp.precision.lean`) and their record."""
+    if not islands(plan, model):
+        return plan
+    say(f"precision: measuring which FP32 islands may hand on {dtype_name(plan.mode.compute_dtype)} "
+        f"(gradient error within +{tolerance:.0%})...")
+    rules, record = measure_lean(model, batch, plan, tolerance=tolerance, loss_fn=loss_fn)
+    say(f"precision: {len(rules)} of {len(record['islands'])} FP32 islands hand on "
+        f"{record['dtype']} (gradient error against fp32 {record['mode_error']:.2e} -> "
+        f"{record['lean_error']:.2e})")
+    return lean_plan(plan, rules, record)
 
 
 def _accurate_rules(model: nn.Module, batch: Any, mode: Mode, rules: Any, threshold: float,
@@ -348,20 +392,6 @@ def _time_steps(model: nn.Module, batch: Any, low_plan: PrecisionPlan, loss_fn: 
 
     times = _median_times({"fp32": fp32_step, mode.name: low_step}, cleanup, repeats, device)
     return {k: round(v, 3) for k, v in times.items()}
-
-
-class _rng_kept:
-    """Measuring draws random numbers (noise, sampled times); the caller's RNG state is restored so
-    a measured run trains exactly like an unmeasured one."""
-
-    def __enter__(self) -> None:
-        self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
 
 
 # -- cache ----------------------------------------------------------------------------------------

@@ -62,3 +62,17 @@ def capture_inputs(model: nn.Module, batch: Any, modules: Mapping[str, nn.Module
         for h in handles:
             h.remove()
     return inputs
+
+
+class rng_kept:
+    """Measuring draws random numbers (noise, sampled times); the caller's RNG state is restored so
+    a measured run trains exactly like an unmeasured one."""
+
+    def __enter__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)

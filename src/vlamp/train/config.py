@@ -109,6 +109,10 @@ class PrecisionConfig:
         sensitivity: With ``measure``: also measure each module's error in low precision against
             FP32 on a real batch and keep in FP32 those above this relative error, instead of the
             built-in islands (e.g. 0.02); 0 turns it off.
+        lean_islands: With ``measure``: the FP32 islands (norms, positional and time embeddings)
+            hand on the low-precision dtype where that is measured to grow the plan's gradient
+            error against FP32 by at most this fraction (saving the FP32 activations of the
+            element-wise ops after them); 0 keeps every island handing on FP32.
         update: How weights stored in low precision (``bf16-true``, ``fp16-true``,
             ``bf16-storage``) are updated: ``auto`` (the mode's own: ``master`` in the ``-true``
             modes, ``stochastic`` in ``bf16-storage``), ``master`` (FP32 master copies: 18 bytes
@@ -135,6 +139,7 @@ class PrecisionConfig:
     tf32: bool = False
     diagnostics: str = "off"
     sensitivity: float = 0.0
+    lean_islands: float = 0.05
     update: str = "auto"
     optimizer_state: str = "auto"
     grad_accum: str = "fp32"
@@ -302,6 +307,9 @@ class RunConfig:
         if self.precision.sensitivity < 0 or (self.precision.sensitivity and not self.precision.measure):
             raise VlampError(f"precision.sensitivity must be 0 (off) or a relative error > 0 with "
                              f"precision.measure=true, got {self.precision.sensitivity}")
+        if not self.precision.lean_islands >= 0:
+            raise VlampError(f"precision.lean_islands must be a fraction >= 0 (0: off), got "
+                             f"{self.precision.lean_islands}")
         if self.precision.mode != "auto":
             get_mode(self.precision.mode)  # an unknown name fails here, before any loading
         check_update(self.precision.update, self.precision.grad_accum, where="precision")

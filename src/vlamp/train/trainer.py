@@ -188,7 +188,8 @@ class Trainer:
                 log = self._log_line
                 set_tf32(p.tf32)  # measured as it will run
                 plan = measure_plan(self.model, self.example_batch(), p.mode, rules=p.rules or None,
-                                    log=log, sensitivity=p.sensitivity or None)
+                                    log=log, sensitivity=p.sensitivity or None,
+                                    lean=p.lean_islands or None)
                 if not self.world.distributed:
                     return MixedPrecision(plan, None, p.scaler or None, **common)
                 plan = plan.to_dict()
