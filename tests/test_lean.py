@@ -62,7 +62,8 @@ def test_an_island_that_feeds_a_matmul_changes_nothing_and_leans_even_at_zero_to
     model = Net(gelu=False)
     rules, record = measure_lean(model, batch(), PrecisionPlan("bf16-mixed"), tolerance=0.0)
     assert list(record["islands"]) == ["norm"]  # action_out and the loss are the model's ends
-    assert record["islands"]["norm"]["error_alone"] == record["mode_error"] > 0
+    assert record["lean_error"] == record["mode_error"] > 0
+    assert record["islands"]["norm"]["error_alone"] is None  # all together were within: one pass
     assert [(r.pattern, str(r.policy)) for r in rules] == [
         ("norm", "params=fp32,compute=fp32,output=bf16")]
     assert rules[0].label.startswith("builtin:norm(LayerNorm)" + LEAN)
@@ -79,9 +80,7 @@ def test_rounding_that_matters_keeps_the_island_fp32():
     assert pos["error_alone"] > 10 * record["mode_error"] and not pos["lean"]
     assert record["islands"]["norm"]["lean"]  # feeds a matmul: changes nothing
     assert [r.pattern for r in rules] == ["norm"]
-    assert record["lean_error"] <= 1.05 * record["mode_error"]
-    # the islands are tried in the order of their error alone: the one that matters last
-    assert list(record["islands"]) == ["norm", "pos_embed"]
+    assert record["lean_error"] <= 1.25 * record["mode_error"]
 
 
 def test_a_lean_island_hands_on_bf16_and_the_op_after_it_computes_and_saves_bf16():
@@ -109,7 +108,7 @@ def test_user_rules_stay_first_and_are_never_leaned():
     model = Net()
     plan = PrecisionPlan("bf16-mixed", {"norm": "fp32", "mid": "fp32"})
     assert islands(plan, model) == []  # the user decided the norm: not vlamp's to change
-    assert measure_lean(model, batch(), plan) == ([], {"tolerance": 0.05, "dtype": "bf16",
+    assert measure_lean(model, batch(), plan) == ([], {"tolerance": 0.25, "dtype": "bf16",
                                                        "islands": {}})
     rules, record = measure_lean(model, batch(), PrecisionPlan("bf16-mixed", {"mid": "fp32"}),
                                  tolerance=1.0)

@@ -54,10 +54,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="measure each module's relative error in low precision against fp32 on a "
                         "batch and keep in fp32 those above ERROR (e.g. 0.02), instead of the "
                         "built-in islands; with --auto, the speed measurement follows")
-    p.add_argument("--lean-islands", type=float, default=0.05, metavar="FRACTION",
+    p.add_argument("--lean-islands", type=float, default=0.25, metavar="FRACTION",
                    help="with --auto: let the FP32 islands hand on the low-precision dtype where "
                         "that grows the gradient error against fp32 by at most FRACTION, measured "
-                        "(precision.lean_islands; default: 0.05; 0: every island hands on fp32)")
+                        "(precision.lean_islands; default: 0.25; 0: every island hands on fp32)")
     p.add_argument("--fsdp", action="store_true",
                    help="also list the FSDP2 shard groups the plan gives under torchrun "
                         "(distributed.strategy=fsdp): each group's gathered and reduced dtype")

@@ -111,7 +111,7 @@ def measure_plan(
             error in low precision passes this (:mod:`vlamp.precision.sensitivity`), *instead of*
             the built-in islands. Also for the ``-true`` modes and emulated formats.
         lean: Lean islands (:mod:`vlamp.precision.lean`), before the speed half: the growth of the
-            gradient error their measurement allows (default 5%); ``None``: every island hands on
+            gradient error their measurement allows (default 25%); ``None``: every island hands on
             FP32. Also for the ``-true`` modes and emulated formats.
 
     Returns:
