@@ -70,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _report(trainer, config) -> None:
+    from vlamp.sim.evaluate import group_line
+
     first = trainer.step
     world, t = trainer.world, config.train
     ranks = (f" x {world.size} ranks ({config.distributed.strategy}, {world.backend})"
@@ -97,6 +99,9 @@ def _report(trainer, config) -> None:
               f"{result.eval['ci95_half_width'] * 100:.0f} points (95%) over "
               f"{result.eval['episodes']} episodes: "
               + ", ".join(f"{t['task']} {t['successes']}/{t['episodes']}" for t in result.eval["per_task"]))
+        groups = {g: (v["success_rate"], v["tasks"]) for g, v in result.eval["groups"].items()}
+        if len(groups) > 1:
+            print(group_line(groups))
     print(f"checkpoints in {trainer.run_dir / 'checkpoints'}; "
           f"evaluate with: vlamp eval --checkpoint {trainer.run_dir}")
 

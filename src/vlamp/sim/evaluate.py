@@ -184,9 +184,14 @@ class EvalResult:
                           f"+-{TARGET_HALF_WIDTH * 100:.0f}")
         groups = self.groups()
         if len(groups) > 1:  # the grouping SmolVLA's MT50 table reports
-            lines.append("by difficulty (mean of the tasks' rates): " + ", ".join(
-                f"{g} {r:.1%} ({n} task{'s' if n > 1 else ''})" for g, (r, n) in groups.items()))
+            lines.append(group_line(groups))
         return "\n".join(lines)
+
+
+def group_line(groups: dict[str, tuple[float, int]]) -> str:
+    """One line of Meta-World's difficulty groups: group -> (mean success rate, tasks)."""
+    return "by difficulty (mean of the tasks' rates): " + ", ".join(
+        f"{g} {r:.1%} ({n} task{'s' if n > 1 else ''})" for g, (r, n) in groups.items())
 
 
 def evaluate(
