@@ -73,6 +73,7 @@ def test_bench_quick_writes_every_field_and_consistent_ratios(cache, tmp_path):
     assert "across seeds, against the fp32 run of each seed:" in p.stdout
     assert "peak GPU" not in p.stdout
     assert fp32["speedup_vs_fp32"] == 1.0 and fp32["memory_vs_fp32"] == 1.0
+    assert all(x["lean_islands"] == 0 for x in runs)  # precision.measure=false: the mode's plan
     # bf16-mixed saves its low-precision kernels' activations in BF16: fewer bytes than FP32's
     assert runs[1]["activations_bytes"] < fp32["activations_bytes"]
     assert "bfloat16" in runs[1]["activations_by_dtype"] and "bfloat16" not in fp32["activations_by_dtype"]

@@ -52,18 +52,19 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
 def memory_rows(results: dict[str, Any]) -> list[list[str]]:
     """Header plus one row per run: MiB by kind (activations: what one step's forward saves for
     its backward, measured), the live tensors a forward+backward adds at its peak (PyTorch's
-    profiler: what the step needs), the RSS before the first step and the peak RSS training added
+    profiler: what the step needs), the FP32 islands that hand on low precision (measured: see
+    :mod:`vlamp.precision.lean`), the RSS before the first step and the peak RSS training added
     to it (what the allocator also kept)."""
     kinds = [(k, label) for k, label in MEMORY_KINDS  # a kind no run holds is left out
              if any(r.get(k) for r in results["runs"]) or k in ("params_bytes", "activations_bytes")]
     rows = [["run", "seed", *[label for _, label in kinds], "step adds (live)", "vs fp32",
-             "RSS before 1st step", "RSS training added", "vs fp32"]]
+             "lean islands", "RSS before 1st step", "RSS training added", "vs fp32"]]
     for r in results["runs"]:
         def mib(key: str, pattern: str = "{:.1f}") -> str:
             return _fmt(None if r.get(key) is None else r[key] / 2**20, pattern)
         rows.append([run_label(r), str(r["seed"]), *[mib(k) for k, _ in kinds],
                      mib("step_added_bytes"), _fmt(r.get("step_memory_vs_fp32"), "{:.2f}x"),
-                     mib("rss_before_training_bytes", "{:.0f}"), mib("training_rss_bytes", "{:.0f}"),
+                     _fmt(r.get("lean_islands"), "{}"), mib("rss_before_training_bytes", "{:.0f}"), mib("training_rss_bytes", "{:.0f}"),
                      _fmt(r.get("training_memory_vs_fp32"), "{:.2f}x")])
     return rows
 
