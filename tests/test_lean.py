@@ -154,3 +154,24 @@ def test_an_auto_plan_that_falls_back_to_fp32_drops_the_lean_rules(monkeypatch, 
                                              torch.device("cpu"))
     assert chosen.mode.name == "fp32" and "fp32 is faster" in reason
     assert not any(LEAN in r.label for r in chosen.user_rules)
+
+
+def test_the_flow_heads_sampled_times_stay_fp32_and_its_time_embedding_leans():
+    """A real case of each: rounding the sampled flow times to BF16 moves the interpolated
+    actions and the velocity target (the gradients' error grows ~12x); the time embedding's sin/cos
+    features feed a matmul (changes nothing)."""
+    from vlamp.models.config import ModelConfig
+    from vlamp.models.tinyvla import TinyVLA
+
+    def flow() -> TinyVLA:
+        torch.manual_seed(0)
+        return TinyVLA(ModelConfig(vocab_size=50, state_dim=39, action_dim=4, image_size=32,
+                                   chunk=4, dim=32, depth=2, heads=2, text_layers=1,
+                                   channels=[8, 16], head="flow"))
+
+    rules, record = measure_lean(flow(), flow().example_batch(16), PrecisionPlan("bf16-mixed"))
+    islands_ = record["islands"]
+    assert islands_["time_sampler"]["error_alone"] > 3 * record["mode_error"]
+    assert not islands_["time_sampler"]["lean"] and islands_["time_embed"]["lean"]
+    assert "time_sampler" not in {r.pattern for r in rules}
+    assert record["lean_error"] <= 1.25 * record["mode_error"]

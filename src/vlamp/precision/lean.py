@@ -25,7 +25,8 @@ exactly); the others replace one rounding by another more often than they add on
 moves by noise: on TinyVLA in bf16-mixed (batch 64), each GroupNorm alone moved e_mode by -6% to
 +5%, and all 24 islands together by -2%, +4% and +21% on three batches and two plans. The default
 tolerance, 25%, sits at the top of that noise (a quarter of the error, a third of a bit); an island
-whose rounding matters moves it by far more (an offset that BF16 cannot hold: ~200x, tested).
+whose rounding matters moves it by far more (TinyVLA's sampled flow times: 12x; an offset that
+BF16 cannot hold: ~200x; both tested).
 Every pass draws the same random numbers (noise, sampled times); the caller's RNG state is
 restored after.
 """
