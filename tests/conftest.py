@@ -5,6 +5,13 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import pytest
 import torch
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The suite runs on pytest-xdist workers sharing the cores: one thread each, and for the
+    # processes its tests start (they read OMP_NUM_THREADS), so that no worker's OpenMP threads
+    # spin waiting for a core the other worker holds. A test that asks for threads still gets them.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 # Fixtures whose data the simulator renders (or whose tests start torchrun or bench processes):
 # every test that takes one is an integration test, marked slow by construction.

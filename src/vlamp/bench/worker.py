@@ -173,7 +173,6 @@ def baseline_fit(trainer, dtype: torch.dtype, steps: int, on_step=None
 def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]:
     from vlamp.bench.run import run_label
     from vlamp.precision.dtypes import to_dtype
-    from vlamp.precision.lean import LEAN
     from vlamp.precision.memory import state_memory
     from vlamp.train.config import decode
     from vlamp.train.trainer import Trainer
@@ -227,8 +226,7 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
         "steps": len(losses),
         "precision": trainer.mp.mode.name if runner == "vlamp" else mode,
         "precision_reason": (plan.measured or {}).get("reason") if plan is not None else None,
-        "fp32_rules": sum(1 for r in plan.user_rules if r.label.startswith("measured:")) if plan else 0,
-        "lean_islands": sum(1 for r in plan.user_rules if LEAN in r.label) if plan else 0,
+        **_rule_counts(plan),
         "threads": int(threads), "threads_probe_ms": thread_times,
         "step_time_s_median": median, "step_time_s_p90": float(np.percentile(timed, 90)),
         "step_times": times, "samples_per_s": samples / median, "casts_per_step": probe["ops"]["casts"],
@@ -252,6 +250,16 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
         "strategy": config.distributed.strategy if trainer.world.distributed else None,
         "samples_per_s_per_rank": samples / median / trainer.world.size,
     }
+
+
+def _rule_counts(plan) -> dict[str, int]:
+    """What the measured plan decided: modules kept in FP32 for speed, islands handing on low
+    precision (:mod:`vlamp.precision.lean`)."""
+    from vlamp.precision.lean import LEAN
+
+    rules = plan.user_rules if plan is not None else ()
+    return {"fp32_rules": sum(1 for r in rules if r.label.startswith("measured:")),
+            "lean_islands": sum(1 for r in rules if LEAN in r.label)}
 
 
 class _AmpAutocast:
