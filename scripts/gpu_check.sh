@@ -26,7 +26,8 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_de
 PY
 
 echo "== gpu tests"
-python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.log"
+# (-o addopts=: one process; the image has pytest but not pytest-xdist, which addopts asks for)
+python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts= tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.log"
 
 echo "== data: 2 tasks x 6 episodes at 128 px"
 data=/tmp/vlamp-gpu-data
