@@ -119,7 +119,7 @@ def measure_plan(
         (``modules``), step times (``step_ms``), the ``reason``, the cache ``key``, ``from_cache``.
 
     Raises:
-        VlampError: If the model was already set up, ``repeats < 1`` or ``margin < 0``.
+        VlampError: If the model was already set up, ``repeats < 1``, ``margin < 0``, ``lean < 0``.
     """
     say = log or (lambda _msg: None)
     _check_arguments(model, repeats, margin, sensitivity, lean)
