@@ -23,12 +23,11 @@ measured here on a real batch, as the distance of the loss's gradients from FP32
 An island whose every consumer casts to the low dtype anyway changes nothing (``e({i}) == e_mode``
 exactly); the others replace one rounding by another more often than they add one, so the error
 moves by noise: on TinyVLA in bf16-mixed (batch 64), each GroupNorm alone moved e_mode by -6% to
-+5%, and all 24 islands together by -2%, +4% and +21% on three batches and two plans. The default
-tolerance, 25%, sits at the top of that noise (a quarter of the error, a third of a bit); an island
-whose rounding matters moves it by far more (TinyVLA's sampled flow times: 12x; an offset that
-BF16 cannot hold: ~200x; both tested).
-Every pass draws the same random numbers (noise, sampled times); the caller's RNG state is
-restored after.
++5%, and all 24 islands together by -2%, +4%, +20% and +21% on four batches and two plans. The
+default tolerance, 25%, sits at the top of that noise (a quarter of the error, a third of a
+bit); an island whose rounding matters moves it by far more (TinyVLA's sampled flow times: 12x;
+an offset that BF16 cannot hold: ~200x; both tested). Every pass draws the same random numbers
+(noise, sampled times); the caller's RNG state is restored after.
 """
 
 from __future__ import annotations
@@ -73,7 +72,8 @@ def _gradients(model: nn.Module, batch: Any, mode: Mode | None, loss_fn: LossFn 
                seed: int, watch: dict[str, nn.Module] | None = None) -> torch.Tensor:
     """The loss's gradient with respect to every trained parameter, flattened in FP32 (the
     parameters' ``.grad`` are left alone); ``mode``: under its autocast. ``watch``: modules whose
-    forward is checked for handing on a non-scalar floating tensor; those that do not are removed."""
+    forward is checked for handing on a non-scalar floating tensor (those that do not are
+    removed)."""
     torch.manual_seed(seed)
     hands_on: set[str] = set()
 
