@@ -43,7 +43,7 @@ from vlamp.precision.apply import _MARK, apply_plan
 from vlamp.precision.dtypes import dtype_name
 from vlamp.precision.errors import VlampError
 from vlamp.precision.hardware import choose_mode, detect, native_formats, synchronize
-from vlamp.precision.lean import DEFAULT_TOLERANCE, LEAN, islands, lean_plan, measure_lean
+from vlamp.precision.lean import DEFAULT_TOLERANCE, LEAN, lean_plan, measure_lean
 from vlamp.precision.modes import Mode, get_mode
 from vlamp.precision.plan import PrecisionPlan, Resolved, Rule, RuleSpec
 from vlamp.precision.policy import FP32
@@ -279,11 +279,9 @@ def _accurate_base(model: nn.Module, batch: Any, mode: Mode, rules: Any, builtin
 def _lean(model: nn.Module, batch: Any, plan: PrecisionPlan, tolerance: float,
           loss_fn: LossFn | None, say: Callable[[str], None]) -> PrecisionPlan:
     """``plan`` with its lean islands (:mod:`vlamp.precision.lean`) and their record."""
-    if not islands(plan, model):
+    rules, record = measure_lean(model, batch, plan, tolerance=tolerance, loss_fn=loss_fn, log=say)
+    if not record["islands"]:
         return plan
-    say(f"precision: measuring which FP32 islands may hand on {dtype_name(plan.mode.compute_dtype)} "
-        f"(gradient error within +{tolerance:.0%})...")
-    rules, record = measure_lean(model, batch, plan, tolerance=tolerance, loss_fn=loss_fn)
     say(f"precision: {len(rules)} of {len(record['islands'])} FP32 islands hand on "
         f"{record['dtype']} (gradient error against fp32 {record['mode_error']:.2e} -> "
         f"{record['lean_error']:.2e})")

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -61,7 +61,11 @@ def islands(plan: PrecisionPlan, model: nn.Module) -> list[Resolved]:
     low = plan.mode.compute_dtype
     if low == torch.float32:
         return []
-    return [r for r in plan.resolve(model, warn_unmatched=False)
+    return _islands(plan.resolve(model, warn_unmatched=False), low)
+
+
+def _islands(resolved: Sequence[Resolved], low: torch.dtype) -> list[Resolved]:
+    return [r for r in resolved
             if r.name and not r.itself and r.parent_policy.compute == low
             and r.policy.compute == torch.float32 and r.policy.output == torch.float32
             and r.decided_by.startswith(("builtin:", "sensitive:"))
@@ -112,7 +116,8 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def measure_lean(model: nn.Module, batch: Any, plan: PrecisionPlan, *,
                  tolerance: float = DEFAULT_TOLERANCE, loss_fn: LossFn | None = None,
-                 seed: int = 0) -> tuple[list[Rule], dict[str, Any]]:
+                 seed: int = 0, log: Callable[[str], None] | None = None
+                 ) -> tuple[list[Rule], dict[str, Any]]:
     """Which of ``plan``'s FP32 islands may hand on the low-precision dtype (see the module's text).
     ``model`` is not changed: the passes run on copies, one at a time.
 
@@ -124,6 +129,7 @@ def measure_lean(model: nn.Module, batch: Any, plan: PrecisionPlan, *,
             only islands whose rounding changes nothing.
         loss_fn: How to get the loss from the model and the batch.
         seed: The RNG seed every pass starts from.
+        log: Called with one line before the passes start (not at all without islands).
 
     Returns:
         One rule per lean island (the island's policy with a low-precision output; place them
@@ -135,6 +141,9 @@ def measure_lean(model: nn.Module, batch: Any, plan: PrecisionPlan, *,
     record: dict[str, Any] = {"tolerance": tolerance, "dtype": dtype_name(low), "islands": {}}
     if not islands(plan, model):
         return [], record
+    if log is not None:
+        log(f"precision: measuring which FP32 islands may hand on {dtype_name(low)} (gradient "
+            f"error within +{tolerance:.0%})...")
     with rng_kept():
         reference = copy.deepcopy(model)
         g_fp32 = _gradients(reference, batch, None, loss_fn, seed)
@@ -142,7 +151,7 @@ def measure_lean(model: nn.Module, batch: Any, plan: PrecisionPlan, *,
         probe = copy.deepcopy(model)
         resolved = plan.resolve(probe, warn_unmatched=False)
         apply_plan(resolved)
-        candidates = {r.name: r for r in islands(plan, probe)}
+        candidates = {r.name: r for r in _islands(resolved, low)}
         ran = {name: r.module for name, r in candidates.items()}
         g_mode = _gradients(probe, batch, plan.mode, loss_fn, seed, watch=ran)
         e_mode = _relative(g_mode, g_fp32)
