@@ -10,6 +10,7 @@ import pytest
 
 from vlamp import VlampError
 from vlamp.data.dataset import ChunkDataset
+from vlamp.data import generate as generate_module
 from vlamp.data.generate import generate
 from vlamp.data.lerobot import Episode, write_dataset
 from vlamp.data.reader import read_dataset
@@ -53,10 +54,35 @@ def test_round_trip_shapes_dtypes_and_layout(dataset):
     assert not [p for p in dataset.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
 
-def test_generation_is_deterministic(dataset, tmp_path):
+def test_generation_is_deterministic(dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(generate_module, "CHUNK", 1)  # two jobs over two processes, not one job
     again = generate("drawer-open", 2, out=tmp_path / "again", workers=2, progress=False, image_size=32)
     a, b = read_dataset(dataset), read_dataset(again)
     assert np.array_equal(a.action, b.action) and np.array_equal(a.images, b.images)
+
+
+def test_a_worker_holds_one_simulator_at_a_time(tmp_path, monkeypatch):
+    # MT50's 50 simulators held at once by each worker took 7-8 GB per worker
+    import vlamp.sim.env as sim_env
+
+    live, built = [], []
+
+    class Counted(sim_env.MetaWorldEnv):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            live.append(self)
+            built.append(len(live))
+
+        def close(self):
+            live.remove(self)
+            super().close()
+
+    monkeypatch.setattr(sim_env, "MetaWorldEnv", Counted)
+    monkeypatch.setattr(generate_module, "CHUNK", 2)
+    generate("handle-press,drawer-open", 3, out=tmp_path / "ds", image_size=16, workers=1,
+             progress=False)
+    assert max(built) == 1 and not live  # one at a time, and the last one closed
+    assert len(built) == 4  # one per job: episodes 0-1 and 2 of each task
 
 
 def test_chunks_are_padded_and_masked_at_episode_ends(dataset):

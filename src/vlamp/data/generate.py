@@ -3,9 +3,10 @@
 Episode ``k`` of a task is the first successful expert rollout among seeds
 ``seed * 100_000 + 1_000 * k + j`` (j = 0, 1, ..., at most ``MAX_TRIES``), so a dataset is a pure
 function of its arguments, whatever the number of worker processes. Only successful episodes are
-kept. The tasks take turns (episode 0 of every task, then episode 1, ...), so a task whose expert
-fails shows it within its first episode, and a task whose expert fails ``GIVE_UP`` episodes in a
-row is given up; the other tasks' episodes are written all the same, and the shortfall is said and
+kept. The tasks take turns (episodes 0-4 of every task, then 5-9, ...: ``CHUNK`` episodes of one
+task are one job, so a worker builds one simulator per job and holds one at a time — MT50's 50
+simulators held at once took 7-8 GB per worker), so a task whose expert fails shows it within its
+first job, and a task whose expert fails ``GIVE_UP`` episodes in a row is given up; the other tasks' episodes are written all the same, and the shortfall is said and
 recorded in ``meta/vlamp_generation.json`` with each task's expert success rate.
 """
 
@@ -33,9 +34,10 @@ from vlamp.sim.tasks import Task, resolve_tasks
 FPS = 80  # Meta-World: 2.5 ms physics step x frame_skip 5
 MAX_TRIES = 20  # rollouts (fresh seeds) tried for one episode before it counts as failed
 GIVE_UP = 3  # episodes of one task failed in a row before the task's others are not tried
+CHUNK = 5  # episodes of one task per job (building a simulator takes ~1 s, an episode 1-3 s)
 REPORT = "vlamp_generation.json"
 
-_ENVS: dict[tuple[str, int, int], object] = {}  # per worker process: one env per task
+_ENV: list = []  # per worker process: ``[key, env]`` of the one simulator it holds, or empty
 
 
 _GIVEN_UP = None  # per worker process: a shared flag per task, set once the task is given up
@@ -46,19 +48,43 @@ def _init_worker(given_up) -> None:
     _GIVEN_UP = given_up
 
 
-def _rollout(job: tuple[int, Task, int, int, int, int, int, str]
-             ) -> tuple[str, int, Episode | None, int]:
-    """Episode ``k`` of a task: its first successful rollout, ``None`` after ``max_tries``
-    failures, or ``None`` with 0 tries when the task was given up meanwhile."""
+def _rollouts(job: tuple[int, Task, tuple[int, ...], int, int, int, int, str]
+              ) -> list[tuple[str, int, Episode | None, int]]:
+    """Episodes ``ks`` of a task, each as ``(task, k, episode, tries)``: its first successful
+    rollout, ``None`` after ``max_tries`` failures, or ``None`` with 0 tries when the task was given
+    up meanwhile (or failed ``GIVE_UP`` episodes in a row in this job)."""
+    index, task, ks, seed, image_size, max_steps, max_tries, camera = job
+    out, streak = [], 0
+    for k in ks:
+        if (_GIVEN_UP is not None and _GIVEN_UP[index]) or streak >= GIVE_UP:
+            out.append((task.name, k, None, 0))
+            continue
+        env = _simulator((task.name, image_size, max_steps, camera), task)
+        out.append(_rollout(env, task, k, seed, max_tries))
+        streak = streak + 1 if out[-1][2] is None else 0
+    return out
+
+
+def _simulator(key: tuple, task: Task):
+    """The worker's simulator for ``key``, built (and the one it held closed) if it holds another."""
     from vlamp.sim.env import MetaWorldEnv
 
-    index, task, k, seed, image_size, max_steps, max_tries, camera = job
-    if _GIVEN_UP is not None and _GIVEN_UP[index]:
-        return task.name, k, None, 0
-    key = (task.name, image_size, max_steps, camera)
-    if key not in _ENVS:
-        _ENVS[key] = MetaWorldEnv(task, image_size=image_size, max_steps=max_steps, camera=camera)
-    env = _ENVS[key]
+    if not _ENV or _ENV[0] != key:
+        _close_simulator()
+        _, image_size, max_steps, camera = key
+        _ENV[:] = [key, MetaWorldEnv(task, image_size=image_size, max_steps=max_steps, camera=camera)]
+    return _ENV[1]
+
+
+def _close_simulator() -> None:
+    if _ENV:
+        _ENV[1].close()
+        _ENV.clear()
+
+
+def _rollout(env, task: Task, k: int, seed: int, max_tries: int
+             ) -> tuple[str, int, Episode | None, int]:
+    """Episode ``k`` of a task: its first successful rollout, or ``None`` after ``max_tries``."""
     for j in range(max_tries):
         obs = env.reset(seed * 100_000 + 1_000 * k + j)
         images, states, actions, success, done = [], [], [], False, False
@@ -136,9 +162,9 @@ def generate(
         root = Path(out)
     check_output_dir(root)  # fail before minutes of simulation rather than after
     check_rendering()
-    # Tasks take turns, so every task's first episode comes early.
-    jobs = [(i, t, k, seed, image_size, max_steps, max_tries, camera) for k in range(episodes_per_task)
-            for i, t in enumerate(chosen)]
+    # Tasks take turns, so every task's first episodes come early.
+    jobs = [(i, t, tuple(range(k, min(k + CHUNK, episodes_per_task))), seed, image_size, max_steps,
+             max_tries, camera) for k in range(0, episodes_per_task, CHUNK) for i, t in enumerate(chosen)]
     say = tqdm.write if progress else (lambda line: print(line, file=sys.stderr))
     results, stats = _roll_out(jobs, chosen, episodes_per_task, workers, max_tries, max_steps, say,
                                progress)
@@ -191,6 +217,7 @@ def _roll_out(jobs: list[tuple], chosen: list[Task], episodes_per_task: int, wor
     and per task how many were asked, kept and rolled out; a task that fails ``GIVE_UP`` episodes
     in a row is given up (the others go on)."""
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    total = len(chosen) * episodes_per_task
     results: dict[tuple[str, int], Episode] = {}
     stats = {t.name: {"asked": episodes_per_task, "kept": 0, "rollouts": 0, "failed_episodes": 0,
                       "given_up": False} for t in chosen}
@@ -198,10 +225,10 @@ def _roll_out(jobs: list[tuple], chosen: list[Task], episodes_per_task: int, wor
     index = {t.name: i for i, t in enumerate(chosen)}
     ctx = mp.get_context("spawn")  # a fresh process per worker: EGL contexts do not survive fork
     given_up = ctx.Array("b", len(chosen), lock=False)
-    bar = tqdm(total=len(jobs), desc="generate", unit="ep", disable=not progress)
+    bar = tqdm(total=total, desc="generate", unit="ep", disable=not progress)
     pool = ctx.Pool(workers, _init_worker, (given_up,)) if workers > 1 else _InProcess(given_up)
     with pool:
-        for name, k, episode, tries in pool.imap_unordered(_rollout, jobs):
+        for name, k, episode, tries in (r for rs in pool.imap_unordered(_rollouts, jobs) for r in rs):
             bar.update()
             st = stats[name]
             st["rollouts"] += tries
@@ -253,9 +280,7 @@ class _InProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for env in _ENVS.values():
-            env.close()
-        _ENVS.clear()
+        _close_simulator()
         _init_worker(None)
 
     def imap_unordered(self, fn, jobs):
