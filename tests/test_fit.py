@@ -90,6 +90,27 @@ def _probe(per_layer: float, base: float) -> ModeProbe:
                      {"text": measured(3), "trunk": measured(3)}, runtime_bytes=1000.0, params=100)
 
 
+@pytest.mark.slow
+def test_the_probe_freezes_as_the_run_does():
+    """A frozen tower saves nothing for the backward: the probe's extrapolated activations match
+    the full frozen model's, measured directly, and are well below the trained model's."""
+    from vlamp.models.registry import build_model
+    from vlamp.precision.memory import ActivationMeter
+    from vlamp.precision.mixed_precision import MixedPrecision
+
+    cfg, frozen = _tiny(), ["vision", "text"]
+    direct = {}
+    for name, patterns in (("frozen", frozen), ("trained", [])):
+        model = build_model(cfg)
+        MixedPrecision("fp32", freeze=patterns).setup(model)
+        with ActivationMeter(model) as meter:
+            model(model.example_batch(4))
+        direct[name] = float(meter.total)
+    probed = fit.probe(cfg, "fp32", 4, frozen=frozen).activations(4, checkpoint=False)
+    assert probed == pytest.approx(direct["frozen"], rel=0.02)
+    assert probed < 0.9 * direct["trained"], (probed, direct)
+
+
 def test_activations_and_time_extrapolate_in_depth_and_batch():
     p = _probe(per_layer=100.0, base=1000.0)
     # full depth: 2 + 3 = 5 layers -> 1000 + 500 per sample
@@ -142,7 +163,7 @@ def test_a_mode_whose_state_alone_is_over_the_budget_is_not_probed(monkeypatch):
 
     probed = []
 
-    def planted(config, mode, batch, log=None, device="cpu"):
+    def planted(config, mode, batch, log=None, device="cpu", frozen=(), lora=None):
         probed.append(mode)
         return dc.replace(_probe(per_layer=100.0, base=1000.0), mode=mode, depths={})
     monkeypatch.setattr(fit, "probe", planted)

@@ -109,7 +109,8 @@ def fit_run(config: RunConfig, device: torch.device, budget: int, modes: Sequenc
                     f"{fit.gib(held)} GiB, over the budget of {fit.gib(budget)} GiB")
             measured[m] = fit.unmeasured(config.model, m)
         else:
-            probes[m] = measured[m] = fit.probe(config.model, m, batch, log, device)
+            probes[m] = measured[m] = fit.probe(config.model, m, batch, log, device, frozen,
+                                                config.train.lora)
     predictions = []
     sample = fit.sample_bytes(config.model)
     depths = stack_depths(config.model)  # the probes' shallow copies serve any depth

@@ -310,12 +310,14 @@ def default_update(mode: str) -> str:
 
 
 def probe(config: ModelConfig, mode: str, batch: int, log: Callable[[str], None] | None = None,
-          device: torch.device | str = "cpu") -> ModeProbe:
-    """:func:`~vlamp.train.fit_probe.probe_mode`, with the runtime's bytes set: the one-layer
-    copy's measured peak minus the tensors :func:`predict` counts for it."""
-    measured = probe_mode(config, mode, batch, log, device=device)
+          device: torch.device | str = "cpu", frozen: Sequence[str] = (),
+          lora: LoraConfig | None = None) -> ModeProbe:
+    """:func:`~vlamp.train.fit_probe.probe_mode` (the copies frozen and adapted as ``frozen`` and
+    ``lora`` say), with the runtime's bytes set: the one-layer copy's measured peak minus the
+    tensors :func:`predict` counts for it."""
+    measured = probe_mode(config, mode, batch, log, device=device, frozen=frozen, lora=lora)
     base = {s: 1 for s in measured.depths}
-    state, sizes = state_bytes(config, mode, "-", "auto", depths=base)
+    state, sizes = state_bytes(config, mode, "-", "auto", frozen, base, lora)
     shallow = dataclasses.replace(measured, depths=base)
     counted = predict(Candidate(mode, default_update(mode), "auto", False, batch, 1), state, sizes,
                       shallow, sample_bytes(config),  # its peak: the steps at ``batch``

@@ -5,6 +5,9 @@ model of one layer per stack, and copies with one more layer in each stack, meas
 the full model would need per layer; the full model's figure is the base plus each stack's
 per-layer figure times its remaining layers. Each copy is measured at micro-batches of 1 and 2
 (what grows with the batch, and what does not: autocast's low-precision copies of weights).
+The copies are frozen and adapted as the run is (``train.freeze``, ``train.lora``): a frozen tower
+saves nothing for the backward (on TinyVLA at batch 8, frozen vision and text towers save 10.5 MiB
+against 24.6 MiB trained).
 """
 
 from __future__ import annotations
@@ -12,16 +15,18 @@ from __future__ import annotations
 import dataclasses
 import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from vlamp.models.config import ModelConfig
+from vlamp.models.lora import add_lora, frozen_bases
 from vlamp.models.registry import BLOCKS, build_model, stack_depths
 from vlamp.precision.errors import VlampError
 from vlamp.precision.memory import ActivationMeter, PeakRSS, checkpoint_modules
 from vlamp.precision.mixed_precision import MixedPrecision
 from vlamp.precision.weight_update import UpdateSettings
+from vlamp.train.config import LoraConfig
 from vlamp.train.step import make_optimizer, to_device, train_step
 
 
@@ -100,9 +105,12 @@ class ModeProbe:
 
 def probe_mode(config: ModelConfig, mode: str, batch: int,
                log: Callable[[str], None] | None = None, threads: int | None = None,
-               device: torch.device | str = "cpu") -> ModeProbe:
+               device: torch.device | str = "cpu", frozen: Sequence[str] = (),
+               lora: LoraConfig | None = None) -> ModeProbe:
     """Measures ``mode`` on the shallow copies of ``config``'s model (see the module's text) on
-    ``device``, in a fresh process: its peak is measured from a clean start, as a run's is."""
+    ``device``, in a fresh process: its peak is measured from a clean start, as a run's is.
+    ``frozen`` and ``lora`` (``train.freeze``, ``train.lora``) freeze and adapt the copies as the
+    trainer does the model."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
@@ -112,25 +120,25 @@ def probe_mode(config: ModelConfig, mode: str, batch: int,
     # An executor, not a Pool: a Pool waits forever for a worker the OOM killer took.
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         try:
-            return pool.submit(_probe_here, config, mode, batch,
-                               threads or torch.get_num_threads(), str(device)).result()
+            return pool.submit(_probe_here, config, mode, batch, threads or torch.get_num_threads(),
+                               str(device), tuple(frozen), lora).result()
         except BrokenProcessPool:
             raise VlampError(f"the probe of {mode} died before it finished (killed for "
                              f"memory?); leave the mode out with --modes, or free memory") from None
 
 
-def _probe_here(config: ModelConfig, mode: str, batch: int, threads: int, device: str
-                ) -> ModeProbe:
+def _probe_here(config: ModelConfig, mode: str, batch: int, threads: int, device: str,
+                frozen: tuple[str, ...] = (), lora: LoraConfig | None = None) -> ModeProbe:
     torch.set_num_threads(threads)
     depths = stack_depths(config)
     base = {s: 1 for s in depths}
     peak = PeakRSS(device)
-    measured_base = _measure(config, mode, base, batch, peak, device)
+    measured_base = _measure(config, mode, base, batch, peak, device, frozen, lora)
     gc.collect()  # the copy's model and precision hooks refer to each other: free them now
     probe_peak = peak.read()
     deeper = {}
     for s in depths:
-        deeper[s] = _measure(config, mode, {**base, s: 2}, batch, None, device)
+        deeper[s] = _measure(config, mode, {**base, s: 2}, batch, None, device, frozen, lora)
         gc.collect()
     with torch.device("meta"):
         params = sum(p.numel() for p in build_model(config).parameters())
@@ -139,12 +147,15 @@ def _probe_here(config: ModelConfig, mode: str, batch: int, threads: int, device
 
 
 def _measure(config: ModelConfig, mode: str, depths: dict[str, int], batch: int,
-             peak: PeakRSS | None, device: str) -> Measured:
+             peak: PeakRSS | None, device: str, frozen: Sequence[str] = (),
+             lora: LoraConfig | None = None) -> Measured:
     torch.manual_seed(0)
     if peak is not None:
         peak.reset()
     model = build_model(config, depths).to(device)
-    mp = MixedPrecision(mode, update=UpdateSettings(), device=device)
+    adapted = add_lora(model, lora.targets, lora.rank, lora.alpha) if lora and lora.rank else []
+    mp = MixedPrecision(mode, update=UpdateSettings(), device=device,
+                        freeze=[*frozen, *frozen_bases(adapted)])
     mp.setup(model)
     optimizer = make_optimizer(model, 1e-5, 0.0)
     mp.setup(model, optimizer)
