@@ -91,24 +91,31 @@ def _probe(per_layer: float, base: float) -> ModeProbe:
 
 
 @pytest.mark.slow
-def test_the_probe_freezes_as_the_run_does():
+def test_the_probe_freezes_and_plans_as_the_run_does():
     """A frozen tower saves nothing for the backward: the probe's extrapolated activations match
-    the full frozen model's, measured directly, and are well below the trained model's."""
+    the full frozen model's, measured directly, and are well below the trained model's. With the
+    run's precision settings the probe trains on the plan the trainer measures: its lean islands
+    save less than the mode's plan as it is."""
     from vlamp.models.registry import build_model
     from vlamp.precision.memory import ActivationMeter
     from vlamp.precision.mixed_precision import MixedPrecision
+    from vlamp.train.config import PrecisionConfig
 
     cfg, frozen = _tiny(), ["vision", "text"]
     direct = {}
-    for name, patterns in (("frozen", frozen), ("trained", [])):
+    for name, mode, patterns in (("frozen", "fp32", frozen), ("trained", "fp32", []),
+                                 ("bf16", "bf16-mixed", [])):
         model = build_model(cfg)
-        MixedPrecision("fp32", freeze=patterns).setup(model)
-        with ActivationMeter(model) as meter:
-            model(model.example_batch(4))
+        mp = MixedPrecision(mode, freeze=patterns)
+        mp.setup(model)
+        with ActivationMeter(model) as meter, mp.autocast():
+            model(model.example_batch(2))
         direct[name] = float(meter.total)
-    probed = fit.probe(cfg, "fp32", 4, frozen=frozen).activations(4, checkpoint=False)
+    probed = fit.probe(cfg, "fp32", 2, frozen=frozen).activations(2, checkpoint=False)
     assert probed == pytest.approx(direct["frozen"], rel=0.02)
     assert probed < 0.9 * direct["trained"], (probed, direct)
+    lean = fit.probe(cfg, "bf16-mixed", 2, precision=PrecisionConfig(mode="bf16-mixed"))
+    assert lean.activations(2, checkpoint=False) < 0.95 * direct["bf16"], (lean, direct)
 
 
 def test_activations_and_time_extrapolate_in_depth_and_batch():
@@ -163,7 +170,7 @@ def test_a_mode_whose_state_alone_is_over_the_budget_is_not_probed(monkeypatch):
 
     probed = []
 
-    def planted(config, mode, batch, log=None, device="cpu", frozen=(), lora=None):
+    def planted(config, mode, batch, log=None, device="cpu", frozen=(), lora=None, precision=None):
         probed.append(mode)
         return dc.replace(_probe(per_layer=100.0, base=1000.0), mode=mode, depths={})
     monkeypatch.setattr(fit, "probe", planted)

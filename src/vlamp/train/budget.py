@@ -110,7 +110,7 @@ def fit_run(config: RunConfig, device: torch.device, budget: int, modes: Sequenc
             measured[m] = fit.unmeasured(config.model, m)
         else:
             probes[m] = measured[m] = fit.probe(config.model, m, batch, log, device, frozen,
-                                                config.train.lora)
+                                                config.train.lora, config.precision)
     predictions = []
     sample = fit.sample_bytes(config.model)
     depths = stack_depths(config.model)  # the probes' shallow copies serve any depth

@@ -36,7 +36,7 @@ from vlamp.precision.describe import state_by_kind
 from vlamp.precision.modes import get_mode
 from vlamp.precision.plan import PrecisionPlan
 from vlamp.precision.weight_update import BUCKET
-from vlamp.train.config import LoraConfig
+from vlamp.train.config import LoraConfig, PrecisionConfig
 from vlamp.train.fit_probe import Measured, ModeProbe, probe_mode
 
 KINDS = ("weights", "masters", "compensation", "grads", "optimizer", "activations", "transient",
@@ -311,11 +311,12 @@ def default_update(mode: str) -> str:
 
 def probe(config: ModelConfig, mode: str, batch: int, log: Callable[[str], None] | None = None,
           device: torch.device | str = "cpu", frozen: Sequence[str] = (),
-          lora: LoraConfig | None = None) -> ModeProbe:
-    """:func:`~vlamp.train.fit_probe.probe_mode` (the copies frozen and adapted as ``frozen`` and
-    ``lora`` say), with the runtime's bytes set: the one-layer copy's measured peak minus the
-    tensors :func:`predict` counts for it."""
-    measured = probe_mode(config, mode, batch, log, device=device, frozen=frozen, lora=lora)
+          lora: LoraConfig | None = None, precision: PrecisionConfig | None = None) -> ModeProbe:
+    """:func:`~vlamp.train.fit_probe.probe_mode` (the copies frozen, adapted and planned as
+    ``frozen``, ``lora`` and ``precision`` say), with the runtime's bytes set: the one-layer
+    copy's measured peak minus the tensors :func:`predict` counts for it."""
+    measured = probe_mode(config, mode, batch, log, device=device, frozen=frozen, lora=lora,
+                          precision=precision)
     base = {s: 1 for s in measured.depths}
     state, sizes = state_bytes(config, mode, "-", "auto", frozen, base, lora)
     shallow = dataclasses.replace(measured, depths=base)

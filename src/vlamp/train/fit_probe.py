@@ -5,9 +5,10 @@ model of one layer per stack, and copies with one more layer in each stack, meas
 the full model would need per layer; the full model's figure is the base plus each stack's
 per-layer figure times its remaining layers. Each copy is measured at micro-batches of 1 and 2
 (what grows with the batch, and what does not: autocast's low-precision copies of weights).
-The copies are frozen and adapted as the run is (``train.freeze``, ``train.lora``): a frozen tower
-saves nothing for the backward (on TinyVLA at batch 8, frozen vision and text towers save 10.5 MiB
-against 24.6 MiB trained).
+The copies are frozen, adapted and planned as the run is (``train.freeze``, ``train.lora``, and the
+plan the trainer measures from ``precision``: speed rules, lean islands): a frozen tower saves
+nothing for the backward (on TinyVLA at batch 8, frozen vision and text towers save 10.5 MiB
+against 24.6 MiB trained), and a lean island's consumers save low-precision tensors.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from vlamp.models.registry import BLOCKS, build_model, stack_depths
 from vlamp.precision.errors import VlampError
 from vlamp.precision.memory import ActivationMeter, PeakRSS, checkpoint_modules
 from vlamp.precision.mixed_precision import MixedPrecision
+from vlamp.precision.plan import PrecisionPlan
 from vlamp.precision.weight_update import UpdateSettings
-from vlamp.train.config import LoraConfig
-from vlamp.train.step import make_optimizer, to_device, train_step
+from vlamp.train.config import LoraConfig, PrecisionConfig
+from vlamp.train.step import make_optimizer, measured_plan, to_device, train_step
 
 
 @dataclasses.dataclass
@@ -106,11 +108,13 @@ class ModeProbe:
 def probe_mode(config: ModelConfig, mode: str, batch: int,
                log: Callable[[str], None] | None = None, threads: int | None = None,
                device: torch.device | str = "cpu", frozen: Sequence[str] = (),
-               lora: LoraConfig | None = None) -> ModeProbe:
+               lora: LoraConfig | None = None, precision: PrecisionConfig | None = None
+               ) -> ModeProbe:
     """Measures ``mode`` on the shallow copies of ``config``'s model (see the module's text) on
     ``device``, in a fresh process: its peak is measured from a clean start, as a run's is.
-    ``frozen`` and ``lora`` (``train.freeze``, ``train.lora``) freeze and adapt the copies as the
-    trainer does the model."""
+    ``frozen``, ``lora`` and ``precision`` (``train.freeze``, ``train.lora``, the run's precision
+    settings) freeze, adapt and plan the copies as the trainer does the model; without
+    ``precision``, the mode's plan as it is."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
@@ -121,24 +125,26 @@ def probe_mode(config: ModelConfig, mode: str, batch: int,
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         try:
             return pool.submit(_probe_here, config, mode, batch, threads or torch.get_num_threads(),
-                               str(device), tuple(frozen), lora).result()
+                               str(device), tuple(frozen), lora, precision).result()
         except BrokenProcessPool:
             raise VlampError(f"the probe of {mode} died before it finished (killed for "
                              f"memory?); leave the mode out with --modes, or free memory") from None
 
 
 def _probe_here(config: ModelConfig, mode: str, batch: int, threads: int, device: str,
-                frozen: tuple[str, ...] = (), lora: LoraConfig | None = None) -> ModeProbe:
+                frozen: tuple[str, ...] = (), lora: LoraConfig | None = None,
+                precision: PrecisionConfig | None = None) -> ModeProbe:
     torch.set_num_threads(threads)
     depths = stack_depths(config)
     base = {s: 1 for s in depths}
     peak = PeakRSS(device)
-    measured_base = _measure(config, mode, base, batch, peak, device, frozen, lora)
+    measured_base = _measure(config, mode, base, batch, peak, device, frozen, lora, precision)
     gc.collect()  # the copy's model and precision hooks refer to each other: free them now
     probe_peak = peak.read()
     deeper = {}
     for s in depths:
-        deeper[s] = _measure(config, mode, {**base, s: 2}, batch, None, device, frozen, lora)
+        deeper[s] = _measure(config, mode, {**base, s: 2}, batch, None, device, frozen, lora,
+                             precision)
         gc.collect()
     with torch.device("meta"):
         params = sum(p.numel() for p in build_model(config).parameters())
@@ -148,18 +154,19 @@ def _probe_here(config: ModelConfig, mode: str, batch: int, threads: int, device
 
 def _measure(config: ModelConfig, mode: str, depths: dict[str, int], batch: int,
              peak: PeakRSS | None, device: str, frozen: Sequence[str] = (),
-             lora: LoraConfig | None = None) -> Measured:
+             lora: LoraConfig | None = None, precision: PrecisionConfig | None = None) -> Measured:
+    plan = _run_plan(config, mode, depths, batch, device, lora, precision)
     torch.manual_seed(0)
     if peak is not None:
         peak.reset()
     model = build_model(config, depths).to(device)
     adapted = add_lora(model, lora.targets, lora.rank, lora.alpha) if lora and lora.rank else []
-    mp = MixedPrecision(mode, update=UpdateSettings(), device=device,
+    batches = {b: to_device(model.example_batch(b), torch.device(device)) for b in {1, 2, batch}}
+    mp = MixedPrecision(plan, update=UpdateSettings(), device=device,
                         freeze=[*frozen, *frozen_bases(adapted)])
     mp.setup(model)
     optimizer = make_optimizer(model, 1e-5, 0.0)
     mp.setup(model, optimizer)
-    batches = {b: to_device(model.example_batch(b), torch.device(device)) for b in {1, 2, batch}}
     seconds = {}
     for b in sorted({batch, 1}, reverse=True):
         times: list[float] = []  # the first step allocates the optimizer's state: not timed
@@ -180,6 +187,24 @@ def _measure(config: ModelConfig, mode: str, depths: dict[str, int], batch: int,
             del loss
             acts[(ckpt, b)] = float(meter.total)
     return Measured(acts, seconds)
+
+
+def _run_plan(config: ModelConfig, mode: str, depths: dict[str, int], batch: int, device: str,
+              lora: LoraConfig | None, precision: PrecisionConfig | None) -> PrecisionPlan:
+    """The plan a run with ``precision`` trains ``mode`` with: measured as the trainer measures it
+    (on a build of its own, freed before the measured copy is built), or the mode's with the run's
+    rules."""
+    if precision is None or not precision.measure or mode == "fp32":
+        return PrecisionPlan(mode, (precision.rules or None) if precision else None)
+    torch.manual_seed(0)
+    model = build_model(config, depths).to(device)
+    if lora and lora.rank:
+        add_lora(model, lora.targets, lora.rank, lora.alpha)
+    plan = measured_plan(model, to_device(model.example_batch(batch), torch.device(device)), mode,
+                         precision)
+    del model
+    gc.collect()
+    return plan
 
 
 def _sync(device: str) -> None:

@@ -1,5 +1,5 @@
-"""One training step, the learning-rate schedule and the weight average: the parts the trainer
-and the benchmark share."""
+"""One training step, the learning-rate schedule, the weight average and the measured plan: the
+parts the trainer, the benchmark and fit's probes share."""
 
 from __future__ import annotations
 
@@ -10,11 +10,25 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vlamp.precision.autoplan import measure_plan
+from vlamp.precision.hardware import set_tf32
 from vlamp.precision.mixed_precision import MixedPrecision
+from vlamp.precision.plan import PrecisionPlan
 from vlamp.precision.scaler import StepOutcome
 from vlamp.train.distributed import gradient_sync, mean_over_ranks
 
 Batch = dict[str, torch.Tensor]
+
+
+def measured_plan(model: nn.Module, batch: Batch, mode: str, precision,
+                  log: Callable[[str], None] | None = None) -> PrecisionPlan:
+    """``mode``'s plan as a run with these precision settings (``RunConfig.precision``) measures
+    it on this machine (:func:`vlamp.precision.autoplan.measure_plan`): its rules first, then the
+    speed half, sensitivity and lean islands as the settings ask. For a model not yet set up."""
+    p = precision
+    set_tf32(p.tf32)  # measured as it will run
+    return measure_plan(model, batch, mode, rules=p.rules or None, log=log,
+                        sensitivity=p.sensitivity or None, lean=p.lean_islands or None)
 
 
 @dataclass(frozen=True)

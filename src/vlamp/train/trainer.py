@@ -24,9 +24,8 @@ from vlamp.models.config import saved_model_config
 from vlamp.models.lora import add_lora, frozen_bases
 from vlamp.models.registry import build_model
 from vlamp.models.tokenizer import WordTokenizer
-from vlamp.precision.autoplan import measure_plan
 from vlamp.precision.errors import VlampError
-from vlamp.precision.hardware import set_tf32, synchronize
+from vlamp.precision.hardware import synchronize
 from vlamp.precision.memory import PeakRSS, checkpoint_modules
 from vlamp.precision.mixed_precision import MixedPrecision
 from vlamp.precision.plan import PrecisionPlan
@@ -44,6 +43,7 @@ from vlamp.train.step import (
     compile_model,
     learning_rate,
     make_optimizer,
+    measured_plan,
     to_device,
     train_step,
 )
@@ -185,11 +185,7 @@ class Trainer:
         if p.measure and p.mode != "fp32":
             plan = None
             if self.world.main:  # measured once, on rank 0; every rank trains on its plan
-                log = self._log_line
-                set_tf32(p.tf32)  # measured as it will run
-                plan = measure_plan(self.model, self.example_batch(), p.mode, rules=p.rules or None,
-                                    log=log, sensitivity=p.sensitivity or None,
-                                    lean=p.lean_islands or None)
+                plan = measured_plan(self.model, self.example_batch(), p.mode, p, self._log_line)
                 if not self.world.distributed:
                     return MixedPrecision(plan, None, p.scaler or None, **common)
                 plan = plan.to_dict()
