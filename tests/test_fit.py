@@ -59,6 +59,28 @@ def test_state_is_exact_from_the_plan():
     assert low["masters"] == 0 and sizes["low_params"] < n
 
 
+def test_state_counts_the_runs_own_rules(tmp_path):
+    """precision.rules that store a tower in BF16 in a -mixed mode: the weights counted are the
+    set-up model's parameter bytes, and the tower's FP32 masters are counted too."""
+    import torch
+
+    from vlamp.models.registry import build_model
+    from vlamp.precision.mixed_precision import MixedPrecision
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - {pattern: vision, policy: bf16}\n")
+    cfg = _tiny()
+    plain, _ = fit.state_bytes(cfg, "bf16-mixed", "-", "auto")
+    ruled, _ = fit.state_bytes(cfg, "bf16-mixed", "-", "auto", rules=str(rules))
+    model = build_model(cfg)
+    MixedPrecision("bf16-mixed", str(rules)).setup(model)
+    assert ruled["weights"] == sum(p.numel() * p.element_size() for p in model.parameters())
+    low = sum(p.numel() for p in model.vision.parameters() if p.dtype == torch.bfloat16)
+    assert low > 0.9 * sum(p.numel() for p in model.vision.parameters())  # its norms stay FP32
+    assert plain["weights"] - ruled["weights"] == 2 * low
+    assert ruled["masters"] - plain["masters"] == 4 * low
+
+
 def test_lora_is_counted_as_trained_adapters_on_frozen_layers():
     from vlamp.models.lora import add_lora
     from vlamp.models.registry import build_model

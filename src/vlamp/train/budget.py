@@ -97,7 +97,7 @@ def fit_run(config: RunConfig, device: torch.device, budget: int, modes: Sequenc
         key = (c.mode, c.update, c.optimizer_state)
         if key not in held_by:
             held_by[key] = fit.state_by_depth(config.model, *key, frozen=frozen,
-                                              lora=config.train.lora)
+                                              lora=config.train.lora, rules=config.precision.rules)
     measured = dict(probes)
     for m in dict.fromkeys([*modes, *named]):
         if m in probes:

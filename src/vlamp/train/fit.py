@@ -34,7 +34,7 @@ from vlamp.models.lora import add_lora, frozen_bases
 from vlamp.models.registry import BLOCKS, build_model, stack_depths
 from vlamp.precision.describe import state_by_kind
 from vlamp.precision.modes import get_mode
-from vlamp.precision.plan import PrecisionPlan
+from vlamp.precision.plan import plan_for
 from vlamp.precision.weight_update import BUCKET
 from vlamp.train.config import LoraConfig, PrecisionConfig
 from vlamp.train.fit_probe import Measured, ModeProbe, probe_mode
@@ -128,21 +128,23 @@ def candidates(modes: Sequence[str], batch: int, *, updates: Sequence[str] | Non
 
 def state_bytes(config: ModelConfig, mode: str, update: str, optimizer_state: str,
                 frozen: Sequence[str] = (), depths: dict[str, int] | None = None,
-                lora: LoraConfig | None = None) -> tuple[dict[str, float], dict[str, int]]:
+                lora: LoraConfig | None = None, rules: str | None = None
+                ) -> tuple[dict[str, float], dict[str, int]]:
     """The exact state of the full model by kind (weights, masters, compensation, grads,
     optimizer), from the plan's dtypes on a meta-device build; and sizes the transient needs
     (``largest_param``, ``largest_module``: elements, embeddings aside; ``largest_grad``:
     bytes; ``low_params``, ``params``: elements stored low, and all).
     ``depths`` builds a shallow copy instead (see :func:`vlamp.models.registry.build_model`);
     ``lora`` (``train.lora``) adapts it as the trainer does: adapters trained, the
-    adapted layers frozen."""
+    adapted layers frozen; ``rules`` (``precision.rules``, a YAML file) are the run's own rules
+    (the rules a measurement adds change no storage dtype)."""
     from vlamp.precision.freeze import frozen_modules
 
     with torch.device("meta"):
         model = build_model(config, depths)
         if lora is not None and lora.rank:
             frozen = [*frozen, *frozen_bases(add_lora(model, lora.targets, lora.rank, lora.alpha))]
-    plan = PrecisionPlan(mode)
+    plan = plan_for(mode, rules or None)
     m = plan.mode
     method = update if update != "-" else m.default_update
     cold = {id(p) for mod in frozen_modules(model, frozen).values() for p in mod.parameters()} \
@@ -170,20 +172,20 @@ def state_bytes(config: ModelConfig, mode: str, update: str, optimizer_state: st
 
 
 def state_by_depth(config: ModelConfig, mode: str, update: str, optimizer_state: str,
-                   frozen: Sequence[str] = (), lora: LoraConfig | None = None
-                   ) -> tuple[dict[str, float], dict[str, int]]:
+                   frozen: Sequence[str] = (), lora: LoraConfig | None = None,
+                   rules: str | None = None) -> tuple[dict[str, float], dict[str, int]]:
     """:func:`state_bytes` of the full model from shallow meta-device builds (one layer per
     stack, one more in each), extrapolated in depth as the probes are: a model of thousands of
     layers is counted as fast as one of two. Exact for stacks of identical layers."""
     depths = stack_depths(config)
     if not depths:
-        return state_bytes(config, mode, update, optimizer_state, frozen, lora=lora)
+        return state_bytes(config, mode, update, optimizer_state, frozen, lora=lora, rules=rules)
     base = {s: 1 for s in depths}
-    one, one_sizes = state_bytes(config, mode, update, optimizer_state, frozen, base, lora)
+    one, one_sizes = state_bytes(config, mode, update, optimizer_state, frozen, base, lora, rules)
     state, sizes = dict(one), dict(one_sizes)
     for stack, n in depths.items():
         more, more_sizes = state_bytes(config, mode, update, optimizer_state, frozen,
-                                       {**base, stack: 2}, lora)
+                                       {**base, stack: 2}, lora, rules)
         for k in state:
             state[k] += (more[k] - one[k]) * (n - 1)
         for k in ("low_params", "params"):
@@ -318,7 +320,8 @@ def probe(config: ModelConfig, mode: str, batch: int, log: Callable[[str], None]
     measured = probe_mode(config, mode, batch, log, device=device, frozen=frozen, lora=lora,
                           precision=precision)
     base = {s: 1 for s in measured.depths}
-    state, sizes = state_bytes(config, mode, "-", "auto", frozen, base, lora)
+    state, sizes = state_bytes(config, mode, "-", "auto", frozen, base, lora,
+                               precision.rules if precision else None)
     shallow = dataclasses.replace(measured, depths=base)
     counted = predict(Candidate(mode, default_update(mode), "auto", False, batch, 1), state, sizes,
                       shallow, sample_bytes(config),  # its peak: the steps at ``batch``

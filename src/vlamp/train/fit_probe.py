@@ -26,7 +26,7 @@ from vlamp.models.registry import BLOCKS, build_model, stack_depths
 from vlamp.precision.errors import VlampError
 from vlamp.precision.memory import ActivationMeter, PeakRSS, checkpoint_modules
 from vlamp.precision.mixed_precision import MixedPrecision
-from vlamp.precision.plan import PrecisionPlan
+from vlamp.precision.plan import PrecisionPlan, plan_for
 from vlamp.precision.weight_update import UpdateSettings
 from vlamp.train.config import LoraConfig, PrecisionConfig
 from vlamp.train.step import make_optimizer, measured_plan, to_device, train_step
@@ -195,7 +195,7 @@ def _run_plan(config: ModelConfig, mode: str, depths: dict[str, int], batch: int
     (on a build of its own, freed before the measured copy is built), or the mode's with the run's
     rules."""
     if precision is None or not precision.measure or mode == "fp32":
-        return PrecisionPlan(mode, (precision.rules or None) if precision else None)
+        return plan_for(mode, (precision.rules or None) if precision else None, device=device)
     torch.manual_seed(0)
     model = build_model(config, depths).to(device)
     if lora and lora.rank:
