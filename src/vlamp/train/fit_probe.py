@@ -5,10 +5,10 @@ model of one layer per stack, and copies with one more layer in each stack, meas
 the full model would need per layer; the full model's figure is the base plus each stack's
 per-layer figure times its remaining layers. Each copy is measured at micro-batches of 1 and 2
 (what grows with the batch, and what does not: autocast's low-precision copies of weights).
-The copies are frozen, adapted and planned as the run is (``train.freeze``, ``train.lora``, and the
-plan the trainer measures from ``precision``: speed rules, lean islands): a frozen tower saves
-nothing for the backward (on TinyVLA at batch 8, frozen vision and text towers save 10.5 MiB
-against 24.6 MiB trained), and a lean island's consumers save low-precision tensors.
+The copies are frozen, adapted and planned as the run is (``train.freeze``, ``train.lora``, and
+the plan the trainer measures from ``precision``: speed rules, lean islands): a frozen tower saves
+nothing for the backward (on the default TinyVLA at batch 8, frozen vision and text towers save
+10.5 MiB against 24.6 MiB trained), and a lean island's consumers save low-precision tensors.
 """
 
 from __future__ import annotations
