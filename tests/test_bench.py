@@ -120,6 +120,23 @@ def test_bench_compares_how_low_precision_weights_are_updated(cache, tmp_path):
     assert p.returncode == 2 and "an update after the slash is for -true and -storage modes" in p.stderr
 
 
+def test_an_interrupted_bench_resumes_its_finished_seeds(cache, tmp_path):
+    out = tmp_path / "b"
+    args = ["bench", "--quick", "--modes", "fp32", "--steps", "2", "--warmup", "1", "--episodes",
+            "0", "--no-baseline", "--threads", "1", "--out", str(out), "precision.measure=false"]
+    p = cli(cache, *args, "--no-progress")
+    assert p.returncode == 0, p.stderr[-3000:]
+    first = json.loads((out / "seeds" / "seed-0.json").read_text())["runs"]
+    p = cli(cache, *args, "--seeds", "2", "--resume")  # seed 0 is read, seed 1 runs
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "seed 0: 1 runs read from" in p.stderr and "seed 1: 1 runs taking turns" in p.stderr
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["seed"] for r in runs] == [0, 1]
+    assert runs[0]["step_times"] == first[0]["step_times"]  # read, not trained again
+    p = cli(cache, *[a if a != "2" else "3" for a in args], "--resume")  # other settings: --steps 3
+    assert p.returncode == 2 and "a benchmark with other settings" in p.stderr
+
+
 def test_bench_rejects_unknown_modes(cache, tmp_path):
     p = cli(cache, "bench", "--modes", "fp32,int4", "--out", str(tmp_path / "b"))
     assert p.returncode == 2 and "unknown mode(s) int4; legal: fp32" in p.stderr

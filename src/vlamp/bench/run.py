@@ -192,7 +192,7 @@ def _run_interleaved(specs: list[tuple[str, dict[str, Any]]], workdir: Path, pro
 def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, seeds: int = 1,
           warmup: int = 5, eval_episodes: int = 5, baseline: bool = True, notes: list[str] | None = None,
           threads: int | str = "auto", rounds: int = 10, progress: bool = True,
-          nproc: int = 1) -> dict[str, Any]:
+          nproc: int = 1, resume: bool = False) -> dict[str, Any]:
     """Runs every mode (and the torch.amp baseline for the first low-precision mode), ``seeds``
     times each, writes ``out/results.json`` and the report, and returns the results.
 
@@ -204,6 +204,14 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
     DDP or FSDP2; ``train.batch_size`` is per rank), beside one single-process FP32 run that the
     ranks' total throughput is compared with (``scaleout_vs_1_process``); the torch.amp baseline
     stays in one process.
+
+    Each seed's runs are written to ``out/seeds/seed-N.json`` as soon as they finish; with
+    ``resume``, a seed found there from a benchmark of the same settings (config, modes, warmup,
+    episodes, threads, rounds) is read instead of run again, so an interrupted benchmark goes on
+    where it stopped, and ``seeds`` may grow.
+
+    Raises:
+        VlampError: With ``resume``, for a seed ``out`` holds from a benchmark of other settings.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -214,8 +222,13 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
     round_steps = max(1, math.ceil(config.train.steps / max(1, rounds)))
     runs: list[dict[str, Any]] = []
     started = time.time()
+    key = _settings_key(config, plan, warmup, eval_episodes, threads, round_steps)
     with tempfile.TemporaryDirectory(prefix="vlamp-bench-") as tmp:
         for seed in range(seeds):
+            done = out / "seeds" / f"seed-{config.train.seed + seed}.json"
+            if resume and done.is_file():
+                runs += _finished_seed(done, key, progress)
+                continue
             specs = []
             for mode, runner, ranks in plan:
                 cfg = to_dict(config)
@@ -232,8 +245,11 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
             if progress:
                 print(f"seed {config.train.seed + seed}: {len(specs)} runs taking turns, "
                       f"{round_steps} steps a turn", file=sys.stderr, flush=True)
-            for r in _run_interleaved(specs, Path(tmp), progress):
-                runs.append({**r, "seed": config.train.seed + seed})
+            finished = [{**r, "seed": config.train.seed + seed}
+                        for r in _run_interleaved(specs, Path(tmp), progress)]
+            done.parent.mkdir(exist_ok=True)
+            write_json({"settings": key, "runs": finished}, done)
+            runs += finished
     add_ratios(runs)
     warned = [f"{_run_name(r)}: {w}" for r in runs for w in r["warnings"]]
     results = {"machine": machine_info(resolve_device(config.train.device)),
@@ -245,6 +261,33 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
 
     write_report(results, out)
     return results
+
+
+def _settings_key(config: RunConfig, plan: list[tuple], warmup: int, eval_episodes: int,
+                  threads: int | str, round_steps: int) -> str:
+    """What a seed's results depend on, hashed: a seed is resumed only into the same benchmark."""
+    import hashlib
+
+    cfg = to_dict(config)
+    cfg["train"].pop("seed")  # the seed is the file's name
+    spec = json.dumps([cfg, plan, warmup, eval_episodes, threads, round_steps], sort_keys=True)
+    return hashlib.sha1(spec.encode()).hexdigest()[:16]
+
+
+def _finished_seed(path: Path, key: str, progress: bool) -> list[dict[str, Any]]:
+    """The runs of a seed an earlier benchmark of the same settings finished."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise VlampError(f"--resume: cannot read {path} ({e}); delete it to run that seed again") from None
+    if saved.get("settings") != key:
+        raise VlampError(f"--resume: {path} holds a seed of a benchmark with other settings (config, "
+                         f"modes, steps, warmup, episodes, threads or rounds); give the same ones, "
+                         f"or another --out")
+    if progress:
+        print(f"{path.stem.replace('-', ' ')}: {len(saved['runs'])} runs read from {path} (--resume)",
+              file=sys.stderr, flush=True)
+    return saved["runs"]
 
 
 def _run_name(r: dict[str, Any]) -> str:

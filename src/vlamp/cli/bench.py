@@ -20,6 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog="examples:\n  vlamp bench --quick\n  vlamp bench --modes fp32,bf16-mixed --steps 300 "
                "--seeds 3\n  vlamp bench train.batch_size=32 model.head=flow\n"
                "  vlamp bench --modes bf16-true,bf16-true/kahan,bf16-true/stochastic --seeds 3\n"
+               "  vlamp bench --config mt10 --modes fp32,bf16-mixed --seeds 3 --resume   # goes on\n"
                "  vlamp bench --quick --nproc 2 distributed.strategy=fsdp\n"
                "  vlamp bench --modes fp32,bf16-mixed train.device=cuda model.size=base "
                "dataset.path=DATA_128PX",
@@ -49,6 +50,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "train.batch_size is per rank (default: 1)")
     p.add_argument("--quick", action="store_true", help="a tiny model on a tiny dataset (seconds)")
     p.add_argument("--out", default="runs/bench", metavar="DIR", help="default: runs/bench")
+    p.add_argument("--resume", action="store_true",
+                   help="read the seeds an interrupted benchmark with the same settings finished in "
+                        "--out (out/seeds/) instead of running them again; --seeds may grow")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="YAML training config, or a recipe of vlamp's: mt10, mt50")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides")
@@ -87,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     results = bench(config, modes, args.out, seeds=args.seeds, warmup=warmup, eval_episodes=episodes,
                     baseline=not args.no_baseline, notes=notes, progress=not args.no_progress,
                     threads=threads if threads == "auto" else int(threads), rounds=args.rounds,
-                    nproc=args.nproc)
+                    nproc=args.nproc, resume=args.resume)
     print(text_table(results))
     print(f"\nresults: {args.out}/results.json; report: {args.out}/report.md, {args.out}/report.html")
     return 0
