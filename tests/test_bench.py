@@ -107,9 +107,9 @@ def test_bench_quick_writes_every_field_and_consistent_ratios(cache, tmp_path):
 
 def test_bench_compares_how_low_precision_weights_are_updated(cache, tmp_path):
     out = tmp_path / "b"
-    p = cli(cache, "bench", "--quick", "--modes", "bf16-true/kahan", "--steps", "3", "--warmup", "1",
-            "--episodes", "0", "--no-baseline", "--out", str(out), "--no-progress",
-            "precision.measure=false")
+    args = ["bench", "--quick", "--modes", "bf16-true/kahan", "--steps", "3", "--warmup", "1",
+            "--episodes", "0", "--no-baseline", "--out", str(out), "precision.measure=false"]
+    p = cli(cache, *args, "--no-progress")
     assert p.returncode == 0, p.stderr[-3000:]
     fp32, kahan = json.loads((out / "results.json").read_text())["runs"]
     assert kahan["mode"] == "bf16-true/kahan" and kahan["precision"] == "bf16-true"
@@ -118,22 +118,15 @@ def test_bench_compares_how_low_precision_weights_are_updated(cache, tmp_path):
     assert "bf16-true/kahan" in p.stdout and "memory by kind (MiB):" in p.stdout
     p = cli(cache, "bench", "--modes", "bf16-mixed/kahan", "--out", str(tmp_path / "c"))
     assert p.returncode == 2 and "an update after the slash is for -true and -storage modes" in p.stderr
-
-
-def test_an_interrupted_bench_resumes_its_finished_seeds(cache, tmp_path):
-    out = tmp_path / "b"
-    args = ["bench", "--quick", "--modes", "fp32", "--steps", "2", "--warmup", "1", "--episodes",
-            "0", "--no-baseline", "--threads", "1", "--out", str(out), "precision.measure=false"]
-    p = cli(cache, *args, "--no-progress")
+    # --resume: the finished seed is read back, not trained again; the next one runs
+    p = cli(cache, *args, "--seeds", "2", "--resume")
     assert p.returncode == 0, p.stderr[-3000:]
-    first = json.loads((out / "seeds" / "seed-0.json").read_text())["runs"]
-    p = cli(cache, *args, "--seeds", "2", "--resume")  # seed 0 is read, seed 1 runs
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "seed 0: 1 runs read from" in p.stderr and "seed 1: 1 runs taking turns" in p.stderr
+    assert "seed 0: 2 runs read from" in p.stderr and "seed 1: 2 runs taking turns" in p.stderr
     runs = json.loads((out / "results.json").read_text())["runs"]
-    assert [r["seed"] for r in runs] == [0, 1]
-    assert runs[0]["step_times"] == first[0]["step_times"]  # read, not trained again
-    p = cli(cache, *[a if a != "2" else "3" for a in args], "--resume")  # other settings: --steps 3
+    assert [(r["mode"], r["seed"]) for r in runs] == [("fp32", 0), ("bf16-true/kahan", 0),
+                                                      ("fp32", 1), ("bf16-true/kahan", 1)]
+    assert runs[1]["step_times"] == kahan["step_times"]
+    p = cli(cache, *[a if a != "3" else "4" for a in args], "--resume")  # other settings: 4 steps
     assert p.returncode == 2 and "a benchmark with other settings" in p.stderr
 
 
