@@ -2,6 +2,7 @@
 are verified, configs are checked, and TinyVLA's FP32 islands really compute in FP32."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -205,6 +206,8 @@ def test_train_and_eval_checkpoint_through_the_cli(tiny_dataset, tmp_path):
     p = cli("train", "--no-progress", *tiny_overrides(tiny_dataset, out, "bf16-mixed", "train.steps=3"))
     assert p.returncode == 0, p.stderr
     assert "precision bf16-mixed" in p.stdout and "vlamp eval --checkpoint" in p.stdout
+    assert re.search(r"step 3/3: loss \d\.\d{4}, validation action L1 \d\.\d{4}, [\d.]+ s/step",
+                     p.stderr), p.stderr  # without bars, a log of a long run still shows progress
     p = cli("eval", "--checkpoint", str(out), "--episodes", "1", "--max-steps", "10",
             "--json", str(tmp_path / "e.json"))
     assert p.returncode == 0, p.stderr

@@ -349,6 +349,10 @@ class Trainer:
                 if self.val_set is not None and ((t.val_every and self.step % t.val_every == 0) or last):
                     result.val_action_l1 = self.validate()
                     log.row("val", {"step": self.step, "action_l1": result.val_action_l1})
+                    if self.world.main:  # a line a log file of a long run shows as it goes
+                        self._log_line(f"step {self.step}/{t.steps}: loss {r.loss:.4f}, validation "
+                                       f"action L1 {result.val_action_l1:.4f}, "
+                                       f"{sorted(result.step_times)[len(result.step_times) // 2]:.3g} s/step")
                 if (c.eval.every and self.step % c.eval.every == 0) or (last and c.eval.final):
                     began = time.perf_counter()
                     result.eval = self.evaluate()
