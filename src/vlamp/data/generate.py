@@ -6,8 +6,9 @@ function of its arguments, whatever the number of worker processes. Only success
 kept. The tasks take turns (episodes 0-4 of every task, then 5-9, ...: ``CHUNK`` episodes of one
 task are one job, so a worker builds one simulator per job and holds one at a time — MT50's 50
 simulators held at once took 7-8 GB per worker), so a task whose expert fails shows it within its
-first job, and a task whose expert fails ``GIVE_UP`` episodes in a row is given up; the other tasks' episodes are written all the same, and the shortfall is said and
-recorded in ``meta/vlamp_generation.json`` with each task's expert success rate.
+first job, and a task whose expert fails ``GIVE_UP`` episodes in a row is given up; the other
+tasks' episodes are written all the same, and the shortfall is said and recorded in
+``meta/vlamp_generation.json`` with each task's expert success rate.
 """
 
 from __future__ import annotations

@@ -15,12 +15,13 @@ from vlamp.precision.hardware import set_tf32
 from vlamp.precision.mixed_precision import MixedPrecision
 from vlamp.precision.plan import PrecisionPlan
 from vlamp.precision.scaler import StepOutcome
+from vlamp.train.config import PrecisionConfig
 from vlamp.train.distributed import gradient_sync, mean_over_ranks
 
 Batch = dict[str, torch.Tensor]
 
 
-def measured_plan(model: nn.Module, batch: Batch, mode: str, precision,
+def measured_plan(model: nn.Module, batch: Batch, mode: str, precision: PrecisionConfig,
                   log: Callable[[str], None] | None = None) -> PrecisionPlan:
     """``mode``'s plan as a run with these precision settings (``RunConfig.precision``) measures
     it on this machine (:func:`vlamp.precision.autoplan.measure_plan`): its rules first, then the
