@@ -349,10 +349,7 @@ class Trainer:
                 if self.val_set is not None and ((t.val_every and self.step % t.val_every == 0) or last):
                     result.val_action_l1 = self.validate()
                     log.row("val", {"step": self.step, "action_l1": result.val_action_l1})
-                    if self.world.main:  # a line a log file of a long run shows as it goes
-                        self._log_line(f"step {self.step}/{t.steps}: loss {r.loss:.4f}, validation "
-                                       f"action L1 {result.val_action_l1:.4f}, "
-                                       f"{sorted(result.step_times)[len(result.step_times) // 2]:.3g} s/step")
+                    self._progress_line(r.loss, result)
                 if (c.eval.every and self.step % c.eval.every == 0) or (last and c.eval.final):
                     began = time.perf_counter()
                     result.eval = self.evaluate()
@@ -369,6 +366,13 @@ class Trainer:
         result.skipped_steps = self.mp.skipped_steps
         result.seconds = time.perf_counter() - start
         return result
+
+    def _progress_line(self, loss: float, result: TrainResult) -> None:
+        """At a validation, a line that a log file of a long run shows as it goes."""
+        if self.world.main:
+            times = sorted(result.step_times)
+            self._log_line(f"step {self.step}/{self.config.train.steps}: loss {loss:.4f}, validation "
+                           f"action L1 {result.val_action_l1:.4f}, {times[len(times) // 2]:.3g} s/step")
 
     def _busy(self, step: int) -> bool:
         """Whether anything but training runs after ``step`` (validation, evaluation, a save)."""
