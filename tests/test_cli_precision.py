@@ -51,12 +51,47 @@ def test_plan_json_and_rules_file(tmp_path, capsys):
     assert "'nothing' matches no module" in captured.err
 
 
+def test_plan_with_run_config_keys_describes_what_the_trainer_sets_up(capsys):
+    """``vlamp plan train.lora... train.freeze...`` (on the meta device) shows per module what a
+    real MixedPrecision setup of the adapted, frozen model holds."""
+    import torch
+
+    from vlamp import MixedPrecision
+    from vlamp.models.lora import add_lora, frozen_bases
+    from vlamp.models.registry import build_model
+    from vlamp.models.tokenizer import WordTokenizer
+    from vlamp.sim.tasks import DEFAULT_SUITE, TASKS
+    from vlamp.train.config import load_config
+
+    keys = ["train.lora.rank=4", "train.lora.targets=[trunk.*.qkv]", "train.freeze=[vision]"]
+    assert main(["plan", "--mode", "bf16-mixed", "--json", *keys]) == 0
+    shown = {r["module"]: r for r in json.loads(capsys.readouterr().out)}
+    config = load_config(None, keys)
+    config.model.vocab_size = len(WordTokenizer.build(TASKS[t].instruction for t in DEFAULT_SUITE))
+    model = build_model(config.model)
+    adapted = add_lora(model, ["trunk.*.qkv"], 4, config.train.lora.alpha)
+    mp = MixedPrecision("bf16-mixed", freeze=["vision", *frozen_bases(adapted)])
+    mp.setup(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]))
+    real = {r["module"]: r for r in mp.describe().to_dicts()}
+    columns = ("params", "grad", "optim", "#params", "B/param")
+    assert {m: [r[c] for c in columns] for m, r in shown.items()} == \
+        {m: [r[c] for c in columns] for m, r in real.items()}
+    assert shown["vision.stages.0.conv"]["optim"] == "frozen" == shown["trunk.0.qkv.base"]["optim"]
+    assert shown["trunk.0.qkv.lora_A"]["optim"] == "fp32"  # the adapters train
+    assert main(["plan", "--mode", "bf16-mixed", *keys]) == 0
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert f"{trained:,} of {sum(p.numel() for p in model.parameters()):,} parameters trained" \
+        in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(("args", "fragment"), [
     (["plan", "--mode", "fp64-mixed"], "unknown mode 'fp64-mixed'; legal:"),
     (["plan", "--rules", "/no/such/file.yaml"], "cannot read"),
     (["frobnicate"], "invalid choice"),
     (["plan", "--depth", "x"], "invalid int value"),
     (["plan", "--lean-islands", "-0.1"], "--lean-islands must be a fraction >= 0 (0: off)"),
+    (["plan", "--size", "base", "model.size=large"], "give the model's shape as config keys"),
+    (["plan", "train.lora.rank=2", "train.lora.targets=[nothing]"], "matches no linear layer"),
 ])
 def test_user_errors_are_one_line_and_exit_2(args, fragment):
     rc, out, err = run_cli(*args)

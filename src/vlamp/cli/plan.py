@@ -24,6 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "The measured plan is cached per machine, torch version, threads, model and batch "
                     "shape; `vlamp train` uses the same cache.",
         epilog="examples:\n  vlamp plan --depth 2\n  vlamp plan --auto --out plan.yaml\n"
+               "  vlamp plan model.name=hf-vlm model.size=smolvla train.lora.rank=16 "
+               "'train.lora.targets=[Linear]' --mode bf16-storage --depth 0\n"
                "  vlamp plan --fsdp --depth 1\n"
                "  vlamp plan --auto --mode bf16-mixed --batch-size 32 --refresh",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,9 +42,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="YAML rules file: {builtin_rules: bool, rules: [{pattern, policy}]}")
     p.add_argument("--no-builtin-rules", action="store_true",
                    help="drop the built-in FP32 islands (norms, embeddings, action output, loss)")
-    p.add_argument("--head", default="act", choices=("act", "flow"),
+    p.add_argument("--head", default=None, choices=("act", "flow"),
                    help="TinyVLA's action head (default: act)")
-    p.add_argument("--size", default="small", choices=tuple(SIZES),
+    p.add_argument("--size", default=None, choices=tuple(SIZES),
                    help="TinyVLA's size preset, as model.size (default: small)")
     p.add_argument("--image-size", type=int, default=None,
                    help="image side for --auto's batch (default: 64; 128 for base and large)")
@@ -75,7 +77,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the optimizer's moments (precision.optimizer_state): auto, the update "
                         "method's dtype, or 8bit (block-wise quantized, ~1 byte per moment)")
     p.add_argument("--json", action="store_true", help="print rows as JSON")
-    p.set_defaults(run=run)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="the run's model and what it trains, as vlamp train takes them: model.* "
+                        "(model.name=hf-vlm model.size=smolvla: built on the meta device, nothing "
+                        "allocated, unless --auto, --sensitivity or --fsdp run it), train.freeze, "
+                        "train.lora.*; frozen modules show no gradient and no optimizer state")
+    p.set_defaults(run=run, allow_extra=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,13 +97,18 @@ def run(args: argparse.Namespace) -> int:
     mode = args.mode or ("auto" if args.auto else "bf16-mixed")
     if mode == "auto" and not args.auto:
         mode = get_mode("auto", device).name  # the hardware table, for the device asked about
-    model = _model(args, device)
+    model, frozen = _model(args, device)
     if args.rules:
         plan = PrecisionPlan.load(args.rules, mode=None if mode == "auto" else mode)
         if args.no_builtin_rules:
             plan.builtin_rules = False
     else:
         plan = PrecisionPlan(mode, builtin_rules=not args.no_builtin_rules)
+    if frozen:  # stored in the compute dtype, as MixedPrecision(freeze=...) stores them
+        from vlamp.precision.freeze import frozen_rules
+
+        plan = PrecisionPlan(plan.mode, [*plan.user_rules, *frozen_rules(frozen, plan.mode)],
+                             builtin_rules=plan.builtin_rules)
     plan.resolve(model)  # warns (one line, by vlamp's main) about rules that match nothing
     if args.sensitivity is not None and args.sensitivity <= 0:
         raise VlampError(f"--sensitivity must be a relative error > 0, got {args.sensitivity}")
@@ -120,6 +132,11 @@ def run(args: argparse.Namespace) -> int:
     table = describe_plan(plan, model, max_depth=args.depth,
                           update=args.update, state8=args.optimizer_state == "8bit")
     print(json.dumps(table.to_dicts(), indent=2) if args.json else table)
+    if frozen and not args.json:
+        total = sum(p.numel() for p in model.parameters())
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"{trained:,} of {total:,} parameters trained ({100 * trained / total:.2f}%), "
+              f"the rest frozen")
     if plan.measured and plan.measured.get("step_ms") and not args.json:
         steps = ", ".join(f"{k} {v:.1f} ms" for k, v in plan.measured["step_ms"].items())
         print(f"measured forward+backward step at batch {args.batch_size}: {steps}")
@@ -135,25 +152,56 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _model(args: argparse.Namespace, device):
-    """The model the plan is described on: a transformers config on the meta device, or TinyVLA."""
+    """The model the plan is described on (a transformers config on the meta device, the run
+    config's model, or TinyVLA), and the names of its frozen modules."""
     from vlamp.models.config import ModelConfig, with_size
     from vlamp.models.tinyvla import TinyVLA
     from vlamp.models.tokenizer import WordTokenizer
     from vlamp.precision.errors import VlampError
     from vlamp.sim.tasks import DEFAULT_SUITE, TASKS
 
+    overrides = [*args.overrides, *getattr(args, "extra", [])]
     if args.model:
-        if args.auto or args.sensitivity is not None or args.fsdp:
-            raise VlampError("--model describes a transformers model's plan; --auto, --sensitivity "
-                             "and --fsdp need TinyVLA (they run the model)")
+        if args.auto or args.sensitivity is not None or args.fsdp or overrides:
+            raise VlampError("--model describes a transformers model's plan; --auto, --sensitivity, "
+                             "--fsdp and run config keys need vlamp's models (they run the model)")
         from vlamp.models.hf import build_hf_model
 
-        return build_hf_model(args.model, device="meta")
+        return build_hf_model(args.model, device="meta"), []
     vocab = len(WordTokenizer.build(TASKS[t].instruction for t in DEFAULT_SUITE))
-    image_size = args.image_size or (64 if args.size == "small" else 128)
-    shape = with_size({"size": args.size, "vocab_size": vocab, "head": args.head,
+    if overrides:
+        return _run_model(args, overrides, vocab, device)
+    size = args.size or "small"
+    image_size = args.image_size or (64 if size == "small" else 128)
+    shape = with_size({"size": size, "vocab_size": vocab, "head": args.head or "act",
                        "image_size": image_size})
-    return TinyVLA(ModelConfig(**shape)).to(device)
+    return TinyVLA(ModelConfig(**shape)).to(device), []
+
+
+def _run_model(args: argparse.Namespace, overrides: list[str], vocab: int, device):
+    """The model a ``vlamp train`` with ``overrides`` builds, adapted and frozen as it trains it;
+    on the meta device unless a flag runs it."""
+    import torch
+
+    from vlamp.models.lora import add_lora, frozen_bases
+    from vlamp.models.registry import build_model
+    from vlamp.precision.errors import VlampError
+    from vlamp.precision.freeze import freeze
+    from vlamp.train.config import load_config
+
+    if args.size or args.head or args.image_size:
+        raise VlampError("give the model's shape as config keys (model.size=, model.head=, "
+                         "model.image_size=) beside other config keys, not as --size, --head, "
+                         "--image-size")
+    config = load_config(None, overrides)
+    if not config.model.vocab_size:
+        config.model.vocab_size = vocab
+    runs = args.auto or args.sensitivity is not None or args.fsdp
+    with torch.device(device if runs else "meta"):
+        model = build_model(config.model)
+        lora = config.train.lora
+        adapted = add_lora(model, lora.targets, lora.rank, lora.alpha) if lora.rank else []
+    return model, list(freeze(model, [*config.train.freeze, *frozen_bases(adapted)]))
 
 
 def _print_shard_groups(plan: PrecisionPlan, model) -> None:
