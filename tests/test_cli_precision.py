@@ -91,6 +91,7 @@ def test_plan_with_run_config_keys_describes_what_the_trainer_sets_up(capsys):
     (["plan", "--depth", "x"], "invalid int value"),
     (["plan", "--lean-islands", "-0.1"], "--lean-islands must be a fraction >= 0 (0: off)"),
     (["plan", "--size", "base", "model.size=large"], "give the model's shape as config keys"),
+    (["plan", "--model", "pi0"], "the pi0-sized VLA is model.name=hf-vlm model.size=pi0"),
     (["plan", "train.lora.rank=2", "train.lora.targets=[nothing]"], "matches no linear layer"),
 ])
 def test_user_errors_are_one_line_and_exit_2(args, fragment):

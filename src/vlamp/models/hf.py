@@ -69,8 +69,12 @@ def build_hf_model(spec: str, device: str | torch.device = "cpu") -> nn.Module:
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
+            from vlamp.models.presets import VLA_PRESETS
+
+            vla = (f"; the {spec}-sized VLA is model.name=hf-vlm model.size={spec} (no --model)"
+                   if spec in VLA_PRESETS else "")
             raise VlampError(f"model {spec!r}: not a preset ({', '.join(PRESETS)}) and no "
-                             f"config.json there")
+                             f"config.json there{vla}")
         config = read_config(path, "model")
         names = getattr(config, "architectures", None) or []
         cls = next((getattr(T, n) for n in names if hasattr(T, n)), None)
