@@ -35,10 +35,12 @@ from vlamp.train.step import make_optimizer, measured_plan, to_device, train_ste
 @dataclasses.dataclass
 class Measured:
     """One shallow copy's figures: activations (bytes) and step time (s) at micro-batch 1 and 2,
-    without and with checkpointing of every block."""
+    without and with checkpointing of every block; and the plan it trained on
+    (:meth:`PrecisionPlan.to_dict`)."""
 
     acts: dict[tuple[bool, int], float]
     seconds: dict[int, float]  # at micro-batch 1 and the run's batch
+    plan: dict | None = None
 
 
 @dataclasses.dataclass
@@ -186,7 +188,7 @@ def _measure(config: ModelConfig, mode: str, depths: dict[str, int], batch: int,
                 loss = model(batches[b])
             del loss
             acts[(ckpt, b)] = float(meter.total)
-    return Measured(acts, seconds)
+    return Measured(acts, seconds, plan.to_dict())
 
 
 def _run_plan(config: ModelConfig, mode: str, depths: dict[str, int], batch: int, device: str,
