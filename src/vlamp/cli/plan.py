@@ -104,11 +104,6 @@ def run(args: argparse.Namespace) -> int:
             plan.builtin_rules = False
     else:
         plan = PrecisionPlan(mode, builtin_rules=not args.no_builtin_rules)
-    if frozen:  # stored in the compute dtype, as MixedPrecision(freeze=...) stores them
-        from vlamp.precision.freeze import frozen_rules
-
-        plan = PrecisionPlan(plan.mode, [*plan.user_rules, *frozen_rules(frozen, plan.mode)],
-                             builtin_rules=plan.builtin_rules)
     plan.resolve(model)  # warns (one line, by vlamp's main) about rules that match nothing
     if args.sensitivity is not None and args.sensitivity <= 0:
         raise VlampError(f"--sensitivity must be a relative error > 0, got {args.sensitivity}")
@@ -129,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
                             rules=plan.user_rules, builtin_rules=plan.builtin_rules,
                             refresh=args.refresh, log=lambda line: print(line, file=sys.stderr),
                             sensitivity=args.sensitivity, lean=args.lean_islands or None)
-    table = describe_plan(plan, model, max_depth=args.depth,
+    table = describe_plan(_frozen_storage(plan, frozen), model, max_depth=args.depth,
                           update=args.update, state8=args.optimizer_state == "8bit")
     print(json.dumps(table.to_dicts(), indent=2) if args.json else table)
     if frozen and not args.json:
@@ -202,6 +197,17 @@ def _run_model(args: argparse.Namespace, overrides: list[str], vocab: int, devic
         lora = config.train.lora
         adapted = add_lora(model, lora.targets, lora.rank, lora.alpha) if lora.rank else []
     return model, list(freeze(model, [*config.train.freeze, *frozen_bases(adapted)]))
+
+
+def _frozen_storage(plan: PrecisionPlan, frozen: list[str]) -> PrecisionPlan:
+    """``plan`` with the frozen modules stored in the compute dtype, as ``MixedPrecision(freeze=...)``
+    stores them at setup (after the plan is measured, and not in the plan ``--out`` writes)."""
+    if not frozen:
+        return plan
+    from vlamp.precision.freeze import frozen_rules
+
+    return PrecisionPlan(plan.mode, [*plan.user_rules, *frozen_rules(frozen, plan.mode)],
+                         builtin_rules=plan.builtin_rules, measured=plan.measured)
 
 
 def _print_shard_groups(plan: PrecisionPlan, model) -> None:
