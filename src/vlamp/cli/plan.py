@@ -124,7 +124,10 @@ def run(args: argparse.Namespace) -> int:
                             rules=plan.user_rules, builtin_rules=plan.builtin_rules,
                             refresh=args.refresh, log=lambda line: print(line, file=sys.stderr),
                             sensitivity=args.sensitivity, lean=args.lean_islands or None)
-    table = describe_plan(_frozen_storage(plan, frozen), model, max_depth=args.depth,
+    from vlamp.precision.freeze import with_frozen
+
+    # frozen modules stored as MixedPrecision stores them at setup (not in the plan --out writes)
+    table = describe_plan(with_frozen(plan, frozen), model, max_depth=args.depth,
                           update=args.update, state8=args.optimizer_state == "8bit")
     print(json.dumps(table.to_dicts(), indent=2) if args.json else table)
     if frozen and not args.json:
@@ -178,7 +181,7 @@ def _run_model(args: argparse.Namespace, overrides: list[str], vocab: int, devic
     on the meta device unless a flag runs it."""
     import torch
 
-    from vlamp.models.lora import add_lora, frozen_bases
+    from vlamp.models.lora import adapt
     from vlamp.models.registry import build_model
     from vlamp.precision.errors import VlampError
     from vlamp.precision.freeze import freeze
@@ -194,20 +197,8 @@ def _run_model(args: argparse.Namespace, overrides: list[str], vocab: int, devic
     runs = args.auto or args.sensitivity is not None or args.fsdp
     with torch.device(device if runs else "meta"):
         model = build_model(config.model)
-        lora = config.train.lora
-        adapted = add_lora(model, lora.targets, lora.rank, lora.alpha) if lora.rank else []
-    return model, list(freeze(model, [*config.train.freeze, *frozen_bases(adapted)]))
-
-
-def _frozen_storage(plan: PrecisionPlan, frozen: list[str]) -> PrecisionPlan:
-    """``plan`` with the frozen modules stored in the compute dtype, as ``MixedPrecision(freeze=...)``
-    stores them at setup (after the plan is measured, and not in the plan ``--out`` writes)."""
-    if not frozen:
-        return plan
-    from vlamp.precision.freeze import frozen_rules
-
-    return PrecisionPlan(plan.mode, [*plan.user_rules, *frozen_rules(frozen, plan.mode)],
-                         builtin_rules=plan.builtin_rules, measured=plan.measured)
+        bases = adapt(model, config.train.lora)
+    return model, list(freeze(model, [*config.train.freeze, *bases]))
 
 
 def _print_shard_groups(plan: PrecisionPlan, model) -> None:

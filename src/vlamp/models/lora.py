@@ -93,6 +93,14 @@ def frozen_bases(adapted: Sequence[str]) -> list[str]:
     return [f"{name}.base" for name in adapted]
 
 
+def adapt(model: nn.Module, lora) -> list[str]:
+    """Adapts ``model`` as ``lora`` (``train.lora``: ``rank``, ``alpha``, ``targets``) says, in
+    place; returns the freeze patterns of the adapted layers' bases (none without a rank)."""
+    if lora is None or not lora.rank:
+        return []
+    return frozen_bases(add_lora(model, lora.targets, lora.rank, lora.alpha))
+
+
 def merge_lora(model: nn.Module) -> int:
     """Replaces every :class:`LoRALinear` of ``model`` by its merged FP32 linear layer, in place;
     returns how many."""

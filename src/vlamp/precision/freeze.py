@@ -16,7 +16,7 @@ from torch import nn
 
 from vlamp.precision.errors import VlampError
 from vlamp.precision.modes import Mode
-from vlamp.precision.plan import Rule
+from vlamp.precision.plan import PrecisionPlan, Rule
 from vlamp.precision.policy import Policy
 
 FROZEN = "frozen"  # the label of the rules freezing adds
@@ -58,4 +58,14 @@ def frozen_rules(names: Sequence[str], mode: Mode) -> list[Rule]:
     return [Rule(name, Policy(low, low, low), FROZEN) for name in names]
 
 
-__all__ = ["FROZEN", "freeze", "frozen_modules", "frozen_rules"]
+def with_frozen(plan: PrecisionPlan, names: Sequence[str]) -> PrecisionPlan:
+    """``plan`` with the storage rules of the frozen modules ``names`` after its user rules (those
+    it holds already, as a checkpoint's saved plan does, once)."""
+    extra = [r for r in frozen_rules(names, plan.mode) if r not in plan.user_rules]
+    if not extra:
+        return plan
+    return PrecisionPlan(plan.mode, [*plan.user_rules, *extra], builtin_rules=plan.builtin_rules,
+                         measured=plan.measured)
+
+
+__all__ = ["FROZEN", "freeze", "frozen_modules", "frozen_rules", "with_frozen"]

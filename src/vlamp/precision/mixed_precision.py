@@ -18,7 +18,7 @@ from vlamp.precision.describe import PlanTable, describe_plan
 from vlamp.precision.diagnostics import Diagnostics, parse_every
 from vlamp.precision.errors import VlampError
 from vlamp.precision.freeze import freeze as freeze_modules
-from vlamp.precision.freeze import frozen_rules
+from vlamp.precision.freeze import with_frozen
 from vlamp.precision.fsdp import ShardGroup, shard_model
 from vlamp.precision.hardware import set_tf32
 from vlamp.precision.master import MasterWeights
@@ -198,11 +198,7 @@ class MixedPrecision:
         if not self.freeze:
             return
         self.frozen = list(freeze_modules(model, self.freeze))
-        extra = [r for r in frozen_rules(self.frozen, self.mode) if r not in self.plan.user_rules]
-        if extra:
-            self.plan = PrecisionPlan(self.mode, [*self.plan.user_rules, *extra],
-                                      builtin_rules=self.plan.builtin_rules,
-                                      measured=self.plan.measured)
+        self.plan = with_frozen(self.plan, self.frozen)
 
     @property
     def resolved(self) -> list[Any]:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from vlamp.models.config import ModelConfig
-from vlamp.models.lora import add_lora, frozen_bases
+from vlamp.models.lora import adapt
 from vlamp.models.registry import BLOCKS, build_model, stack_depths
 from vlamp.precision.describe import state_by_kind
 from vlamp.precision.modes import get_mode
@@ -142,8 +142,7 @@ def state_bytes(config: ModelConfig, mode: str, update: str, optimizer_state: st
 
     with torch.device("meta"):
         model = build_model(config, depths)
-        if lora is not None and lora.rank:
-            frozen = [*frozen, *frozen_bases(add_lora(model, lora.targets, lora.rank, lora.alpha))]
+        frozen = [*frozen, *adapt(model, lora)]
     plan = plan_for(mode, rules or None)
     m = plan.mode
     method = update if update != "-" else m.default_update

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from vlamp.models.config import ModelConfig
-from vlamp.models.lora import add_lora, frozen_bases
+from vlamp.models.lora import adapt
 from vlamp.models.registry import BLOCKS, build_model, stack_depths
 from vlamp.precision.errors import VlampError
 from vlamp.precision.memory import ActivationMeter, PeakRSS, checkpoint_modules
@@ -158,14 +158,11 @@ def _measure(config: ModelConfig, mode: str, depths: dict[str, int], batch: int,
              peak: PeakRSS | None, device: str, frozen: Sequence[str] = (),
              lora: LoraConfig | None = None, precision: PrecisionConfig | None = None) -> Measured:
     plan = _run_plan(config, mode, depths, batch, device, lora, precision)
-    torch.manual_seed(0)
     if peak is not None:
         peak.reset()
-    model = build_model(config, depths).to(device)
-    adapted = add_lora(model, lora.targets, lora.rank, lora.alpha) if lora and lora.rank else []
+    model, bases = _build(config, depths, device, lora)
     batches = {b: to_device(model.example_batch(b), torch.device(device)) for b in {1, 2, batch}}
-    mp = MixedPrecision(plan, update=UpdateSettings(), device=device,
-                        freeze=[*frozen, *frozen_bases(adapted)])
+    mp = MixedPrecision(plan, update=UpdateSettings(), device=device, freeze=[*frozen, *bases])
     mp.setup(model)
     optimizer = make_optimizer(model, 1e-5, 0.0)
     mp.setup(model, optimizer)
@@ -191,6 +188,15 @@ def _measure(config: ModelConfig, mode: str, depths: dict[str, int], batch: int,
     return Measured(acts, seconds, plan.to_dict())
 
 
+def _build(config: ModelConfig, depths: dict[str, int], device: str, lora: LoraConfig | None
+           ) -> tuple[torch.nn.Module, list[str]]:
+    """A shallow copy as the run builds it (the same weights every time), adapted by ``lora``;
+    and the freeze patterns of its adapted layers' bases."""
+    torch.manual_seed(0)
+    model = build_model(config, depths).to(device)
+    return model, adapt(model, lora)
+
+
 def _run_plan(config: ModelConfig, mode: str, depths: dict[str, int], batch: int, device: str,
               lora: LoraConfig | None, precision: PrecisionConfig | None) -> PrecisionPlan:
     """The plan a run with ``precision`` trains ``mode`` with: measured as the trainer measures it
@@ -198,10 +204,7 @@ def _run_plan(config: ModelConfig, mode: str, depths: dict[str, int], batch: int
     rules."""
     if precision is None or not precision.measure or mode == "fp32":
         return plan_for(mode, (precision.rules or None) if precision else None, device=device)
-    torch.manual_seed(0)
-    model = build_model(config, depths).to(device)
-    if lora and lora.rank:
-        add_lora(model, lora.targets, lora.rank, lora.alpha)
+    model, _ = _build(config, depths, device, lora)
     plan = measured_plan(model, to_device(model.example_batch(batch), torch.device(device)), mode,
                          precision)
     del model

@@ -21,7 +21,7 @@ from vlamp.data.dataset import ChunkDataset, random_shift, random_shift_offsets
 from vlamp.data.generate import dataset_camera
 from vlamp.data.reader import LeRobotData
 from vlamp.models.config import saved_model_config
-from vlamp.models.lora import add_lora, frozen_bases
+from vlamp.models.lora import adapt
 from vlamp.models.registry import build_model
 from vlamp.models.tokenizer import WordTokenizer
 from vlamp.precision.errors import VlampError
@@ -126,8 +126,7 @@ class Trainer:
         torch.manual_seed(config.train.seed)
         self.rng = np.random.default_rng(config.train.seed)
         self.model = build_model(m).to(self.device)  # the same initial weights on every rank
-        lora = config.train.lora
-        self.adapted = add_lora(self.model, lora.targets, lora.rank, lora.alpha) if lora.rank else []
+        self.lora_bases = adapt(self.model, config.train.lora)  # frozen under their adapters
         self.mp = self._precision(resume_from)
         self.mp.setup(self.model)
         try:
@@ -176,7 +175,7 @@ class Trainer:
         saved = resume_from.state["precision"].get("plan") if resume_from is not None else None
         settings = p.loss_scale.settings()
         common = {"scaler_settings": settings, "tf32": p.tf32, "diagnostics": p.diagnostics,
-                  "freeze": [*self.config.train.freeze, *frozen_bases(self.adapted)],
+                  "freeze": [*self.config.train.freeze, *self.lora_bases],
                   "update": UpdateSettings(p.update, p.grad_accum, self.config.train.seed,
                                            p.optimizer_state, p.step_in_backward)}
         if saved is not None and p.mode in ("auto", saved.get("mode")):
