@@ -79,6 +79,11 @@ def test_state_counts_the_runs_own_rules(tmp_path):
     assert low > 0.9 * sum(p.numel() for p in model.vision.parameters())  # its norms stay FP32
     assert plain["weights"] - ruled["weights"] == 2 * low
     assert ruled["masters"] - plain["masters"] == 4 * low
+    # a frozen tower in a -mixed mode is stored in BF16 too (it was counted in FP32)
+    frozen, _ = fit.state_bytes(cfg, "bf16-mixed", "-", "auto", frozen=["vision"])
+    model = build_model(cfg)
+    MixedPrecision("bf16-mixed", freeze=["vision"]).setup(model)
+    assert frozen["weights"] == sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def test_lora_is_counted_as_trained_adapters_on_frozen_layers():

@@ -138,16 +138,17 @@ def state_bytes(config: ModelConfig, mode: str, update: str, optimizer_state: st
     ``lora`` (``train.lora``) adapts it as the trainer does: adapters trained, the
     adapted layers frozen; ``rules`` (``precision.rules``, a YAML file) are the run's own rules
     (the rules a measurement adds change no storage dtype)."""
-    from vlamp.precision.freeze import frozen_modules
+    from vlamp.precision.freeze import frozen_modules, with_frozen
 
     with torch.device("meta"):
         model = build_model(config, depths)
         frozen = [*frozen, *adapt(model, lora)]
-    plan = plan_for(mode, rules or None)
+    cold_modules = frozen_modules(model, frozen) if frozen else {}
+    # frozen modules are stored in the compute dtype, as MixedPrecision stores them at setup
+    plan = with_frozen(plan_for(mode, rules or None), list(cold_modules))
     m = plan.mode
     method = update if update != "-" else m.default_update
-    cold = {id(p) for mod in frozen_modules(model, frozen).values() for p in mod.parameters()} \
-        if frozen else set()
+    cold = {id(p) for mod in cold_modules.values() for p in mod.parameters()}
     totals = dict.fromkeys(("weights", "masters", "compensation", "grads", "optimizer"), 0.0)
     sizes = {"largest_param": 0, "largest_module": 0, "largest_grad": 0, "low_params": 0,
              "params": sum(p.numel() for p in model.parameters())}
