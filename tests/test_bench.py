@@ -10,7 +10,8 @@ import torch
 
 from vlamp.bench.machine import OTHER_CORES_LIMIT
 
-pytestmark = pytest.mark.slow
+# one xdist group: the module's cache fixture (the quick dataset) is generated once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("bench")]
 
 RUN_FIELDS = {"mode", "runner", "seed", "step_time_s_median", "samples_per_s", "peak_rss_bytes",
               "state_bytes", "params_bytes", "masters_bytes", "grads_bytes", "optimizer_bytes",
@@ -154,7 +155,7 @@ def test_bench_flags_a_busy_machine(cache, tmp_path):
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         out = tmp_path / "bench"
-        p = cli(cache, "bench", "--quick", "--modes", "fp32", "--steps", "20", "--warmup", "2",
+        p = cli(cache, "bench", "--quick", "--modes", "fp32", "--steps", "6", "--warmup", "1",
                 "--threads", "2", "--episodes", "0", "--out", str(out), "--no-progress")
     finally:
         busy.kill()

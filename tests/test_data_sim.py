@@ -16,7 +16,8 @@ from vlamp.data.lerobot import Episode, write_dataset
 from vlamp.data.reader import read_dataset
 from vlamp.sim.evaluate import ExpertPolicy, RandomPolicy, evaluate, wilson_interval
 
-pytestmark = pytest.mark.slow
+# one xdist group: the session's dataset fixture is generated once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("data_sim")]
 
 
 @pytest.fixture(scope="session")

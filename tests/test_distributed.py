@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_overrides
+
+# one xdist group: the module's runs fixture (three torchrun trainings) is trained once
+pytestmark = pytest.mark.xdist_group("distributed")
 from safetensors.torch import load_file
 
 from vlamp.models.config import ModelConfig
