@@ -205,3 +205,48 @@ def test_summary_across_seeds_pairs_each_mode_with_its_seeds_fp32():
     assert rows["fp32"]["val_l1_vs_fp32_pct"] is None and rows["fp32"]["success_p"] is None
     text = "\n".join(summary_lines(list(rows.values())))
     assert "bf16-mixed, 3 seed(s): speed-up 1.40x +- 0.10x" in text and "+1.0% vs fp32" in text
+
+
+def test_an_interrupted_bench_goes_on_from_each_runs_last_round(cache, tmp_path):
+    """Killed in the middle of a seed, a benchmark resumed with --resume trains each run on from
+    the checkpoint of its last round and ends with the losses, bit for bit, of one never stopped."""
+    import signal
+    import time
+
+    args = ["bench", "--quick", "--modes", "bf16-storage/kahan", "--steps", "24", "--rounds", "12",
+            "--warmup", "1", "--episodes", "0", "--no-baseline", "--threads", "1",
+            "precision.measure=false"]
+    ref = cli(cache, *args, "--out", str(tmp_path / "ref"), "--no-progress")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    out = tmp_path / "b"
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache), "MUJOCO_GL": "egl"}
+    p = subprocess.Popen([sys.executable, "-m", "vlamp", *args, "--out", str(out), "--no-progress"],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    runs = out / "seeds" / "seed-0.runs"
+
+    def checkpointed() -> int:  # runs with a checkpoint of step 4 or later (the newest is kept)
+        return sum(1 for d in runs.glob("*-s0") if any(
+            int(c.name.split("_")[1]) >= 4 for c in d.glob("checkpoints/step_*")))
+
+    deadline = time.time() + 300
+    while checkpointed() < 2 and p.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.killpg(p.pid, signal.SIGKILL)  # the coordinator and both runs' processes, mid-seed
+    p.wait()
+    assert not (out / "seeds" / "seed-0.json").exists(), "the benchmark ended before it was killed"
+    p = cli(cache, *args, "--out", str(out), "--resume")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stderr.count("resumed at step") == 2, p.stderr[-3000:]
+    got = json.loads((out / "results.json").read_text())["runs"]
+    want = json.loads((tmp_path / "ref" / "results.json").read_text())["runs"]
+    assert [r["mode"] for r in got] == [r["mode"] for r in want] == ["fp32", "bf16-storage/kahan"]
+    for g, w in zip(got, want):
+        assert 4 <= g["resumed_at_step"] < 24 and w["resumed_at_step"] == 0
+        assert g["losses"] == w["losses"] and len(g["step_times"]) == 24
+        assert g["final_val_action_l1"] == w["final_val_action_l1"]
+        # the killed process's rounds are kept (one may be lost: killed between its checkpoint
+        # and the coordinator's record of it)
+        assert len(g["round_windows"]) in (11, 12)
+    assert not runs.exists()  # the seed is written: its runs' checkpoints are gone

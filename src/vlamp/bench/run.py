@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -106,12 +106,20 @@ def compute_format(label: str) -> str:
 
 
 class _Worker:
-    """One run's process, driven through the protocol of :mod:`vlamp.bench.worker`."""
+    """One run's process, driven through the protocol of :mod:`vlamp.bench.worker`. The rounds it
+    was timed in are kept in ``workdir/NAME.rounds.json`` as they end, so that a resumed run
+    (:func:`bench` with ``resume``) keeps those of the rounds its checkpoint holds."""
 
     def __init__(self, name: str, spec: dict[str, Any], workdir: Path) -> None:
         self.name, self.rounds, self.trained = name, [], False
         spec_path, self.out_path = workdir / f"{name}.spec.json", workdir / f"{name}.result.json"
+        self.rounds_path = workdir / f"{name}.rounds.json"
+        if self.rounds_path.is_file():  # an interrupted benchmark's: same threads, earlier rounds
+            saved = json.loads(self.rounds_path.read_text())
+            spec = {**spec, "threads": saved["threads"]}
+            self.rounds = saved["rounds"]
         spec_path.write_text(json.dumps(spec))
+        self.round_steps = spec["round_steps"]
         env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
         launch = [sys.executable]
         if spec.get("ranks", 1) > 1:  # real torchrun; rank 0 talks to us, the others only train
@@ -137,6 +145,14 @@ class _Worker:
         self.proc.stdin.write(command + "\n")
         self.proc.stdin.flush()
 
+    def ready(self) -> int:
+        """Waits for the run to load; returns the step it starts from (> 0: resumed)."""
+        event = self.expect("ready")
+        step = event.get("step", 0)
+        self.rounds = self.rounds[:-(-step // self.round_steps)]  # those its checkpoint holds
+        self.threads = event["threads"]
+        return step
+
     def round(self) -> None:
         """Lets the run train one round while every other run waits; records the machine's load."""
         before = CpuSample.read(self.proc.pid)
@@ -144,6 +160,7 @@ class _Worker:
         self.trained = self.expect("paused", "trained")["event"] == "trained"
         after = CpuSample.read(self.proc.pid)
         self.rounds.append({**round_load(before, after), "start": before.wall, "end": after.wall})
+        write_json({"threads": self.threads, "rounds": self.rounds}, self.rounds_path)
 
     def finish(self) -> dict[str, Any]:
         """Lets the run validate, evaluate and write its result; returns it."""
@@ -169,7 +186,9 @@ def _run_interleaved(specs: list[tuple[str, dict[str, Any]]], workdir: Path, pro
             if progress:
                 print(f"  start {name}", file=sys.stderr, flush=True)
             workers.append(_Worker(name, spec, workdir))
-            workers[-1].expect("ready")
+            step = workers[-1].ready()
+            if step and progress:
+                print(f"  {name}: resumed at step {step} (--resume)", file=sys.stderr, flush=True)
         turn = 0
         while not all(w.trained for w in workers):
             for w in workers[turn % len(workers):] + workers[:turn % len(workers)]:
@@ -208,7 +227,11 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
     Each seed's runs are written to ``out/seeds/seed-N.json`` as soon as they finish; with
     ``resume``, a seed found there from a benchmark of the same settings (config, modes, warmup,
     episodes, threads, rounds) is read instead of run again, so an interrupted benchmark goes on
-    where it stopped, and ``seeds`` may grow.
+    where it stopped, and ``seeds`` may grow. The runs of the seed in flight train in
+    ``out/seeds/seed-N.runs/``, each checkpointing at the end of every round: with ``resume`` they
+    go on from there (bit for bit, their earlier steps' losses and times read back), the torch.amp
+    loop, which keeps no checkpoint, from its first step. Without ``resume`` that directory is
+    cleared; it is removed when the seed is written.
 
     Raises:
         VlampError: With ``resume``, for a seed ``out`` holds from a benchmark of other settings.
@@ -223,33 +246,33 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
     runs: list[dict[str, Any]] = []
     started = time.time()
     key = _settings_key(config, plan, warmup, eval_episodes, threads, round_steps)
-    with tempfile.TemporaryDirectory(prefix="vlamp-bench-") as tmp:
-        for seed in range(seeds):
-            done = out / "seeds" / f"seed-{config.train.seed + seed}.json"
-            if resume and done.is_file():
-                runs += _finished_seed(done, key, progress)
-                continue
-            specs = []
-            for mode, runner, ranks in plan:
-                cfg = to_dict(config)
-                p = cfg["precision"]
-                p["mode"], p["update"], p["optimizer_state"] = split_mode(mode)
-                cfg["train"]["seed"] = config.train.seed + seed
-                cfg["output_dir"] = str(Path(tmp) / f"run-{mode.replace('/', '-').replace('+', '-')}-{runner}-{ranks}-{seed}")
-                cfg["resume"] = False
-                specs.append((f"{mode.replace('/', '-').replace('+', '-')}-{runner.replace('.', '')}-x{ranks}-s{cfg['train']['seed']}",
-                              {"config": cfg, "runner": runner, "warmup": warmup,
-                               "threads": threads if ranks == 1 else 1, "ranks": ranks,
-                               "round_steps": round_steps, "eval_episodes": eval_episodes,
-                               "progress": progress}))
-            if progress:
-                print(f"seed {config.train.seed + seed}: {len(specs)} runs taking turns, "
-                      f"{round_steps} steps a turn", file=sys.stderr, flush=True)
-            finished = [{**r, "seed": config.train.seed + seed}
-                        for r in _run_interleaved(specs, Path(tmp), progress)]
-            done.parent.mkdir(exist_ok=True)
-            write_json({"settings": key, "runs": finished}, done)
-            runs += finished
+    for seed in range(seeds):
+        done = out / "seeds" / f"seed-{config.train.seed + seed}.json"
+        if resume and done.is_file():
+            runs += _finished_seed(done, key, progress)
+            continue
+        workdir = _runs_dir(done.with_suffix(".runs"), key, resume)
+        specs = []
+        for mode, runner, ranks in plan:
+            cfg = to_dict(config)
+            p = cfg["precision"]
+            p["mode"], p["update"], p["optimizer_state"] = split_mode(mode)
+            cfg["train"]["seed"] = config.train.seed + seed
+            name = (f"{mode.replace('/', '-').replace('+', '-')}-{runner.replace('.', '')}"
+                    f"-x{ranks}-s{cfg['train']['seed']}")
+            cfg["output_dir"] = str(workdir / name)  # the worker resumes it if it holds a checkpoint
+            specs.append((name, {"config": cfg, "runner": runner, "warmup": warmup,
+                                 "threads": threads if ranks == 1 else 1, "ranks": ranks,
+                                 "round_steps": round_steps, "eval_episodes": eval_episodes,
+                                 "progress": progress}))
+        if progress:
+            print(f"seed {config.train.seed + seed}: {len(specs)} runs taking turns, "
+                  f"{round_steps} steps a turn", file=sys.stderr, flush=True)
+        finished = [{**r, "seed": config.train.seed + seed}
+                    for r in _run_interleaved(specs, workdir, progress)]
+        write_json({"settings": key, "runs": finished}, done)
+        shutil.rmtree(workdir)
+        runs += finished
     add_ratios(runs)
     warned = [f"{_run_name(r)}: {w}" for r in runs for w in r["warnings"]]
     results = {"machine": machine_info(resolve_device(config.train.device)),
@@ -272,6 +295,22 @@ def _settings_key(config: RunConfig, plan: list[tuple], warmup: int, eval_episod
     cfg["train"].pop("seed")  # the seed is the file's name
     spec = json.dumps([cfg, plan, warmup, eval_episodes, threads, round_steps], sort_keys=True)
     return hashlib.sha1(spec.encode()).hexdigest()[:16]
+
+
+def _runs_dir(path: Path, key: str, resume: bool) -> Path:
+    """The directory a seed's runs train in: kept from an interrupted benchmark of the same
+    settings with ``resume``, else made empty."""
+    settings = path / "settings"
+    if resume and path.is_dir():
+        if not settings.is_file() or settings.read_text() != key:
+            raise VlampError(f"--resume: {path} holds runs of a benchmark with other settings "
+                             f"(config, modes, steps, warmup, episodes, threads or rounds); give the "
+                             f"same ones, or another --out")
+        return path
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    write_text_atomic(settings, key)
+    return path
 
 
 def _finished_seed(path: Path, key: str, progress: bool) -> list[dict[str, Any]]:

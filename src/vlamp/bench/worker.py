@@ -183,7 +183,9 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
     if runner == "torch.amp":
         config.precision.mode = "fp32"  # the model stays plain; the loop below brings autocast
     config.eval.final = False
-    config.train.save_every = config.train.val_every = 0
+    config.train.val_every = 0
+    round_steps = max(1, int(spec.get("round_steps") or config.train.steps))
+    _checkpoint_rounds(config, runner, round_steps)
     threads = spec.get("threads") or "auto"
     if threads != "auto":
         torch.set_num_threads(int(threads))
@@ -193,12 +195,15 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
     amp = _AmpAutocast(low, device.type)
     autocast = amp.autocast if runner == "torch.amp" else trainer.mp.autocast
     threads, thread_times = _threads(threads, trainer, autocast)
-    steps = config.train.steps
+    steps, resumed = config.train.steps, trainer.step
+    earlier = _earlier_steps(trainer.run_dir, resumed)
     on_step = None
     if channel is not None:
-        channel.send(event="ready", threads=int(threads))
+        channel.send(event="ready", threads=int(threads), step=resumed)
         channel.wait("go")
-        on_step = channel.pauser(max(1, int(spec.get("round_steps") or steps)), steps)
+        on_step = channel.pauser(round_steps, steps)
+        if resumed >= steps:  # stopped after its last step: nothing left to train
+            on_step(steps)
     _trim_heap()
     rss_before = _rss_now()  # data, model, optimizer: what a run holds before its first step
     reset = _reset_peak_rss()
@@ -211,7 +216,11 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
     else:
         r = trainer.fit(on_step)
         peak, gpu_peak = _peak_rss(), _gpu_peak(device)
-        losses, scales, times, skipped, val = r.losses, r.scales, r.step_times, r.skipped_steps, r.val_action_l1
+        losses, scales, times = (earlier[0] + r.losses, earlier[1] + r.scales,
+                                 earlier[2] + r.step_times)
+        skipped, val = r.skipped_steps, r.val_action_l1
+        if resumed >= steps and trainer.val_set is not None:  # validated before it was stopped
+            val = trainer.validate()
     memory = state_memory(trainer.model, trainer.optimizer, trainer.mp if runner == "vlamp" else None)
     probe = _probe_step(trainer, autocast)
     timed = times[spec.get("warmup", 5):] or times
@@ -224,6 +233,7 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
         "mode": run_label(mode, config.precision.update, config.precision.optimizer_state),
         "runner": runner,
         "steps": len(losses),
+        "resumed_at_step": resumed,  # > 0: trained on from an interrupted benchmark's checkpoint
         "precision": trainer.mp.mode.name if runner == "vlamp" else mode,
         "precision_reason": (plan.measured or {}).get("reason") if plan is not None else None,
         **_rule_counts(plan),
@@ -250,6 +260,45 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
         "strategy": config.distributed.strategy if trainer.world.distributed else None,
         "samples_per_s_per_rank": samples / median / trainer.world.size,
     }
+
+
+def _checkpoint_rounds(config, runner: str, round_steps: int) -> None:
+    """A vlamp run checkpoints at the end of every round, when it pauses, logging every step, so
+    that an interrupted benchmark resumes it there (``vlamp bench --resume``): its directory holds a
+    checkpoint -> ``resume``; anything else there (a run killed before its first round ended, the
+    torch.amp loop, which keeps no checkpoint) is cleared and the run starts over."""
+    import shutil
+
+    from vlamp.train.checkpoint import list_checkpoints
+
+    run_dir = Path(config.output_dir)
+    config.resume = runner == "vlamp" and bool(list_checkpoints(run_dir))
+    if not config.resume and int(os.environ.get("RANK", "0")) == 0:  # torchrun ranks share it
+        shutil.rmtree(run_dir, ignore_errors=True)
+    if runner == "vlamp":
+        config.train.save_every, config.train.keep_last, config.train.log_every = round_steps, 1, 1
+    else:
+        config.train.save_every = 0
+
+
+def _earlier_steps(run_dir: Path, resumed: int) -> tuple[list[float], list[float], list[float]]:
+    """The losses, loss scales and step times of steps 1..``resumed``, which an interrupted process
+    trained: read from the run's per-step log (a row a killed process wrote after its last
+    checkpoint is left out; a step logged twice, the later row wins)."""
+    if resumed == 0:
+        return [], [], []
+    rows: dict[int, dict[str, Any]] = {}
+    with open(run_dir / "metrics.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            if row.get("kind") == "train" and row["step"] <= resumed:
+                rows[row["step"]] = row
+    if sorted(rows) != list(range(1, resumed + 1)):
+        raise RuntimeError(f"bench worker: {run_dir} logs {len(rows)} of the {resumed} steps its "
+                           f"checkpoint holds; delete that directory to run it again")
+    ordered = [rows[k] for k in range(1, resumed + 1)]
+    return ([r["loss"] for r in ordered], [r["loss_scale"] for r in ordered],
+            [r["step_time_s"] for r in ordered])
 
 
 def _rule_counts(plan) -> dict[str, int]:

@@ -51,8 +51,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a tiny model on a tiny dataset (seconds)")
     p.add_argument("--out", default="runs/bench", metavar="DIR", help="default: runs/bench")
     p.add_argument("--resume", action="store_true",
-                   help="read the seeds an interrupted benchmark with the same settings finished in "
-                        "--out (out/seeds/) instead of running them again; --seeds may grow")
+                   help="go on with an interrupted benchmark of the same settings in --out: the "
+                        "seeds it finished (out/seeds/) are read, not run again, and the runs of the "
+                        "seed it was in go on from their last round's checkpoint; --seeds may grow")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="YAML training config, or a recipe of vlamp's: mt10, mt50")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides")
