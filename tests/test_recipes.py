@@ -23,6 +23,25 @@ from vlamp.train.config import load_config
 from vlamp.train.recipes import recipe_names
 
 
+def test_bench_of_a_recipe_trains_and_evaluates_as_the_recipe_does():
+    """`vlamp bench --config mt10` compares precisions on the recipe's own training (5,000 steps,
+    10 episodes per task); it once ran the default bench's 300 steps whatever the config said.
+    --steps, --episodes and train.steps= still win."""
+    from vlamp.cli.bench import run_config
+    from vlamp.cli.main import build_parser
+
+    def settings(*argv):
+        args, extra = build_parser().parse_known_args(["bench", *argv])
+        args.extra = extra
+        config, episodes = run_config(args)
+        return config.train.steps, episodes, config.eval.max_steps
+
+    assert settings("--config", "mt10") == (5000, 10, 500)
+    assert settings("--config", "mt50", "--steps", "40", "--episodes", "2") == (40, 2, 500)
+    assert settings("--config", "mt10", "train.steps=700")[0] == 700
+    assert settings()[:2] == (300, 5) and settings("train.steps=50")[0] == 50
+
+
 def test_every_task_is_in_exactly_one_difficulty_group():
     grouped = [t for tasks in DIFFICULTY.values() for t in tasks]
     assert sorted(grouped) == sorted(TASKS) and len(grouped) == len(set(grouped)) == 50

@@ -31,13 +31,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "mode may name how its weights are updated: bf16-true/kahan, "
                         "bf16-true/stochastic, bf16-true/naive, bf16-storage/kahan (default: the "
                         "mode's own, FP32 masters in -true modes, stochastic in bf16-storage)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per run (default: 300; "
-                                                           "--quick: 10)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps per run (default: 300, or the --config's train.steps; "
+                        "--quick: 10)")
     p.add_argument("--seeds", type=int, default=1, help="repeat every run with this many seeds")
     p.add_argument("--warmup", type=int, default=None,
                    help="steps left out of the step-time median (default: 10; --quick: 2)")
     p.add_argument("--episodes", type=int, default=None,
-                   help="closed-loop episodes per task per run, 0 for none (default: 5; --quick: 1)")
+                   help="closed-loop episodes per task per run, 0 for none (default: 5, or the "
+                        "--config's eval.episodes; --quick: 1)")
     p.add_argument("--no-baseline", action="store_true", help="skip the torch.amp baseline row")
     p.add_argument("--threads", default="auto", metavar="N|auto",
                    help="torch threads per run; auto (default): each run times 1 thread against all "
@@ -63,10 +65,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vlamp.bench.report import text_table
-    from vlamp.bench.run import bench, default_modes, parse_modes, quick_overrides
+    from vlamp.bench.run import bench, default_modes, parse_modes
     from vlamp.precision.errors import VlampError
     from vlamp.precision.hardware import resolve_device
-    from vlamp.train.config import load_config
 
     for name in ("steps", "seeds", "rounds", "nproc"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -74,10 +75,8 @@ def run(args: argparse.Namespace) -> int:
     threads = args.threads.strip().lower()
     if threads != "auto" and not (threads.isdigit() and int(threads) >= 1):
         raise VlampError(f"--threads must be a count >= 1 or auto, got {args.threads!r}")
-    base = quick_overrides() if args.quick else ["train.steps=300"]
-    steps = args.steps or (10 if args.quick else 300)
-    config = load_config(args.config, base + list(args.overrides) + list(getattr(args, "extra", []))
-                         + [f"train.steps={steps}"])
+    config, episodes = run_config(args)
+    steps = config.train.steps
     device = resolve_device(config.train.device)
     if args.modes:
         modes, notes = parse_modes(args.modes, device)
@@ -86,7 +85,6 @@ def run(args: argparse.Namespace) -> int:
     warmup = args.warmup if args.warmup is not None else (2 if args.quick else 10)
     if warmup >= steps:
         raise VlampError(f"--warmup ({warmup}) must be below --steps ({steps})")
-    episodes = args.episodes if args.episodes is not None else (1 if args.quick else 5)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     results = bench(config, modes, args.out, seeds=args.seeds, warmup=warmup, eval_episodes=episodes,
@@ -96,3 +94,19 @@ def run(args: argparse.Namespace) -> int:
     print(text_table(results))
     print(f"\nresults: {args.out}/results.json; report: {args.out}/report.md, {args.out}/report.html")
     return 0
+
+
+def run_config(args: argparse.Namespace):
+    """The runs' config and the episodes each is evaluated on. Steps and episodes: the flags, else
+    a ``--config``'s own (benchmarking a recipe means its training), else a short run of the
+    default config (300 steps, 5 episodes per task)."""
+    from vlamp.bench.run import quick_overrides
+    from vlamp.train.config import load_config
+
+    base = quick_overrides() if args.quick else [] if args.config else ["train.steps=300"]
+    given = [f"train.steps={args.steps}"] if args.steps else []
+    config = load_config(args.config, base + list(args.overrides) + list(getattr(args, "extra", []))
+                         + given)
+    episodes = args.episodes if args.episodes is not None else \
+        1 if args.quick else config.eval.episodes if args.config else 5
+    return config, episodes
