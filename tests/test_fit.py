@@ -218,6 +218,35 @@ def test_a_mode_whose_state_alone_is_over_the_budget_is_not_probed(monkeypatch):
     assert "would be faster" not in fit.reason(mine, rows)  # no time to be faster by
 
 
+def test_a_rules_file_for_one_mode_is_the_only_mode_predicted(monkeypatch, tmp_path):
+    """A rules file naming its mode holds for that mode alone: fit predicts only it (it once
+    tried every mode and failed on the first with 'mode fp32 was asked for'), and refuses modes
+    that leave it out in one line."""
+    import dataclasses as dc
+
+    import torch
+
+    from vlamp.train import budget as bud
+    from vlamp.train.config import RunConfig
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("mode: bf16-mixed\nrules:\n  - {pattern: 'vision.*', policy: fp32}\n")
+    probed = []
+
+    def planted(config, mode, batch, log=None, device="cpu", frozen=(), lora=None, precision=None):
+        probed.append(mode)
+        return dc.replace(_probe(per_layer=100.0, base=1000.0), mode=mode, depths={})
+    monkeypatch.setattr(fit, "probe", planted)
+    cfg = dc.replace(RunConfig(), model=_tiny())
+    cfg.train.batch_size = 4
+    cfg.precision.rules = str(rules)
+    result = bud.fit_run(cfg, torch.device("cpu"), 2**40)
+    assert probed == ["bf16-mixed"] and {p.candidate.mode for p in result.predictions} == {"bf16-mixed"}
+    assert any("the rules file" in n for n in result.notes)
+    with pytest.raises(VlampError, match="is for mode 'bf16-mixed': predict that mode"):
+        bud.fit_run(cfg, torch.device("cpu"), 2**40, ["fp32", "bf16-storage"])
+
+
 @pytest.mark.slow
 def test_a_run_over_its_budget_is_refused_before_its_first_step(tiny_dataset, tmp_path, monkeypatch):
     from vlamp.train import budget

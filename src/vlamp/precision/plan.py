@@ -274,6 +274,20 @@ def plan_for(mode: str | Mode | PrecisionPlan, rules: Any, builtin_rules: bool =
 _PLAN_KEYS = ("mode", "builtin_rules", "rules", "measured")
 
 
+def rules_file_mode(path: str | os.PathLike[str]) -> str | None:
+    """The mode a rules file is for (its ``mode`` key), or ``None`` where it names none.
+
+    Raises:
+        VlampError: If the file is not a valid rules file (as :meth:`PrecisionPlan.load` says).
+    """
+    import yaml
+
+    PrecisionPlan.load(path)  # every error of the file, in one line, before its mode is read
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    return get_mode(data["mode"]).name if data.get("mode") is not None else None
+
+
 def _to_rules(rules: Sequence[RuleSpec] | Mapping[str, str | Policy] | None) -> Iterable[Rule]:
     if rules is None:
         return

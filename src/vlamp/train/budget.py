@@ -16,6 +16,7 @@ import torch
 from vlamp.models.registry import stack_depths
 from vlamp.precision.errors import VlampError
 from vlamp.precision.memory import available_memory
+from vlamp.precision.plan import rules_file_mode
 from vlamp.train import fit
 from vlamp.train.config import RunConfig, parse_size
 
@@ -82,8 +83,16 @@ def fit_run(config: RunConfig, device: torch.device, budget: int, modes: Sequenc
     x update x optimizer state of ``states`` x checkpointing) and chooses the fastest that fits
     ``budget``. ``probes`` (mode -> probe) is filled and reused: a mode is measured once."""
     notes: list[str] = []
+    pinned = rules_file_mode(config.precision.rules) if config.precision.rules else None
     if modes is None:
-        modes, notes = candidate_modes(device)
+        modes, notes = candidate_modes(device) if pinned is None else ([pinned], [])
+    if pinned is not None:  # its rules hold for that mode alone
+        if pinned not in modes:
+            raise VlampError(f"precision.rules {config.precision.rules!r} is for mode {pinned!r}: "
+                             f"predict that mode (--modes {pinned}), or give rules without a mode")
+        modes = [pinned]
+        notes.append(f"only {pinned} predicted: the rules file {config.precision.rules!r} is for "
+                     f"that mode")
     asked = given(config)
     frozen = list(config.train.freeze)
     batch = config.train.batch_size * config.train.grad_accum
