@@ -185,15 +185,11 @@ def test_on_a_cpu_the_fp32_build_is_a_moment_of_its_own():
     assert gpu.by_kind["weights"] == 2e8 and gpu.peak < here.peak
 
 
-def test_a_mode_whose_state_alone_is_over_the_budget_is_not_probed(monkeypatch):
-    """Probing fp32 on pi0's shallow copy alone took 20 GB here: a mode whose weights and
-    optimizer state rule it out is listed as not fitting without being measured."""
+def _planted_probes(monkeypatch):
+    """Replaces the fit's probe with a planted one; returns the modes it is asked to probe, and a
+    run config of the tiny model at batch 4."""
     import dataclasses as dc
 
-    import torch
-
-    from vlamp.models.registry import build_model
-    from vlamp.train import budget as bud
     from vlamp.train.config import RunConfig
 
     probed = []
@@ -204,6 +200,18 @@ def test_a_mode_whose_state_alone_is_over_the_budget_is_not_probed(monkeypatch):
     monkeypatch.setattr(fit, "probe", planted)
     cfg = dc.replace(RunConfig(), model=_tiny())
     cfg.train.batch_size = 4
+    return probed, cfg
+
+
+def test_a_mode_whose_state_alone_is_over_the_budget_is_not_probed(monkeypatch):
+    """Probing fp32 on pi0's shallow copy alone took 20 GB here: a mode whose weights and
+    optimizer state rule it out is listed as not fitting without being measured."""
+    import torch
+
+    from vlamp.models.registry import build_model
+    from vlamp.train import budget as bud
+
+    probed, cfg = _planted_probes(monkeypatch)
     n = sum(p.numel() for p in build_model(cfg.model).parameters())
     lines = []
     result = bud.fit_run(cfg, torch.device("cpu"), 5 * n, ["fp32", "bf16-storage"], lines.append)
@@ -222,23 +230,13 @@ def test_a_rules_file_for_one_mode_is_the_only_mode_predicted(monkeypatch, tmp_p
     """A rules file naming its mode holds for that mode alone: fit predicts only it (it once
     tried every mode and failed on the first with 'mode fp32 was asked for'), and refuses modes
     that leave it out in one line."""
-    import dataclasses as dc
-
     import torch
 
     from vlamp.train import budget as bud
-    from vlamp.train.config import RunConfig
 
     rules = tmp_path / "rules.yaml"
     rules.write_text("mode: bf16-mixed\nrules:\n  - {pattern: 'vision.*', policy: fp32}\n")
-    probed = []
-
-    def planted(config, mode, batch, log=None, device="cpu", frozen=(), lora=None, precision=None):
-        probed.append(mode)
-        return dc.replace(_probe(per_layer=100.0, base=1000.0), mode=mode, depths={})
-    monkeypatch.setattr(fit, "probe", planted)
-    cfg = dc.replace(RunConfig(), model=_tiny())
-    cfg.train.batch_size = 4
+    probed, cfg = _planted_probes(monkeypatch)
     cfg.precision.rules = str(rules)
     result = bud.fit_run(cfg, torch.device("cpu"), 2**40)
     assert probed == ["bf16-mixed"] and {p.candidate.mode for p in result.predictions} == {"bf16-mixed"}
