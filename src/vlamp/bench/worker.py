@@ -427,4 +427,7 @@ def _close_distributed() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:  # Ctrl-C reaches every run; the coordinator says what to do next
+        sys.exit(130)

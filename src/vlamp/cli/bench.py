@@ -87,10 +87,16 @@ def run(args: argparse.Namespace) -> int:
         raise VlampError(f"--warmup ({warmup}) must be below --steps ({steps})")
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    results = bench(config, modes, args.out, seeds=args.seeds, warmup=warmup, eval_episodes=episodes,
-                    baseline=not args.no_baseline, notes=notes, progress=not args.no_progress,
-                    threads=threads if threads == "auto" else int(threads), rounds=args.rounds,
-                    nproc=args.nproc, resume=args.resume)
+    try:
+        results = bench(config, modes, args.out, seeds=args.seeds, warmup=warmup,
+                        eval_episodes=episodes, baseline=not args.no_baseline, notes=notes,
+                        progress=not args.no_progress,
+                        threads=threads if threads == "auto" else int(threads), rounds=args.rounds,
+                        nproc=args.nproc, resume=args.resume)
+    except KeyboardInterrupt:
+        print("vlamp bench: the same command with --resume goes on from the seeds written and "
+              "each run's last round", file=sys.stderr)
+        raise
     print(text_table(results))
     print(f"\nresults: {args.out}/results.json; report: {args.out}/report.md, {args.out}/report.html")
     return 0
