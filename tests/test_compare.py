@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import tiny_overrides
 
@@ -106,3 +107,26 @@ def test_parallel_evaluation_gives_the_sequential_results(tiny_dataset, tmp_path
     assert not (policy(obs) == first).all()  # the noise moves on within an episode ...
     policy.reset(7)
     assert (policy(obs) == first).all()  # ... and an episode's seed fixes it
+
+
+def test_a_policy_evaluated_in_this_process_computes_on_one_thread_by_default():
+    """As in the worker processes: the same results either way, and no 15x slowdown of a
+    multi-threaded batch-1 forward while another process keeps a core busy."""
+    import torch
+
+    seen = []
+
+    def policy(obs):
+        seen.append(torch.get_num_threads())
+        return np.zeros(4, dtype=np.float32)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        evaluate(policy, "reach", 1, max_steps=3, image_size=16, progress=False)
+        assert set(seen) == {1} and torch.get_num_threads() == 2  # restored afterwards
+        seen.clear()
+        evaluate(policy, "reach", 1, max_steps=3, image_size=16, progress=False, threads=2)
+        assert set(seen) == {2}
+    finally:
+        torch.set_num_threads(before)

@@ -63,10 +63,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gif", default=None, metavar="FILE", help="save the first episode of each task")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     p.add_argument("--workers", default="auto", metavar="N|auto",
-                   help="processes the tasks are spread over, one torch thread each (auto: one per "
-                        "core, 1 with --gif). Same episodes, same seeds; a policy computing on one "
-                        "thread can round differently from one on several, so an episode may end a "
-                        "step apart (default: auto)")
+                   help="processes the tasks are spread over, one torch thread each, as the "
+                        "policy has in one process (auto: one per core, 1 with --gif). Same "
+                        "episodes, same seeds, the same results (default: auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -208,6 +209,7 @@ def evaluate(
     gif_path: str | os.PathLike[str] | None = None,
     progress: bool = True,
     workers: int = 1,
+    threads: int = 1,
 ) -> EvalResult:
     """Runs ``policy`` closed-loop for ``episodes`` seeded episodes of each task.
 
@@ -233,9 +235,13 @@ def evaluate(
         workers: Processes the tasks are spread over. With more than one, ``policy`` must be a
             picklable *recipe*: a callable of no arguments that builds the policy in each process
             (:func:`vlamp.train.policy.policy_recipe`, ``ExpertPolicy``), built there with one
-            torch thread. Same episodes and seeds as with one process; a policy computing on one
-            thread can round differently, so an episode may end a step apart (docs/measurements.md
-            says how often). No GIF.
+            torch thread. Same episodes and seeds as with one process, and with ``threads=1``
+            the same results. No GIF.
+        threads: Torch threads the policy computes with when it runs in this process (the worker
+            processes use one each). One by default: a batch-1 forward of the default TinyVLA
+            gains nothing from two (51 against 49 environment steps/s on a quiet 2-core EPYC),
+            and while another process keeps a core busy, two made it 15x slower (300 s
+            instead of 22 s for two 500-step episodes).
 
     Returns:
         An :class:`EvalResult`.
@@ -266,14 +272,30 @@ def evaluate(
         if workers > 1:  # a recipe was given, but one task (or a GIF) runs here: build it here
             policy = policy()
         results, frames, total_steps = [], [], 0
-        for task in chosen:
-            result, steps = _run_task(policy, task, settings, bar, frames if gif_path else None)
-            results.append(result)
-            total_steps += steps
+        with _torch_threads(threads):
+            for task in chosen:
+                result, steps = _run_task(policy, task, settings, bar, frames if gif_path else None)
+                results.append(result)
+                total_steps += steps
     bar.close()
     if gif_path is not None and frames:
         _save_gif(gif_path, frames)
     return EvalResult(results, total_steps, time.perf_counter() - start, max_steps)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Torch computes on ``n`` threads inside; the count before is restored on the way out."""
+    import torch
+
+    if n < 1:
+        raise VlampError(f"threads must be >= 1, got {n}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def episode_limit(tasks: Sequence[Task]) -> int:
