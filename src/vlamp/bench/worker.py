@@ -196,14 +196,7 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
     autocast = amp.autocast if runner == "torch.amp" else trainer.mp.autocast
     threads, thread_times = _threads(threads, trainer, autocast)
     steps, resumed = config.train.steps, trainer.step
-    earlier = _earlier_steps(trainer.run_dir, resumed)
-    on_step = None
-    if channel is not None:
-        channel.send(event="ready", threads=int(threads), step=resumed)
-        channel.wait("go")
-        on_step = channel.pauser(round_steps, steps)
-        if resumed >= steps:  # stopped after its last step: nothing left to train
-            on_step(steps)
+    on_step = _first_turn(channel, int(threads), resumed, round_steps, steps)
     _trim_heap()
     rss_before = _rss_now()  # data, model, optimizer: what a run holds before its first step
     reset = _reset_peak_rss()
@@ -214,13 +207,8 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
         val = _validate_amp(trainer, amp)  # as the vlamp runs' fit ends with validation
         peak, gpu_peak = _peak_rss(), _gpu_peak(device)
     else:
-        r = trainer.fit(on_step)
+        losses, scales, times, skipped, val = _fit(trainer, on_step)
         peak, gpu_peak = _peak_rss(), _gpu_peak(device)
-        losses, scales, times = (earlier[0] + r.losses, earlier[1] + r.scales,
-                                 earlier[2] + r.step_times)
-        skipped, val = r.skipped_steps, r.val_action_l1
-        if resumed >= steps and trainer.val_set is not None:  # validated before it was stopped
-            val = trainer.validate()
     memory = state_memory(trainer.model, trainer.optimizer, trainer.mp if runner == "vlamp" else None)
     probe = _probe_step(trainer, autocast)
     timed = times[spec.get("warmup", 5):] or times
@@ -260,6 +248,33 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
         "strategy": config.distributed.strategy if trainer.world.distributed else None,
         "samples_per_s_per_rank": samples / median / trainer.world.size,
     }
+
+
+def _first_turn(channel: _Channel | None, threads: int, resumed: int, round_steps: int,
+                steps: int):
+    """Says the run is ready (from step ``resumed``: > 0 when resumed), waits for its first turn;
+    returns the training loop's ``on_step`` (``None`` without a coordinator)."""
+    if channel is None:
+        return None
+    channel.send(event="ready", threads=threads, step=resumed)
+    channel.wait("go")
+    on_step = channel.pauser(round_steps, steps)
+    if resumed >= steps:  # stopped after its last step: nothing left to train
+        on_step(steps)
+    return on_step
+
+
+def _fit(trainer, on_step) -> tuple[list[float], list[float], list[float], int, float | None]:
+    """``trainer.fit``: losses, scales and step times of every step (those an interrupted process
+    trained before the checkpoint it resumed from read back), skipped steps, validation error."""
+    resumed = trainer.step
+    earlier = _earlier_steps(trainer.run_dir, resumed)
+    r = trainer.fit(on_step)
+    val = r.val_action_l1
+    if resumed >= trainer.config.train.steps and trainer.val_set is not None:
+        val = trainer.validate()  # it validated before it was stopped; fit had nothing to do
+    return (earlier[0] + r.losses, earlier[1] + r.scales, earlier[2] + r.step_times,
+            r.skipped_steps, val)
 
 
 def _checkpoint_rounds(config, runner: str, round_steps: int) -> None:

@@ -237,11 +237,7 @@ def evaluate(
             (:func:`vlamp.train.policy.policy_recipe`, ``ExpertPolicy``), built there with one
             torch thread. Same episodes and seeds as with one process, and with ``threads=1``
             the same results. No GIF.
-        threads: Torch threads the policy computes with when it runs in this process (the worker
-            processes use one each). One by default: a batch-1 forward of the default TinyVLA
-            gains nothing from two (51 against 49 environment steps/s on a quiet 2-core EPYC),
-            and while another process keeps a core busy, two made it 15x slower (300 s
-            instead of 22 s for two 500-step episodes).
+        threads: Torch threads of a policy run here (workers: one each; why: ``_torch_threads``).
 
     Returns:
         An :class:`EvalResult`.
@@ -271,12 +267,10 @@ def evaluate(
     else:
         if workers > 1:  # a recipe was given, but one task (or a GIF) runs here: build it here
             policy = policy()
-        results, frames, total_steps = [], [], 0
+        frames = []
         with _torch_threads(threads):
-            for task in chosen:
-                result, steps = _run_task(policy, task, settings, bar, frames if gif_path else None)
-                results.append(result)
-                total_steps += steps
+            done = [_run_task(policy, t, settings, bar, frames if gif_path else None) for t in chosen]
+        results, total_steps = [r for r, _ in done], sum(n for _, n in done)
     bar.close()
     if gif_path is not None and frames:
         _save_gif(gif_path, frames)
@@ -285,7 +279,10 @@ def evaluate(
 
 @contextlib.contextmanager
 def _torch_threads(n: int) -> Iterator[None]:
-    """Torch computes on ``n`` threads inside; the count before is restored on the way out."""
+    """Torch computes on ``n`` threads inside; the count before is restored on the way out.
+    Evaluation's default is one: a batch-1 forward of the default TinyVLA gains nothing from two
+    (51 against 49 environment steps/s on a quiet 2-core EPYC), and while another process kept a
+    core busy, two made it 15x slower (300 s instead of 22 s for two 500-step episodes)."""
     import torch
 
     if n < 1:
