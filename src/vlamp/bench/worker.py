@@ -298,8 +298,8 @@ def _checkpoint_rounds(config, runner: str, round_steps: int) -> None:
 
 def _earlier_steps(run_dir: Path, resumed: int) -> tuple[list[float], list[float], list[float]]:
     """The losses, loss scales and step times of steps 1..``resumed``, which an interrupted process
-    trained: read from the run's per-step log (a row a killed process wrote after its last
-    checkpoint is left out; a step logged twice, the later row wins)."""
+    trained: read from the run's per-step log. Rows a killed process wrote after its last
+    checkpoint are left out (the resuming trainer cuts them from the log on rank 0 only)."""
     if resumed == 0:
         return [], [], []
     rows: dict[int, dict[str, Any]] = {}

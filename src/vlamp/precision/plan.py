@@ -202,18 +202,8 @@ class PrecisionPlan:
             VlampError: If the file cannot be read or parsed, has unknown keys, bad rules, or a mode
                 that conflicts with ``mode``.
         """
-        import yaml
-
         where = f"rules file {os.fspath(path)!r}"
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except OSError as e:
-            raise VlampError(f"{where}: cannot read ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise VlampError(f"{where}: not valid YAML ({first})") from None
-        return cls.from_dict(data, mode=mode, where=where)
+        return cls.from_dict(_read_rules_file(path, where), mode=mode, where=where)
 
     @classmethod
     def from_dict(cls, data: Any, mode: str | Mode | None = None, where: str = "plan") -> PrecisionPlan:
@@ -280,12 +270,24 @@ def rules_file_mode(path: str | os.PathLike[str]) -> str | None:
     Raises:
         VlampError: If the file is not a valid rules file (as :meth:`PrecisionPlan.load` says).
     """
+    where = f"rules file {os.fspath(path)!r}"
+    data = _read_rules_file(path, where)
+    PrecisionPlan.from_dict(data, where=where)  # every error of the file, in one line
+    return get_mode(data["mode"]).name if data.get("mode") is not None else None
+
+
+def _read_rules_file(path: str | os.PathLike[str], where: str) -> Any:
+    """A rules file's YAML, read and parsed; a file that cannot be is one line (``where`` names it)."""
     import yaml
 
-    PrecisionPlan.load(path)  # every error of the file, in one line, before its mode is read
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
-    return get_mode(data["mode"]).name if data.get("mode") is not None else None
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f) or {}
+    except OSError as e:
+        raise VlampError(f"{where}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise VlampError(f"{where}: not valid YAML ({first})") from None
 
 
 def _to_rules(rules: Sequence[RuleSpec] | Mapping[str, str | Policy] | None) -> Iterable[Rule]:

@@ -84,15 +84,15 @@ def fit_run(config: RunConfig, device: torch.device, budget: int, modes: Sequenc
     ``budget``. ``probes`` (mode -> probe) is filled and reused: a mode is measured once."""
     notes: list[str] = []
     pinned = rules_file_mode(config.precision.rules) if config.precision.rules else None
-    if modes is None:
-        modes, notes = candidate_modes(device) if pinned is None else ([pinned], [])
     if pinned is not None:  # its rules hold for that mode alone
-        if pinned not in modes:
+        if modes is not None and pinned not in modes:
             raise VlampError(f"precision.rules {config.precision.rules!r} is for mode {pinned!r}: "
                              f"predict that mode (--modes {pinned}), or give rules without a mode")
         modes = [pinned]
         notes.append(f"only {pinned} predicted: the rules file {config.precision.rules!r} is for "
                      f"that mode")
+    elif modes is None:
+        modes, notes = candidate_modes(device)
     asked = given(config)
     frozen = list(config.train.freeze)
     batch = config.train.batch_size * config.train.grad_accum
