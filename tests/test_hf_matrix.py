@@ -147,6 +147,18 @@ def test_every_preset_is_in_the_matrix():
     assert set(FAMILIES) == set(PRESETS) and len(PRESETS) == 6
 
 
+def test_a_name_that_is_no_preset_and_no_file_is_refused_before_transformers_is_imported():
+    """Importing transformers takes seconds; a mistyped --model is told at once."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom vlamp.models.hf import build_hf_model\n"
+            "try:\n    build_hf_model('pi0', device='meta')\nexcept Exception as e:\n"
+            "    print(type(e).__name__, 'transformers' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["VlampError", "False"], out.stdout + out.stderr
+
+
 def test_plan_describes_a_transformers_config_without_building_its_weights(tmp_path):
     import json
     import subprocess

@@ -59,13 +59,8 @@ def build_hf_model(spec: str, device: str | torch.device = "cpu") -> nn.Module:
     Raises:
         VlampError: On an unknown preset, a missing or unreadable config, or a missing extra.
     """
-    T = transformers_module()
-    if spec in PRESETS:
-        model_cls, config_cls, kwargs = PRESETS[spec]
-        config = getattr(T, config_cls)(**kwargs)
-        cls = getattr(T, model_cls)
-    else:
-        path = Path(spec)
+    path = Path(spec)
+    if spec not in PRESETS:  # said before transformers is imported (seconds)
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
@@ -75,6 +70,12 @@ def build_hf_model(spec: str, device: str | torch.device = "cpu") -> nn.Module:
                    if spec in VLA_PRESETS else "")
             raise VlampError(f"model {spec!r}: not a preset ({', '.join(PRESETS)}) and no "
                              f"config.json there{vla}")
+    T = transformers_module()
+    if spec in PRESETS:
+        model_cls, config_cls, kwargs = PRESETS[spec]
+        config = getattr(T, config_cls)(**kwargs)
+        cls = getattr(T, model_cls)
+    else:
         config = read_config(path, "model")
         names = getattr(config, "architectures", None) or []
         cls = next((getattr(T, n) for n in names if hasattr(T, n)), None)
