@@ -238,7 +238,7 @@ def test_an_interrupted_bench_goes_on_from_each_runs_last_round(cache, tmp_path)
     assert not (out / "seeds" / "seed-0.json").exists(), "the benchmark ended before it was killed"
     other = cli(cache, *[a if a != "24" else "26" for a in args], "--out", str(out), "--resume")
     assert other.returncode == 2 and "holds runs of a benchmark with other settings" in other.stderr
-    p = cli(cache, *args, "--out", str(out), "--resume")
+    p = cli(cache, *args, "--out", str(out), "--resume", "--no-progress")  # said all the same
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stderr.count("resumed at step") == 2, p.stderr[-3000:]
     got = json.loads((out / "results.json").read_text())["runs"]

@@ -187,7 +187,7 @@ def _run_interleaved(specs: list[tuple[str, dict[str, Any]]], workdir: Path, pro
                 print(f"  start {name}", file=sys.stderr, flush=True)
             workers.append(_Worker(name, spec, workdir))
             step = workers[-1].ready()
-            if step and progress:
+            if step:  # said even without progress bars: what was resumed is not progress
                 print(f"  {name}: resumed at step {step} (--resume)", file=sys.stderr, flush=True)
         turn = 0
         while not all(w.trained for w in workers):
@@ -249,7 +249,7 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
     for seed in range(seeds):
         done = out / "seeds" / f"seed-{config.train.seed + seed}.json"
         if resume and done.is_file():
-            runs += _finished_seed(done, key, progress)
+            runs += _finished_seed(done, key)
             continue
         workdir = _runs_dir(done.with_suffix(".runs"), key, resume)
         specs = []
@@ -313,7 +313,7 @@ def _runs_dir(path: Path, key: str, resume: bool) -> Path:
     return path
 
 
-def _finished_seed(path: Path, key: str, progress: bool) -> list[dict[str, Any]]:
+def _finished_seed(path: Path, key: str) -> list[dict[str, Any]]:
     """The runs of a seed an earlier benchmark of the same settings finished."""
     try:
         saved = json.loads(path.read_text())
@@ -323,9 +323,8 @@ def _finished_seed(path: Path, key: str, progress: bool) -> list[dict[str, Any]]
         raise VlampError(f"--resume: {path} holds a seed of a benchmark with other settings (config, "
                          f"modes, steps, warmup, episodes, threads or rounds); give the same ones, "
                          f"or another --out")
-    if progress:
-        print(f"{path.stem.replace('-', ' ')}: {len(saved['runs'])} runs read from {path} (--resume)",
-              file=sys.stderr, flush=True)
+    print(f"{path.stem.replace('-', ' ')}: {len(saved['runs'])} runs read from {path} (--resume)",
+          file=sys.stderr, flush=True)
     return saved["runs"]
 
 
