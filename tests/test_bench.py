@@ -99,7 +99,8 @@ def test_bench_quick_writes_every_field_and_consistent_ratios(cache, tmp_path):
     assert all(a[0][1] <= b[0][0] for a, b in zip(windows, windows[1:]))
     owners = [owner for _, owner in windows]
     assert owners[:4] != owners[:1] * 4 and len(set(owners[:4])) == 4  # round 1 of each, then round 2
-    for name in ("report.md", "report.html", "loss.png", "speed_memory.png", "loss_scale.png", "success.png"):
+    for name in ("report.md", "report.html", "loss.png", "speed_memory.png", "loss_scale.png", "success.png",
+                 "vs_fp32.png"):
         assert (out / name).stat().st_size > 200, name
     md = (out / "report.md").read_text()
     assert "bf16-mixed (torch.amp loop)" in md and "fp16-mixed" in md

@@ -11,7 +11,8 @@ import numpy as np
 from vlamp.bench.summary import run_label, summary_lines
 from vlamp.report import Report
 
-PLOTS = ("loss.png", "speed_memory.png", "memory_kinds.png", "loss_scale.png", "success.png")
+PLOTS = ("loss.png", "speed_memory.png", "memory_kinds.png", "loss_scale.png", "success.png",
+         "vs_fp32.png")
 # What a run holds, by kind: (results key, label)
 MEMORY_KINDS = (("params_bytes", "weights"), ("masters_bytes", "FP32 masters"),
                 ("grads_bytes", "gradients"), ("optimizer_bytes", "optimizer state"),
@@ -159,19 +160,71 @@ def _plots(results: dict[str, Any], out: Path) -> None:
     fig.savefig(out / PLOTS[3], dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    evaluated = [r for r in runs if r["success_per_task"]]
-    tasks = list(evaluated[0]["success_per_task"]) if evaluated else []
-    width = 0.8 / max(1, len(evaluated))
-    for i, r in enumerate(evaluated):
-        ax.bar(np.arange(len(tasks)) + i * width, [100 * r["success_per_task"][t] for t in tasks],
-               width, label=f"{run_label(r)} s{r['seed']}")
-    ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks, fontsize=8)
+    _success_plot(runs, out / PLOTS[4], plt)
+    _vs_fp32_plot(runs, results.get("summary") or [], out / PLOTS[5], plt)
+
+
+def _success_plot(runs: list[dict[str, Any]], path: Path, plt) -> None:
+    """Success per task, one bar per run (the mean over its seeds), wide enough for MT50's tasks."""
+    by_run: dict[str, list[dict[str, float]]] = {}
+    for r in runs:
+        if r["success_per_task"]:
+            by_run.setdefault(run_label(r), []).append(r["success_per_task"])
+    tasks = list(next(iter(by_run.values()))[0]) if by_run else []
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.3 * len(tasks) * max(1, len(by_run))), 3.8))
+    width = 0.8 / max(1, len(by_run))
+    for i, (name, seeds) in enumerate(by_run.items()):
+        ax.bar(np.arange(len(tasks)) + i * width,
+               [100 * np.mean([s[t] for s in seeds]) for t in tasks], width,
+               label=name + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else ""))
+    ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks, fontsize=8,
+                  rotation=45 if len(tasks) > 6 else 0, ha="right" if len(tasks) > 6 else "center")
     ax.set(ylabel="success (%)", ylim=(0, 105), title="Closed-loop success per task")
-    if evaluated:
+    if by_run:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / PLOTS[4], dpi=110)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _vs_fp32_plot(runs: list[dict[str, Any]], summary: list[dict[str, Any]], path: Path, plt
+                  ) -> None:
+    """Each run against the FP32 run of its seed: the paired success difference with its 95%
+    interval (every seed's episodes pooled), and the validation error's difference, per seed."""
+    rows = [row for row in summary if not (row["mode"] == "fp32" and row["runner"] == "vlamp")]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(max(9.0, 1.6 * len(rows)), 3.8))
+    paired = [row for row in rows if row["success_vs_fp32_ci95"]]
+    for i, row in enumerate(paired):
+        lo, hi = row["success_vs_fp32_ci95"]
+        d = row["success_vs_fp32_points"]
+        a.errorbar([i], [d], yerr=[[d - lo], [hi - d]], fmt="o", capsize=5)
+        a.annotate(f" {d:+.1f} [{lo:+.1f}, {hi:+.1f}]\n {row['success_pairs']['episodes']} episodes",
+                   (i, d), fontsize=7)
+    if not paired:
+        a.text(0.5, 0.5, "no paired evaluation\n(--episodes 0)", ha="center", va="center",
+               transform=a.transAxes, color="gray")
+    a.axhline(0, color="gray", lw=0.8)
+    a.set_xticks(range(len(paired)), [row["name"] for row in paired], fontsize=8)
+    a.set(ylabel="points", title="Success vs fp32, paired (95% interval)")
+    fp32 = {r["seed"]: r["final_val_action_l1"] for r in runs
+            if r["mode"] == "fp32" and r["runner"] == "vlamp"}
+    for i, row in enumerate(rows):
+        pct = [100 * (r["final_val_action_l1"] / fp32[r["seed"]] - 1) for r in runs
+               if run_label(r) == row["name"] and r["final_val_action_l1"] is not None
+               and fp32.get(r["seed"])]
+        b.scatter([i] * len(pct), pct, color="tab:blue", label="a seed" if i == 0 else None)
+        if pct:
+            b.scatter([i], [np.mean(pct)], color="black", marker="_", s=400,
+                      label="mean" if i == 0 else None)
+    b.axhline(0, color="gray", lw=0.8)
+    b.set_xticks(range(len(rows)), [row["name"] for row in rows], fontsize=8)
+    b.set(ylabel="% (lower is better)", title="Validation action L1 vs fp32, same seed")
+    if rows:
+        b.legend(fontsize=8)
+    for axis in (a, b):
+        axis.tick_params(axis="x", labelrotation=30 if len(rows) > 3 else 0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
