@@ -161,7 +161,7 @@ def _plots(results: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
     _success_plot(runs, out / PLOTS[4], plt)
-    _vs_fp32_plot(runs, results.get("summary") or [], out / PLOTS[5], plt)
+    _vs_fp32_plot(results.get("summary") or [], out / PLOTS[5], plt)
 
 
 def _success_plot(runs: list[dict[str, Any]], path: Path, plt) -> None:
@@ -187,8 +187,7 @@ def _success_plot(runs: list[dict[str, Any]], path: Path, plt) -> None:
     plt.close(fig)
 
 
-def _vs_fp32_plot(runs: list[dict[str, Any]], summary: list[dict[str, Any]], path: Path, plt
-                  ) -> None:
+def _vs_fp32_plot(summary: list[dict[str, Any]], path: Path, plt) -> None:
     """Each run against the FP32 run of its seed: the paired success difference with its 95%
     interval (every seed's episodes pooled), and the validation error's difference, per seed."""
     rows = [row for row in summary if not (row["mode"] == "fp32" and row["runner"] == "vlamp")]
@@ -206,15 +205,11 @@ def _vs_fp32_plot(runs: list[dict[str, Any]], summary: list[dict[str, Any]], pat
     a.axhline(0, color="gray", lw=0.8)
     a.set_xticks(range(len(paired)), [row["name"] for row in paired], fontsize=8)
     a.set(ylabel="points", title="Success vs fp32, paired (95% interval)")
-    fp32 = {r["seed"]: r["final_val_action_l1"] for r in runs
-            if r["mode"] == "fp32" and r["runner"] == "vlamp"}
     for i, row in enumerate(rows):
-        pct = [100 * (r["final_val_action_l1"] / fp32[r["seed"]] - 1) for r in runs
-               if run_label(r) == row["name"] and r["final_val_action_l1"] is not None
-               and fp32.get(r["seed"])]
+        pct = row.get("val_l1_vs_fp32_pct_per_seed") or []
         b.scatter([i] * len(pct), pct, color="tab:blue", label="a seed" if i == 0 else None)
         if pct:
-            b.scatter([i], [np.mean(pct)], color="black", marker="_", s=400,
+            b.scatter([i], [row["val_l1_vs_fp32_pct"]], color="black", marker="_", s=400,
                       label="mean" if i == 0 else None)
     b.axhline(0, color="gray", lw=0.8)
     b.set_xticks(range(len(rows)), [row["name"] for row in rows], fontsize=8)

@@ -79,6 +79,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         diffs = [100 * (r["final_val_action_l1"] / fp32[r["seed"]]["final_val_action_l1"] - 1)
                  for r in group if not is_ref and r["final_val_action_l1"] is not None
                  and fp32[r["seed"]]["final_val_action_l1"]]
+        row["val_l1_vs_fp32_pct_per_seed"] = diffs
         row["val_l1_vs_fp32_pct"] = statistics.fmean(diffs) if diffs else None
         row["val_l1_p"] = _paired_t(diffs) if diffs else None
         row["val_l1_verdict"] = _verdict(row["val_l1_p"])
