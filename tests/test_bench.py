@@ -128,6 +128,18 @@ def test_bench_compares_how_low_precision_weights_are_updated(cache, tmp_path):
     assert [(r["mode"], r["seed"]) for r in runs] == [("fp32", 0), ("bf16-true/kahan", 0),
                                                       ("fp32", 1), ("bf16-true/kahan", 1)]
     assert runs[1]["step_times"] == kahan["step_times"]
+    # --resume with a mode added: only that mode trains, the others are read back
+    p = cli(cache, *[a if a != "bf16-true/kahan" else "bf16-true/kahan,bf16-true/naive" for a in args],
+            "--seeds", "2", "--resume", "--no-progress")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "seed 0: 2 runs read from" in p.stderr and "seed 1: 2 runs read from" in p.stderr
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [(r["mode"], r["seed"]) for r in runs] == [
+        ("fp32", 0), ("bf16-true/kahan", 0), ("bf16-true/naive", 0),
+        ("fp32", 1), ("bf16-true/kahan", 1), ("bf16-true/naive", 1)]
+    assert runs[1]["step_times"] == kahan["step_times"] and runs[2]["resumed_at_step"] == 0
+    saved = json.loads((out / "seeds" / "seed-1.json").read_text())["runs"]
+    assert [r["mode"] for r in saved] == ["fp32", "bf16-true/kahan", "bf16-true/naive"]
     p = cli(cache, *[a if a != "3" else "4" for a in args], "--resume")  # other settings: 4 steps
     assert p.returncode == 2 and "a benchmark with other settings" in p.stderr
 

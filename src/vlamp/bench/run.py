@@ -225,9 +225,10 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
     stays in one process.
 
     Each seed's runs are written to ``out/seeds/seed-N.json`` as soon as they finish; with
-    ``resume``, a seed found there from a benchmark of the same settings (config, modes, warmup,
-    episodes, threads, rounds) is read instead of run again, so an interrupted benchmark goes on
-    where it stopped, and ``seeds`` may grow. The runs of the seed in flight train in
+    ``resume``, the runs found there from a benchmark of the same settings (config, steps, warmup,
+    episodes, threads, rounds) are read instead of run again, so an interrupted benchmark goes on
+    where it stopped, ``seeds`` may grow and modes may be added (an ablation grows a mode at a
+    time; a run read back was timed beside the modes of its own invocation). The runs of the seed in flight train in
     ``out/seeds/seed-N.runs/``, each checkpointing at the end of every round: with ``resume`` they
     go on from there (bit for bit, their earlier steps' losses and times read back), the torch.amp
     loop, which keeps no checkpoint, from its first step. Without ``resume`` that directory is
@@ -245,34 +246,29 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
     round_steps = max(1, math.ceil(config.train.steps / max(1, rounds)))
     runs: list[dict[str, Any]] = []
     started = time.time()
-    key = _settings_key(config, plan, warmup, eval_episodes, threads, round_steps)
+    key = _settings_key(config, warmup, eval_episodes, threads, round_steps)
     for seed in range(seeds):
         done = out / "seeds" / f"seed-{config.train.seed + seed}.json"
-        if resume and done.is_file():
-            runs += _finished_seed(done, key)
-            continue
-        workdir = _runs_dir(done.with_suffix(".runs"), key, resume)
-        specs = []
-        for mode, runner, ranks in plan:
-            cfg = to_dict(config)
-            p = cfg["precision"]
-            p["mode"], p["update"], p["optimizer_state"] = split_mode(mode)
-            cfg["train"]["seed"] = config.train.seed + seed
-            name = (f"{mode.replace('/', '-').replace('+', '-')}-{runner.replace('.', '')}"
-                    f"-x{ranks}-s{cfg['train']['seed']}")
-            cfg["output_dir"] = str(workdir / name)  # the worker resumes it if it holds a checkpoint
-            specs.append((name, {"config": cfg, "runner": runner, "warmup": warmup,
-                                 "threads": threads if ranks == 1 else 1, "ranks": ranks,
-                                 "round_steps": round_steps, "eval_episodes": eval_episodes,
-                                 "progress": progress}))
-        if progress:
-            print(f"seed {config.train.seed + seed}: {len(specs)} runs taking turns, "
-                  f"{round_steps} steps a turn", file=sys.stderr, flush=True)
-        finished = [{**r, "seed": config.train.seed + seed}
-                    for r in _run_interleaved(specs, workdir, progress)]
-        write_json({"settings": key, "runs": finished}, done)
-        shutil.rmtree(workdir)
-        runs += finished
+        saved = _finished_seed(done, key) if resume and done.is_file() else []
+        have = {_run_id(r): r for r in saved}
+        todo = [p for p in plan if p not in have]
+        if saved:
+            print(f"seed {config.train.seed + seed}: {len(plan) - len(todo)} runs read from {done} "
+                  f"(--resume)", file=sys.stderr, flush=True)
+        if todo:
+            workdir = _runs_dir(done.with_suffix(".runs"), key, resume)
+            specs = [_run_spec(config, mode, runner, ranks, seed, workdir, warmup, threads,
+                               round_steps, eval_episodes, progress) for mode, runner, ranks in todo]
+            if progress:
+                print(f"seed {config.train.seed + seed}: {len(specs)} runs taking turns, "
+                      f"{round_steps} steps a turn", file=sys.stderr, flush=True)
+            finished = [{**r, "seed": config.train.seed + seed}
+                        for r in _run_interleaved(specs, workdir, progress)]
+            saved += finished  # runs of other modes an earlier benchmark finished are kept
+            write_json({"settings": key, "runs": saved}, done)
+            shutil.rmtree(workdir)
+            have.update((_run_id(r), r) for r in finished)
+        runs += [have[p] for p in plan]
     add_ratios(runs)
     warned = [f"{_run_name(r)}: {w}" for r in runs for w in r["warnings"]]
     results = {"machine": machine_info(resolve_device(config.train.device)),
@@ -286,14 +282,36 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
     return results
 
 
-def _settings_key(config: RunConfig, plan: list[tuple], warmup: int, eval_episodes: int,
-                  threads: int | str, round_steps: int) -> str:
-    """What a seed's results depend on, hashed: a seed is resumed only into the same benchmark."""
+def _run_spec(config: RunConfig, mode: str, runner: str, ranks: int, seed: int, workdir: Path,
+              warmup: int, threads: int | str, round_steps: int, eval_episodes: int,
+              progress: bool) -> tuple[str, dict[str, Any]]:
+    """One run's name and what its worker process is given."""
+    cfg = to_dict(config)
+    p = cfg["precision"]
+    p["mode"], p["update"], p["optimizer_state"] = split_mode(mode)
+    cfg["train"]["seed"] = config.train.seed + seed
+    name = (f"{mode.replace('/', '-').replace('+', '-')}-{runner.replace('.', '')}"
+            f"-x{ranks}-s{cfg['train']['seed']}")
+    cfg["output_dir"] = str(workdir / name)  # the worker resumes it if it holds a checkpoint
+    return name, {"config": cfg, "runner": runner, "warmup": warmup,
+                  "threads": threads if ranks == 1 else 1, "ranks": ranks,
+                  "round_steps": round_steps, "eval_episodes": eval_episodes, "progress": progress}
+
+
+def _run_id(run: dict[str, Any]) -> tuple[str, str, int]:
+    """A run's place in a benchmark's plan: (mode, runner, ranks)."""
+    return run["mode"], run["runner"], run["ranks"]
+
+
+def _settings_key(config: RunConfig, warmup: int, eval_episodes: int, threads: int | str,
+                  round_steps: int) -> str:
+    """What a run's results depend on besides its mode and seed, hashed: a run is resumed only
+    into a benchmark of the same settings (which other modes run beside it does not matter)."""
     import hashlib
 
     cfg = to_dict(config)
     cfg["train"].pop("seed")  # the seed is the file's name
-    spec = json.dumps([cfg, plan, warmup, eval_episodes, threads, round_steps], sort_keys=True)
+    spec = json.dumps([cfg, warmup, eval_episodes, threads, round_steps], sort_keys=True)
     return hashlib.sha1(spec.encode()).hexdigest()[:16]
 
 
@@ -304,8 +322,8 @@ def _runs_dir(path: Path, key: str, resume: bool) -> Path:
     if resume and path.is_dir():
         if not settings.is_file() or settings.read_text() != key:
             raise VlampError(f"--resume: {path} holds runs of a benchmark with other settings "
-                             f"(config, modes, steps, warmup, episodes, threads or rounds); give the "
-                             f"same ones, or another --out")
+                             f"(config, steps, warmup, episodes, threads or rounds); give the same "
+                             f"ones, or another --out")
         return path
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
@@ -314,17 +332,15 @@ def _runs_dir(path: Path, key: str, resume: bool) -> Path:
 
 
 def _finished_seed(path: Path, key: str) -> list[dict[str, Any]]:
-    """The runs of a seed an earlier benchmark of the same settings finished."""
+    """The runs of a seed earlier benchmarks of the same settings finished."""
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise VlampError(f"--resume: cannot read {path} ({e}); delete it to run that seed again") from None
     if saved.get("settings") != key:
         raise VlampError(f"--resume: {path} holds a seed of a benchmark with other settings (config, "
-                         f"modes, steps, warmup, episodes, threads or rounds); give the same ones, "
-                         f"or another --out")
-    print(f"{path.stem.replace('-', ' ')}: {len(saved['runs'])} runs read from {path} (--resume)",
-          file=sys.stderr, flush=True)
+                         f"steps, warmup, episodes, threads or rounds); give the same ones, or "
+                         f"another --out")
     return saved["runs"]
 
 

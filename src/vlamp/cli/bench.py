@@ -54,8 +54,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/bench", metavar="DIR", help="default: runs/bench")
     p.add_argument("--resume", action="store_true",
                    help="go on with an interrupted benchmark of the same settings in --out: the "
-                        "seeds it finished (out/seeds/) are read, not run again, and the runs of the "
-                        "seed it was in go on from their last round's checkpoint; --seeds may grow")
+                        "runs it finished (out/seeds/) are read, not run again, and the runs of the "
+                        "seed it was in go on from their last round's checkpoint; --seeds may grow "
+                        "and --modes gain modes")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="YAML training config, or a recipe of vlamp's: mt10, mt50")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides")
