@@ -148,6 +148,26 @@ def test_bench_rejects_unknown_modes(cache, tmp_path):
     p = cli(cache, "bench", "--modes", "fp32,int4", "--out", str(tmp_path / "b"))
     assert p.returncode == 2 and "unknown mode(s) int4; legal: fp32" in p.stderr
     assert not (tmp_path / "b").exists()
+    for modes, says in [("bf16-mixed@precision.mode=fp32", "which the bench sets itself"),
+                        ("bf16-mixed@lean", "after an @ comes a config override key=value"),
+                        ("bf16-mixed@precision.lean_island=0", "unknown config key 'precision.lean_island'")]:
+        p = cli(cache, "bench", "--quick", "--modes", modes, "--out", str(tmp_path / "b"))
+        assert p.returncode == 2 and says in p.stderr and "Traceback" not in p.stderr, p.stderr
+        assert not (tmp_path / "b" / "seeds").exists()
+
+
+def test_a_mode_twice_with_overrides_of_its_own(cache, tmp_path):
+    """``MODE@KEY=VALUE``: one mode A against B in one benchmark, each run under its own label."""
+    out = tmp_path / "b"
+    p = cli(cache, "bench", "--quick", "--modes", "bf16-mixed,bf16-mixed@train.batch_size=4",
+            "--steps", "3", "--warmup", "1", "--episodes", "0", "--no-baseline", "--out", str(out),
+            "precision.measure=false", "--no-progress")
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = {r["mode"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert list(runs) == ["fp32", "bf16-mixed", "bf16-mixed@train.batch_size=4"]
+    assert runs["bf16-mixed"]["batch_size"] == 8 and runs["bf16-mixed@train.batch_size=4"]["batch_size"] == 4
+    assert runs["bf16-mixed@train.batch_size=4"]["precision"] == "bf16-mixed"
+    assert "bf16-mixed@train.batch_size=4" in p.stdout
 
 
 def test_demo_quick_runs_the_whole_flow(cache, tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,7 +34,7 @@ from vlamp.precision.errors import VlampError
 from vlamp.precision.hardware import detect, native_formats, resolve_device
 from vlamp.precision.modes import MODE_NAMES, get_mode
 from vlamp.precision.weight_update import OPTIMIZER_STATES, UPDATES
-from vlamp.train.config import RunConfig, to_dict
+from vlamp.train.config import RunConfig, to_dict, with_overrides
 from vlamp.train.data import with_dataset_path
 
 
@@ -59,24 +60,46 @@ def default_modes(device: str | None = "auto") -> tuple[list[str], list[str]]:
 def split_mode(label: str) -> tuple[str, str, str]:
     """A run's label -> (mode, ``precision.update``, ``precision.optimizer_state``):
     ``"bf16-true/kahan+8bit"`` -> ``("bf16-true", "kahan", "8bit")``; a plain mode updates its
-    own way with its own state (``auto``)."""
-    label, plus, state = label.partition("+")
+    own way with its own state (``auto``). Overrides after an ``@`` are left out (see
+    :func:`label_overrides`)."""
+    label, plus, state = label.split("@", 1)[0].partition("+")
     mode, _, update = label.partition("/")
     return mode, update or "auto", state if plus else "auto"
 
 
 def run_label(mode: str, update: str, state: str) -> str:
-    """The inverse of :func:`split_mode`, in its shortest spelling."""
-    return (mode + (f"/{update}" if update not in ("auto", "master") else "")
+    """The inverse of :func:`split_mode`, in its shortest spelling (``master`` is the ``-true``
+    modes' own update, not ``bf16-storage``'s)."""
+    own = update == "auto" or (update == "master" and mode.endswith("-true"))
+    return (mode + ("" if own else f"/{update}")
             + (f"+{state}" if state != "auto" else ""))
+
+
+def label_overrides(label: str) -> list[str]:
+    """The config overrides a run's label carries after ``@`` signs:
+    ``"bf16-mixed@precision.lean_islands=0"`` -> ``["precision.lean_islands=0"]``."""
+    return label.split("@")[1:]
+
+
+_SET_BY_BENCH = ("precision.mode", "precision.update", "precision.optimizer_state", "train.seed",
+                 "output_dir")
 
 
 def parse_modes(text: str, device: str | None = "auto") -> tuple[list[str], list[str]]:
     """``"bf16-mixed,fp16-mixed"`` -> the modes with fp32 first, and notes on modes ``device``
     only emulates. A ``-true`` mode may name how its weights are updated after a slash
-    (``bf16-true/kahan``, ``/stochastic``, ``/naive``; see ``precision.update``), and any mode
-    its optimizer's state after a plus (``bf16-true/stochastic+8bit``, ``fp32+8bit``)."""
+    (``bf16-true/kahan``, ``/stochastic``, ``/naive``; see ``precision.update``), any mode
+    its optimizer's state after a plus (``bf16-true/stochastic+8bit``, ``fp32+8bit``), and any
+    mode config overrides of its own after ``@`` signs (``bf16-mixed@precision.lean_islands=0``:
+    the same mode twice, A against B, in one benchmark)."""
     modes = [m.strip() for m in text.split(",") if m.strip()]
+    for m in modes:
+        for item in label_overrides(m):
+            key = item.split("=", 1)[0]
+            if "=" not in item or key in _SET_BY_BENCH:
+                raise VlampError(f"mode {m!r}: after an @ comes a config override key=value (e.g. "
+                                 f"bf16-mixed@precision.lean_islands=0), not of "
+                                 f"{', '.join(_SET_BY_BENCH)}, which the bench sets itself")
     bad = [m for m in modes if split_mode(m)[0] not in MODE_NAMES]
     if bad or not modes:
         raise VlampError(f"unknown mode(s) {', '.join(bad) or '(none)'}; legal: {', '.join(MODE_NAMES)}"
@@ -247,6 +270,8 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
     runs: list[dict[str, Any]] = []
     started = time.time()
     key = _settings_key(config, warmup, eval_episodes, threads, round_steps)
+    for mode in modes:
+        mode_config(config, mode)  # a bad override is refused before anything runs
     for seed in range(seeds):
         done = out / "seeds" / f"seed-{config.train.seed + seed}.json"
         saved = _finished_seed(done, key) if resume and done.is_file() else []
@@ -286,16 +311,26 @@ def _run_spec(config: RunConfig, mode: str, runner: str, ranks: int, seed: int, 
               warmup: int, threads: int | str, round_steps: int, eval_episodes: int,
               progress: bool) -> tuple[str, dict[str, Any]]:
     """One run's name and what its worker process is given."""
-    cfg = to_dict(config)
+    cfg = to_dict(mode_config(config, mode))
     p = cfg["precision"]
     p["mode"], p["update"], p["optimizer_state"] = split_mode(mode)
     cfg["train"]["seed"] = config.train.seed + seed
-    name = (f"{mode.replace('/', '-').replace('+', '-')}-{runner.replace('.', '')}"
+    name = (f"{re.sub(r'[^A-Za-z0-9_.=-]', '-', mode)}-{runner.replace('.', '')}"
             f"-x{ranks}-s{cfg['train']['seed']}")
     cfg["output_dir"] = str(workdir / name)  # the worker resumes it if it holds a checkpoint
-    return name, {"config": cfg, "runner": runner, "warmup": warmup,
+    return name, {"config": cfg, "label": mode, "runner": runner, "warmup": warmup,
                   "threads": threads if ranks == 1 else 1, "ranks": ranks,
                   "round_steps": round_steps, "eval_episodes": eval_episodes, "progress": progress}
+
+
+def mode_config(config: RunConfig, label: str) -> RunConfig:
+    """``config`` with the overrides of a run's label applied (see :func:`label_overrides`).
+
+    Raises:
+        VlampError: On an unknown key or a value of the wrong type, naming the label.
+    """
+    over = label_overrides(label)
+    return with_overrides(config, over, f"--modes {label}") if over else config
 
 
 def _run_id(run: dict[str, Any]) -> tuple[str, str, int]:

@@ -218,7 +218,8 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
                                            amp if runner == "torch.amp" else None)
     plan = getattr(trainer.mp, "plan", None)
     return {
-        "mode": run_label(mode, config.precision.update, config.precision.optimizer_state),
+        "mode": spec.get("label") or run_label(mode, config.precision.update,
+                                               config.precision.optimizer_state),
         "runner": runner,
         "steps": len(losses),
         "resumed_at_step": resumed,  # > 0: trained on from an interrupted benchmark's checkpoint

@@ -30,7 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "and the mixed modes this machine computes natively). A -true or -storage "
                         "mode may name how its weights are updated: bf16-true/kahan, "
                         "bf16-true/stochastic, bf16-true/naive, bf16-storage/kahan (default: the "
-                        "mode's own, FP32 masters in -true modes, stochastic in bf16-storage)")
+                        "mode's own, FP32 masters in -true modes, stochastic in bf16-storage), its "
+                        "optimizer state after a plus (fp32+8bit), and config overrides of its own "
+                        "after @ signs (bf16-mixed@precision.lean_islands=0: A against B in one run)")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps per run (default: 300, or the --config's train.steps; "
                         "--quick: 10)")

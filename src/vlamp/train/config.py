@@ -466,6 +466,17 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     return decode(_merge(tree, over))
 
 
+def with_overrides(config: RunConfig, overrides: list[str], where: str = "command line") -> RunConfig:
+    """``config`` with ``key=value`` overrides applied, checked as :func:`load_config` checks them.
+
+    Raises:
+        VlampError: On an override that is not key=value, an unknown key or a wrong type.
+    """
+    over = parse_overrides(overrides)
+    _check_keys(over, RunConfig, where)
+    return decode(_merge(to_dict(config), over))
+
+
 def decode(tree: dict[str, Any]) -> RunConfig:
     """A :class:`RunConfig` from a nested dict, with types checked by draccus."""
     if isinstance(tree.get("model"), dict):
