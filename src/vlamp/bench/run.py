@@ -251,11 +251,11 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
     ``resume``, the runs found there from a benchmark of the same settings (config, steps, warmup,
     episodes, threads, rounds) are read instead of run again, so an interrupted benchmark goes on
     where it stopped, ``seeds`` may grow and modes may be added (an ablation grows a mode at a
-    time; a run read back was timed beside the modes of its own invocation). The runs of the seed in flight train in
-    ``out/seeds/seed-N.runs/``, each checkpointing at the end of every round: with ``resume`` they
-    go on from there (bit for bit, their earlier steps' losses and times read back), the torch.amp
-    loop, which keeps no checkpoint, from its first step. Without ``resume`` that directory is
-    cleared; it is removed when the seed is written.
+    time; a run read back was timed beside the modes of its own invocation). The runs of the seed
+    in flight train in ``out/seeds/seed-N.runs/``, each checkpointing at the end of every round:
+    with ``resume`` they go on from there (bit for bit, their earlier steps' losses and times
+    read back), the torch.amp loop, which keeps no checkpoint, from its first step. Without
+    ``resume`` that directory is cleared; it is removed when the seed is written.
 
     Raises:
         VlampError: With ``resume``, for a seed ``out`` holds from a benchmark of other settings.
