@@ -238,6 +238,33 @@ def test_summary_across_seeds_pairs_each_mode_with_its_seeds_fp32():
     assert rows["fp32"]["val_l1_vs_fp32_pct"] is None and rows["fp32"]["success_p"] is None
     text = "\n".join(summary_lines(list(rows.values())))
     assert "bf16-mixed, 3 seed(s): speed-up 1.40x +- 0.10x" in text and "+1.0% vs fp32" in text
+    assert b["success_by_group"] is None  # task "t" is in no Meta-World difficulty group
+
+
+def test_summary_says_which_difficulty_group_a_precision_loses_success_in():
+    """Over MT10's tasks, a mode that fails only the hard tasks fp32 solves shows the loss in the
+    hard group, paired, and nothing in the others."""
+    from vlamp.bench.summary import group_rows, summarize
+
+    tasks = {"reach": "easy", "door-open": "easy", "peg-insert-side": "medium", "push": "hard",
+             "pick-place": "hard"}
+
+    def run(mode, seed, hard):
+        outcomes = {t: [1] * 10 if g != "hard" else [hard] * 10 for t, g in tasks.items()}
+        return {"mode": mode, "runner": "vlamp", "seed": seed, "speedup_vs_fp32": 1.0,
+                "final_val_action_l1": 0.1, "success_rate": 0.0, "success_outcomes": outcomes}
+
+    runs = [run("fp32", s, 1) for s in (0, 1)] + [run("bf16-true/naive", s, 0) for s in (0, 1)]
+    rows = summarize(runs)
+    g = rows[1]["success_by_group"]
+    assert list(g) == ["easy", "medium", "hard"] and g["hard"]["tasks"] == 2
+    assert g["easy"]["success"] == 1.0 and g["easy"]["vs_fp32"]["points"] == 0.0
+    assert g["hard"]["success"] == 0.0 and g["hard"]["vs_fp32"]["points"] == -100.0
+    assert g["hard"]["vs_fp32"]["pairs"] == {"episodes": 40, "only_fp32": 40, "only_this": 0}
+    assert g["hard"]["vs_fp32"]["p"] < 1e-6 and "vs_fp32" not in rows[0]["success_by_group"]["hard"]
+    table = group_rows(rows)
+    assert table[0] == ["run", "easy (2 tasks)", "medium (1 task)", "hard (2 tasks)"]
+    assert table[1] == ["fp32", "100%", "100%", "100%"] and table[2][3].startswith("0% (-100.0 [")
 
 
 def test_an_interrupted_bench_goes_on_from_each_runs_last_round(cache, tmp_path):

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from vlamp.bench.summary import run_label, summary_lines
+from vlamp.bench.summary import group_rows, run_label, summary_lines
 from vlamp.report import Report
 
 PLOTS = ("loss.png", "speed_memory.png", "memory_kinds.png", "loss_scale.png", "success.png",
@@ -20,6 +20,8 @@ MEMORY_KINDS = (("params_bytes", "weights"), ("masters_bytes", "FP32 masters"),
                 ("data_bytes", "data in memory"))
 
 
+GROUPS_CAPTION = ("success by Meta-World difficulty group, the seeds' episodes pooled (in brackets: "
+                  "the paired difference from fp32 in points, 95% interval):")
 
 
 def _fmt(v: Any, pattern: str) -> str:
@@ -89,10 +91,12 @@ def trust_lines(results: dict[str, Any]) -> list[str]:
 
 def text_table(results: dict[str, Any]) -> str:
     summary = summary_lines(results.get("summary") or [])
+    groups = group_rows(results.get("summary") or [])
     return "\n".join([*_align(table_rows(results)), *trust_lines(results),
                       "", "memory by kind (MiB):", *_align(memory_rows(results)),
                       *(["", "across seeds, against the fp32 run of each seed:"] if summary else []),
-                      *[f"  {line}" for line in summary]])
+                      *[f"  {line}" for line in summary],
+                      *(["", GROUPS_CAPTION, *_align(groups)] if groups else [])])
 
 
 def _plots(results: dict[str, Any], out: Path) -> None:
@@ -259,6 +263,10 @@ def write_report(results: dict[str, Any], out: str | os.PathLike[str]) -> tuple[
     if summary:
         report.paragraph("Across seeds, against the fp32 run of each seed:")
         report.bullets(summary)
+    groups = group_rows(results.get("summary") or [])
+    if groups:
+        report.paragraph(GROUPS_CAPTION)
+        report.table(groups)
     for plot in PLOTS:
         report.image(plot)
     return report.write(out)

@@ -34,16 +34,54 @@ def _paired_t(diffs: Sequence[float]) -> float | None:
     return float(ttest_1samp(diffs, 0.0).pvalue)
 
 
-def _success_pairs(run: dict[str, Any], ref: dict[str, Any]) -> list[int] | None:
-    """The paired table (both, only FP32, only this run, neither) of one seed, or ``None``."""
+def _success_pairs(run: dict[str, Any], ref: dict[str, Any],
+                   tasks: set[str] | None = None) -> list[int] | None:
+    """The paired table (both, only FP32, only this run, neither) of one seed, over ``tasks``
+    (default: all), or ``None``."""
     a, b = ref.get("success_outcomes"), run.get("success_outcomes")
     if not a or not b or list(a) != list(b):
         return None
     cells = [0, 0, 0, 0]
     for task in a:
-        for x, y in zip(a[task], b[task]):
-            cells[0 if x and y else 1 if x else 2 if y else 3] += 1
+        if tasks is None or task in tasks:
+            for x, y in zip(a[task], b[task]):
+                cells[0 if x and y else 1 if x else 2 if y else 3] += 1
     return cells
+
+
+def _paired(tables: list[list[int]]) -> dict[str, Any]:
+    """Paired tables pooled: the success difference (points), its 95% interval and McNemar's p."""
+    both, only_ref, only_run, neither = (sum(t[i] for t in tables) for i in range(4))
+    n = both + only_ref + only_run + neither
+    lo, hi = paired_difference_interval(both, only_ref, only_run, neither)
+    return {"points": 100 * (only_run - only_ref) / n, "ci95": [100 * lo, 100 * hi],
+            "p": mcnemar_exact(only_ref, only_run),
+            "pairs": {"episodes": n, "only_fp32": only_ref, "only_this": only_run}}
+
+
+def _by_group(group: list[dict[str, Any]], fp32: dict[int, dict[str, Any]],
+              is_ref: bool) -> dict[str, dict[str, Any]] | None:
+    """Success per Meta-World difficulty group, the seeds' episodes pooled, and (``is_ref``
+    aside) paired against FP32 within the group; ``None`` unless the tasks span two groups."""
+    from vlamp.sim.tasks import DIFFICULTY
+
+    outcomes = [r["success_outcomes"] for r in group if r.get("success_outcomes")]
+    if not outcomes:
+        return None
+    group_of = {task: g for g, tasks in DIFFICULTY.items() for task in tasks}
+    members = {g: {t for t in outcomes[0] if group_of.get(t) == g} for g in DIFFICULTY}
+    members = {g: tasks for g, tasks in members.items() if tasks}
+    if len(members) < 2:
+        return None
+    out = {}
+    for g, tasks in members.items():
+        episodes = [x for o in outcomes for t in tasks for x in o[t]]
+        out[g] = {"tasks": len(tasks), "success": sum(map(bool, episodes)) / len(episodes)}
+        tables = [] if is_ref else [
+            t for r in group for t in [_success_pairs(r, fp32[r["seed"]], tasks)] if t]
+        if tables:
+            out[g]["vs_fp32"] = _paired(tables)
+    return out
 
 
 def run_label(r: dict[str, Any]) -> str:
@@ -85,17 +123,14 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["val_l1_verdict"] = _verdict(row["val_l1_p"])
         tables = [t for r in group if not is_ref for t in [_success_pairs(r, fp32[r["seed"]])] if t]
         if tables:
-            both, only_ref, only_run, neither = (sum(t[i] for t in tables) for i in range(4))
-            n = both + only_ref + only_run + neither
-            row["success_vs_fp32_points"] = 100 * (only_run - only_ref) / n
-            lo, hi = paired_difference_interval(both, only_ref, only_run, neither)
-            row["success_vs_fp32_ci95"] = [100 * lo, 100 * hi]
-            row["success_p"] = mcnemar_exact(only_ref, only_run)
-            row["success_pairs"] = {"episodes": n, "only_fp32": only_ref, "only_this": only_run}
+            d = _paired(tables)
+            row["success_vs_fp32_points"], row["success_vs_fp32_ci95"] = d["points"], d["ci95"]
+            row["success_p"], row["success_pairs"] = d["p"], d["pairs"]
         else:
             row["success_vs_fp32_points"] = row["success_vs_fp32_ci95"] = row["success_p"] = None
             row["success_pairs"] = None
         row["success_verdict"] = _verdict(row["success_p"])
+        row["success_by_group"] = _by_group(group, fp32, is_ref)
         rows.append(row)
     return rows
 
@@ -104,6 +139,26 @@ def _verdict(p: float | None) -> str | None:
     if p is None:
         return None
     return "differs" if p < ALPHA else "within noise"
+
+
+def group_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """Header plus one row per summary row: success per Meta-World difficulty group (the seeds
+    pooled) and its paired difference from FP32 in points with the 95% interval; ``[]`` when the
+    tasks span one group."""
+    rows = [r for r in rows if r.get("success_by_group")]
+    if not rows:
+        return []
+    groups = rows[0]["success_by_group"]
+    out = [["run", *[f"{g} ({v['tasks']} task{'s' if v['tasks'] > 1 else ''})" for g, v in groups.items()]]]
+    for r in rows:
+        cells = []
+        for g in groups:
+            v = r["success_by_group"][g]
+            d = v.get("vs_fp32")
+            cells.append(f"{100 * v['success']:.0f}%" + ("" if d is None else
+                         f" ({d['points']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}])"))
+        out.append([r["name"], *cells])
+    return out
 
 
 def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
