@@ -195,14 +195,14 @@ def _vs_fp32_plot(summary: list[dict[str, Any]], path: Path, plt) -> None:
     """Each run against the FP32 run of its seed: the paired success difference with its 95%
     interval (every seed's episodes pooled), and the validation error's difference, per seed."""
     rows = [row for row in summary if not (row["mode"] == "fp32" and row["runner"] == "vlamp")]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(max(9.0, 1.6 * len(rows)), 3.8))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(max(9.0, 2.4 * len(rows)), 3.8))
     paired = [row for row in rows if row["success_vs_fp32_ci95"]]
     for i, row in enumerate(paired):
         lo, hi = row["success_vs_fp32_ci95"]
         d = row["success_vs_fp32_points"]
         a.errorbar([i], [d], yerr=[[d - lo], [hi - d]], fmt="o", capsize=5)
-        a.annotate(f" {d:+.1f} [{lo:+.1f}, {hi:+.1f}]\n {row['success_pairs']['episodes']} episodes",
-                   (i, d), fontsize=7)
+        a.annotate(f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]\n{row['success_pairs']['episodes']} episodes",
+                   (i, d), xytext=(6, 0), textcoords="offset points", va="center", fontsize=7)
     if not paired:
         a.text(0.5, 0.5, "no paired evaluation\n(--episodes 0)", ha="center", va="center",
                transform=a.transAxes, color="gray")
