@@ -260,6 +260,8 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
     Raises:
         VlampError: With ``resume``, for a seed ``out`` holds from a benchmark of other settings.
     """
+    for mode in modes:
+        mode_config(config, mode)  # a bad override is refused before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = with_dataset_path(config, progress)  # generated once here, not by every run at once
@@ -270,8 +272,6 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
     runs: list[dict[str, Any]] = []
     started = time.time()
     key = _settings_key(config, warmup, eval_episodes, threads, round_steps)
-    for mode in modes:
-        mode_config(config, mode)  # a bad override is refused before anything runs
     for seed in range(seeds):
         done = out / "seeds" / f"seed-{config.train.seed + seed}.json"
         saved = _finished_seed(done, key) if resume and done.is_file() else []
