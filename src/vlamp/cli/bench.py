@@ -21,6 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                "--seeds 3\n  vlamp bench train.batch_size=32 model.head=flow\n"
                "  vlamp bench --modes bf16-true,bf16-true/kahan,bf16-true/stochastic --seeds 3\n"
                "  vlamp bench --config mt10 --modes fp32,bf16-mixed --seeds 3 --resume   # goes on\n"
+               "  vlamp bench --modes bf16-mixed,bf16-mixed@precision.lean_islands=0   # A against B\n"
                "  vlamp bench --quick --nproc 2 distributed.strategy=fsdp\n"
                "  vlamp bench --modes fp32,bf16-mixed train.device=cuda model.size=base "
                "dataset.path=DATA_128PX",
