@@ -63,14 +63,12 @@ def _by_group(group: list[dict[str, Any]], fp32: dict[int, dict[str, Any]],
               is_ref: bool) -> dict[str, dict[str, Any]] | None:
     """Success per Meta-World difficulty group, the seeds' episodes pooled, and (``is_ref``
     aside) paired against FP32 within the group; ``None`` unless the tasks span two groups."""
-    from vlamp.sim.tasks import DIFFICULTY
+    from vlamp.sim.tasks import difficulty_groups
 
     outcomes = [r["success_outcomes"] for r in group if r.get("success_outcomes")]
     if not outcomes:
         return None
-    group_of = {task: g for g, tasks in DIFFICULTY.items() for task in tasks}
-    members = {g: {t for t in outcomes[0] if group_of.get(t) == g} for g in DIFFICULTY}
-    members = {g: tasks for g, tasks in members.items() if tasks}
+    members = {g: set(tasks) for g, tasks in difficulty_groups(list(outcomes[0])).items()}
     if len(members) < 2:
         return None
     out = {}

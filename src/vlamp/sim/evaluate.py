@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from vlamp.precision.errors import VlampError
 from vlamp.sim.env import DEFAULT_CAMERA, MetaWorldEnv, Observation, check_rendering
-from vlamp.sim.tasks import DEFAULT_SUITE, DIFFICULTY, Task, resolve_tasks
+from vlamp.sim.tasks import DEFAULT_SUITE, Task, difficulty_groups, resolve_tasks
 
 EVAL_SEED = 1_000_000  # evaluation episodes start here; generated training data never does
 TARGET_HALF_WIDTH = 0.05  # the evaluation is sized so that its mean is known to +-5 points (95%)
@@ -146,12 +146,9 @@ class EvalResult:
     def groups(self) -> dict[str, tuple[float, int]]:
         """Meta-World's difficulty groups among the tasks run (:data:`vlamp.sim.tasks.DIFFICULTY`,
         in its order): group -> (mean of its tasks' success rates, number of tasks)."""
-        group_of = {task: g for g, tasks in DIFFICULTY.items() for task in tasks}
-        rates: dict[str, list[float]] = {}
-        for t in self.tasks:
-            if t.task in group_of:
-                rates.setdefault(group_of[t.task], []).append(t.success_rate)
-        return {g: (float(np.mean(rates[g])), len(rates[g])) for g in DIFFICULTY if g in rates}
+        rate = {t.task: t.success_rate for t in self.tasks}
+        return {g: (float(np.mean([rate[t] for t in members])), len(members))
+                for g, members in difficulty_groups(list(rate)).items()}
 
     def as_dict(self) -> dict[str, Any]:
         succ = sum(t.successes for t in self.tasks)

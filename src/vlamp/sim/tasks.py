@@ -121,6 +121,17 @@ DIFFICULTY: dict[str, tuple[str, ...]] = {
 }
 
 
+def difficulty_groups(tasks: Sequence[str]) -> dict[str, list[str]]:
+    """Meta-World's difficulty groups among ``tasks`` (:data:`DIFFICULTY`, in its order): group ->
+    its tasks, in the order given; tasks in no group (vlamp's own) are left out."""
+    group_of = {task: g for g, members in DIFFICULTY.items() for task in members}
+    groups: dict[str, list[str]] = {g: [] for g in DIFFICULTY}
+    for task in tasks:
+        if task in group_of:
+            groups[group_of[task]].append(task)
+    return {g: members for g, members in groups.items() if members}
+
+
 def resolve_tasks(names: str | Sequence[str] | None) -> list[Task]:
     """Turns ``"mt10,drawer-close"`` (task names and suite names, mixed; or a list; or ``None`` for
     the default suite) into tasks, each once, in the order given.
