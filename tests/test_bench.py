@@ -140,6 +140,23 @@ def test_bench_compares_how_low_precision_weights_are_updated(cache, tmp_path):
     assert runs[1]["step_times"] == kahan["step_times"] and runs[2]["resumed_at_step"] == 0
     saved = json.loads((out / "seeds" / "seed-1.json").read_text())["runs"]
     assert [r["mode"] for r in saved] == ["fp32", "bf16-true/kahan", "bf16-true/naive"]
+    # the seed files go on elsewhere: another out directory, another cache holding the same data
+    moved = tmp_path / "moved"
+    (moved / "seeds").mkdir(parents=True)
+    for f in (out / "seeds").glob("seed-*.json"):
+        (moved / "seeds" / f.name).write_bytes(f.read_bytes())
+    seed0 = json.loads((moved / "seeds" / "seed-0.json").read_text())
+    assert seed0["runs"][0]["mode"] == "fp32" and seed0["runs"][0]["machine"]["cpu"]
+    seed0["runs"][0]["machine"] = {"cpu": "Elsewhere CPU", "cpu_flags": [], "gpu": None, "torch": "2.0"}
+    (moved / "seeds" / "seed-0.json").write_text(json.dumps(seed0))  # as if timed on another machine
+    p = cli(tmp_path / "other-cache", *[a if a != str(out) else str(moved) for a in args],
+            "--seeds", "2", "--resume", "--modes", "bf16-true/naive", "--no-progress")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "seed 0: 2 runs read from" in p.stderr and "seed 1: 2 runs read from" in p.stderr
+    warned = json.loads((moved / "results.json").read_text())["warnings"]
+    assert [w.split(":")[0] for w in warned if "compare two machines" in w] == [
+        "bf16-true/naive (vlamp, seed 0)"]
+    assert "its fp32 run on Elsewhere CPU (no listed flags, torch 2.0)" in p.stdout
     p = cli(cache, *[a if a != "3" else "4" for a in args], "--resume")  # other settings: 4 steps
     assert p.returncode == 2 and "a benchmark with other settings" in p.stderr
 

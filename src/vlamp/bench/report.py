@@ -84,8 +84,9 @@ def trust_lines(results: dict[str, Any]) -> list[str]:
     warned = results.get("warnings") or []
     if not warned:
         return []
-    return ["! these timings are not trustworthy: the machine was not quiet while they were taken. "
-            "Rerun on a quiet machine (nothing else running) before reading the speed-ups.",
+    return ["! these timings are not trustworthy as they stand (why: below). Rerun on a quiet "
+            "machine (nothing else running), each seed's runs on one machine, before reading the "
+            "speed-ups.",
             *[f"! {w}" for w in warned]]
 
 

@@ -271,6 +271,8 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
     round_steps = max(1, math.ceil(config.train.steps / max(1, rounds)))
     runs: list[dict[str, Any]] = []
     started = time.time()
+    machine = machine_info(resolve_device(config.train.device))
+    timed_on = {k: machine[k] for k in ("cpu", "cpu_flags", "gpu", "torch")}
     key = _settings_key(config, warmup, eval_episodes, threads, round_steps)
     for seed in range(seeds):
         done = out / "seeds" / f"seed-{config.train.seed + seed}.json"
@@ -287,16 +289,16 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
             if progress:
                 print(f"seed {config.train.seed + seed}: {len(specs)} runs taking turns, "
                       f"{round_steps} steps a turn", file=sys.stderr, flush=True)
-            finished = [{**r, "seed": config.train.seed + seed}
+            finished = [{**r, "seed": config.train.seed + seed, "machine": timed_on}
                         for r in _run_interleaved(specs, workdir, progress)]
             saved += finished  # runs of other modes an earlier benchmark finished are kept
-            write_json({"settings": key, "runs": saved}, done)
+            write_json({"settings": key, "runs": saved}, done, compact=True)  # kept, even committed
             shutil.rmtree(workdir)
             have.update((_run_id(r), r) for r in finished)
         runs += [have[p] for p in plan]
     add_ratios(runs)
     warned = [f"{_run_name(r)}: {w}" for r in runs for w in r["warnings"]]
-    results = {"machine": machine_info(resolve_device(config.train.device)),
+    results = {"machine": machine,
                "config": to_dict(config), "modes": modes, "summary": summarize(runs),
                "notes": list(notes or []), "warnings": warned, "seconds": time.time() - started,
                "interleaved": {"round_steps": round_steps, "threads": threads}, "runs": runs}
@@ -341,11 +343,15 @@ def _run_id(run: dict[str, Any]) -> tuple[str, str, int]:
 def _settings_key(config: RunConfig, warmup: int, eval_episodes: int, threads: int | str,
                   round_steps: int) -> str:
     """What a run's results depend on besides its mode and seed, hashed: a run is resumed only
-    into a benchmark of the same settings (which other modes run beside it does not matter)."""
+    into a benchmark of the same settings (which other modes run beside it does not matter).
+    The dataset counts by its directory's name (a generated one's names what generated it), not
+    where it lies, so a benchmark's seed files go on on another machine or cache directory."""
     import hashlib
 
     cfg = to_dict(config)
     cfg["train"].pop("seed")  # the seed is the file's name
+    if cfg["dataset"]["path"]:
+        cfg["dataset"]["path"] = Path(cfg["dataset"]["path"]).name
     spec = json.dumps([cfg, warmup, eval_episodes, threads, round_steps], sort_keys=True)
     return hashlib.sha1(spec.encode()).hexdigest()[:16]
 
@@ -383,6 +389,11 @@ def _run_name(r: dict[str, Any]) -> str:
     return f"{r['mode']} ({r['runner']}, seed {r['seed']})"
 
 
+def _machine_name(run: dict[str, Any]) -> str:
+    m = run["machine"]
+    return f"{m['gpu'] or m['cpu']} ({', '.join(m['cpu_flags']) or 'no listed flags'}, torch {m['torch']})"
+
+
 def add_ratios(runs: list[dict[str, Any]]) -> None:
     """``speedup_vs_fp32`` = FP32 median step time / this run's; ``memory_vs_fp32`` = this run's
     peak RSS / FP32's; ``state_vs_fp32`` likewise for parameter+gradient+optimizer bytes,
@@ -391,10 +402,14 @@ def add_ratios(runs: list[dict[str, Any]]) -> None:
     peak RSS training added to what the process held before its first step;
     ``gpu_memory_vs_fp32`` for peak GPU memory (runs on a GPU); each against the vlamp FP32 run of
     the same seed and rank count. ``scaleout_vs_1_process``: a multi-rank run's samples/s (all
-    ranks) over the single-process FP32 run's."""
+    ranks) over the single-process FP32 run's. A run timed on another machine than its FP32 run
+    (a seed file carried to another machine and a mode added there) gets a warning saying so."""
     ref = {(r["seed"], r.get("ranks", 1)): r for r in runs if r["mode"] == "fp32" and r["runner"] == "vlamp"}
     for r in runs:
         f = ref[(r["seed"], r.get("ranks", 1))]
+        if r.get("machine") and f.get("machine") and r["machine"] != f["machine"]:
+            r["warnings"] = [*r["warnings"], (f"timed on {_machine_name(r)}, its fp32 run on "
+                                              f"{_machine_name(f)}: the ratios compare two machines")]
         one = ref.get((r["seed"], 1))
         r["scaleout_vs_1_process"] = r["samples_per_s"] / one["samples_per_s"] \
             if r.get("ranks", 1) > 1 and one is not None else None
@@ -411,8 +426,9 @@ def add_ratios(runs: list[dict[str, Any]]) -> None:
         r["gpu_memory_vs_fp32"] = gpu / gpu_ref if gpu and gpu_ref else None
 
 
-def write_json(obj: Any, path: str | os.PathLike[str]) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1))
+def write_json(obj: Any, path: str | os.PathLike[str], compact: bool = False) -> None:
+    write_text_atomic(path, json.dumps(obj, separators=(",", ":")) if compact else
+                      json.dumps(obj, indent=1))
 
 
 QUICK_TASKS = "drawer-open,drawer-close"
