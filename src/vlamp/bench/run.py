@@ -344,8 +344,8 @@ def _settings_key(config: RunConfig, warmup: int, eval_episodes: int, threads: i
                   round_steps: int) -> str:
     """What a run's results depend on besides its mode and seed, hashed: a run is resumed only
     into a benchmark of the same settings (which other modes run beside it does not matter).
-    The dataset counts by its directory's name (a generated one's names what generated it), not
-    where it lies, so a benchmark's seed files go on on another machine or cache directory."""
+    The dataset counts by its directory's name (a generated dataset's name says what generated
+    it), not by where it lies, so a benchmark's seed files resume on another machine or cache."""
     import hashlib
 
     cfg = to_dict(config)
