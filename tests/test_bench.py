@@ -315,6 +315,12 @@ def test_an_interrupted_bench_goes_on_from_each_runs_last_round(cache, tmp_path)
     assert not (out / "seeds" / "seed-0.json").exists(), "the benchmark ended before it was killed"
     other = cli(cache, *[a if a != "24" else "26" for a in args], "--out", str(out), "--resume")
     assert other.returncode == 2 and "holds runs of a benchmark with other settings" in other.stderr
+    here = (runs / "machine.json").read_text()
+    (runs / "machine.json").write_text(json.dumps({**json.loads(here), "cpu": "another CPU"}))
+    moved = cli(cache, *args, "--out", str(out), "--resume")  # as if carried to another machine
+    assert moved.returncode == 2 and "begun on another machine (another CPU" in moved.stderr
+    assert moved.stderr.count("\n") == 1, moved.stderr  # one line, no traceback
+    (runs / "machine.json").write_text(here)
     p = cli(cache, *args, "--out", str(out), "--resume", "--no-progress")  # said all the same
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stderr.count("resumed at step") == 2, p.stderr[-3000:]

@@ -283,7 +283,7 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
             print(f"seed {config.train.seed + seed}: {len(plan) - len(todo)} runs read from {done} "
                   f"(--resume)", file=sys.stderr, flush=True)
         if todo:
-            workdir = _runs_dir(done.with_suffix(".runs"), key, resume)
+            workdir = _runs_dir(done.with_suffix(".runs"), key, timed_on, resume)
             specs = [_run_spec(config, mode, runner, ranks, seed, workdir, warmup, threads,
                                round_steps, eval_episodes, progress) for mode, runner, ranks in todo]
             if progress:
@@ -356,19 +356,27 @@ def _settings_key(config: RunConfig, warmup: int, eval_episodes: int, threads: i
     return hashlib.sha1(spec.encode()).hexdigest()[:16]
 
 
-def _runs_dir(path: Path, key: str, resume: bool) -> Path:
+def _runs_dir(path: Path, key: str, machine: dict[str, Any], resume: bool) -> Path:
     """The directory a seed's runs train in: kept from an interrupted benchmark of the same
-    settings with ``resume``, else made empty."""
-    settings = path / "settings"
+    settings on the same machine with ``resume``, else made empty. Runs begun on another machine
+    are refused: their step times would mix two machines' (finished seed files travel, these do
+    not)."""
+    settings, timed_on = path / "settings", path / "machine.json"
     if resume and path.is_dir():
         if not settings.is_file() or settings.read_text() != key:
             raise VlampError(f"--resume: {path} holds runs of a benchmark with other settings "
                              f"(config, steps, warmup, episodes, threads or rounds); give the same "
                              f"ones, or another --out")
+        begun = json.loads(timed_on.read_text()) if timed_on.is_file() else machine
+        if begun != machine:
+            raise VlampError(f"--resume: {path} holds runs begun on another machine "
+                             f"({_machine_name({'machine': begun})}); their step times would mix "
+                             f"two machines: delete that directory to run the seed again here")
         return path
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     write_text_atomic(settings, key)
+    write_json(machine, timed_on)
     return path
 
 
