@@ -335,3 +335,21 @@ def test_an_interrupted_bench_goes_on_from_each_runs_last_round(cache, tmp_path)
         # and the coordinator's record of it)
         assert len(g["round_windows"]) in (11, 12)
     assert not runs.exists()  # the seed is written: its runs' checkpoints are gone
+
+
+def test_a_seeds_runs_in_flight_resume_only_on_the_machine_they_began_on(tmp_path):
+    from vlamp.bench.run import _runs_dir
+    from vlamp.precision.errors import VlampError
+
+    here = {"cpu": "this CPU", "cpu_flags": ["avx2"], "gpu": None, "torch": "2.13.0"}
+    runs = _runs_dir(tmp_path / "seed-0.runs", "key", here, resume=False)
+    (runs / "a-run").mkdir()
+    assert _runs_dir(runs, "key", here, resume=True) == runs and (runs / "a-run").is_dir()
+    with pytest.raises(VlampError, match=r"begun on another machine \(this CPU \(avx2"):
+        _runs_dir(runs, "key", {**here, "cpu": "another CPU"}, resume=True)
+    (runs / "machine.json").write_text("{not json")
+    with pytest.raises(VlampError, match="cannot read .*machine.json"):
+        _runs_dir(runs, "key", here, resume=True)
+    (runs / "machine.json").unlink()  # written before machines were recorded: this machine's
+    assert _runs_dir(runs, "key", {**here, "cpu": "another CPU"}, resume=True) == runs
+    assert not (_runs_dir(runs, "key", here, resume=False) / "a-run").exists()

@@ -367,7 +367,11 @@ def _runs_dir(path: Path, key: str, machine: dict[str, Any], resume: bool) -> Pa
             raise VlampError(f"--resume: {path} holds runs of a benchmark with other settings "
                              f"(config, steps, warmup, episodes, threads or rounds); give the same "
                              f"ones, or another --out")
-        begun = json.loads(timed_on.read_text()) if timed_on.is_file() else machine
+        try:  # a directory from before machines were recorded counts as this machine's
+            begun = json.loads(timed_on.read_text()) if timed_on.is_file() else machine
+        except ValueError:
+            raise VlampError(f"--resume: cannot read {timed_on}; delete {path} to run the seed "
+                             f"again") from None
         if begun != machine:
             raise VlampError(f"--resume: {path} holds runs begun on another machine "
                              f"({_machine_name({'machine': begun})}); their step times would mix "
