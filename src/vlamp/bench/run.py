@@ -374,7 +374,7 @@ def _runs_dir(path: Path, key: str, machine: dict[str, Any], resume: bool) -> Pa
                              f"again") from None
         if begun != machine:
             raise VlampError(f"--resume: {path} holds runs begun on another machine "
-                             f"({_machine_name({'machine': begun})}); their step times would mix "
+                             f"({_machine_name(begun)}); their step times would mix "
                              f"two machines: delete that directory to run the seed again here")
         return path
     shutil.rmtree(path, ignore_errors=True)
@@ -401,8 +401,8 @@ def _run_name(r: dict[str, Any]) -> str:
     return f"{r['mode']} ({r['runner']}, seed {r['seed']})"
 
 
-def _machine_name(run: dict[str, Any]) -> str:
-    m = run["machine"]
+def _machine_name(m: dict[str, Any]) -> str:
+    """A run's ``machine`` record in words: the GPU or CPU, its flags, torch."""
     return f"{m['gpu'] or m['cpu']} ({', '.join(m['cpu_flags']) or 'no listed flags'}, torch {m['torch']})"
 
 
@@ -420,8 +420,8 @@ def add_ratios(runs: list[dict[str, Any]]) -> None:
     for r in runs:
         f = ref[(r["seed"], r.get("ranks", 1))]
         if r.get("machine") and f.get("machine") and r["machine"] != f["machine"]:
-            r["warnings"] = [*r["warnings"], (f"timed on {_machine_name(r)}, its fp32 run on "
-                                              f"{_machine_name(f)}: the ratios compare two machines")]
+            r["warnings"] = [*r["warnings"], (f"timed on {_machine_name(r['machine'])}, its fp32 run on "
+                                              f"{_machine_name(f['machine'])}: the ratios compare two machines")]
         one = ref.get((r["seed"], 1))
         r["scaleout_vs_1_process"] = r["samples_per_s"] / one["samples_per_s"] \
             if r.get("ranks", 1) > 1 and one is not None else None
