@@ -188,6 +188,10 @@ class TrainConfig:
             runs the policy there and the simulator on the CPU.
         compile: Run the training forward/backward through ``torch.compile`` (the precision plan's
             boundaries are traced with it). Costs compile time at the start.
+        compile_backend: The ``torch.compile`` backend: ``inductor`` (the default: generated,
+            fused kernels) or another of ``torch._dynamo.list_backends(exclude_tags=())``, e.g.
+            ``aot_eager`` (traces the forward and backward, runs them with eager kernels: no code
+            generated, so seconds of compile where inductor takes a minute on a CPU; no speed-up).
         checkpoint: Modules that recompute their forward in the backward instead of saving their
             activations (activation checkpointing): patterns on qualified names or class names, as
             precision rules take them, e.g. ``[vision.stages.0, vision.stages.1]`` or
@@ -220,6 +224,7 @@ class TrainConfig:
     threads: int = 0
     device: str = "auto"
     compile: bool = False
+    compile_backend: str = "inductor"
     checkpoint: list[str] = dataclasses.field(default_factory=list)
     freeze: list[str] = dataclasses.field(default_factory=list)
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
@@ -323,6 +328,8 @@ class RunConfig:
             raise VlampError(f"precision.step_in_backward steps each weight at its gradient: it "
                              f"needs train.grad_accum=1 and train.clip_grad_norm=0, got "
                              f"{t.grad_accum} and {t.clip_grad_norm}")
+        if t.compile_backend != "inductor":
+            _check_compile_backend(t.compile_backend)
         if t.memory_budget not in ("", "auto"):
             parse_size(t.memory_budget)
         if self.precision.optimizer_state not in OPTIMIZER_STATES:
@@ -392,6 +399,16 @@ def keys(cls: type = RunConfig, prefix: str = "") -> dict[str, dataclasses.Field
 def _dataclass_type(cls: type, f: dataclasses.Field) -> type | None:
     t = typing.get_type_hints(cls)[f.name]
     return t if isinstance(t, type) and dataclasses.is_dataclass(t) else None
+
+
+def _check_compile_backend(name: str) -> None:
+    """Raises a one-line :class:`VlampError` unless ``torch.compile`` knows the backend ``name``."""
+    import torch._dynamo
+
+    if name not in torch._dynamo.list_backends(exclude_tags=()):  # debug ones too (aot_eager)
+        usual = [*torch._dynamo.list_backends(), "aot_eager", "eager"]
+        raise VlampError(f"train.compile_backend must be a torch.compile backend ({', '.join(usual)}, "
+                         f"...: torch._dynamo.list_backends(exclude_tags=())), got {name!r}")
 
 
 def _check_keys(tree: dict[str, Any], cls: type, where: str, prefix: str = "") -> None:

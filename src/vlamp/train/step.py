@@ -82,10 +82,10 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
             for k, v in batch.items()}
 
 
-def compile_model(model: nn.Module) -> nn.Module:
+def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:
     """``torch.compile`` of a model already set up by ``MixedPrecision`` (its precision boundaries
     are forward hooks, which the compiler traces). The returned module shares the weights."""
-    return torch.compile(model)
+    return torch.compile(model, backend=backend)
 
 
 def learning_rate(applied_steps: int, peak: float, warmup: int, total: int, min_ratio: float) -> float:

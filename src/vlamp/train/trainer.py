@@ -137,7 +137,8 @@ class Trainer:
         wrapped = distributed.wrap(self.model, self.mp, d.strategy, d.reduce_dtype, self.world)
         self.optimizer = make_optimizer(self.model, config.train.lr, config.train.weight_decay)
         self.mp.setup(self.model, self.optimizer)
-        self.forward = wrapped if not config.train.compile else compile_model(wrapped)
+        self.forward = (compile_model(wrapped, config.train.compile_backend) if config.train.compile
+                        else wrapped)
         self.ema = EMA(self.model, config.train.ema_decay, self.mp.master_weights) \
             if config.train.ema_decay else None
         self.step = 0
