@@ -169,7 +169,8 @@ class _Worker:
         self.proc.stdin.flush()
 
     def ready(self) -> int:
-        """Waits for the run to load; returns the step it starts from (> 0: resumed)."""
+        """Lets the loaded run choose its threads; returns the step it starts from (> 0: resumed)."""
+        self.send("probe")
         event = self.expect("ready")
         step = event.get("step", 0)
         self.rounds = self.rounds[:-(-step // self.round_steps)]  # those its checkpoint holds
@@ -185,9 +186,12 @@ class _Worker:
         self.rounds.append({**round_load(before, after), "start": before.wall, "end": after.wall})
         write_json({"threads": self.threads, "rounds": self.rounds}, self.rounds_path)
 
-    def finish(self) -> dict[str, Any]:
-        """Lets the run validate, evaluate and write its result; returns it."""
+    def finish(self) -> None:
+        """Lets the run (trained) validate, evaluate and write its result: :meth:`result`."""
         self.send("finish")
+
+    def result(self) -> dict[str, Any]:
+        """Waits for the result :meth:`finish` asked for and returns it."""
         self.expect("done")
         self.proc.wait()
         return json.loads(self.out_path.read_text())
@@ -201,26 +205,35 @@ class _Worker:
                 pipe.close()
 
 
-def _run_interleaved(specs: list[tuple[str, dict[str, Any]]], workdir: Path, progress: bool
-                     ) -> list[dict[str, Any]]:
+def _run_interleaved(specs: list[tuple[str, dict[str, Any]]], workdir: Path, progress: bool,
+                     side_by_side: int = 1) -> list[dict[str, Any]]:
+    """Runs ``specs`` taking turns (see :class:`_Worker`); then ``side_by_side`` of them at a time
+    validate, evaluate and write their results (nothing of that is timed)."""
     workers: list[_Worker] = []
     try:
-        for name, spec in specs:
+        for name, spec in specs:  # the processes start and load together (imports, data, model)
             if progress:
                 print(f"  start {name}", file=sys.stderr, flush=True)
             workers.append(_Worker(name, spec, workdir))
-            step = workers[-1].ready()
+        for w in workers:
+            w.expect("loaded")
+        for w in workers:  # then one at a time: a run's thread probe is timed with the others idle
+            step = w.ready()
             if step:  # said even without progress bars: what was resumed is not progress
-                print(f"  {name}: resumed at step {step} (--resume)", file=sys.stderr, flush=True)
+                print(f"  {w.name}: resumed at step {step} (--resume)", file=sys.stderr, flush=True)
         turn = 0
         while not all(w.trained for w in workers):
             for w in workers[turn % len(workers):] + workers[:turn % len(workers)]:
                 if not w.trained:
                     w.round()
             turn += 1
+        for w in workers[:side_by_side]:
+            w.finish()
         results = []
-        for w, (_, spec) in zip(workers, specs):
-            r = w.finish()
+        for i, (w, (_, spec)) in enumerate(zip(workers, specs)):
+            r = w.result()
+            if i + side_by_side < len(workers):  # the next run takes the freed place
+                workers[i + side_by_side].finish()
             r["load"] = summarize_rounds(w.rounds)
             r["round_windows"] = [(x["start"], x["end"]) for x in w.rounds]
             r["warnings"] = assess(r["load"], r["step_times"][spec["warmup"]:] or r["step_times"])
@@ -273,6 +286,8 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
     started = time.time()
     machine = machine_info(resolve_device(config.train.device))
     timed_on = {k: machine[k] for k in ("cpu", "cpu_flags", "gpu", "torch")}
+    # runs that evaluate in their own process alone (eval.workers=1) do it side by side, one a core
+    side_by_side = os.cpu_count() or 1 if config.eval.workers == 1 and not machine["gpu"] else 1
     key = _settings_key(config, warmup, eval_episodes, threads, round_steps)
     for seed in range(seeds):
         done = out / "seeds" / f"seed-{config.train.seed + seed}.json"
@@ -290,7 +305,7 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
                 print(f"seed {config.train.seed + seed}: {len(specs)} runs taking turns, "
                       f"{round_steps} steps a turn", file=sys.stderr, flush=True)
             finished = [{**r, "seed": config.train.seed + seed, "machine": timed_on}
-                        for r in _run_interleaved(specs, workdir, progress)]
+                        for r in _run_interleaved(specs, workdir, progress, side_by_side)]
             saved += finished  # runs of other modes an earlier benchmark finished are kept
             write_json({"settings": key, "runs": saved}, done, compact=True)  # kept, even committed
             shutil.rmtree(workdir)
@@ -455,4 +470,4 @@ def quick_overrides() -> list[str]:
     return [f"dataset.path={path}", "dataset.val_episodes=1", "model.dim=32", "model.depth=1",
             "model.heads=2", "model.text_layers=1", "model.channels=[8,8]", "model.chunk=4",
             "train.batch_size=8", "train.steps=10", "train.warmup_steps=2", "train.log_every=1",
-            "eval.max_steps=40"]
+            "eval.max_steps=40", "eval.workers=1"]  # (two short episodes: no processes to start)

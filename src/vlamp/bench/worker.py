@@ -8,6 +8,7 @@ the faster of 1 and all, measured) and ``round_steps``.
 The run takes turns with the others (see :mod:`vlamp.bench.run`): it talks JSON lines on its
 standard output and reads commands on its standard input::
 
+    -> {"event": "loaded"}                 <- probe       (every run loads, then probes alone)
     -> {"event": "ready", "threads": N}    <- go
     -> {"event": "paused", "step": k}      <- go          (every round_steps steps)
     -> {"event": "trained", "step": n}     <- finish      (then validation, evaluation, result)
@@ -190,6 +191,9 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
     if threads != "auto":
         torch.set_num_threads(int(threads))
     trainer = Trainer(config, progress=spec.get("progress", True))
+    if channel is not None:  # the runs load side by side; each then times its threads alone
+        channel.send(event="loaded")
+        channel.wait("probe")
     device = trainer.device
     low = to_dtype(mode.split("-")[0]) if mode != "fp32" else torch.float32
     amp = _AmpAutocast(low, device.type)
