@@ -11,8 +11,9 @@ from test_cli_precision import run_cli
 
 from vlamp.models.config import ModelConfig
 from vlamp.precision.errors import VlampError
+from vlamp.precision.memory import parse_size
 from vlamp.train import fit
-from vlamp.train.config import load_config, parse_size
+from vlamp.train.config import load_config
 from vlamp.train.fit_probe import Measured, ModeProbe
 
 pytest.importorskip("transformers")

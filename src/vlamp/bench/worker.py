@@ -191,14 +191,11 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
     if threads != "auto":
         torch.set_num_threads(int(threads))
     trainer = Trainer(config, progress=spec.get("progress", True))
-    if channel is not None:  # the runs load side by side; each then times its threads alone
-        channel.send(event="loaded")
-        channel.wait("probe")
     device = trainer.device
     low = to_dtype(mode.split("-")[0]) if mode != "fp32" else torch.float32
     amp = _AmpAutocast(low, device.type)
     autocast = amp.autocast if runner == "torch.amp" else trainer.mp.autocast
-    threads, thread_times = _threads(threads, trainer, autocast)
+    threads, thread_times = _threads(threads, trainer, autocast, channel)
     steps, resumed = config.train.steps, trainer.step
     on_step = _first_turn(channel, int(threads), resumed, round_steps, steps)
     _trim_heap()
@@ -341,9 +338,14 @@ class _AmpAutocast:
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
 
-def _threads(threads: str | int, trainer, autocast) -> tuple[int, Any]:
+def _threads(threads: str | int, trainer, autocast, channel: _Channel | None = None
+             ) -> tuple[int, Any]:
     """The thread count asked for, or (``"auto"``) the fastest of a short probe on a CPU; on a
-    GPU the CPU threads only feed it, and torch's default stands."""
+    GPU the CPU threads only feed it, and torch's default stands. With a coordinator, first says
+    the run is loaded and waits for its turn (the runs load side by side, then probe alone)."""
+    if channel is not None:
+        channel.send(event="loaded")
+        channel.wait("probe")
     if threads != "auto":
         return int(threads), None
     if trainer.device.type == "cuda":

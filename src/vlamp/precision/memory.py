@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vlamp.precision.errors import VlampError
 from vlamp.precision.verify import track_modules
 
 _CHECKPOINTED = "_vlamp_checkpointed"
@@ -194,6 +196,28 @@ def _status_bytes(key: str) -> int:
     except OSError:
         pass
     return 0
+
+
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str, where: str = "train.memory_budget") -> int:
+    """``"24GiB"``, ``"500 MB"``, ``"2e9"`` -> bytes.
+
+    Raises:
+        VlampError: Naming ``where`` and the legal forms.
+    """
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else ""
+    try:
+        value = float(m.group(1)) if m else -1.0
+    except ValueError:
+        value = -1.0
+    if not m or unit not in UNITS or value <= 0:
+        raise VlampError(f"{where}: {text!r} is not a size; use a number with a unit "
+                         f"({', '.join(u for u in UNITS if u)}), e.g. 24GiB, or auto")
+    return int(value * UNITS[unit])
 
 
 def available_memory(device: torch.device | str = "cpu") -> int:

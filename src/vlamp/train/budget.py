@@ -15,10 +15,10 @@ import torch
 
 from vlamp.models.registry import stack_depths
 from vlamp.precision.errors import VlampError
-from vlamp.precision.memory import available_memory
+from vlamp.precision.memory import available_memory, parse_size
 from vlamp.precision.plan import rules_file_mode
 from vlamp.train import fit
-from vlamp.train.config import RunConfig, parse_size
+from vlamp.train.config import RunConfig
 
 CPU_MODES = ("fp32", "bf16-mixed", "bf16-true", "bf16-storage")
 CUDA_MODES = (*CPU_MODES, "fp16-mixed")

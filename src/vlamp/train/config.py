@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import re
 import typing
 from typing import Any
 
@@ -18,6 +17,7 @@ from vlamp.models.config import ModelConfig, with_size
 from vlamp.precision.diagnostics import parse_every
 from vlamp.precision.errors import VlampError
 from vlamp.precision.hardware import DEVICE_NAMES, check_device_name
+from vlamp.precision.memory import parse_size
 from vlamp.precision.modes import get_mode
 from vlamp.precision.weight_update import OPTIMIZER_STATES, check_update
 from vlamp.sim import evaluate as evaluation
@@ -188,10 +188,8 @@ class TrainConfig:
             runs the policy there and the simulator on the CPU.
         compile: Run the training forward/backward through ``torch.compile`` (the precision plan's
             boundaries are traced with it). Costs compile time at the start.
-        compile_backend: The ``torch.compile`` backend: ``inductor`` (the default: generated,
-            fused kernels) or another of ``torch._dynamo.list_backends(exclude_tags=())``, e.g.
-            ``aot_eager`` (traces the forward and backward, runs them with eager kernels: no code
-            generated, so seconds of compile where inductor takes a minute on a CPU; no speed-up).
+        compile_backend: ``inductor`` (default: generated kernels) or another ``torch.compile``
+            backend, e.g. ``aot_eager`` (traced, eager kernels: seconds of compile, no speed-up).
         checkpoint: Modules that recompute their forward in the backward instead of saving their
             activations (activation checkpointing): patterns on qualified names or class names, as
             precision rules take them, e.g. ``[vision.stages.0, vision.stages.1]`` or
@@ -359,28 +357,6 @@ class RunConfig:
                 resolve_tasks(self.dataset.tasks)
             except VlampError as e:
                 raise VlampError(f"dataset.tasks: {e}") from None
-
-
-UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_size(text: str, where: str = "train.memory_budget") -> int:
-    """``"24GiB"``, ``"500 MB"``, ``"2e9"`` -> bytes.
-
-    Raises:
-        VlampError: Naming ``where`` and the legal forms.
-    """
-    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = m.group(2).lower() if m else ""
-    try:
-        value = float(m.group(1)) if m else -1.0
-    except ValueError:
-        value = -1.0
-    if not m or unit not in UNITS or value <= 0:
-        raise VlampError(f"{where}: {text!r} is not a size; use a number with a unit "
-                         f"({', '.join(u for u in UNITS if u)}), e.g. 24GiB, or auto")
-    return int(value * UNITS[unit])
 
 
 def keys(cls: type = RunConfig, prefix: str = "") -> dict[str, dataclasses.Field]:
