@@ -66,3 +66,18 @@ def assert_resume_is_bit_exact(full, run, *more):
     for name in ("model.safetensors", "train.safetensors"):
         a = (full / "checkpoints" / "step_0000006" / name).read_bytes()
         assert a == (part / "checkpoints" / "step_0000006" / name).read_bytes(), name
+
+
+def run_main(capsys, *args: str) -> tuple[int, str, str]:
+    """``vlamp ARGS`` in this process, through the console script's own ``main`` (its error
+    handling included): exit code, stdout, stderr. For checks of what a command refuses before
+    it loads anything; a fresh interpreter would add seconds of imports to each."""
+    from vlamp.cli.main import main
+
+    try:
+        rc = main(list(args))
+    except SystemExit as e:  # argparse's own errors exit
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import run_main
 
 from vlamp.cli.main import main
 
@@ -94,8 +95,8 @@ def test_plan_with_run_config_keys_describes_what_the_trainer_sets_up(capsys):
     (["plan", "--model", "pi0"], "the pi0-sized VLA is model.name=hf-vlm model.size=pi0"),
     (["plan", "train.lora.rank=2", "train.lora.targets=[nothing]"], "matches no linear layer"),
 ])
-def test_user_errors_are_one_line_and_exit_2(args, fragment):
-    rc, out, err = run_cli(*args)
+def test_user_errors_are_one_line_and_exit_2(args, fragment, capsys):
+    rc, _, err = run_main(capsys, *args)
     assert rc == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0], err
@@ -109,8 +110,8 @@ def test_user_errors_are_one_line_and_exit_2(args, fragment):
     (["data", "generate", "--out", "/"], "already exists"),
     (["eval", "--json", "/no/such/dir/r.json"], "cannot write"),
 ])
-def test_data_and_eval_user_errors(args, fragment):
-    rc, out, err = run_cli(*args)
+def test_data_and_eval_user_errors(args, fragment, capsys):
+    rc, _, err = run_main(capsys, *args)
     assert rc == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err
 
 

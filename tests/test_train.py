@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import run_main, tiny_overrides
 from safetensors.torch import load_file
 
 from vlamp import MODE_NAMES
@@ -224,23 +224,24 @@ def test_train_and_eval_checkpoint_through_the_cli(tiny_dataset, tmp_path):
     (["steps"], "is not key=value"),
     (["precision.lean_islands=-1"], "precision.lean_islands must be a fraction >= 0 (0: off)"),
 ])
-def test_config_errors_exit_2_in_one_line(tiny_dataset, tmp_path, args, message):
-    p = cli("train", f"dataset.path={tiny_dataset}", f"output_dir={tmp_path / 'r'}", *args)
-    assert p.returncode == 2
-    assert message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+def test_config_errors_exit_2_in_one_line(tiny_dataset, tmp_path, args, message, capsys):
+    rc, _, err = run_main(capsys, "train", f"dataset.path={tiny_dataset}",
+                          f"output_dir={tmp_path / 'r'}", *args)
+    assert rc == 2
+    assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "r").exists()
 
 
-def test_config_file_errors(tmp_path):
+def test_config_file_errors(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  stepz: 3\n")
-    p = cli("train", "--config", str(bad))
-    assert p.returncode == 2 and "did you mean 'train.steps'" in p.stderr
+    rc, _, err = run_main(capsys, "train", "--config", str(bad))
+    assert rc == 2 and "did you mean 'train.steps'" in err
     bad.write_text("[1, 2")
-    p = cli("train", "--config", str(bad))
-    assert p.returncode == 2 and "not valid YAML" in p.stderr
-    p = cli("train", "--config", str(tmp_path / "missing.yaml"))
-    assert p.returncode == 2 and "not found" in p.stderr
+    rc, _, err = run_main(capsys, "train", "--config", str(bad))
+    assert rc == 2 and "not valid YAML" in err
+    rc, _, err = run_main(capsys, "train", "--config", str(tmp_path / "missing.yaml"))
+    assert rc == 2 and "not found" in err
 
 
 def test_eval_of_a_corrupted_checkpoint_exits_2(tiny_dataset, tmp_path):
