@@ -357,3 +357,29 @@ def test_a_seeds_runs_in_flight_resume_only_on_the_machine_they_began_on(tmp_pat
     (runs / "machine.json").unlink()  # written before machines were recorded: this machine's
     assert _runs_dir(runs, "key", {**here, "cpu": "another CPU"}, resume=True) == runs
     assert not (_runs_dir(runs, "key", here, resume=False) / "a-run").exists()
+
+
+def test_the_kept_mt10_seeds_resume_under_the_config_of_today():
+    """The ablation grows on the seed files kept in results/mt10-bench/seeds: the settings key of
+    the command that made them must not move when a config key is added (bench.LATER_KEYS) or a
+    default changes, or every kept seed would have to be trained again."""
+    import dataclasses
+    import math
+    from pathlib import Path
+
+    from vlamp.bench.run import _settings_key
+    from vlamp.cli.bench import run_config
+    from vlamp.cli.main import build_parser
+    from vlamp.data.generate import dataset_id
+    from vlamp.sim.tasks import resolve_tasks
+
+    kept = Path(__file__).parents[1] / "results" / "mt10-bench" / "seeds"
+    args, _ = build_parser().parse_known_args(["bench", "--config", "mt10", "--modes",
+                                               "fp32,fp16-mixed", "--seeds", "3", "--no-baseline"])
+    config, episodes = run_config(args)
+    d = config.dataset  # the path bench reads the generated suite from (only its name counts)
+    name = dataset_id(resolve_tasks(d.tasks), d.episodes_per_task, d.image_size, 0, 200)
+    config = dataclasses.replace(config, dataset=dataclasses.replace(d, path=f"/x/{name}", tasks=""))
+    key = _settings_key(config, 10, episodes, "auto", math.ceil(config.train.steps / args.rounds))
+    files = sorted(kept.glob("seed-*.json"))
+    assert len(files) >= 3 and {json.loads(f.read_text())["settings"] for f in files} == {key}
