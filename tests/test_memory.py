@@ -167,9 +167,9 @@ def test_lean_islands_compute_norms_in_fp32_and_save_fewer_bytes(tmp_path):
     plain_plan = PrecisionPlan(plan.mode, [r for r in plan.user_rules if LEAN not in r.label],
                                builtin_rules=plan.builtin_rules)
 
-    def run(plan):
+    def run(which):
         model = build()
-        mp = MixedPrecision(plan)
+        mp = MixedPrecision(which)
         mp.setup(model)
 
         def forward():

@@ -287,7 +287,7 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
     machine = machine_info(resolve_device(config.train.device))
     timed_on = {k: machine[k] for k in ("cpu", "cpu_flags", "gpu", "torch")}
     # runs that evaluate in their own process alone (eval.workers=1) do it side by side, one a core
-    side_by_side = os.cpu_count() or 1 if config.eval.workers == 1 and not machine["gpu"] else 1
+    side_by_side = (os.cpu_count() or 1) if config.eval.workers == 1 and not machine["gpu"] else 1
     key = _settings_key(config, warmup, eval_episodes, threads, round_steps)
     for seed in range(seeds):
         done = out / "seeds" / f"seed-{config.train.seed + seed}.json"
