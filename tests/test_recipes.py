@@ -142,6 +142,9 @@ def test_a_recipe_generates_its_suite_trains_and_evaluates_end_to_end(tmp_path, 
         "dataset.val_episodes=1", "train.steps=2", "train.batch_size=8", "train.warmup_steps=1",
         "eval.episodes=1", "eval.workers=1", "precision.mode=fp32", "precision.measure=false",
         f"output_dir={tmp_path / 'run'}", *TINY_MODEL, "model.channels=[8,8]"])
+    # the recipe evaluates at Meta-World's 500 steps (the test above runs an episode that long)
+    assert config.eval.max_steps == 500
+    config.eval.max_steps = 30  # here: that the evaluation runs, not for how long
     result = Trainer(config, progress=False).fit()
     generated = list((tmp_path / "cache" / "vlamp").rglob("meta/info.json"))
     assert len(generated) == 1  # the suite's demonstrations, generated into the cache
@@ -149,7 +152,7 @@ def test_a_recipe_generates_its_suite_trains_and_evaluates_end_to_end(tmp_path, 
     assert info["total_episodes"] == 4
     ev = result.eval
     assert [t["task"] for t in ev["per_task"]] == ["reach", "drawer-close"]
-    assert ev["max_steps"] == 500 and set(ev["groups"]) == {"easy"}
+    assert ev["max_steps"] == 30 and set(ev["groups"]) == {"easy"}
     assert all(t["episodes"] == 1 for t in ev["per_task"])
 
 
