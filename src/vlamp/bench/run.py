@@ -1,9 +1,9 @@
 """The benchmark: train the same model on the same data once per precision mode (each in its own
 process), plus a hand-written torch.amp loop as the baseline, then compare against FP32.
 
-The runs take turns: every process is started (one after another, so loading and measuring do not
-overlap), then each trains a round of steps while the others wait, in rotating order, until all are
-done. A slow spell of the machine thus falls on every mode alike instead of on whichever ran then,
+The runs take turns: every process is started and loads at once, then each measures its thread
+count alone, then each trains a round of steps while the others wait, in rotating order, until all
+are done (nothing timed overlaps anything else of the benchmark). A slow spell of the machine thus falls on every mode alike instead of on whichever ran then,
 and the CPU counters read around each round say whether anything else was running
 (:mod:`vlamp.bench.machine`)."""
 
