@@ -3,7 +3,8 @@ process), plus a hand-written torch.amp loop as the baseline, then compare again
 
 The runs take turns: every process is started and loads at once, then each measures its thread
 count alone, then each trains a round of steps while the others wait, in rotating order, until all
-are done (nothing timed overlaps anything else of the benchmark). A slow spell of the machine thus falls on every mode alike instead of on whichever ran then,
+are done (nothing timed overlaps anything else of the benchmark). A slow spell of the machine thus
+falls on every mode alike instead of on whichever ran then,
 and the CPU counters read around each round say whether anything else was running
 (:mod:`vlamp.bench.machine`)."""
 
