@@ -19,7 +19,7 @@ import torch
 
 from vlamp.precision.hardware import synchronize
 from vlamp.train import distributed
-from vlamp.train.config import load_config
+from vlamp.train.config_io import load_config
 from vlamp.train.step import train_step
 from vlamp.train.trainer import Trainer
 

@@ -13,7 +13,7 @@ import torch
 from vlamp.bench.machine import OTHER_CORES_LIMIT
 from vlamp.bench.run import bench, parse_modes
 from vlamp.precision.errors import VlampError
-from vlamp.train.config import load_config
+from vlamp.train.config_io import load_config
 
 # one xdist group: the module's cache fixture (the quick dataset) is generated once
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("bench")]

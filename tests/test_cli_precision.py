@@ -62,7 +62,7 @@ def test_plan_with_run_config_keys_describes_what_the_trainer_sets_up(capsys):
     from vlamp.models.registry import build_model
     from vlamp.models.tokenizer import WordTokenizer
     from vlamp.sim.tasks import DEFAULT_SUITE, TASKS
-    from vlamp.train.config import load_config
+    from vlamp.train.config_io import load_config
 
     keys = ["train.lora.rank=4", "train.lora.targets=[trunk.*.qkv]", "train.freeze=[vision]"]
     assert main(["plan", "--mode", "bf16-mixed", "--json", *keys]) == 0

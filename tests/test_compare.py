@@ -14,7 +14,7 @@ from vlamp.sim.compare import compare_paired, mcnemar_exact, paired_difference_i
 from vlamp.sim.env import MetaWorldEnv
 from vlamp.sim.evaluate import EvalResult, ExpertPolicy, RandomPolicy, TaskResult, evaluate
 from vlamp.sim.tasks import TASKS
-from vlamp.train.config import load_config
+from vlamp.train.config_io import load_config
 from vlamp.train.policy import load_policy
 from vlamp.train.trainer import Trainer
 

@@ -13,7 +13,7 @@ from torch import nn
 from vlamp import MixedPrecision, VlampError, choose_mode, detect, resolve_device
 from vlamp.precision.scaler import unscales_itself
 from vlamp.precision.verify import trace_compute_dtypes
-from vlamp.train.config import load_config
+from vlamp.train.config_io import load_config
 
 NO_CUDA = not torch.cuda.is_available()
 

@@ -13,7 +13,7 @@ from torch import nn
 from vlamp.precision.diagnostics import Diagnostics, parse_every
 from vlamp.precision.errors import VlampError
 from vlamp.precision.mixed_precision import MixedPrecision
-from vlamp.train.config import load_config
+from vlamp.train.config_io import load_config
 from vlamp.train.trainer import Trainer
 
 

@@ -27,7 +27,7 @@ from vlamp.precision.errors import VlampError
 from vlamp.precision.fsdp import plan_groups
 from vlamp.precision.mixed_precision import MixedPrecision
 from vlamp.train import distributed
-from vlamp.train.config import load_config
+from vlamp.train.config_io import load_config
 from vlamp.train.trainer import Trainer
 
 STEPS = ["train.steps=20", "train.save_every=10", "train.val_every=10", "train.grad_accum=2",

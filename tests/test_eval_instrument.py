@@ -107,7 +107,7 @@ def test_the_camera_renders_what_it_says():
 def test_a_checkpoint_is_evaluated_from_the_camera_it_was_trained_on(tiny_dataset, tmp_path):
     from conftest import tiny_overrides
     from vlamp.data.generate import generate, generation_report
-    from vlamp.train.config import load_config
+    from vlamp.train.config_io import load_config
     from vlamp.train.policy import load_policy
     from vlamp.train.trainer import Trainer
 

@@ -22,7 +22,7 @@ from vlamp import DynamicLossScaler, MixedPrecision, StaticLossScaler, VlampErro
 from vlamp.precision.master import MasterWeights
 from vlamp.train import checkpoint as checkpoint_module
 from vlamp.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-from vlamp.train.config import load_config
+from vlamp.train.config_io import load_config
 from vlamp.train.step import EMA
 from vlamp.train.trainer import Trainer
 

@@ -13,7 +13,7 @@ from vlamp.models.config import ModelConfig
 from vlamp.precision.errors import VlampError
 from vlamp.precision.memory import parse_size
 from vlamp.train import fit
-from vlamp.train.config import load_config
+from vlamp.train.config_io import load_config
 from vlamp.train.fit_probe import Measured, ModeProbe
 
 pytest.importorskip("transformers")

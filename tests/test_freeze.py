@@ -8,7 +8,7 @@ from conftest import assert_resume_is_bit_exact, tiny_overrides
 from torch import nn
 
 from vlamp import MixedPrecision, VlampError
-from vlamp.train.config import load_config
+from vlamp.train.config_io import load_config
 from vlamp.train.trainer import Trainer
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from vlamp import MixedPrecision, choose_mode, detect, set_tf32
 from vlamp.precision.verify import trace_compute_dtypes
-from vlamp.train.config import load_config
+from vlamp.train.config_io import load_config
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -189,7 +189,7 @@ def test_hf_vlm_trains_resumes_and_acts_through_vlamps_trainer(tiny_dataset, tmp
     from conftest import assert_resume_is_bit_exact, tiny_overrides
 
     from vlamp.models.hf_vla import HFVLA
-    from vlamp.train.config import load_config
+    from vlamp.train.config_io import load_config
     from vlamp.train.policy import load_policy
     from vlamp.train.trainer import Trainer
 

@@ -55,7 +55,7 @@ def test_a_target_that_matches_no_linear_layer_is_one_line():
 def test_lora_training_and_its_merged_checkpoint(tiny_dataset, tmp_path):
     from safetensors.torch import load_file
 
-    from vlamp.train.config import load_config
+    from vlamp.train.config_io import load_config
     from vlamp.train.merge import merge_checkpoint
     from vlamp.train.policy import load_policy
     from vlamp.train.trainer import Trainer

@@ -19,7 +19,7 @@ from vlamp.sim.evaluate import (
     evaluate,
 )
 from vlamp.sim.tasks import DEFAULT_SUITE, DIFFICULTY, SUITES, TASKS, resolve_tasks
-from vlamp.train.config import load_config
+from vlamp.train.config_io import load_config
 from vlamp.train.recipes import recipe_names
 
 

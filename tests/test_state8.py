@@ -132,7 +132,7 @@ def test_a_resume_from_the_state_dict_gives_the_same_bits(mode, update):
 def test_the_trainer_checkpoints_8bit_moments_and_resumes_bit_exactly(tiny_dataset, tmp_path, mode):
     from conftest import assert_resume_is_bit_exact, tiny_overrides
 
-    from vlamp.train.config import load_config
+    from vlamp.train.config_io import load_config
     from vlamp.train.trainer import Trainer
 
     def run(out, *more):

@@ -13,7 +13,7 @@ from conftest import tiny_overrides
 from vlamp.data.dataset import ChunkDataset
 from vlamp.data.frames import FrameStore
 from vlamp.data.reader import read_dataset
-from vlamp.train.config import load_config
+from vlamp.train.config_io import load_config
 from vlamp.train.trainer import Trainer
 
 pytestmark = pytest.mark.slow

@@ -20,7 +20,7 @@ from vlamp.precision.mixed_precision import MixedPrecision
 from vlamp.precision.scaler import StaticLossScaler
 from vlamp.precision.verify import trace_compute_dtypes
 from vlamp.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
-from vlamp.train.config import load_config
+from vlamp.train.config_io import load_config
 from vlamp.train.step import learning_rate
 from vlamp.train.trainer import Trainer
 

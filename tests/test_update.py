@@ -11,7 +11,7 @@ from torch import nn
 
 from vlamp import MixedPrecision, UpdateSettings, VlampError
 from vlamp.precision.update import stochastic_round
-from vlamp.train.config import load_config
+from vlamp.train.config_io import load_config
 from vlamp.train.trainer import Trainer
 
 STEP = 1e-4  # per update; a BF16 weight of 1.0 moves only by 2**-8 = 0.0039 or more

@@ -46,7 +46,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "ModelConfig": "vlamp.models.config", "TinyVLA": "vlamp.models.tinyvla",
     "WordTokenizer": "vlamp.models.tokenizer", "RunConfig": "vlamp.train.config",
-    "load_config": "vlamp.train.config", "Trainer": "vlamp.train.trainer",
+    "load_config": "vlamp.train.config_io", "Trainer": "vlamp.train.trainer",
     "train_step": "vlamp.train.step", "VLAPolicy": "vlamp.train.policy",
     "load_policy": "vlamp.train.policy", "evaluate": "vlamp.sim.evaluate",
 }

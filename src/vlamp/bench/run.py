@@ -35,7 +35,8 @@ from vlamp.precision.errors import VlampError
 from vlamp.precision.hardware import detect, native_formats, resolve_device
 from vlamp.precision.modes import MODE_NAMES, get_mode
 from vlamp.precision.weight_update import OPTIMIZER_STATES, UPDATES
-from vlamp.train.config import RunConfig, to_dict, with_overrides
+from vlamp.train.config import RunConfig
+from vlamp.train.config_io import to_dict, with_overrides
 from vlamp.train.data import with_dataset_path
 
 

@@ -175,7 +175,7 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
     from vlamp.bench.run import run_label
     from vlamp.precision.dtypes import to_dtype
     from vlamp.precision.memory import state_memory
-    from vlamp.train.config import decode
+    from vlamp.train.config_io import decode
     from vlamp.train.trainer import Trainer
 
     config = decode(spec["config"])

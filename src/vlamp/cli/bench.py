@@ -111,7 +111,7 @@ def run_config(args: argparse.Namespace):
     a ``--config``'s own (benchmarking a recipe means its training), else a short run of the
     default config (300 steps, 5 episodes per task)."""
     from vlamp.bench.run import quick_overrides
-    from vlamp.train.config import load_config
+    from vlamp.train.config_io import load_config
 
     base = quick_overrides() if args.quick else [] if args.config else ["train.steps=300"]
     given = [f"train.steps={args.steps}"] if args.steps else []

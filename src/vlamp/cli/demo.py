@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from vlamp.precision.errors import VlampError
     from vlamp.precision.hardware import choose_mode, detect, resolve_device
     from vlamp.precision.modes import MODE_NAMES
-    from vlamp.train.config import load_config
+    from vlamp.train.config_io import load_config
     from vlamp.train.trainer import Trainer, load_data
 
     if args.mode != "auto" and args.mode not in MODE_NAMES:
@@ -108,7 +108,7 @@ def _bench(config, mode: str, hw, out: Path, base: list[str], steps: int | None,
     costs seconds, and ``vlamp doctor`` measures the same ratio in one."""
     from vlamp.bench.run import bench
     from vlamp.precision.hardware import native_formats
-    from vlamp.train.config import load_config
+    from vlamp.train.config_io import load_config
 
     other = mode if mode != "fp32" else "bf16-mixed"
     emulated = mode == "fp32" and "bf16" not in native_formats(hw)

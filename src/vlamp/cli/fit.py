@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from vlamp.sim.tasks import DEFAULT_SUITE, TASKS
     from vlamp.train import fit
     from vlamp.train.budget import budget_bytes, fit_run, largest
-    from vlamp.train.config import load_config
+    from vlamp.train.config_io import load_config
 
     config = load_config(args.config, list(args.overrides) + list(getattr(args, "extra", [])))
     if args.rows < 1:

@@ -185,7 +185,7 @@ def _run_model(args: argparse.Namespace, overrides: list[str], vocab: int, devic
     from vlamp.models.registry import build_model
     from vlamp.precision.errors import VlampError
     from vlamp.precision.freeze import freeze
-    from vlamp.train.config import load_config
+    from vlamp.train.config_io import load_config
 
     if args.size or args.head or args.image_size:
         raise VlampError("give the model's shape as config keys (model.size=, model.head=, "

@@ -20,7 +20,8 @@ FROM_DATA = ("model.vocab_size", "model.state_dim", "model.action_dim", "model.i
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from vlamp.train.config import RunConfig, keys
+    from vlamp.train.config import RunConfig
+    from vlamp.train.config_io import keys
 
     defaults = RunConfig()
     lines = []
@@ -50,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vlamp.train import distributed
-    from vlamp.train.config import load_config
+    from vlamp.train.config_io import load_config
     from vlamp.train.trainer import Trainer
 
     config = load_config(args.config, list(args.overrides) + list(getattr(args, "extra", [])))

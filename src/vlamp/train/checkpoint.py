@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
+from vlamp.models.config import saved_model_config
 from vlamp.precision.errors import VlampError
 
 FILES = ("model.safetensors", "train.safetensors", "state.json")
@@ -231,3 +232,14 @@ def resume_note(saved: dict[str, Any], mode: str, update: str) -> str | None:
     if update in ("stochastic", "naive") and saved_update in ("master", "kahan"):
         note += f"; what {saved_update} kept below the stored weights' precision is dropped"
     return note
+
+
+def check_same_model(saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """Raises :class:`CheckpointError` unless a checkpoint's model config (``saved``) is the
+    config's (``now``): resuming other weights into a different model would fail later, unclearly."""
+    saved = saved_model_config(saved)
+    diff = [f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in now.items()
+            if saved.get(k) != v]
+    if diff:
+        raise CheckpointError("the checkpoint is of a different model config (" + "; ".join(diff)
+                              + "); resume with the run's own config.yaml")

@@ -1,19 +1,11 @@
-"""The training configuration: typed dataclasses, read from YAML plus dotted ``key=value`` overrides
-(decoded by draccus, LeRobot's config library) and saved next to every run."""
+"""The training configuration: typed dataclasses, one a section, each checking its own values where
+they enter (:mod:`vlamp.train.config_io` reads them from YAML and ``key=value`` overrides)."""
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import os
-import typing
-from typing import Any
 
-import draccus
-import yaml
-
-from vlamp.io import write_text_atomic
-from vlamp.models.config import ModelConfig, with_size
+from vlamp.models.config import ModelConfig
 from vlamp.precision.diagnostics import parse_every
 from vlamp.precision.errors import VlampError
 from vlamp.precision.hardware import DEVICE_NAMES, check_device_name
@@ -22,7 +14,6 @@ from vlamp.precision.modes import get_mode
 from vlamp.precision.weight_update import OPTIMIZER_STATES, check_update
 from vlamp.sim import evaluate as evaluation
 from vlamp.sim.tasks import resolve_tasks
-from vlamp.train.recipes import config_file
 
 
 @dataclasses.dataclass
@@ -52,6 +43,20 @@ class DatasetConfig:
     val_episodes: int = 2
     augment: bool = False
     stream: bool = True
+
+    def __post_init__(self) -> None:
+        if self.episodes_per_task < 1 or self.image_size < 16 or self.val_episodes < 0:
+            raise VlampError(f"dataset.episodes_per_task must be >= 1, dataset.image_size >= 16 and "
+                             f"dataset.val_episodes >= 0, got {self.episodes_per_task}, "
+                             f"{self.image_size} and {self.val_episodes}")
+        if self.tasks and self.path:
+            raise VlampError("dataset.tasks names demonstrations to generate; dataset.path "
+                             "names a dataset to read: give one of them")
+        if self.tasks:
+            try:  # an unknown name fails here, before any generation
+                resolve_tasks(self.tasks)
+            except VlampError as e:
+                raise VlampError(f"dataset.tasks: {e}") from None
 
 
 @dataclasses.dataclass
@@ -147,6 +152,21 @@ class PrecisionConfig:
     step_in_backward: bool = False
     loss_scale: LossScaleConfig = dataclasses.field(default_factory=LossScaleConfig)
 
+    def __post_init__(self) -> None:
+        parse_every(self.diagnostics, what="precision.diagnostics")
+        if self.sensitivity < 0 or (self.sensitivity and not self.measure):
+            raise VlampError(f"precision.sensitivity must be 0 (off) or a relative error > 0 with "
+                             f"precision.measure=true, got {self.sensitivity}")
+        if not self.lean_islands >= 0:
+            raise VlampError(f"precision.lean_islands must be a fraction >= 0 (0: off), got "
+                             f"{self.lean_islands}")
+        if self.mode != "auto":
+            get_mode(self.mode)  # an unknown name fails here, before any loading
+        check_update(self.update, self.grad_accum, where="precision")
+        if self.optimizer_state not in OPTIMIZER_STATES:
+            raise VlampError(f"precision.optimizer_state must be one of "
+                             f"{', '.join(OPTIMIZER_STATES)}, got {self.optimizer_state!r}")
+
 
 @dataclasses.dataclass
 class LoraConfig:
@@ -161,6 +181,12 @@ class LoraConfig:
     rank: int = 0
     alpha: float = 16.0
     targets: list[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.rank < 0 or (self.rank > 0 and not self.targets) or self.alpha <= 0:
+            raise VlampError(f"train.lora: rank must be >= 0 (0: no adapters) and, with a rank, "
+                             f"targets must name linear layers and alpha be > 0; got rank "
+                             f"{self.rank}, alpha {self.alpha}, targets {self.targets}")
 
 
 @dataclasses.dataclass
@@ -228,6 +254,26 @@ class TrainConfig:
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     memory_budget: str = ""
 
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise VlampError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "val_every", "save_every", "threads"):
+            if getattr(self, name) < 0:
+                raise VlampError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        try:
+            check_device_name(self.device)
+        except VlampError:
+            raise VlampError(f"train.device must be one of {DEVICE_NAMES}, got {self.device!r}") from None
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise VlampError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.lr <= 0 or self.clip_grad_norm < 0:
+            raise VlampError("train.lr must be > 0 and train.clip_grad_norm >= 0")
+        if self.compile_backend != "inductor":
+            _check_compile_backend(self.compile_backend)
+        if self.memory_budget not in ("", "auto"):
+            parse_size(self.memory_budget)
+
 
 @dataclasses.dataclass
 class EvalConfig:
@@ -254,6 +300,15 @@ class EvalConfig:
     max_steps: int = 0
     workers: int = 0
 
+    def __post_init__(self) -> None:
+        if self.replan_every < 1 or self.ensemble < 0:
+            raise VlampError(f"eval.replan_every must be >= 1 and eval.ensemble >= 0, got "
+                             f"{self.replan_every} and {self.ensemble}")
+        if self.episodes < 1 or self.every < 0 or self.workers < 0 or self.max_steps < 0:
+            raise VlampError(f"eval.episodes must be >= 1 and eval.every, eval.workers, "
+                             f"eval.max_steps >= 0, got {self.episodes}, {self.every}, "
+                             f"{self.workers}, {self.max_steps}")
+
 
 @dataclasses.dataclass
 class DistributedConfig:
@@ -271,6 +326,13 @@ class DistributedConfig:
 
     strategy: str = "ddp"
     reduce_dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("ddp", "fsdp"):
+            raise VlampError(f"distributed.strategy must be one of ddp, fsdp, got {self.strategy!r}")
+        if self.reduce_dtype not in ("fp32", "bf16", "fp16"):
+            raise VlampError(f"distributed.reduce_dtype must be one of fp32, bf16, fp16, got "
+                             f"{self.reduce_dtype!r}")
 
 
 @dataclasses.dataclass
@@ -291,90 +353,12 @@ class RunConfig:
     output_dir: str = "runs/train"
     resume: bool = False
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # each section checks its own keys; here what spans two
         t = self.train
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_last"):
-            if getattr(t, name) < 1:
-                raise VlampError(f"train.{name} must be >= 1, got {getattr(t, name)}")
-        for name in ("warmup_steps", "val_every", "save_every", "threads"):
-            if getattr(t, name) < 0:
-                raise VlampError(f"train.{name} must be >= 0, got {getattr(t, name)}")
-        try:
-            check_device_name(t.device)
-        except VlampError:
-            raise VlampError(f"train.device must be one of {DEVICE_NAMES}, got {t.device!r}") from None
-        if not 0.0 <= t.ema_decay < 1.0:
-            raise VlampError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
-        if t.lr <= 0 or t.clip_grad_norm < 0:
-            raise VlampError("train.lr must be > 0 and train.clip_grad_norm >= 0")
-        parse_every(self.precision.diagnostics, what="precision.diagnostics")
-        if self.precision.sensitivity < 0 or (self.precision.sensitivity and not self.precision.measure):
-            raise VlampError(f"precision.sensitivity must be 0 (off) or a relative error > 0 with "
-                             f"precision.measure=true, got {self.precision.sensitivity}")
-        if not self.precision.lean_islands >= 0:
-            raise VlampError(f"precision.lean_islands must be a fraction >= 0 (0: off), got "
-                             f"{self.precision.lean_islands}")
-        if self.precision.mode != "auto":
-            get_mode(self.precision.mode)  # an unknown name fails here, before any loading
-        check_update(self.precision.update, self.precision.grad_accum, where="precision")
-        lora = self.train.lora
-        if lora.rank < 0 or (lora.rank > 0 and not lora.targets) or lora.alpha <= 0:
-            raise VlampError(f"train.lora: rank must be >= 0 (0: no adapters) and, with a rank, "
-                             f"targets must name linear layers and alpha be > 0; got rank "
-                             f"{lora.rank}, alpha {lora.alpha}, targets {lora.targets}")
         if self.precision.step_in_backward and (t.grad_accum != 1 or t.clip_grad_norm):
             raise VlampError(f"precision.step_in_backward steps each weight at its gradient: it "
                              f"needs train.grad_accum=1 and train.clip_grad_norm=0, got "
                              f"{t.grad_accum} and {t.clip_grad_norm}")
-        if t.compile_backend != "inductor":
-            _check_compile_backend(t.compile_backend)
-        if t.memory_budget not in ("", "auto"):
-            parse_size(t.memory_budget)
-        if self.precision.optimizer_state not in OPTIMIZER_STATES:
-            raise VlampError(f"precision.optimizer_state must be one of "
-                             f"{', '.join(OPTIMIZER_STATES)}, got {self.precision.optimizer_state!r}")
-        if self.distributed.strategy not in ("ddp", "fsdp"):
-            raise VlampError(f"distributed.strategy must be one of ddp, fsdp, got "
-                             f"{self.distributed.strategy!r}")
-        if self.distributed.reduce_dtype not in ("fp32", "bf16", "fp16"):
-            raise VlampError(f"distributed.reduce_dtype must be one of fp32, bf16, fp16, got "
-                             f"{self.distributed.reduce_dtype!r}")
-        if self.eval.replan_every < 1 or self.eval.ensemble < 0:
-            raise VlampError(f"eval.replan_every must be >= 1 and eval.ensemble >= 0, got "
-                             f"{self.eval.replan_every} and {self.eval.ensemble}")
-        if self.eval.episodes < 1 or self.eval.every < 0 or self.dataset.val_episodes < 0 \
-                or self.eval.workers < 0 or self.eval.max_steps < 0:
-            raise VlampError("eval.episodes must be >= 1; eval.every, eval.workers, eval.max_steps "
-                             "and dataset.val_episodes >= 0")
-        if self.dataset.episodes_per_task < 1 or self.dataset.image_size < 16:
-            raise VlampError(f"dataset.episodes_per_task must be >= 1 and dataset.image_size >= 16, "
-                             f"got {self.dataset.episodes_per_task} and {self.dataset.image_size}")
-        if self.dataset.tasks and self.dataset.path:
-            raise VlampError("dataset.tasks names demonstrations to generate; dataset.path "
-                             "names a dataset to read: give one of them")
-        if self.dataset.tasks:
-            try:  # an unknown name fails here, before any generation
-                resolve_tasks(self.dataset.tasks)
-            except VlampError as e:
-                raise VlampError(f"dataset.tasks: {e}") from None
-
-
-def keys(cls: type = RunConfig, prefix: str = "") -> dict[str, dataclasses.Field]:
-    """Every leaf key of a config class, dotted (``train.steps``)."""
-    out: dict[str, dataclasses.Field] = {}
-    for f in dataclasses.fields(cls):
-        name = prefix + f.name
-        sub = _dataclass_type(cls, f)
-        if sub is not None:
-            out.update(keys(sub, name + "."))
-        else:
-            out[name] = f
-    return out
-
-
-def _dataclass_type(cls: type, f: dataclasses.Field) -> type | None:
-    t = typing.get_type_hints(cls)[f.name]
-    return t if isinstance(t, type) and dataclasses.is_dataclass(t) else None
 
 
 def _check_compile_backend(name: str) -> None:
@@ -385,108 +369,3 @@ def _check_compile_backend(name: str) -> None:
         usual = [*torch._dynamo.list_backends(), "aot_eager", "eager"]
         raise VlampError(f"train.compile_backend must be a torch.compile backend ({', '.join(usual)}, "
                          f"...: torch._dynamo.list_backends(exclude_tags=())), got {name!r}")
-
-
-def _check_keys(tree: dict[str, Any], cls: type, where: str, prefix: str = "") -> None:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key, value in tree.items():
-        dotted = prefix + str(key)
-        if key not in fields:
-            legal = list(keys(cls, prefix))
-            close = difflib.get_close_matches(dotted, legal, n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; legal keys: {', '.join(legal)}"
-            raise VlampError(f"{where}: unknown config key {dotted!r}{hint}")
-        sub = _dataclass_type(cls, fields[key])
-        if sub is not None:
-            if not isinstance(value, dict):
-                raise VlampError(f"{where}: {dotted!r} is a section; give its keys, e.g. "
-                                 f"{dotted}.{dataclasses.fields(sub)[0].name}=...")
-            _check_keys(value, sub, where, dotted + ".")
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["train.steps=10", "--resume=true"]`` -> a nested dict; values are read as YAML."""
-    tree: dict[str, Any] = {}
-    for item in items:
-        text = item.removeprefix("--")
-        if "=" not in text:
-            raise VlampError(f"override {item!r} is not key=value (e.g. train.steps=100)")
-        key, raw = text.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
-            value = raw
-        node = tree
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise VlampError(f"override {item!r} conflicts with an earlier one")
-        node[parts[-1]] = value
-    return tree
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None
-                ) -> RunConfig:
-    """Builds a :class:`RunConfig` from defaults, a YAML file (or a recipe's name, see
-    :func:`config_file`) and ``key=value`` overrides.
-
-    Raises:
-        VlampError: On a missing or malformed file, an unknown key (naming the closest legal one)
-            or a value of the wrong type.
-    """
-    tree: dict[str, Any] = {}
-    if path:
-        p = config_file(path)
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise VlampError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise VlampError(f"config file {str(p)!r} must hold a mapping of keys, got "
-                             f"{type(loaded).__name__}")
-        tree = loaded or {}
-        _check_keys(tree, RunConfig, str(p))
-    over = parse_overrides(overrides or [])
-    _check_keys(over, RunConfig, "command line")
-    return decode(_merge(tree, over))
-
-
-def with_overrides(config: RunConfig, overrides: list[str], where: str = "command line") -> RunConfig:
-    """``config`` with ``key=value`` overrides applied, checked as :func:`load_config` checks them.
-
-    Raises:
-        VlampError: On an override that is not key=value, an unknown key or a wrong type.
-    """
-    over = parse_overrides(overrides)
-    _check_keys(over, RunConfig, where)
-    return decode(_merge(to_dict(config), over))
-
-
-def decode(tree: dict[str, Any]) -> RunConfig:
-    """A :class:`RunConfig` from a nested dict, with types checked by draccus."""
-    if isinstance(tree.get("model"), dict):
-        tree = {**tree, "model": with_size(tree["model"])}
-    try:
-        return draccus.decode(RunConfig, tree)
-    except VlampError:
-        raise
-    except Exception as e:  # draccus.DecodingError, or a __post_init__ check it wrapped
-        cause = e.__cause__ if isinstance(e.__cause__, VlampError) else e
-        raise VlampError(f"bad config value: {cause}") from None
-
-
-def to_dict(config: RunConfig) -> dict[str, Any]:
-    return draccus.encode(config)
-
-
-def save_config(config: RunConfig, path: str | os.PathLike[str]) -> None:
-    """Writes the config as YAML (temporary file, then rename)."""
-    write_text_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))

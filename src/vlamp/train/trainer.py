@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 from vlamp.data.dataset import ChunkDataset, random_shift, random_shift_offsets
 from vlamp.data.generate import dataset_camera
 from vlamp.data.reader import LeRobotData
-from vlamp.models.config import saved_model_config
 from vlamp.models.lora import adapt
 from vlamp.models.registry import build_model
 from vlamp.models.tokenizer import WordTokenizer
@@ -33,7 +32,8 @@ from vlamp.precision.weight_update import UpdateSettings
 from vlamp.train import checkpoint as ckpt
 from vlamp.train import distributed
 from vlamp.train.budget import check_budget
-from vlamp.train.config import RunConfig, save_config, to_dict
+from vlamp.train.config import RunConfig
+from vlamp.train.config_io import save_config, to_dict
 from vlamp.train.data import load_data, split_episodes
 from vlamp.train.logs import RunLog, truncate_metrics
 from vlamp.train.policy import VLAPolicy, policy_recipe
@@ -119,7 +119,7 @@ class Trainer:
         m.vocab_size, m.state_dim = len(self.tokenizer), int(self.data.state.shape[1])
         m.action_dim, m.image_size = int(self.data.action.shape[1]), self.image_size
         if resume_from is not None:
-            _check_same_model(resume_from.state["config"]["model"], to_dict(config)["model"])
+            ckpt.check_same_model(resume_from.state["config"]["model"], to_dict(config)["model"])
         config, self.predicted = check_budget(config, self.device, self._log_line)
         self.config = config
         self.peak = PeakRSS(self.device)  # the run's memory: what it holds above this
@@ -488,13 +488,4 @@ def _check_writable(run_dir: Path) -> None:
     except OSError as e:
         raise VlampError(f"output_dir {str(run_dir)!r} cannot be written: "
                          f"{e.strerror or e}; choose another output_dir") from None
-
-
-def _check_same_model(saved: dict[str, Any], now: dict[str, Any]) -> None:
-    saved = saved_model_config(saved)
-    diff = [f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in now.items()
-            if saved.get(k) != v]
-    if diff:
-        raise ckpt.CheckpointError("the checkpoint is of a different model config (" + "; ".join(diff)
-                                   + "); resume with the run's own config.yaml")
 
