@@ -232,6 +232,28 @@ def test_config_errors_exit_2_in_one_line(tiny_dataset, tmp_path, args, message,
     assert not (tmp_path / "r").exists()
 
 
+def test_each_config_section_checks_its_values_when_built():
+    """A section built in code (``dataclasses.replace``, a constructor) is checked as one read from
+    the command line: nonsense cannot enter a RunConfig by the back door."""
+    import dataclasses
+
+    from vlamp.train.config import EvalConfig, LoraConfig, RunConfig
+
+    config = load_config(None, [])
+    cases = [(lambda: dataclasses.replace(config.train, steps=0), "train.steps must be >= 1"),
+             (lambda: dataclasses.replace(config.precision, mode="fp12"), "fp12"),
+             (lambda: dataclasses.replace(config.dataset, image_size=8), "dataset.image_size >= 16"),
+             (lambda: dataclasses.replace(config.distributed, strategy="zero3"), "ddp, fsdp"),
+             (lambda: EvalConfig(workers=-1), "eval.workers"),
+             (lambda: LoraConfig(rank=4), "targets must name linear layers"),
+             (lambda: dataclasses.replace(config, precision=dataclasses.replace(
+                 config.precision, step_in_backward=True)), "train.grad_accum=1")]
+    for build, message in cases:
+        with pytest.raises(VlampError, match=re.escape(message)):
+            build()
+    assert isinstance(dataclasses.replace(config, output_dir="x"), RunConfig)  # a legal one builds
+
+
 def test_config_file_errors(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  stepz: 3\n")
