@@ -3,6 +3,7 @@
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -233,6 +234,21 @@ def test_assess_names_each_reason_and_is_quiet_on_a_quiet_machine():
     assert "spread widely" in assess(quiet, [0.1] * 8 + [0.5, 0.5])[0]
 
 
+def test_the_time_left_is_each_runs_rounds_to_go_at_its_median_round():
+    from vlamp.bench.machine import duration_text, training_left
+
+    def rounds(*walls):
+        return [{"wall_s": w} for w in walls]
+
+    # a run paused for an hour in one round: the median keeps its pace
+    runs = [(rounds(100, 3700, 120), 10), (rounds(60, 60), 10), (rounds(30) * 10, 10)]
+    assert training_left(runs) == (15, 30, 7 * 120 + 8 * 60)
+    assert training_left([*runs, ([], 10)])[2] is None  # a run has not trained yet: no guess
+    assert training_left([(rounds(5, 5), 2)]) == (2, 2, 0.0)
+    assert [duration_text(s) for s in (20, 1300, 7530)] == ["under a minute", "about 22 min",
+                                                               "about 2 h 06 min"]
+
+
 def test_summary_across_seeds_pairs_each_mode_with_its_seeds_fp32():
     from vlamp.bench.summary import summarize, summary_lines
 
@@ -297,8 +313,10 @@ def test_an_interrupted_bench_goes_on_from_each_runs_last_round(cache, tmp_path)
     args = ["bench", "--quick", "--modes", "bf16-storage/kahan", "--steps", "24", "--rounds", "12",
             "--warmup", "1", "--episodes", "0", "--no-baseline", "--threads", "1",
             "precision.measure=false"]
-    ref = cli(cache, *args, "--out", str(tmp_path / "ref"), "--no-progress")
+    ref = cli(cache, *args, "--out", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr[-3000:]
+    told = re.findall(r"\n  (\d+) of 24 rounds trained(; .+? of training left)?\n", ref.stderr)
+    assert told[0][0] == "2" and told[0][1] and told[-1] == ("24", ""), told  # after every turn
     out = tmp_path / "b"
     env = {**os.environ, "XDG_CACHE_HOME": str(cache), "MUJOCO_GL": "egl"}
     p = subprocess.Popen([sys.executable, "-m", "vlamp", *args, "--out", str(out), "--no-progress"],

@@ -133,6 +133,35 @@ def summarize_rounds(rounds: list[dict[str, float]]) -> dict[str, float]:
             "loadavg_max": max(loads) if loads else 0.0}
 
 
+def training_left(runs: list[tuple[list[dict[str, float]], int]]) -> tuple[int, int, float | None]:
+    """How far runs that take turns are: ``(rounds trained, rounds in all, seconds left)``.
+
+    Args:
+        runs: Each run's rounds so far (:func:`round_load`'s records) and its rounds in all.
+
+    Returns:
+        The seconds left are each run's rounds to go at the median wall time of its rounds so
+        far (a median: a round the machine was paused in does not move it), or ``None`` while
+        a run with rounds to go has trained none.
+    """
+    done = sum(min(len(rounds), total) for rounds, total in runs)
+    left = 0.0
+    for rounds, total in runs:
+        if len(rounds) < total:
+            if not rounds:
+                return done, sum(t for _, t in runs), None
+            left += (total - len(rounds)) * statistics.median(r["wall_s"] for r in rounds)
+    return done, sum(t for _, t in runs), left
+
+
+def duration_text(seconds: float) -> str:
+    """``"about 2 h 05 min"``, ``"about 12 min"``, ``"under a minute"``: a time left, to a minute."""
+    minutes = round(seconds / 60)
+    if minutes < 1:
+        return "under a minute"
+    return f"about {minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"about {minutes} min"
+
+
 def assess(load: dict[str, float], step_times: list[float]) -> list[str]:
     """Warnings that say why a run's timings should not be trusted (none: trust them).
 
@@ -153,4 +182,4 @@ def assess(load: dict[str, float], step_times: list[float]) -> list[str]:
     return warnings
 
 
-__all__ = ["CpuSample", "assess", "machine_info", "round_load", "summarize_rounds"]
+__all__ = ["CpuSample", "assess", "duration_text", "machine_info", "round_load", "summarize_rounds", "training_left"]

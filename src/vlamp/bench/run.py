@@ -24,9 +24,11 @@ from typing import Any
 from vlamp.bench.machine import (
     CpuSample,
     assess,
+    duration_text,
     machine_info,
     round_load,
     summarize_rounds,
+    training_left,
 )
 from vlamp.bench.summary import summarize
 from vlamp.io import write_text_atomic
@@ -145,6 +147,7 @@ class _Worker:
             self.rounds = saved["rounds"]
         spec_path.write_text(json.dumps(spec))
         self.round_steps = spec["round_steps"]
+        self.total = -(-spec["config"]["train"]["steps"] // self.round_steps)  # its rounds in all
         env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
         launch = [sys.executable]
         if spec.get("ranks", 1) > 1:  # real torchrun; rank 0 talks to us, the others only train
@@ -229,6 +232,10 @@ def _run_interleaved(specs: list[tuple[str, dict[str, Any]]], workdir: Path, pro
                 if not w.trained:
                     w.round()
             turn += 1
+            if progress:  # a benchmark of hours says how far it is after every turn
+                done, total, left = training_left([(w.rounds, w.total) for w in workers])
+                eta = f"; {duration_text(left)} of training left" if left else ""
+                print(f"\n  {done} of {total} rounds trained{eta}", file=sys.stderr, flush=True)
         for w in workers[:side_by_side]:
             w.finish()
         results = []
