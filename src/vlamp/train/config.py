@@ -342,6 +342,10 @@ class RunConfig:
     Attributes:
         output_dir: The run directory: config, checkpoints, TensorBoard events, metrics.
         resume: Continue from the newest valid checkpoint in ``output_dir``.
+
+    Raises:
+        VlampError: When built (from a file, overrides or ``dataclasses.replace``) with a value
+            out of range, naming the key and its legal values: each section checks its own.
     """
 
     dataset: DatasetConfig = dataclasses.field(default_factory=DatasetConfig)
