@@ -317,6 +317,7 @@ def test_an_interrupted_bench_goes_on_from_each_runs_last_round(cache, tmp_path)
     assert ref.returncode == 0, ref.stderr[-3000:]
     told = re.findall(r"\n  (\d+) of 24 rounds trained(; .+? of training left)?\n", ref.stderr)
     assert told[0][0] == "2" and told[0][1] and told[-1] == ("24", ""), told  # after every turn
+    assert "train bf16-storage/kahan:" in ref.stderr  # the bars name the update, not just the mode
     out = tmp_path / "b"
     env = {**os.environ, "XDG_CACHE_HOME": str(cache), "MUJOCO_GL": "egl"}
     p = subprocess.Popen([sys.executable, "-m", "vlamp", *args, "--out", str(out), "--no-progress"],

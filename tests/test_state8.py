@@ -149,12 +149,15 @@ def test_the_trainer_checkpoints_8bit_moments_and_resumes_bit_exactly(tiny_datas
 
 def test_bench_labels_name_the_update_and_the_optimizer_state():
     from vlamp import VlampError
-    from vlamp.bench.run import parse_modes, run_label, split_mode
+    from vlamp.bench.run import parse_modes, split_mode
+    from vlamp.precision.weight_update import mode_label
 
     assert split_mode("bf16-true/stochastic+8bit") == ("bf16-true", "stochastic", "8bit")
     assert split_mode("fp32+8bit") == ("fp32", "auto", "8bit") and split_mode("fp32") == ("fp32", "auto", "auto")
     for label in ("bf16-true/kahan+8bit", "fp32+8bit", "bf16-storage", "bf16-true/naive"):
-        assert run_label(*split_mode(label)) == label
+        assert mode_label(*split_mode(label)) == label
+    assert mode_label("bf16-true", "master") == "bf16-true"  # the -true modes' own update
+    assert mode_label("bf16-storage", "master") == "bf16-storage/master"
     modes, _ = parse_modes("fp32+8bit,bf16-storage+8bit", device="cpu")
     assert modes == ["fp32", "fp32+8bit", "bf16-storage+8bit"]
     with pytest.raises(VlampError, match="the optimizer state after the plus is one of auto, 8bit"):

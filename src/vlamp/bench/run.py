@@ -71,14 +71,6 @@ def split_mode(label: str) -> tuple[str, str, str]:
     return mode, update or "auto", state if plus else "auto"
 
 
-def run_label(mode: str, update: str, state: str) -> str:
-    """The inverse of :func:`split_mode`, in its shortest spelling (``master`` is the ``-true``
-    modes' own update, not ``bf16-storage``'s)."""
-    own = update == "auto" or (update == "master" and mode.endswith("-true"))
-    return (mode + ("" if own else f"/{update}")
-            + (f"+{state}" if state != "auto" else ""))
-
-
 def label_overrides(label: str) -> list[str]:
     """The config overrides a run's label carries after ``@`` signs:
     ``"bf16-mixed@precision.lean_islands=0"`` -> ``["precision.lean_islands=0"]``."""

@@ -172,9 +172,9 @@ def baseline_fit(trainer, dtype: torch.dtype, steps: int, on_step=None
 
 
 def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]:
-    from vlamp.bench.run import run_label
     from vlamp.precision.dtypes import to_dtype
     from vlamp.precision.memory import state_memory
+    from vlamp.precision.weight_update import mode_label
     from vlamp.train.config_io import decode
     from vlamp.train.trainer import Trainer
 
@@ -219,7 +219,7 @@ def run(spec: dict[str, Any], channel: _Channel | None = None) -> dict[str, Any]
                                            amp if runner == "torch.amp" else None)
     plan = getattr(trainer.mp, "plan", None)
     return {
-        "mode": spec.get("label") or run_label(mode, config.precision.update,
+        "mode": spec.get("label") or mode_label(mode, config.precision.update,
                                                config.precision.optimizer_state),
         "runner": runner,
         "steps": len(losses),

@@ -110,6 +110,15 @@ def check_update(update: str, grad_accum: str, where: str = "MixedPrecision") ->
         raise VlampError(f"{where}: unknown grad_accum {grad_accum!r}; legal: {', '.join(GRAD_ACCUMS)}")
 
 
+def mode_label(mode: str, update: str = "auto", optimizer_state: str = "auto") -> str:
+    """A mode with its update and optimizer state, as ``vlamp bench --modes`` spells it, in the
+    shortest spelling: ``("bf16-true", "kahan", "8bit")`` -> ``"bf16-true/kahan+8bit"``;
+    ``master`` is the ``-true`` modes' own update (not ``bf16-storage``'s) and is left out."""
+    own = update == "auto" or (update == "master" and mode.endswith("-true"))
+    return (mode + ("" if own else f"/{update}")
+            + (f"+{optimizer_state}" if optimizer_state != "auto" else ""))
+
+
 class WeightUpdate:
     """The optimizer updates the model's own parameters: what FP32 storage needs, and the hooks
     every other method overrides where it differs.
@@ -437,4 +446,4 @@ def moments(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> Iterator[tuple
 
 
 __all__ = ["GRAD_ACCUMS", "UPDATES", "UpdateSettings", "WeightUpdate", "check_update",
-           "moments", "moments_per_param"]
+           "mode_label", "moments", "moments_per_param"]

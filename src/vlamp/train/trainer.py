@@ -28,7 +28,7 @@ from vlamp.precision.hardware import synchronize
 from vlamp.precision.memory import PeakRSS, checkpoint_modules
 from vlamp.precision.mixed_precision import MixedPrecision
 from vlamp.precision.plan import PrecisionPlan
-from vlamp.precision.weight_update import UpdateSettings
+from vlamp.precision.weight_update import UpdateSettings, mode_label
 from vlamp.train import checkpoint as ckpt
 from vlamp.train import distributed
 from vlamp.train.budget import check_budget
@@ -299,7 +299,8 @@ class Trainer:
             save_config(c, self.run_dir / "config.yaml")
         log = RunLog(self.run_dir if self.world.main else None, purge_step=self.step)
         result = TrainResult(self.run_dir, t.steps)
-        bar = tqdm(total=t.steps, initial=self.step, desc=f"train {self.mp.mode.name}", unit="step",
+        label = mode_label(self.mp.mode.name, c.precision.update, c.precision.optimizer_state)
+        bar = tqdm(total=t.steps, initial=self.step, desc=f"train {label}", unit="step",
                    disable=not self.progress, dynamic_ncols=True)
         start, window_t, window_n = time.perf_counter(), time.perf_counter(), 0
         measured_all = self.step > 0  # a resumed run's peak includes loading the checkpoint
