@@ -165,6 +165,12 @@ class Trainer:
         return sum(p.numel() for p in self.model.parameters())
 
     @property
+    def label(self) -> str:
+        """The mode with its update and optimizer state: ``bf16-true/kahan+8bit``."""
+        return mode_label(self.mp.mode.name, self.config.precision.update,
+                          self.config.precision.optimizer_state)
+
+    @property
     def sharded(self) -> bool:
         return self.world.distributed and self.config.distributed.strategy == "fsdp"
 
@@ -299,8 +305,7 @@ class Trainer:
             save_config(c, self.run_dir / "config.yaml")
         log = RunLog(self.run_dir if self.world.main else None, purge_step=self.step)
         result = TrainResult(self.run_dir, t.steps)
-        label = mode_label(self.mp.mode.name, c.precision.update, c.precision.optimizer_state)
-        bar = tqdm(total=t.steps, initial=self.step, desc=f"train {label}", unit="step",
+        bar = tqdm(total=t.steps, initial=self.step, desc=f"train {self.label}", unit="step",
                    disable=not self.progress, dynamic_ncols=True)
         start, window_t, window_n = time.perf_counter(), time.perf_counter(), 0
         measured_all = self.step > 0  # a resumed run's peak includes loading the checkpoint
