@@ -1,10 +1,13 @@
-"""Files: written so that a crash or a full disk never leaves a half-written one in place, and
-where vlamp's caches live."""
+"""Files: written so that a crash or a full disk never leaves a half-written one in place, where
+vlamp's caches live, and whether a run's directory can be written."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+
+from vlamp.precision.errors import VlampError
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
@@ -21,3 +24,23 @@ def cache_dir(kind: str) -> Path:
     plans, decoded frames."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "vlamp" / kind
+
+
+def check_writable(run_dir: Path) -> None:
+    """Checks that a run directory (``output_dir``) can be created and written, leaving nothing
+    behind: a directory is made and removed in its nearest existing ancestor (``os.access`` says
+    yes to root where writing still fails, as in /proc).
+
+    Raises:
+        VlampError: One line naming the directory and why, before anything is loaded.
+    """
+    existing = run_dir.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, f"{existing} is not a directory")
+        os.rmdir(tempfile.mkdtemp(prefix=".vlamp-probe-", dir=existing))
+    except OSError as e:
+        raise VlampError(f"output_dir {str(run_dir)!r} cannot be written: "
+                         f"{e.strerror or e}; choose another output_dir") from None

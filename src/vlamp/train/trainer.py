@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from vlamp.data.dataset import ChunkDataset, random_shift, random_shift_offsets
 from vlamp.data.generate import dataset_camera
 from vlamp.data.reader import LeRobotData
+from vlamp.io import check_writable
 from vlamp.models.lora import adapt
 from vlamp.models.registry import build_model
 from vlamp.models.tokenizer import WordTokenizer
@@ -93,7 +94,7 @@ class Trainer:
             raise VlampError(f"output_dir {str(self.run_dir)!r} holds an earlier run's "
                              f"{', '.join(leftovers)} but no checkpoint; a new run would mix its logs "
                              f"into them. Remove them or choose another output_dir")
-        _check_writable(self.run_dir)  # before minutes of loading, not after
+        check_writable(self.run_dir)  # before minutes of loading, not after
         self.world, self.device = distributed.init(config.train.device)
         self.progress = progress and self.world.main
         if config.train.threads:
@@ -478,20 +479,3 @@ class _swapped:
     def __exit__(self, *exc: object) -> None:
         if self.saved is not None:
             self.model.load_state_dict(self.saved)
-
-
-def _check_writable(run_dir: Path) -> None:
-    """Checks that the run directory can be created and written, leaving nothing behind: a
-    directory is made and removed in its nearest existing ancestor (``os.access`` says yes to
-    root where writing still fails, as in /proc)."""
-    existing = run_dir.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(20, f"{existing} is not a directory")
-        os.rmdir(tempfile.mkdtemp(prefix=".vlamp-probe-", dir=existing))
-    except OSError as e:
-        raise VlampError(f"output_dir {str(run_dir)!r} cannot be written: "
-                         f"{e.strerror or e}; choose another output_dir") from None
-
