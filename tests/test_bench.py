@@ -240,10 +240,13 @@ def test_the_time_left_is_each_runs_rounds_to_go_at_its_median_round():
     def rounds(*walls):
         return [{"wall_s": w} for w in walls]
 
-    # a run paused for an hour in one round: the median keeps its pace
-    runs = [(rounds(100, 3700, 120), 10), (rounds(60, 60), 10), (rounds(30) * 10, 10)]
-    assert training_left(runs) == (15, 30, 7 * 120 + 8 * 60)
-    assert training_left([*runs, ([], 10)])[2] is None  # a run has not trained yet: no guess
+    # a run paused for an hour in one round: the median keeps its pace; a run of fewer than three
+    # rounds (or none) goes at the median of every round
+    runs = [(rounds(100, 3700, 120), 10), (rounds(3000, 60), 10), (rounds(30) * 10, 10)]
+    pooled = 30  # the median of 15 rounds, 10 of them 30 s
+    assert training_left(runs) == (15, 30, 7 * 120 + 8 * pooled)
+    assert training_left([*runs, ([], 10)]) == (15, 40, 7 * 120 + 8 * pooled + 10 * pooled)
+    assert training_left([([], 4)]) == (0, 4, None)  # nothing trained yet: no guess
     assert training_left([(rounds(5, 5), 2)]) == (2, 2, 0.0)
     assert [duration_text(s) for s in (20, 1300, 7530)] == ["under a minute", "about 22 min",
                                                                "about 2 h 06 min"]

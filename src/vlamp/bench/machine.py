@@ -140,18 +140,18 @@ def training_left(runs: list[tuple[list[dict[str, float]], int]]) -> tuple[int, 
         runs: Each run's rounds so far (:func:`round_load`'s records) and its rounds in all.
 
     Returns:
-        The seconds left are each run's rounds to go at the median wall time of its rounds so
-        far (a median: a round the machine was paused in does not move it), or ``None`` while
-        a run with rounds to go has trained none.
+        The seconds left are each run's rounds to go at the median wall time of its rounds so far
+        (a median: a round the machine was paused in does not move it), or, for a run with fewer
+        than three, at the median of every run's rounds; ``None`` while no run has trained one.
     """
-    done = sum(min(len(rounds), total) for rounds, total in runs)
-    left = 0.0
-    for rounds, total in runs:
-        if len(rounds) < total:
-            if not rounds:
-                return done, sum(t for _, t in runs), None
-            left += (total - len(rounds)) * statistics.median(r["wall_s"] for r in rounds)
-    return done, sum(t for _, t in runs), left
+    done, total = sum(min(len(r), t) for r, t in runs), sum(t for _, t in runs)
+    walls = [x["wall_s"] for r, _ in runs for x in r]
+    if not walls:
+        return done, total, None
+    pooled = statistics.median(walls)
+    left = sum((t - len(r)) * (statistics.median(x["wall_s"] for x in r) if len(r) >= 3 else pooled)
+               for r, t in runs if len(r) < t)
+    return done, total, float(left)
 
 
 def duration_text(seconds: float) -> str:
