@@ -159,7 +159,9 @@ def duration_text(seconds: float) -> str:
     minutes = round(seconds / 60)
     if minutes < 1:
         return "under a minute"
-    return f"about {minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"about {minutes} min"
+    if minutes < 60:
+        return f"about {minutes} min"
+    return f"about {minutes // 60} h {minutes % 60:02d} min"
 
 
 def assess(load: dict[str, float], step_times: list[float]) -> list[str]:
@@ -182,4 +184,5 @@ def assess(load: dict[str, float], step_times: list[float]) -> list[str]:
     return warnings
 
 
-__all__ = ["CpuSample", "assess", "duration_text", "machine_info", "round_load", "summarize_rounds", "training_left"]
+__all__ = ["CpuSample", "assess", "duration_text", "machine_info", "round_load", "summarize_rounds",
+           "training_left"]
