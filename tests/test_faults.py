@@ -205,6 +205,37 @@ def test_unwritable_output_dir_is_one_line_before_loading(tiny_dataset, tmp_path
 
 
 @pytest.mark.slow
+def test_writers_of_one_file_at_once_each_rename_a_whole_file(tmp_path):
+    """A benchmark's runs load side by side and record the same decoded-frames store and plan
+    cache: with one shared temporary name, a writer renamed the file another had just renamed
+    (FileNotFoundError, 3 of 4 threads here). Each writer now has its own."""
+    import threading
+
+    from vlamp.io import write_text_atomic
+    from vlamp.precision.plan import PrecisionPlan
+
+    plan = PrecisionPlan("bf16-mixed")
+    errors: list[BaseException] = []
+
+    def write(i: int) -> None:
+        try:
+            for _ in range(200):
+                write_text_atomic(tmp_path / "x.json", f"writer {i}\n" * 100)
+                plan.save(tmp_path / "plan.yaml")
+        except OSError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["plan.yaml", "x.json"]  # no leftovers
+    assert len(set((tmp_path / "x.json").read_text().splitlines())) == 1  # one writer's, whole
+    assert PrecisionPlan.load(tmp_path / "plan.yaml").mode.name == "bf16-mixed"
+
+
 def test_checkpoint_that_passes_its_checksum_but_lacks_keys(tiny_dataset, tmp_path, monkeypatch):
     out = tmp_path / "run"
     trainer(tiny_dataset, out, "fp32").fit()  # checkpoints at steps 3 and 6

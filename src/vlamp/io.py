@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
 from vlamp.precision.errors import VlampError
@@ -12,11 +13,15 @@ from vlamp.precision.errors import VlampError
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Writes ``text`` to ``path`` through a temporary file in the same directory, then renames it
-    into place (atomic on POSIX)."""
+    into place (atomic on POSIX). The temporary name is the writer's own, so processes writing
+    the same file at once (a benchmark's runs loading side by side) each rename a whole file."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def cache_dir(kind: str) -> Path:
