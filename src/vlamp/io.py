@@ -5,23 +5,10 @@ from __future__ import annotations
 
 import os
 import tempfile
-import uuid
 from pathlib import Path
 
 from vlamp.precision.errors import VlampError
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file in the same directory, then renames it
-    into place (atomic on POSIX). The temporary name is the writer's own, so processes writing
-    the same file at once (a benchmark's runs loading side by side) each rename a whole file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+from vlamp.precision.files import write_text_atomic  # one way to write a file, precision's too
 
 
 def cache_dir(kind: str) -> Path:
@@ -49,3 +36,6 @@ def check_writable(run_dir: Path) -> None:
     except OSError as e:
         raise VlampError(f"output_dir {str(run_dir)!r} cannot be written: "
                          f"{e.strerror or e}; choose another output_dir") from None
+
+
+__all__ = ["cache_dir", "check_writable", "write_text_atomic"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import os
-import uuid
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from vlamp.precision.errors import VlampError
+from vlamp.precision.files import write_text_atomic
 from vlamp.precision.modes import Mode, get_mode
 from vlamp.precision.policy import FP32, Policy
 
@@ -186,14 +186,7 @@ class PrecisionPlan:
         """Writes the plan as YAML (atomically: temporary file, then rename)."""
         import yaml
 
-        tmp = f"{os.fspath(path)}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"  # each writer its own
-        try:
-            with open(tmp, "w") as f:
-                yaml.safe_dump(self.to_dict(), f, sort_keys=False)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], mode: str | Mode | None = None) -> PrecisionPlan:
