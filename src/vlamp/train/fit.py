@@ -35,7 +35,7 @@ from vlamp.models.registry import BLOCKS, build_model, stack_depths
 from vlamp.precision.describe import state_by_kind
 from vlamp.precision.modes import get_mode
 from vlamp.precision.plan import plan_for
-from vlamp.precision.weight_update import BUCKET
+from vlamp.precision.weight_update import BUCKET, mode_label
 from vlamp.train.config import LoraConfig, PrecisionConfig
 from vlamp.train.fit_probe import Measured, ModeProbe, probe_mode
 
@@ -69,9 +69,10 @@ class Candidate:
     in_backward: bool = False
 
     def label(self) -> str:
-        """``bf16-storage/stochastic+8bit ckpt 4x2`` (micro-batch x accumulation)."""
-        text = self.mode + (f"/{self.update}" if self.update != "-" else "")
-        text += "+8bit" if self.optimizer_state == "8bit" else ""
+        """``bf16-storage/stochastic+8bit ckpt 4x2`` (micro-batch x accumulation): the mode as
+        ``vlamp bench --modes`` spells it (:func:`~vlamp.precision.weight_update.mode_label`),
+        then how the step is run."""
+        text = mode_label(self.mode, "auto" if self.update == "-" else self.update, self.optimizer_state)
         text += " in-bwd" if self.in_backward else ""
         return f"{text}{' ckpt' if self.checkpoint else ''} {self.micro_batch}x{self.grad_accum}"
 
