@@ -364,32 +364,32 @@ def test_an_interrupted_bench_goes_on_from_each_runs_last_round(cache, tmp_path)
 
 
 def test_a_seeds_runs_in_flight_resume_only_on_the_machine_they_began_on(tmp_path):
-    from vlamp.bench.run import _runs_dir
+    from vlamp.bench.seeds import runs_dir
     from vlamp.precision.errors import VlampError
 
     here = {"cpu": "this CPU", "cpu_flags": ["avx2"], "gpu": None, "torch": "2.13.0"}
-    runs = _runs_dir(tmp_path / "seed-0.runs", "key", here, resume=False)
+    runs = runs_dir(tmp_path / "seed-0.runs", "key", here, resume=False)
     (runs / "a-run").mkdir()
-    assert _runs_dir(runs, "key", here, resume=True) == runs and (runs / "a-run").is_dir()
+    assert runs_dir(runs, "key", here, resume=True) == runs and (runs / "a-run").is_dir()
     with pytest.raises(VlampError, match=r"begun on another machine \(this CPU \(avx2"):
-        _runs_dir(runs, "key", {**here, "cpu": "another CPU"}, resume=True)
+        runs_dir(runs, "key", {**here, "cpu": "another CPU"}, resume=True)
     (runs / "machine.json").write_text("{not json")
     with pytest.raises(VlampError, match="cannot read .*machine.json"):
-        _runs_dir(runs, "key", here, resume=True)
+        runs_dir(runs, "key", here, resume=True)
     (runs / "machine.json").unlink()  # written before machines were recorded: this machine's
-    assert _runs_dir(runs, "key", {**here, "cpu": "another CPU"}, resume=True) == runs
-    assert not (_runs_dir(runs, "key", here, resume=False) / "a-run").exists()
+    assert runs_dir(runs, "key", {**here, "cpu": "another CPU"}, resume=True) == runs
+    assert not (runs_dir(runs, "key", here, resume=False) / "a-run").exists()
 
 
 def test_the_kept_mt10_seeds_resume_under_the_config_of_today():
     """The ablation grows on the seed files kept in results/mt10-bench/seeds: the settings key of
-    the command that made them must not move when a config key is added (bench.LATER_KEYS) or a
+    the command that made them must not move when a config key is added (bench.seeds.LATER_KEYS) or a
     default changes, or every kept seed would have to be trained again."""
     import dataclasses
     import math
     from pathlib import Path
 
-    from vlamp.bench.run import _settings_key
+    from vlamp.bench.seeds import settings_key
     from vlamp.cli.bench import run_config
     from vlamp.cli.main import build_parser
     from vlamp.data.generate import dataset_id
@@ -402,6 +402,6 @@ def test_the_kept_mt10_seeds_resume_under_the_config_of_today():
     d = config.dataset  # the path bench reads the generated suite from (only its name counts)
     name = dataset_id(resolve_tasks(d.tasks), d.episodes_per_task, d.image_size, 0, 200)
     config = dataclasses.replace(config, dataset=dataclasses.replace(d, path=f"/x/{name}", tasks=""))
-    key = _settings_key(config, 10, episodes, "auto", math.ceil(config.train.steps / args.rounds))
+    key = settings_key(config, 10, episodes, "auto", math.ceil(config.train.steps / args.rounds))
     files = sorted(kept.glob("seed-*.json"))
     assert len(files) >= 3 and {json.loads(f.read_text())["settings"] for f in files} == {key}

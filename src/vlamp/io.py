@@ -3,9 +3,11 @@ vlamp's caches live, and whether a run's directory can be written."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from vlamp.precision.errors import VlampError
 from vlamp.precision.files import write_text_atomic  # one way to write a file, precision's too
@@ -39,3 +41,9 @@ def check_writable(run_dir: Path) -> None:
 
 
 __all__ = ["cache_dir", "check_writable", "write_text_atomic"]
+
+
+def write_json(obj: Any, path: str | os.PathLike[str], compact: bool = False) -> None:
+    """``obj`` as JSON (indented, or on one line with ``compact``), written atomically."""
+    write_text_atomic(path, json.dumps(obj, separators=(",", ":")) if compact else
+                      json.dumps(obj, indent=1))

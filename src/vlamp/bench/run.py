@@ -26,12 +26,14 @@ from vlamp.bench.machine import (
     assess,
     duration_text,
     machine_info,
+    machine_name,
     round_load,
     summarize_rounds,
     training_left,
 )
+from vlamp.bench.seeds import finished_seed, runs_dir, settings_key
 from vlamp.bench.summary import summarize
-from vlamp.io import write_text_atomic
+from vlamp.io import write_json
 from vlamp.precision.dtypes import dtype_name
 from vlamp.precision.errors import VlampError
 from vlamp.precision.hardware import detect, native_formats, resolve_device
@@ -289,17 +291,17 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
     timed_on = {k: machine[k] for k in ("cpu", "cpu_flags", "gpu", "torch")}
     # runs that evaluate in their own process alone (eval.workers=1) do it side by side, one a core
     side_by_side = (os.cpu_count() or 1) if config.eval.workers == 1 and not machine["gpu"] else 1
-    key = _settings_key(config, warmup, eval_episodes, threads, round_steps)
+    key = settings_key(config, warmup, eval_episodes, threads, round_steps)
     for seed in range(seeds):
         done = out / "seeds" / f"seed-{config.train.seed + seed}.json"
-        saved = _finished_seed(done, key) if resume and done.is_file() else []
+        saved = finished_seed(done, key) if resume and done.is_file() else []
         have = {_run_id(r): r for r in saved}
         todo = [p for p in plan if p not in have]
         if saved:
             print(f"seed {config.train.seed + seed}: {len(plan) - len(todo)} runs read from {done} "
                   f"(--resume)", file=sys.stderr, flush=True)
         if todo:
-            workdir = _runs_dir(done.with_suffix(".runs"), key, timed_on, resume)
+            workdir = runs_dir(done.with_suffix(".runs"), key, timed_on, resume)
             specs = [_run_spec(config, mode, runner, ranks, seed, workdir, warmup, threads,
                                round_steps, eval_episodes, progress) for mode, runner, ranks in todo]
             if progress:
@@ -356,79 +358,8 @@ def _run_id(run: dict[str, Any]) -> tuple[str, str, int]:
     return run["mode"], run["runner"], run["ranks"]
 
 
-# Config keys added after benchmarks were kept (results/mt10-bench/seeds), each with the value
-# that does what a config without it did: at that value it stays out of the settings key, so
-# those benchmarks still resume. A key added to RunConfig goes here (tests/test_bench.py checks).
-LATER_KEYS = {("train", "compile_backend"): "inductor"}
-
-
-def _settings_key(config: RunConfig, warmup: int, eval_episodes: int, threads: int | str,
-                  round_steps: int) -> str:
-    """What a run's results depend on besides its mode and seed, hashed: a run is resumed only
-    into a benchmark of the same settings (which other modes run beside it does not matter).
-    The dataset counts by its directory's name (a generated dataset's name says what generated
-    it), not by where it lies, so a benchmark's seed files resume on another machine or cache."""
-    import hashlib
-
-    cfg = to_dict(config)
-    cfg["train"].pop("seed")  # the seed is the file's name
-    for (section, name), value in LATER_KEYS.items():
-        if cfg[section].get(name) == value:
-            cfg[section].pop(name)
-    if cfg["dataset"]["path"]:
-        cfg["dataset"]["path"] = Path(cfg["dataset"]["path"]).name
-    spec = json.dumps([cfg, warmup, eval_episodes, threads, round_steps], sort_keys=True)
-    return hashlib.sha1(spec.encode()).hexdigest()[:16]
-
-
-def _runs_dir(path: Path, key: str, machine: dict[str, Any], resume: bool) -> Path:
-    """The directory a seed's runs train in: kept from an interrupted benchmark of the same
-    settings on the same machine with ``resume``, else made empty. Runs begun on another machine
-    are refused: their step times would mix two machines' (finished seed files travel, these do
-    not)."""
-    settings, timed_on = path / "settings", path / "machine.json"
-    if resume and path.is_dir():
-        if not settings.is_file() or settings.read_text() != key:
-            raise VlampError(f"--resume: {path} holds runs of a benchmark with other settings "
-                             f"(config, steps, warmup, episodes, threads or rounds); give the same "
-                             f"ones, or another --out")
-        try:  # a directory from before machines were recorded counts as this machine's
-            begun = json.loads(timed_on.read_text()) if timed_on.is_file() else machine
-        except ValueError:
-            raise VlampError(f"--resume: cannot read {timed_on}; delete {path} to run the seed "
-                             f"again") from None
-        if begun != machine:
-            raise VlampError(f"--resume: {path} holds runs begun on another machine "
-                             f"({_machine_name(begun)}); their step times would mix "
-                             f"two machines: delete that directory to run the seed again here")
-        return path
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-    write_text_atomic(settings, key)
-    write_json(machine, timed_on)
-    return path
-
-
-def _finished_seed(path: Path, key: str) -> list[dict[str, Any]]:
-    """The runs of a seed earlier benchmarks of the same settings finished."""
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise VlampError(f"--resume: cannot read {path} ({e}); delete it to run that seed again") from None
-    if saved.get("settings") != key:
-        raise VlampError(f"--resume: {path} holds a seed of a benchmark with other settings (config, "
-                         f"steps, warmup, episodes, threads or rounds); give the same ones, or "
-                         f"another --out")
-    return saved["runs"]
-
-
 def _run_name(r: dict[str, Any]) -> str:
     return f"{r['mode']} ({r['runner']}, seed {r['seed']})"
-
-
-def _machine_name(m: dict[str, Any]) -> str:
-    """A run's ``machine`` record in words: the GPU or CPU, its flags, torch."""
-    return f"{m['gpu'] or m['cpu']} ({', '.join(m['cpu_flags']) or 'no listed flags'}, torch {m['torch']})"
 
 
 def add_ratios(runs: list[dict[str, Any]]) -> None:
@@ -445,8 +376,8 @@ def add_ratios(runs: list[dict[str, Any]]) -> None:
     for r in runs:
         f = ref[(r["seed"], r.get("ranks", 1))]
         if r.get("machine") and f.get("machine") and r["machine"] != f["machine"]:
-            r["warnings"] = [*r["warnings"], (f"timed on {_machine_name(r['machine'])}, its fp32 run on "
-                                              f"{_machine_name(f['machine'])}: the ratios compare two machines")]
+            r["warnings"] = [*r["warnings"], (f"timed on {machine_name(r['machine'])}, its fp32 run on "
+                                              f"{machine_name(f['machine'])}: the ratios compare two machines")]
         one = ref.get((r["seed"], 1))
         r["scaleout_vs_1_process"] = r["samples_per_s"] / one["samples_per_s"] \
             if r.get("ranks", 1) > 1 and one is not None else None
@@ -461,11 +392,6 @@ def add_ratios(runs: list[dict[str, Any]]) -> None:
         r["training_memory_vs_fp32"] = added / added_ref if added and added_ref else None
         gpu, gpu_ref = r.get("gpu_peak_bytes"), f.get("gpu_peak_bytes")
         r["gpu_memory_vs_fp32"] = gpu / gpu_ref if gpu and gpu_ref else None
-
-
-def write_json(obj: Any, path: str | os.PathLike[str], compact: bool = False) -> None:
-    write_text_atomic(path, json.dumps(obj, separators=(",", ":")) if compact else
-                      json.dumps(obj, indent=1))
 
 
 QUICK_TASKS = "drawer-open,drawer-close"

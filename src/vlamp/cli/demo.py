@@ -33,7 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vlamp.bench.report import text_table
-    from vlamp.bench.run import quick_overrides, write_json
+    from vlamp.bench.run import quick_overrides
+    from vlamp.io import write_json
     from vlamp.precision.errors import VlampError
     from vlamp.precision.hardware import choose_mode, detect, resolve_device
     from vlamp.precision.modes import MODE_NAMES
