@@ -381,6 +381,31 @@ def test_a_seeds_runs_in_flight_resume_only_on_the_machine_they_began_on(tmp_pat
     assert not (runs_dir(runs, "key", here, resume=False) / "a-run").exists()
 
 
+def test_all_seeds_reads_each_kept_seed_beyond_seeds_paired_with_its_fp32_run(tmp_path):
+    from vlamp.bench.seeds import kept_beyond
+
+    def run(mode, seed, runner="vlamp"):
+        return {"mode": mode, "runner": runner, "ranks": 1, "seed": seed}
+
+    kept = {1: [run("fp32", 1), run("bf16-mixed", 1)],
+            3: [run("fp32", 3), run("fp16-mixed", 3), run("bf16-true", 3)],  # one mode not planned
+            4: [run("bf16-mixed", 4)],  # no fp32 run to pair with
+            5: [run("fp32", 5)]}  # nothing to pair
+    for seed, runs in kept.items():
+        (tmp_path / f"seed-{seed}.json").write_text(json.dumps({"settings": "k", "runs": runs}))
+    (tmp_path / "seed-x.json").write_text("{}")  # not a seed file
+    plan = [("fp32", "vlamp", 1), ("bf16-mixed", "vlamp", 1), ("fp16-mixed", "vlamp", 1)]
+    got = kept_beyond(tmp_path, 1, "k", plan)
+    assert [(r["mode"], r["seed"]) for r in got] == [
+        ("fp32", 1), ("bf16-mixed", 1), ("fp32", 3), ("fp16-mixed", 3)]
+    assert [r["seed"] for r in kept_beyond(tmp_path, 2, "k", plan)] == [3, 3]  # from seed 2 on
+    with pytest.raises(VlampError, match="other settings"):
+        kept_beyond(tmp_path, 1, "another key", plan)
+    with pytest.raises(VlampError, match="give --resume too"):  # before anything is written
+        bench(load_config(None), ["fp32"], tmp_path / "out", all_seeds=True)
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_kept_mt10_seeds_resume_under_the_config_of_today():
     """The ablation grows on the seed files kept in results/mt10-bench/seeds: the settings key of
     the command that made them must not move when a config key is added (bench.seeds.LATER_KEYS) or a

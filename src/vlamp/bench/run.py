@@ -31,7 +31,7 @@ from vlamp.bench.machine import (
     summarize_rounds,
     training_left,
 )
-from vlamp.bench.seeds import finished_seed, runs_dir, settings_key
+from vlamp.bench.seeds import finished_seed, kept_beyond, run_id, runs_dir, settings_key
 from vlamp.bench.summary import summarize
 from vlamp.io import write_json
 from vlamp.precision.dtypes import dtype_name
@@ -250,7 +250,7 @@ def _run_interleaved(specs: list[tuple[str, dict[str, Any]]], workdir: Path, pro
 def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, seeds: int = 1,
           warmup: int = 5, eval_episodes: int = 5, baseline: bool = True, notes: list[str] | None = None,
           threads: int | str = "auto", rounds: int = 10, progress: bool = True,
-          nproc: int = 1, resume: bool = False) -> dict[str, Any]:
+          nproc: int = 1, resume: bool = False, all_seeds: bool = False) -> dict[str, Any]:
     """Runs every mode (and the torch.amp baseline for the first low-precision mode), ``seeds``
     times each, writes ``out/results.json`` and the report, and returns the results.
 
@@ -273,9 +273,16 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
     read back), the torch.amp loop, which keeps no checkpoint, from its first step. Without
     ``resume`` that directory is cleared; it is removed when the seed is written.
 
+    With ``all_seeds`` (and ``resume``) the table also takes the seeds ``out`` keeps beyond
+    ``seeds``, for the modes that have one beside its FP32 run, and trains none of them: a row
+    given a seed more to narrow its interval keeps it in the table of the whole ablation.
+
     Raises:
-        VlampError: With ``resume``, for a seed ``out`` holds from a benchmark of other settings.
+        VlampError: With ``resume``, for a seed ``out`` holds from a benchmark of other settings;
+            ``all_seeds`` without ``resume``.
     """
+    if all_seeds and not resume:
+        raise VlampError("--all-seeds reports the seeds kept in --out: give --resume too")
     for mode in modes:
         mode_config(config, mode)  # a bad override is refused before anything is written
     out = Path(out)
@@ -295,7 +302,7 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
     for seed in range(seeds):
         done = out / "seeds" / f"seed-{config.train.seed + seed}.json"
         saved = finished_seed(done, key) if resume and done.is_file() else []
-        have = {_run_id(r): r for r in saved}
+        have = {run_id(r): r for r in saved}
         todo = [p for p in plan if p not in have]
         if saved:
             print(f"seed {config.train.seed + seed}: {len(plan) - len(todo)} runs read from {done} "
@@ -312,8 +319,10 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
             saved += finished  # runs of other modes an earlier benchmark finished are kept
             write_json({"settings": key, "runs": saved}, done, compact=True)  # kept, even committed
             shutil.rmtree(workdir)
-            have.update((_run_id(r), r) for r in finished)
+            have.update((run_id(r), r) for r in finished)
         runs += [have[p] for p in plan]
+    if all_seeds:
+        runs += kept_beyond(out / "seeds", config.train.seed + seeds, key, plan)
     add_ratios(runs)
     warned = [f"{_run_name(r)}: {w}" for r in runs for w in r["warnings"]]
     results = {"machine": machine,
@@ -351,11 +360,6 @@ def mode_config(config: RunConfig, label: str) -> RunConfig:
     """
     over = label_overrides(label)
     return with_overrides(config, over, f"--modes {label}") if over else config
-
-
-def _run_id(run: dict[str, Any]) -> tuple[str, str, int]:
-    """A run's place in a benchmark's plan: (mode, runner, ranks)."""
-    return run["mode"], run["runner"], run["ranks"]
 
 
 def _run_name(r: dict[str, Any]) -> str:

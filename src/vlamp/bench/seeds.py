@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +80,31 @@ def finished_seed(path: Path, key: str) -> list[dict[str, Any]]:
                          f"steps, warmup, episodes, threads or rounds); give the same ones, or "
                          f"another --out")
     return saved["runs"]
+
+
+def run_id(run: dict[str, Any]) -> tuple[str, str, int]:
+    """A run's place in a benchmark's plan: (mode, runner, ranks)."""
+    return run["mode"], run["runner"], run["ranks"]
+
+
+def kept_beyond(seeds_dir: Path, first: int, key: str, plan: list[tuple[str, str, int]]
+                ) -> list[dict[str, Any]]:
+    """The runs of ``plan`` that the seed files of ``seeds_dir`` hold from seed ``first`` on, each
+    with its seed's FP32 run; a run without one is left out (it has nothing to be paired with),
+    and so is an FP32 run with nothing paired to it.
+
+    Raises:
+        VlampError: For a seed file of a benchmark with other settings than ``key``.
+    """
+    files = {int(p.stem[5:]): p for p in seeds_dir.glob("seed-*.json") if p.stem[5:].isdigit()}
+    runs = []
+    for seed in sorted(s for s in files if s >= first):
+        have = {run_id(r): r for r in finished_seed(files[seed], key)}
+        paired = [p for p in plan if p[0] != "fp32" and p in have and ("fp32", "vlamp", p[2]) in have]
+        refs = {("fp32", "vlamp", p[2]) for p in paired}
+        read = [have[p] for p in plan if p in paired or p in refs]
+        if read:
+            print(f"seed {seed}: {len(read)} runs read from {files[seed]} (--all-seeds)",
+                  file=sys.stderr, flush=True)
+        runs += read
+    return runs

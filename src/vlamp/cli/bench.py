@@ -21,6 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                "--seeds 3\n  vlamp bench train.batch_size=32 model.head=flow\n"
                "  vlamp bench --modes bf16-true,bf16-true/kahan,bf16-true/stochastic --seeds 3\n"
                "  vlamp bench --config mt10 --modes fp32,bf16-mixed --seeds 3 --resume   # goes on\n"
+               "  vlamp bench --config mt10 --modes fp32,bf16-mixed,fp16-mixed --seeds 3 --resume "
+               "--all-seeds   # + seeds kept beyond 3\n"
                "  vlamp bench --modes bf16-mixed,bf16-mixed@precision.lean_islands=0   # A against B\n"
                "  vlamp bench --quick --nproc 2 distributed.strategy=fsdp\n"
                "  vlamp bench --modes fp32,bf16-mixed train.device=cuda model.size=base "
@@ -60,6 +62,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "runs it finished (out/seeds/) are read, not run again, and the runs of the "
                         "seed it was in go on from their last round's checkpoint; --seeds may grow "
                         "and --modes gain modes")
+    p.add_argument("--all-seeds", action="store_true",
+                   help="with --resume: the table also takes every seed --out keeps beyond --seeds, "
+                        "for the modes that have one (trains none of them): a row given a seed more "
+                        "to narrow its interval keeps it in the table of the whole ablation")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="YAML training config, or a recipe of vlamp's: mt10, mt50")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides")
@@ -96,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
                         eval_episodes=episodes, baseline=not args.no_baseline, notes=notes,
                         progress=not args.no_progress,
                         threads=threads if threads == "auto" else int(threads), rounds=args.rounds,
-                        nproc=args.nproc, resume=args.resume)
+                        nproc=args.nproc, resume=args.resume,
+                        all_seeds=args.all_seeds)
     except KeyboardInterrupt:
         print("vlamp bench: the same command with --resume goes on from the seeds written and "
               "each run's last round", file=sys.stderr)
