@@ -13,6 +13,7 @@ import torch
 
 from vlamp.bench.machine import OTHER_CORES_LIMIT
 from vlamp.bench.run import bench, parse_modes
+from vlamp.bench.summary import SUMMARY_CAPTION
 from vlamp.precision.errors import VlampError
 from vlamp.train.config_io import load_config
 
@@ -77,7 +78,8 @@ def test_bench_quick_writes_every_field_and_consistent_ratios(cache, tmp_path):
     assert all(set(map(len, x["success_outcomes"].values())) == {1} for x in runs)
     summary = {(s["mode"], s["runner"]): s for s in r["summary"]}
     assert len(summary) == 4 and summary[("bf16-mixed", "vlamp")]["success_pairs"]["episodes"] == 2
-    assert "across seeds, against the fp32 run of each seed:" in p.stdout
+    assert SUMMARY_CAPTION in p.stdout and "vs fp32, paired (points, 95%)" in p.stdout
+    assert summary[("bf16-mixed", "vlamp")]["state_bytes"] == runs[1]["state_bytes"]
     assert "peak GPU" not in p.stdout
     assert fp32["speedup_vs_fp32"] == 1.0 and fp32["memory_vs_fp32"] == 1.0
     assert all(x["lean_islands"] == 0 for x in runs)  # precision.measure=false: the mode's plan
@@ -253,7 +255,7 @@ def test_the_time_left_is_each_runs_rounds_to_go_at_its_median_round():
 
 
 def test_summary_across_seeds_pairs_each_mode_with_its_seeds_fp32():
-    from vlamp.bench.summary import summarize, summary_lines
+    from vlamp.bench.summary import summarize, summary_table
 
     def run(mode, seed, l1, outcomes, runner="vlamp", speed=1.0):
         return {"mode": mode, "runner": runner, "seed": seed, "speedup_vs_fp32": speed,
@@ -276,8 +278,12 @@ def test_summary_across_seeds_pairs_each_mode_with_its_seeds_fp32():
     assert b["success_vs_fp32_points"] == pytest.approx(100 / 12) and b["success_p"] == 1.0
     assert b["success_verdict"] == "within noise"
     assert rows["fp32"]["val_l1_vs_fp32_pct"] is None and rows["fp32"]["success_p"] is None
-    text = "\n".join(summary_lines(list(rows.values())))
-    assert "bf16-mixed, 3 seed(s): speed-up 1.40x +- 0.10x" in text and "+1.0% vs fp32" in text
+    table = summary_table(list(rows.values()))
+    assert table[0][:3] == ["run", "seeds", "speed-up"] and len(table) == 3
+    assert table[1] == ["fp32", "3", "1.00x +- 0.00", "-", "0.2000 +- 0.1000", "-", "58% +- 14", "-", "-"]
+    assert table[2][:3] == ["bf16-mixed", "3", "1.40x +- 0.10"] and table[2][3] == "-"  # no state given
+    assert table[2][5].startswith("+1.0%, p ") and table[2][6] == "67% +- 14"
+    assert table[2][7].startswith("+8.3 [") and table[2][8] == "p 1, 12 pairs"
     assert b["success_by_group"] is None  # task "t" is in no Meta-World difficulty group
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from vlamp.bench.summary import group_rows, run_label, summary_lines
+from vlamp.bench.summary import SUMMARY_CAPTION, group_rows, run_label, summary_table
 from vlamp.report import Report
 
 PLOTS = ("loss.png", "speed_memory.png", "memory_kinds.png", "loss_scale.png", "success.png",
@@ -91,12 +91,11 @@ def trust_lines(results: dict[str, Any]) -> list[str]:
 
 
 def text_table(results: dict[str, Any]) -> str:
-    summary = summary_lines(results.get("summary") or [])
-    groups = group_rows(results.get("summary") or [])
+    rows = results.get("summary") or []
+    groups = group_rows(rows)
     return "\n".join([*_align(table_rows(results)), *trust_lines(results),
                       "", "memory by kind (MiB):", *_align(memory_rows(results)),
-                      *(["", "across seeds, against the fp32 run of each seed:"] if summary else []),
-                      *[f"  {line}" for line in summary],
+                      *(["", SUMMARY_CAPTION, *_align(summary_table(rows))] if rows else []),
                       *(["", GROUPS_CAPTION, *_align(groups)] if groups else [])])
 
 
@@ -260,11 +259,11 @@ def write_report(results: dict[str, Any], out: str | os.PathLike[str]) -> tuple[
                      "RSS training added: the peak RSS over training above the RSS before it, which "
                      "also holds what the allocator kept.")
     report.table(memory_rows(results))
-    summary = summary_lines(results.get("summary") or [])
-    if summary:
-        report.paragraph("Across seeds, against the fp32 run of each seed:")
-        report.bullets(summary)
-    groups = group_rows(results.get("summary") or [])
+    rows = results.get("summary") or []
+    if rows:
+        report.paragraph(SUMMARY_CAPTION[0].upper() + SUMMARY_CAPTION[1:])
+        report.table(summary_table(rows))
+    groups = group_rows(rows)
     if groups:
         report.paragraph(GROUPS_CAPTION)
         report.table(groups)

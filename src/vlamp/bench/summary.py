@@ -107,6 +107,8 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"name": name, "mode": mode, "runner": runner, "ranks": ranks,
                                "seeds": [r["seed"] for r in group]}
         row["speedup_mean"], row["speedup_sd"] = _mean_sd([r["speedup_vs_fp32"] for r in group])
+        states = [r["state_bytes"] for r in group if r.get("state_bytes") is not None]
+        row["state_bytes"] = statistics.fmean(states) if states else None
         vals = [r["final_val_action_l1"] for r in group if r["final_val_action_l1"] is not None]
         row["val_l1_mean"], row["val_l1_sd"] = _mean_sd(vals) if vals else (None, None)
         succ = [r["success_rate"] for r in group if r["success_rate"] is not None]
@@ -159,28 +161,36 @@ def group_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     return out
 
 
-def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """The summary as text lines (for the printed table and the report)."""
-    def pm(mean, sd, pattern):
+SUMMARY_CAPTION = ("across seeds, against the fp32 run of each seed (mean +- sd over seeds; "
+                   "validation error by a paired t-test over seeds, success by the seeds' episode "
+                   "pairs pooled: the difference in points with its 95% interval and McNemar's p; "
+                   "p >= 0.05 is within noise):")
+
+
+def summary_table(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """Header plus one row per summary row (see :func:`summarize`): seeds, speed-up, training
+    state, validation error and success, each difference from FP32 with its test."""
+    def pm(mean: float | None, sd: float | None, pattern: str, unit: str = "") -> str:
         if mean is None:
             return "-"
-        return pattern.format(mean) + ("" if sd is None else " +- " + pattern.format(sd))
+        return pattern.format(mean) + unit + ("" if sd is None else " +- " + pattern.format(sd))
 
-    out = []
+    out = [["run", "seeds", "speed-up", "state (MiB)", "val action L1", "vs fp32", "success",
+            "vs fp32, paired (points, 95%)", "McNemar"]]
     for r in rows:
-        name = r.get("name") or (r["mode"] if r["runner"] == "vlamp" else f"{r['mode']} (torch.amp loop)")
-        parts = [f"{name}, {len(r['seeds'])} seed(s): speed-up {pm(r['speedup_mean'], r['speedup_sd'], '{:.2f}x')}",
-                 f"val L1 {pm(r['val_l1_mean'], r['val_l1_sd'], '{:.4f}')}"]
-        if r["val_l1_vs_fp32_pct"] is not None:
-            p = r["val_l1_p"]
-            parts.append(f"{r['val_l1_vs_fp32_pct']:+.1f}% vs fp32"
-                         + ("" if p is None else f" (paired t p={p:.2g}: {r['val_l1_verdict']})"))
-        if r["success_mean"] is not None:
-            parts.append(f"success {pm(100 * r['success_mean'], None if r['success_sd'] is None else 100 * r['success_sd'], '{:.0f}')}%")
-        if r["success_vs_fp32_points"] is not None:
-            lo, hi = r["success_vs_fp32_ci95"]
-            parts.append(f"{r['success_vs_fp32_points']:+.1f} points vs fp32 [{lo:+.1f}, {hi:+.1f}] "
-                         f"(McNemar p={r['success_p']:.2g} over {r['success_pairs']['episodes']} "
-                         f"paired episodes: {r['success_verdict']})")
-        out.append("; ".join(parts))
+        state = r.get("state_bytes")
+        succ, sd = r["success_mean"], r["success_sd"]
+        d, p = r["success_vs_fp32_points"], r["val_l1_p"]
+        val_vs = "-" if r["val_l1_vs_fp32_pct"] is None else \
+            f"{r['val_l1_vs_fp32_pct']:+.1f}%" + ("" if p is None else f", p {p:.2g}")
+        out.append([r["name"], str(len(r["seeds"])),
+                    pm(r["speedup_mean"], r["speedup_sd"], "{:.2f}", "x"),
+                    "-" if state is None else f"{state / 2**20:.1f}",
+                    pm(r["val_l1_mean"], r["val_l1_sd"], "{:.4f}"), val_vs,
+                    pm(None if succ is None else 100 * succ, None if sd is None else 100 * sd,
+                       "{:.0f}", "%"),
+                    "-" if d is None else
+                    f"{d:+.1f} [{r['success_vs_fp32_ci95'][0]:+.1f}, {r['success_vs_fp32_ci95'][1]:+.1f}]",
+                    "-" if d is None else
+                    f"p {r['success_p']:.2g}, {r['success_pairs']['episodes']} pairs"])
     return out
