@@ -280,7 +280,7 @@ def test_summary_across_seeds_pairs_each_mode_with_its_seeds_fp32():
     assert rows["fp32"]["val_l1_vs_fp32_pct"] is None and rows["fp32"]["success_p"] is None
     table = summary_table(list(rows.values()))
     assert table[0][:3] == ["run", "seeds", "speed-up"] and len(table) == 3
-    assert table[1] == ["fp32", "3", "1.00x +- 0.00", "-", "0.2000 +- 0.1000", "-", "58% +- 14", "-", "-"]
+    assert table[1] == ["fp32", "3", "1.00x", "-", "0.2000 +- 0.1000", "-", "58% +- 14", "-", "-"]
     assert table[2][:3] == ["bf16-mixed", "3", "1.40x +- 0.10"] and table[2][3] == "-"  # no state given
     assert table[2][5].startswith("+1.0%, p ") and table[2][6] == "67% +- 14"
     assert table[2][7].startswith("+8.3 [") and table[2][8] == "p 1, 12 pairs"

@@ -184,7 +184,8 @@ def summary_table(rows: list[dict[str, Any]]) -> list[list[str]]:
         val_vs = "-" if r["val_l1_vs_fp32_pct"] is None else \
             f"{r['val_l1_vs_fp32_pct']:+.1f}%" + ("" if p is None else f", p {p:.2g}")
         out.append([r["name"], str(len(r["seeds"])),
-                    pm(r["speedup_mean"], r["speedup_sd"], "{:.2f}", "x"),
+                    "1.00x" if r["mode"] == "fp32" and r["runner"] == "vlamp"  # the reference
+                    else pm(r["speedup_mean"], r["speedup_sd"], "{:.2f}", "x"),
                     "-" if state is None else f"{state / 2**20:.1f}",
                     pm(r["val_l1_mean"], r["val_l1_sd"], "{:.4f}"), val_vs,
                     pm(None if succ is None else 100 * succ, None if sd is None else 100 * sd,
