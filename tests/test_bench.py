@@ -126,8 +126,8 @@ def test_bench_compares_how_low_precision_weights_are_updated(cache, tmp_path):
     assert kahan["masters_bytes"] == 0 < kahan["compensation_bytes"]
     assert kahan["optimizer_bytes"] < fp32["optimizer_bytes"] / 1.5  # BF16 moments (FP32 islands aside)
     assert "bf16-true/kahan" in p.stdout and "memory by kind (MiB):" in p.stdout
-    p = cli(cache, "bench", "--modes", "bf16-mixed/kahan", "--out", str(tmp_path / "c"))
-    assert p.returncode == 2 and "an update after the slash is for -true and -storage modes" in p.stderr
+    with pytest.raises(VlampError, match="an update after the slash is for -true and -storage modes"):
+        parse_modes("bf16-mixed/kahan")
     # --resume, with a mode added and a seed more: the finished runs are read back, not trained
     # again; the added mode trains in seed 0, and seed 1 runs whole
     p = cli(cache, *[a if a != "bf16-true/kahan" else "bf16-true/kahan,bf16-true/naive" for a in args],
@@ -142,6 +142,15 @@ def test_bench_compares_how_low_precision_weights_are_updated(cache, tmp_path):
     assert runs[4]["step_times"] != kahan["step_times"]  # trained, seed 1
     saved = json.loads((out / "seeds" / "seed-1.json").read_text())["runs"]
     assert [r["mode"] for r in saved] == ["fp32", "bf16-true/kahan", "bf16-true/naive"]
+    # --all-seeds: the table of seed 0 also reads the seed kept beyond it, and trains nothing
+    p = cli(cache, *[a if a != "bf16-true/kahan" else "bf16-true/kahan,bf16-true/naive" for a in args],
+            "--resume", "--all-seeds", "--no-progress")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "seed 1: 3 runs read from" in p.stderr and "(--all-seeds)" in p.stderr
+    table = json.loads((out / "results.json").read_text())
+    assert [(r["seed"], r["step_times"]) for r in table["runs"]] == [
+        (r["seed"], r["step_times"]) for r in runs]
+    assert [len(row["seeds"]) for row in table["summary"]] == [2, 2, 2]
     # the seed files go on elsewhere: another out directory, another cache holding the same data
     moved = tmp_path / "moved"
     (moved / "seeds").mkdir(parents=True)

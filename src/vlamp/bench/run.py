@@ -263,19 +263,10 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
     ranks' total throughput is compared with (``scaleout_vs_1_process``); the torch.amp baseline
     stays in one process.
 
-    Each seed's runs are written to ``out/seeds/seed-N.json`` as soon as they finish; with
-    ``resume``, the runs found there from a benchmark of the same settings (config, steps, warmup,
-    episodes, threads, rounds) are read instead of run again, so an interrupted benchmark goes on
-    where it stopped, ``seeds`` may grow and modes may be added (an ablation grows a mode at a
-    time; a run read back was timed beside the modes of its own invocation). The runs of the seed
-    in flight train in ``out/seeds/seed-N.runs/``, each checkpointing at the end of every round:
-    with ``resume`` they go on from there (bit for bit, their earlier steps' losses and times
-    read back), the torch.amp loop, which keeps no checkpoint, from its first step. Without
-    ``resume`` that directory is cleared; it is removed when the seed is written.
-
-    With ``all_seeds`` (and ``resume``) the table also takes the seeds ``out`` keeps beyond
-    ``seeds``, for the modes that have one beside its FP32 run, and trains none of them: a row
-    given a seed more to narrow its interval keeps it in the table of the whole ablation.
+    Each seed's runs are written to ``out/seeds/seed-N.json`` as soon as they finish. With
+    ``resume`` the runs found there are read instead of run again and the seed in flight goes on
+    from its runs' last rounds; with ``all_seeds`` too, the seeds kept beyond ``seeds`` are read
+    as well (see :mod:`vlamp.bench.seeds`).
 
     Raises:
         VlampError: With ``resume``, for a seed ``out`` holds from a benchmark of other settings;

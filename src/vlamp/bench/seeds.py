@@ -1,7 +1,18 @@
-"""What a benchmark keeps so that it can go on: the settings its seeds were run under (a hash),
-the seed files of finished runs (``out/seeds/seed-N.json``) and the directory the runs of the seed
-in flight train and checkpoint in (``out/seeds/seed-N.runs/``). See :func:`vlamp.bench.run.bench`
-with ``resume``."""
+"""What a benchmark keeps so that it can go on (:func:`vlamp.bench.run.bench` with ``resume``).
+
+Each seed's runs are written to ``out/seeds/seed-N.json`` as soon as they finish, under a hash of
+the settings they ran with (config, steps, warmup, episodes, threads, rounds). With ``resume``, the
+runs found there from a benchmark of the same settings are read instead of run again, so an
+interrupted benchmark goes on where it stopped, ``seeds`` may grow and modes may be added (an
+ablation grows a mode at a time; a run read back was timed beside the modes of its own
+invocation). The runs of the seed in flight train in ``out/seeds/seed-N.runs/``, each
+checkpointing at the end of every round: with ``resume`` they go on from there (bit for bit, their
+earlier steps' losses and times read back), the torch.amp loop, which keeps no checkpoint, from its
+first step. Without ``resume`` that directory is cleared; it is removed when the seed is written.
+With ``all_seeds`` the table also takes the seeds kept beyond ``seeds``, for the modes that have
+one beside its FP32 run, and trains none of them: a row given a seed more to narrow its interval
+keeps it in the table of the whole ablation.
+"""
 
 from __future__ import annotations
 
