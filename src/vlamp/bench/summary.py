@@ -175,7 +175,7 @@ def summary_table(rows: list[dict[str, Any]]) -> list[list[str]]:
             return "-"
         return pattern.format(mean) + unit + ("" if sd is None else " +- " + pattern.format(sd))
 
-    out = [["run", "seeds", "speed-up", "state (MiB)", "val action L1", "vs fp32", "success",
+    out = [["run", "seeds", "speed-up", "state (MiB)", "val action L1", "vs fp32 (paired t)", "success",
             "vs fp32, paired (points, 95%)", "McNemar"]]
     for r in rows:
         state = r.get("state_bytes")
