@@ -111,7 +111,8 @@ def kept_beyond(seeds_dir: Path, first: int, key: str, plan: list[tuple[str, str
     runs = []
     for seed in sorted(s for s in files if s >= first):
         have = {run_id(r): r for r in finished_seed(files[seed], key)}
-        paired = [p for p in plan if p[0] != "fp32" and p in have and ("fp32", "vlamp", p[2]) in have]
+        paired = [p for p in plan
+                  if p[0] != "fp32" and p in have and ("fp32", "vlamp", p[2]) in have]
         refs = {("fp32", "vlamp", p[2]) for p in paired}
         read = [have[p] for p in plan if p in paired or p in refs]
         if read:

@@ -175,12 +175,12 @@ def summary_table(rows: list[dict[str, Any]]) -> list[list[str]]:
             return "-"
         return pattern.format(mean) + unit + ("" if sd is None else " +- " + pattern.format(sd))
 
-    out = [["run", "seeds", "speed-up", "state (MiB)", "val action L1", "vs fp32 (paired t)", "success",
-            "vs fp32, paired (points, 95%)", "McNemar"]]
+    out = [["run", "seeds", "speed-up", "state (MiB)", "val action L1", "vs fp32 (paired t)",
+            "success", "vs fp32, paired (points, 95%)", "McNemar"]]
     for r in rows:
         state = r.get("state_bytes")
         succ, sd = r["success_mean"], r["success_sd"]
-        d, p = r["success_vs_fp32_points"], r["val_l1_p"]
+        d, p, ci = r["success_vs_fp32_points"], r["val_l1_p"], r["success_vs_fp32_ci95"]
         val_vs = "-" if r["val_l1_vs_fp32_pct"] is None else \
             f"{r['val_l1_vs_fp32_pct']:+.1f}%" + ("" if p is None else f", p {p:.2g}")
         out.append([r["name"], str(len(r["seeds"])),
@@ -191,7 +191,7 @@ def summary_table(rows: list[dict[str, Any]]) -> list[list[str]]:
                     pm(None if succ is None else 100 * succ, None if sd is None else 100 * sd,
                        "{:.0f}", "%"),
                     "-" if d is None else
-                    f"{d:+.1f} [{r['success_vs_fp32_ci95'][0]:+.1f}, {r['success_vs_fp32_ci95'][1]:+.1f}]",
+                    f"{d:+.1f} [{ci[0]:+.1f}, {ci[1]:+.1f}]",
                     "-" if d is None else
                     f"p {r['success_p']:.2g}, {r['success_pairs']['episodes']} pairs"])
     return out
