@@ -40,10 +40,10 @@ def check_writable(run_dir: Path) -> None:
                          f"{e.strerror or e}; choose another output_dir") from None
 
 
-__all__ = ["cache_dir", "check_writable", "write_text_atomic"]
-
-
 def write_json(obj: Any, path: str | os.PathLike[str], compact: bool = False) -> None:
     """``obj`` as JSON (indented, or on one line with ``compact``), written atomically."""
     write_text_atomic(path, json.dumps(obj, separators=(",", ":")) if compact else
                       json.dumps(obj, indent=1))
+
+
+__all__ = ["cache_dir", "check_writable", "write_json", "write_text_atomic"]

@@ -184,10 +184,10 @@ def assess(load: dict[str, float], step_times: list[float]) -> list[str]:
     return warnings
 
 
-__all__ = ["CpuSample", "assess", "duration_text", "machine_info", "round_load", "summarize_rounds",
-           "training_left"]
-
-
 def machine_name(m: dict[str, Any]) -> str:
     """A run's ``machine`` record in words: the GPU or CPU, its flags, torch."""
     return f"{m['gpu'] or m['cpu']} ({', '.join(m['cpu_flags']) or 'no listed flags'}, torch {m['torch']})"
+
+
+__all__ = ["CpuSample", "assess", "duration_text", "machine_info", "machine_name", "round_load",
+           "summarize_rounds", "training_left"]
