@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import tiny_overrides
+from conftest import run_main, tiny_overrides
 
 from vlamp import VlampError
 from vlamp.sim.compare import compare_paired, mcnemar_exact, paired_difference_interval
@@ -60,7 +60,7 @@ def test_the_expert_beats_a_random_policy_on_the_same_episodes():
     assert "B - A: +100.0 points" in c.text()
 
 
-def test_eval_compare_cli(tiny_dataset, tmp_path):
+def test_eval_compare_cli(tiny_dataset, tmp_path, capsys):
     run = tmp_path / "run"
     Trainer(load_config(None, tiny_overrides(tiny_dataset, run, "fp32", "train.steps=3")),
             progress=False).fit()
@@ -72,9 +72,9 @@ def test_eval_compare_cli(tiny_dataset, tmp_path):
     assert "paired comparison over 4 episodes" in p.stdout and "B - A: +0.0 points" in p.stdout
     c = json.loads(out.read_text())["comparison"]
     assert c["only_a"] == c["only_b"] == 0 and c["p_value"] == 1.0  # a policy against itself
-    p = subprocess.run([sys.executable, "-m", "vlamp", "eval", "--compare", str(run), str(run),
-                        "--checkpoint", str(run)], check=False, capture_output=True, text=True)
-    assert p.returncode == 2 and "exclude each other" in p.stderr
+    code, _, err = run_main(capsys, "eval", "--compare", str(run), str(run), "--checkpoint",
+                            str(run))
+    assert code == 2 and "exclude each other" in err
 
 
 def test_parallel_evaluation_gives_the_sequential_results(tiny_dataset, tmp_path):

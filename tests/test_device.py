@@ -3,11 +3,9 @@
 must compute with CPU autocast and carry its FP32 masters along), the fused optimizers' in-kernel
 unscaling, model size presets, and the errors for devices this machine lacks."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
+from conftest import run_main
 from torch import nn
 
 from vlamp import MixedPrecision, VlampError, choose_mode, detect, resolve_device
@@ -44,15 +42,14 @@ def test_cuda_on_a_machine_without_it_says_so():
 
 
 @pytest.mark.slow
-def test_train_with_a_bad_device_exits_2_with_one_line(tmp_path):
+def test_train_with_a_bad_device_exits_2_with_one_line(tmp_path, capsys):
     cases = [("train.device=tpu", "train.device must be one of auto, cpu, cuda, cuda:N")]
     if NO_CUDA:
         cases.append(("train.device=cuda", "no CUDA device"))
     for override, message in cases:
-        p = subprocess.run([sys.executable, "-m", "vlamp", "train", override,
-                            f"output_dir={tmp_path / 'run'}"], capture_output=True, text=True)
-        assert p.returncode == 2 and message in p.stderr, p.stderr
-        assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+        code, _, err = run_main(capsys, "train", override, f"output_dir={tmp_path / 'run'}")
+        assert code == 2 and message in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
         assert not (tmp_path / "run").exists()
 
 
@@ -154,15 +151,14 @@ def test_fused_optimizer_unscales_in_its_kernel_with_the_same_result():
     assert opt.grad_scale is None and opt.found_inf is None  # handed over for the step only
 
 
-def test_model_size_presets_fill_in_under_explicit_keys(tmp_path):
+def test_model_size_presets_fill_in_under_explicit_keys(tmp_path, capsys):
     base = load_config(None, ["model.size=base"]).model
     assert (base.dim, base.depth, base.heads, base.channels) == (640, 12, 10, [64, 128, 256, 512])
     mine = load_config(None, ["model.size=base", "model.dim=320", "model.heads=4"]).model
     assert (mine.dim, mine.heads, mine.depth) == (320, 4, 12)
     assert load_config(None, []).model.size == "small"
-    p = subprocess.run([sys.executable, "-m", "vlamp", "train", "model.size=huge",
-                        f"output_dir={tmp_path}"], capture_output=True, text=True)
-    assert p.returncode == 2 and "model.size must be one of small, base, large" in p.stderr
+    code, _, err = run_main(capsys, "train", "model.size=huge", f"output_dir={tmp_path}")
+    assert code == 2 and "model.size must be one of small, base, large" in err
 
 
 def test_describe_says_the_device_and_tf32():

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import run_main, tiny_overrides
 from torch import nn
 
 from vlamp.precision.diagnostics import Diagnostics, parse_every
@@ -126,7 +126,7 @@ def test_only_sampled_steps_are_recorded_and_a_run_logs_them(tiny_dataset, tmp_p
     assert any(f.name.startswith("events") for f in (out / "tb").iterdir())
 
 
-def test_vlamp_diagnose_names_the_modules_at_risk_first(tiny_dataset, tmp_path):
+def test_vlamp_diagnose_names_the_modules_at_risk_first(tiny_dataset, tmp_path, capsys):
     """FP16 without a scaler on a tiny TinyVLA: the report ranks the fp16 layers whose gradients
     flush to zero, says what to do, draws the heatmaps; a run without records is one line."""
     import subprocess
@@ -154,6 +154,5 @@ def test_vlamp_diagnose_names_the_modules_at_risk_first(tiny_dataset, tmp_path):
     assert found[0].module in (out / "diagnose" / "report.md").read_text()
     plain = tmp_path / "plain"
     Trainer(load_config(None, tiny_overrides(tiny_dataset, plain, "fp32")), progress=False).fit()
-    p = subprocess.run([sys.executable, "-m", "vlamp", "diagnose", str(plain)], capture_output=True, text=True)
-    assert p.returncode == 2 and "precision.diagnostics=every:50" in p.stderr
-    assert "Traceback" not in p.stderr
+    code, _, err = run_main(capsys, "diagnose", str(plain))
+    assert code == 2 and "precision.diagnostics=every:50" in err and "Traceback" not in err

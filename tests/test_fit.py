@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TINY_MODEL, tiny_overrides
+from conftest import TINY_MODEL, run_main, tiny_overrides
 from test_cli_precision import run_cli
 
 from vlamp.models.config import ModelConfig
@@ -290,13 +290,11 @@ def test_the_measured_peak_is_recorded_beside_the_predicted_one(tiny_dataset, tm
     assert 0.5 < memory[0]["peak_bytes"] / memory[0]["predicted_peak_bytes"] < 1.5
 
 
-def test_fit_cli_rejects_bad_input_in_one_line():
+def test_fit_cli_rejects_bad_input_in_one_line(capsys):
     for args, match in ((["--budget", "lots"], "not a size"), (["--modes", "fp33"], "fp33")):
-        code, _, err = run_cli("fit", *args, *TINY_MODEL)
+        code, _, err = run_main(capsys, "fit", *args, *TINY_MODEL)
         assert code == 2 and match in err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-
-
 
 
 def test_step_in_backward_is_refused_where_it_cannot_hold():

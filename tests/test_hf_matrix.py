@@ -159,26 +159,25 @@ def test_a_name_that_is_no_preset_and_no_file_is_refused_before_transformers_is_
     assert out.stdout.split() == ["VlampError", "False"], out.stdout + out.stderr
 
 
-def test_plan_describes_a_transformers_config_without_building_its_weights(tmp_path):
+def test_plan_describes_a_transformers_config_without_building_its_weights(tmp_path, capsys):
     import json
-    import subprocess
-    import sys
+
+    from conftest import run_main
 
     config = T.Qwen2Config(hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
                            num_attention_heads=16, num_key_value_heads=4, vocab_size=32000,
                            architectures=["Qwen2ForCausalLM"])
     config.to_json_file(tmp_path / "config.json")  # ~0.4 B parameters: on the meta device, no memory
-    p = subprocess.run([sys.executable, "-m", "vlamp", "plan", "--model", str(tmp_path), "--mode",
-                        "bf16-true", "--update", "stochastic", "--json"], capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr[-2000:]
-    rows = {r["module"]: r for r in json.loads(p.stdout)}
+    code, out, err = run_main(capsys, "plan", "--model", str(tmp_path), "--mode", "bf16-true",
+                              "--update", "stochastic", "--json")
+    assert code == 0, err[-2000:]
+    rows = {r["module"]: r for r in json.loads(out)}
     norms = [r for r in rows.values() if r["class"] == "Qwen2RMSNorm"]
     assert len(norms) == 2 * 8 + 1 and all(r["rule"].startswith("builtin:norm(RMSNorm") for r in norms)
     assert rows["model.layers.0.self_attn.q_proj"]["params"] == "bf16"
     assert rows["model.layers.0.self_attn.q_proj"]["B/param"] == 8
-    p = subprocess.run([sys.executable, "-m", "vlamp", "plan", "--model", "nope"], capture_output=True,
-                       text=True)
-    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "llama, gemma" in p.stderr
+    code, _, err = run_main(capsys, "plan", "--model", "nope")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "llama, gemma" in err
 
 
 @pytest.mark.slow
@@ -235,11 +234,9 @@ def test_hf_vlm_builds_from_a_local_config_and_loads_its_local_weights(tmp_path)
 
 
 @pytest.mark.slow
-def test_a_config_json_that_is_not_json_or_has_no_model_type_is_one_line(tiny_dataset, tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import tiny_overrides
+def test_a_config_json_that_is_not_json_or_has_no_model_type_is_one_line(tiny_dataset, tmp_path,
+                                                                         capsys):
+    from conftest import run_main, tiny_overrides
 
     cases = (("broken", "{not json", "is not valid JSON", "train"),  # one command each: both
              ("untyped", '{"hidden_size": 8}', "has no model_type key", "plan"))  # read it alike
@@ -248,12 +245,12 @@ def test_a_config_json_that_is_not_json_or_has_no_model_type_is_one_line(tiny_da
         (tmp_path / name / "config.json").write_text(text)
         train = [*tiny_overrides(tiny_dataset, tmp_path / f"run-{name}", "fp32"), "model.name=hf-vlm",
                  f"model.hf_config={tmp_path / name}"]
-        for args in [["train", *train] if command == "train" else ["plan", "--model", str(tmp_path / name)]]:
-            p = subprocess.run([sys.executable, "-m", "vlamp", *args], capture_output=True, text=True,
-                               timeout=300)
-            lines = [line for line in p.stderr.strip().splitlines() if "frame/s" not in line]
-            assert p.returncode == 2 and len(lines) == 1 and len(lines[0]) < 300, p.stderr[-3000:]
-            assert "not a transformers config" in lines[0] and why in lines[0]
+        args = ["train", *train] if command == "train" else ["plan", "--model",
+                                                             str(tmp_path / name)]
+        code, _, err = run_main(capsys, *args)  # in this process: the imports are paid once
+        lines = [line for line in err.strip().splitlines() if "frame/s" not in line]
+        assert code == 2 and len(lines) == 1 and len(lines[0]) < 300, err[-3000:]
+        assert "not a transformers config" in lines[0] and why in lines[0]
 
 
 def test_gpt2s_learned_position_embedding_is_an_fp32_island():

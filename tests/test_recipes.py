@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_main
 
 from vlamp import VlampError
 from vlamp.sim.evaluate import (
@@ -89,7 +90,7 @@ def test_an_episode_runs_to_the_limit_the_tasks_call_for():
     # (which tasks get 500 and which 200: the test above)
 
 
-def test_the_eval_command_prints_the_groups_and_rejects_a_bad_limit(tmp_path):
+def test_the_eval_command_prints_the_groups_and_rejects_a_bad_limit(tmp_path, capsys):
     out = tmp_path / "eval.json"
     p = subprocess.run([sys.executable, "-m", "vlamp", "eval", "--policy", "random", "--tasks",
                         "reach,push", "--episodes", "1", "--max-steps", "5", "--image-size", "16",
@@ -100,10 +101,9 @@ def test_the_eval_command_prints_the_groups_and_rejects_a_bad_limit(tmp_path):
         in p.stdout
     saved = json.loads(out.read_text())
     assert saved["max_steps"] == 5 and set(saved["groups"]) == {"easy", "hard"}
-    bad = subprocess.run([sys.executable, "-m", "vlamp", "eval", "--max-steps", "0"],
-                         check=False, capture_output=True, text=True)
-    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
-    assert "--max-steps must be >= 1, got 0" in bad.stderr
+    code, _, err = run_main(capsys, "eval", "--max-steps", "0")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--max-steps must be >= 1, got 0" in err
 
 
 def test_every_shipped_recipe_loads_as_the_suite_it_names():
@@ -117,7 +117,7 @@ def test_every_shipped_recipe_loads_as_the_suite_it_names():
     assert load_config("mt10", ["train.steps=7"]).train.steps == 7  # overrides still win
 
 
-def test_a_bad_recipe_name_or_suite_is_one_line_naming_the_legal_ones():
+def test_a_bad_recipe_name_or_suite_is_one_line_naming_the_legal_ones(capsys):
     with pytest.raises(VlampError, match=r"config file 'mt11' not found \(a YAML file, or one of "
                                          r"vlamp's recipes: mt10, mt50\)"):
         load_config("mt11")
@@ -125,9 +125,8 @@ def test_a_bad_recipe_name_or_suite_is_one_line_naming_the_legal_ones():
         load_config(None, ["dataset.tasks=mt5"])
     with pytest.raises(VlampError, match=r"dataset.tasks .* dataset.path .*: give one of them"):
         load_config(None, ["dataset.tasks=mt10", "dataset.path=data/mt10"])
-    p = subprocess.run([sys.executable, "-m", "vlamp", "train", "--config", "mt11"],
-                       check=False, capture_output=True, text=True)
-    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
+    code, _, err = run_main(capsys, "train", "--config", "mt11")
+    assert code == 2 and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.slow

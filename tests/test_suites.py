@@ -2,11 +2,9 @@
 markers rendered where the goal is a point in space), and generation that tells a failing task early,
 gives it up after a bounded number of tries and keeps the other tasks' episodes."""
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
+from conftest import run_main
 
 from vlamp import VlampError
 from vlamp.data.generate import GIVE_UP, generate, generation_report
@@ -32,7 +30,7 @@ def test_every_metaworld_task_is_in_the_table_with_its_expert():
     assert sorted(f"{n}-v3" for n in SUITES["mt50"]) == sorted(metaworld.env_dict.MT50_V3)
 
 
-def test_suites_and_names_mix_in_one_list():
+def test_suites_and_names_mix_in_one_list(capsys):
     assert names("mt10") == list(SUITES["mt10"]) and len(names("MT50")) == 50
     assert names(None) == names("default") == list(DEFAULT_SUITE)
     assert names("reach,mt10, drawer-close-v3") == list(SUITES["mt10"])  # each task once, in order
@@ -40,10 +38,8 @@ def test_suites_and_names_mix_in_one_list():
     with pytest.raises(VlampError, match=r"unknown task 'drawer-opn'; did you mean 'drawer-open'\? "
                                          r"suites: default, mt10, mt50; tasks: assembly, "):
         resolve_tasks("mt10,drawer-opn")
-    p = subprocess.run([sys.executable, "-m", "vlamp", "eval", "--tasks", "mt11"],
-                       capture_output=True, text=True)
-    assert p.returncode == 2 and "suites: default, mt10, mt50" in p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1
+    code, _, err = run_main(capsys, "eval", "--tasks", "mt11")
+    assert code == 2 and "suites: default, mt10, mt50" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
@@ -86,12 +82,11 @@ def test_generation_gives_up_a_failing_task_and_keeps_the_others(tmp_path):
 
 
 @pytest.mark.slow
-def test_generation_never_uses_the_evaluation_episodes_seeds(tmp_path):
+def test_generation_never_uses_the_evaluation_episodes_seeds(tmp_path, capsys):
     with pytest.raises(VlampError, match=r"seeds up to 1,000,019; evaluation episodes use 1,000,000 "
                                          r"and up.*choose a seed from 0 to 9"):
         generate("drawer-open", 1, seed=10, out=tmp_path / "ds", progress=False)
-    p = subprocess.run([sys.executable, "-m", "vlamp", "data", "generate", "--seed", "9",
-                        "--episodes-per-task", "200", "--out", str(tmp_path / "ds")],
-                       capture_output=True, text=True)
-    assert p.returncode == 2 and "choose a seed from 0 to 8" in p.stderr
+    code, _, err = run_main(capsys, "data", "generate", "--seed", "9", "--episodes-per-task",
+                            "200", "--out", str(tmp_path / "ds"))
+    assert code == 2 and "choose a seed from 0 to 8" in err
     assert not (tmp_path / "ds").exists()
