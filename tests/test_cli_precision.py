@@ -21,7 +21,7 @@ def test_doctor_json_has_the_documented_keys():
     assert set(data) == {"hardware", "formats", "auto_mode", "reason", "throughput", "tf32"}
     assert (data["tf32"] is None) == (data["hardware"]["device"] == "cpu")
     assert set(data["formats"]) == {"fp32", "tf32", "fp16", "bf16", "fp8-e4m3", "fp8-e5m2"}
-    assert set(data["throughput"]) == {"gemm", "conv"}
+    assert set(data["throughput"]) == {"gemm", "conv", "attention"}
     assert set(data["throughput"]["gemm"]) == {"fp32", "bf16", "fp16"}
     assert all(v > 0 for d in data["throughput"].values() for v in d.values())
     assert data["auto_mode"] in {"fp32", "bf16-mixed", "fp16-mixed"} and data["reason"]
@@ -31,6 +31,17 @@ def test_doctor_text(capsys):
     assert main(["doctor", "--budget", "0.01"]) == 0
     out = capsys.readouterr().out
     assert "auto mode" in out and "fp8-e4m3" in out and "GFLOP/s" in out
+    assert "\n  attention fp32 " in out  # the row is named in full, its columns aligned
+
+
+def test_throughput_measures_the_kinds_asked_for():
+    from vlamp import VlampError, measure_throughput
+
+    assert set(measure_throughput(budget_s=0.001, kinds=("gemm",))) == {"gemm"}
+    attention = measure_throughput(budget_s=0.001, kinds=("attention",))["attention"]
+    assert set(attention) == {"fp32", "bf16", "fp16"} and all(v > 0 for v in attention.values())
+    with pytest.raises(VlampError, match="unknown kind.s. flash; legal: gemm, conv, attention"):
+        measure_throughput(kinds=("flash",))
 
 
 def test_plan_prints_the_table_with_islands(capsys):

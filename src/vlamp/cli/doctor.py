@@ -17,7 +17,8 @@ from vlamp.precision import (
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("doctor", help="hardware, formats, measured throughput, auto mode",
                        description="Show this machine's hardware, the number-format table, a short "
-                                   "measured fp32/bf16/fp16 GEMM and conv micro-benchmark, and the "
+                                   "measured fp32/bf16/fp16 GEMM, conv and attention (forward and "
+                                   "backward) micro-benchmark, and the "
                                    "precision mode 'auto' picks here, with the reason.")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--device", default=None, help="device to examine (default: cuda if present, else cpu)")
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     print("measured throughput, GFLOP/s (ratio to fp32)")
     for kind, d in throughput.items():
         cells = "  ".join(f"{k} {v:8.1f} ({v / d['fp32']:.2f}x)" for k, v in d.items())
-        print(f"  {kind:<5} {cells}")
+        print(f"  {kind:<9} {cells}")
     print(f"\nauto mode  {choice.mode}: {choice.reason}")
     if choice.mode != "fp32":
         print(f"           proposed by the hardware; `vlamp plan --auto` measures it on the model "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -195,32 +195,57 @@ def _time(fn: Callable[[], object], budget_s: float, device: torch.device) -> fl
             return elapsed / n
 
 
-def measure_throughput(device: str = "cpu", budget_s: float = 0.15) -> dict[str, dict[str, float]]:
-    """Measures GEMM and conv throughput (GFLOP/s) in fp32, bf16 and fp16 on ``device`` (and
-    FP32 on TF32 tensor cores, ``tf32``, on CUDA; FP32 itself runs as IEEE FP32 there).
+THROUGHPUT_KINDS = ("gemm", "conv", "attention")
+
+
+def measure_throughput(device: str = "cpu", budget_s: float = 0.15,
+                       kinds: Sequence[str] = THROUGHPUT_KINDS) -> dict[str, dict[str, float]]:
+    """Measures throughput (GFLOP/s) in fp32, bf16 and fp16 on ``device`` (and FP32 on TF32
+    tensor cores, ``tf32``, on CUDA; FP32 itself runs as IEEE FP32 there): a GEMM, a 3x3 conv, and
+    scaled dot-product attention forward and backward (the kernel whose bf16 backward is several
+    times slower than FP32's on some CPUs, so a bf16 plan keeps it FP32 there).
 
     Small problems, ``budget_s`` seconds each: a sanity check of what a precision buys here, not a
-    full benchmark. Returns ``{"gemm": {"fp32": ..., ...}, "conv": {...}}``.
+    full benchmark. Returns ``{"gemm": {"fp32": ..., ...}, "conv": {...}, "attention": {...}}``,
+    the ``kinds`` asked for.
     """
+    unknown = [k for k in kinds if k not in THROUGHPUT_KINDS]
+    if unknown:
+        raise VlampError(f"measure_throughput: unknown kind(s) {', '.join(unknown)}; legal: "
+                         f"{', '.join(THROUGHPUT_KINDS)}")
     dev = torch.device(device)
     big = dev.type == "cuda"
     n = 4096 if big else 512
     b, c, hw = (64, 128, 64) if big else (8, 64, 32)
-    out: dict[str, dict[str, float]] = {"gemm": {}, "conv": {}}
+    heads, t, d = (16, 1024, 64) if big else (4, 96, 32)  # CPU: the mt10 recipe's, batch 64
+    out: dict[str, dict[str, float]] = {kind: {} for kind in kinds}
     gen = torch.Generator(device="cpu").manual_seed(0)
     before = tf32_enabled()
     set_tf32(False)
     try:
         for name, dtype in CANONICAL.items():
-            a, w = (torch.randn(n, n, generator=gen).to(dev, dtype) for _ in range(2))
-            x = torch.randn(b, c, hw, hw, generator=gen).to(dev, dtype)
-            k = torch.randn(c, c, 3, 3, generator=gen).to(dev, dtype)
-            kinds = [name] + (["tf32"] if dev.type == "cuda" and dtype == torch.float32 else [])
-            for kind in kinds:  # tf32: FP32 tensors on TF32 tensor cores, what tf32=true buys
-                set_tf32(kind == "tf32")
-                out["gemm"][kind] = 2 * n**3 / _time(lambda a=a, w=w: a @ w, budget_s, dev) / 1e9
-                out["conv"][kind] = 2 * b * c * c * 9 * hw * hw / _time(
-                    lambda x=x, k=k: F.conv2d(x, k, padding=1), budget_s, dev) / 1e9
+            def randn(*shape: int, dtype: torch.dtype = dtype) -> torch.Tensor:
+                return torch.randn(*shape, generator=gen).to(dev, dtype)
+
+            work = {}  # kind -> (flops, the work), made only for the kinds asked for
+            if "gemm" in kinds:
+                a, w = randn(n, n), randn(n, n)
+                work["gemm"] = (2 * n**3, lambda a=a, w=w: a @ w)
+            if "conv" in kinds:
+                x, k = randn(b, c, hw, hw), randn(c, c, 3, 3)
+                work["conv"] = (2 * b * c * c * 9 * hw * hw,
+                                lambda x=x, k=k: F.conv2d(x, k, padding=1))
+            if "attention" in kinds:  # two matmuls forward, four backward: 12 flops a multiply
+                qkv = [randn(64, heads, t, d).requires_grad_() for _ in range(3)]
+                work["attention"] = (12 * 64 * heads * t * t * d,
+                                     lambda qkv=qkv: torch.autograd.grad(
+                                         F.scaled_dot_product_attention(*qkv).sum(), qkv))
+            tf32 = ["tf32"] if dev.type == "cuda" and dtype == torch.float32 else []
+            for kind in [name, *tf32]:
+                set_tf32(kind == "tf32")  # tf32: FP32 tensors on TF32 tensor cores, what it buys
+                for what in kinds:
+                    flops, fn = work[what]
+                    out[what][kind] = flops / _time(fn, budget_s, dev) / 1e9
     finally:
         set_tf32(before)
     return out

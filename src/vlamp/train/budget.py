@@ -63,7 +63,7 @@ def candidate_modes(device: torch.device) -> tuple[list[str], list[str]]:
     those left out."""
     from vlamp.precision.hardware import measure_throughput
 
-    gemm = measure_throughput(str(device))["gemm"]
+    gemm = measure_throughput(str(device), kinds=("gemm",))["gemm"]
     modes, notes = [], []
     for mode in CUDA_MODES if device.type == "cuda" else CPU_MODES:
         low = mode.split("-")[0]
