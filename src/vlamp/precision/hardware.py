@@ -217,7 +217,7 @@ def measure_throughput(device: str = "cpu", budget_s: float = 0.15,
     big = dev.type == "cuda"
     n = 4096 if big else 512
     b, c, hw = (64, 128, 64) if big else (8, 64, 32)
-    heads, t, d = (16, 1024, 64) if big else (4, 96, 32)  # CPU: the mt10 recipe's, batch 64
+    nb, heads, t, d = (16, 16, 1024, 64) if big else (64, 4, 96, 32)  # CPU: the mt10 recipe's
     out: dict[str, dict[str, float]] = {kind: {} for kind in kinds}
     gen = torch.Generator(device="cpu").manual_seed(0)
     before = tf32_enabled()
@@ -235,9 +235,9 @@ def measure_throughput(device: str = "cpu", budget_s: float = 0.15,
                 x, k = randn(b, c, hw, hw), randn(c, c, 3, 3)
                 work["conv"] = (2 * b * c * c * 9 * hw * hw,
                                 lambda x=x, k=k: F.conv2d(x, k, padding=1))
-            if "attention" in kinds:  # two matmuls forward, four backward: 12 flops a multiply
-                qkv = [randn(64, heads, t, d).requires_grad_() for _ in range(3)]
-                work["attention"] = (12 * 64 * heads * t * t * d,
+            if "attention" in kinds:  # QK^T and PV forward, four such products backward
+                qkv = [randn(nb, heads, t, d).requires_grad_() for _ in range(3)]
+                work["attention"] = (6 * 2 * nb * heads * t * t * d,
                                      lambda qkv=qkv: torch.autograd.grad(
                                          F.scaled_dot_product_attention(*qkv).sum(), qkv))
             tf32 = ["tf32"] if dev.type == "cuda" and dtype == torch.float32 else []
