@@ -10,6 +10,7 @@ types (ModelOutput, caches) left as they were."""
 import pytest
 import torch
 import transformers as T  # the test extra installs it: every case runs
+from conftest import assert_resume_is_bit_exact, run_main, tiny_overrides
 from torch import nn
 
 from vlamp import MixedPrecision
@@ -162,8 +163,6 @@ def test_a_name_that_is_no_preset_and_no_file_is_refused_before_transformers_is_
 def test_plan_describes_a_transformers_config_without_building_its_weights(tmp_path, capsys):
     import json
 
-    from conftest import run_main
-
     config = T.Qwen2Config(hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
                            num_attention_heads=16, num_key_value_heads=4, vocab_size=32000,
                            architectures=["Qwen2ForCausalLM"])
@@ -185,8 +184,6 @@ def test_hf_vlm_trains_resumes_and_acts_through_vlamps_trainer(tiny_dataset, tmp
     """model.name=hf-vlm: PaliGemma's architecture with vlamp's chunk head, trained by the same
     trainer (bf16-mixed, built-in islands on its own norms and embeddings), resumed bit for bit,
     and loaded back as a policy."""
-    from conftest import assert_resume_is_bit_exact, tiny_overrides
-
     from vlamp.models.hf_vla import HFVLA
     from vlamp.train.config_io import load_config
     from vlamp.train.policy import load_policy
@@ -236,8 +233,6 @@ def test_hf_vlm_builds_from_a_local_config_and_loads_its_local_weights(tmp_path)
 @pytest.mark.slow
 def test_a_config_json_that_is_not_json_or_has_no_model_type_is_one_line(tiny_dataset, tmp_path,
                                                                          capsys):
-    from conftest import run_main, tiny_overrides
-
     cases = (("broken", "{not json", "is not valid JSON", "train"),  # one command each: both
              ("untyped", '{"hidden_size": 8}', "has no model_type key", "plan"))  # read it alike
     for name, text, why, command in cases:
