@@ -425,7 +425,7 @@ def _gpu_peak(device: torch.device) -> int | None:
 
 
 def main(argv: list[str]) -> int:
-    from vlamp.io import write_text_atomic
+    from vlamp.io import write_json
 
     spec_path, out_path = argv
     spec = json.loads(Path(spec_path).read_text())
@@ -436,7 +436,7 @@ def main(argv: list[str]) -> int:
         return 0
     channel = _Channel()
     result = run(spec, channel)
-    write_text_atomic(out_path, json.dumps(result))
+    write_json(result, out_path, compact=True)
     channel.send(event="done")
     _close_distributed()
     return 0

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 
-from vlamp.io import write_text_atomic
+from vlamp.io import write_json
 from vlamp.precision.errors import VlampError
 from vlamp.sim.env import CAMERAS, DEFAULT_CAMERA, NAMED_CAMERAS, check_camera
 from vlamp.sim.evaluate import ENSEMBLE, EPISODES, MAX_STEPS, METAWORLD_MAX_STEPS, REPLAN_EVERY
@@ -123,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"note: the scripted expert itself succeeds in only {t.successes}/{t.episodes} "
                   f"episodes of {t.task}: a policy learned from it is bounded by that")
     if args.json:
-        write_text_atomic(args.json, json.dumps({"policy": name, **result.as_dict()}, indent=2))
+        write_json({"policy": name, **result.as_dict()}, args.json)
     return 0
 
 
@@ -170,7 +169,7 @@ def _compare(args: argparse.Namespace, run_one) -> int:
     comparison = compare_paired(*results)
     print("\n" + comparison.text())
     if args.json:
-        write_text_atomic(args.json, json.dumps({"a": {"policy": name_a, **results[0].as_dict()},
-                                                 "b": {"policy": name_b, **results[1].as_dict()},
-                                                 "comparison": comparison.as_dict()}, indent=2))
+        write_json({"a": {"policy": name_a, **results[0].as_dict()},
+                    "b": {"policy": name_b, **results[1].as_dict()},
+                    "comparison": comparison.as_dict()}, args.json)
     return 0
