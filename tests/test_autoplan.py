@@ -170,10 +170,61 @@ def test_the_model_is_left_untouched_and_a_set_up_model_is_refused(tmp_path):
         measure(model, batch(), tmp_path)
 
 
-def test_true_modes_are_not_measured(tmp_path):
-    plan = measure(Net(), batch(), tmp_path, mode="bf16-true")
-    assert plan.mode.name == "bf16-true" and not plan.user_rules
-    assert "memory" in plan.measured["reason"]
+class SlowLinear(nn.Linear):
+    """A Linear built to be slow where its input is not FP32 (weights of its own, unlike
+    :class:`SlowInLowPrecision`)."""
+
+    def forward(self, x):
+        if x.dtype != torch.float32:
+            slow_down(DELAY)
+        return super().forward(x)
+
+
+def test_a_true_mode_keeps_only_the_compute_of_a_slow_module_in_fp32(tmp_path):
+    """bf16-true is measured too, but its memory is its point: a module kept in FP32 computes in
+    FP32 over its weights still stored in bf16 and hands on bf16, so no byte more is stored."""
+    def loss_fn(model, b):
+        return model(b["x"]).float().square().mean()
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), SlowInLowPrecision(), SlowLinear(16, 16),
+                             nn.Linear(16, 1))
+
+    plan = measure(net(), batch(), tmp_path, mode="bf16-true", loss_fn=loss_fn)
+    m = plan.measured
+    assert plan.mode.name == "bf16-true"
+    assert m["modules"]["1"]["kept_fp32"] and m["modules"]["2"]["kept_fp32"]
+    rules = {r.pattern: r.policy for r in plan.user_rules}
+    assert str(rules["1"]) == str(rules["2"]) == "params=bf16,compute=fp32,output=bf16"
+    measured, plain = net(), net()
+    MixedPrecision(plan).setup(measured)
+    MixedPrecision("bf16-true").setup(plain)
+    assert [(n, p.dtype) for n, p in measured.named_parameters()] == [
+        (n, p.dtype) for n, p in plain.named_parameters()]
+    assert {p.dtype for p in measured.parameters()} == {torch.bfloat16}
+    out_dtypes = []
+    measured[2].register_forward_hook(lambda mod, a, out: out_dtypes.append(out.dtype))
+    x = batch()["x"]
+
+    def forward():
+        with MixedPrecision(plan).autocast():
+            return loss_fn(measured, {"x": x})
+
+    seen = trace_compute_dtypes(measured, forward)
+    # the real Linears around them: kept in FP32 or not as this machine timed them
+    for name in ("0", "2", "3"):
+        assert seen[name] == {torch.float32 if m["modules"][name]["kept_fp32"] else torch.bfloat16}
+    assert SlowInLowPrecision.computed_on == torch.float32 and out_dtypes == [torch.bfloat16]
+    forward().backward()  # the gradient reaches the weight where it is stored, in bf16
+    grad = measured[2].weight.grad
+    assert grad.dtype == torch.bfloat16 and grad.abs().sum() > 0
+
+
+def test_a_storage_mode_that_computes_in_fp32_is_not_measured(tmp_path):
+    plan = measure(Net(), batch(), tmp_path, mode="bf16-storage")
+    assert plan.mode.name == "bf16-storage" and not plan.user_rules
+    assert "computes every module in FP32" in plan.measured["reason"]
 
 
 def test_auto_never_picks_a_slower_mode(tmp_path, monkeypatch):

@@ -56,8 +56,8 @@ def test_a_plan_from_sensitivity_alone():
 
 
 def test_measure_plan_joins_accuracy_and_speed(tmp_path):
-    """``sensitivity=`` in the measured plan: for a -true mode (speed not measured) the sensitive
-    modules are still kept FP32; the threshold is part of the cache key."""
+    """``sensitivity=`` in the measured plan: for a -true mode too, the sensitive modules are kept
+    FP32 before the speed half times the rest; the threshold is part of the cache key."""
     model = flow_model()
     batch = model.example_batch(8)
     plan = measure_plan(model, batch, "bf16-true", sensitivity=0.1, cache_dir=tmp_path)

@@ -14,7 +14,11 @@ Algorithm (``measure_plan``)::
         keep FP32  iff  t_low > t_fp32 * (1 + margin)
     measured = base + one rule per kept module, ``name -> fp32`` (FP32 out, too: its consumer is
                either an autocast op, which casts once anyway, or an element-wise op with FP32
-               partners, where a low-precision output would be cast straight back up)
+               partners, where a low-precision output would be cast straight back up); in a mode
+               that stores weights in low precision (``bf16-true``), ``name -> params=bf16,
+               compute=fp32,output=bf16``: a compute island only, its weights stored (and saved
+               for the backward) as before and its output handed on in the storage dtype, so the
+               memory the mode is for is kept (attention, with no weights, costs nothing stored)
     step: forward+backward of the whole model in FP32 against ``measured``, interleaved;
           ``auto`` takes the low-precision mode only when its step is faster (never a slower mode)
 
@@ -46,7 +50,7 @@ from vlamp.precision.hardware import choose_mode, detect, native_formats, synchr
 from vlamp.precision.lean import DEFAULT_TOLERANCE, LEAN, lean_plan, measure_lean
 from vlamp.precision.modes import Mode, get_mode
 from vlamp.precision.plan import PrecisionPlan, Resolved, Rule, RuleSpec
-from vlamp.precision.policy import FP32
+from vlamp.precision.policy import FP32, Policy
 from vlamp.precision.probe import (
     LossFn,
     capture_inputs,
@@ -94,9 +98,9 @@ def measure_plan(
         example_batch: A real training batch; ``loss_fn(model, batch)`` (default ``model(batch)``)
             must return the scalar loss.
         mode: ``"auto"`` (the hardware proposes a low-precision mode, the measured step decides
-            whether it is taken) or a mode name (kept; only its per-module plan is measured). The
-            ``-true`` modes, whose point is memory, and formats this hardware only emulates are
-            not measured: their plan is returned as is, with the reason in ``measured``.
+            whether it is taken) or a mode name (kept; only its per-module plan is measured; in a
+            ``-true`` mode, FP32 compute only: see :func:`island_policy`). Emulated formats and
+            ``bf16-storage`` are not measured: their plan is returned as is, the reason recorded.
         rules: User rules or a YAML rules file: first, never overridden by a measurement.
         builtin_rules: Whether the built-in FP32 islands apply.
         loss_fn: How to get the loss from the model and the batch.
@@ -220,14 +224,22 @@ def _timed_plan(model: nn.Module, example_batch: Any, low_mode: Mode, requested:
 def _unmeasured_reason(mode: Mode, hw: Any, require_native: bool) -> str | None:
     """Why a named low-precision mode's plan is not timed here (``None``: it is)."""
     fmt = dtype_name(mode.compute_dtype)
-    if mode.default_policy.param != torch.float32:  # named by the storage, not the compute
+    if mode.default_policy.compute == torch.float32:  # bf16-storage: named by the storage
         stored = dtype_name(mode.default_policy.param)
-        return (f"{mode.name} stores weights in {stored} to save memory; keeping modules in "
-                f"FP32 for speed would undo that, so its plan is not measured")
+        return (f"{mode.name} stores weights in {stored} and computes every module in FP32: "
+                f"there is no low-precision module to time")
     if require_native and fmt not in native_formats(hw):
         return (f"{hw.name} has no native {fmt}: it is emulated everywhere, so a measured plan "
                 f"would only move the whole model to FP32; the mode's plan is used as is")
     return None
+
+
+def island_policy(mode: Mode) -> Policy:
+    """What a module the measurement keeps in FP32 gets: ``fp32`` in a mode with FP32 weights; in
+    one that stores them in low precision, FP32 compute over the stored weights (cast up for the
+    forward, as ``bf16-storage`` does) with the output in the storage dtype: no byte more stored."""
+    stored = mode.default_policy.param
+    return FP32 if stored == torch.float32 else Policy(stored, torch.float32, stored)
 
 
 def _measure(model: nn.Module, batch: Any, base: PrecisionPlan, is_auto: bool,
@@ -242,7 +254,7 @@ def _measure(model: nn.Module, batch: Any, base: PrecisionPlan, is_auto: bool,
         for name in keep:
             modules[name]["kept_fp32"] = True
         low = low_mode.compute_dtype
-        measured_rules = [Rule(name, FP32,
+        measured_rules = [Rule(name, island_policy(low_mode),
                                f"measured:{dtype_name(low)} {modules[name]['low_ms']:.2f} ms > "
                                f"fp32 {modules[name]['fp32_ms']:.2f} ms") for name in keep]
         low_plan = PrecisionPlan(low_mode, (*base.user_rules, *measured_rules),
@@ -346,7 +358,7 @@ def _time_modules(model: nn.Module, batch: Any, base: PrecisionPlan, loss_fn: Lo
         args, kwargs = inputs[r.name]
         as_low, as_fp32 = copy.deepcopy(r.module), copy.deepcopy(r.module)
         delattr(as_fp32, _MARK)
-        apply_plan([Resolved("", as_fp32, FP32, "measure", r.policy)])
+        apply_plan([Resolved("", as_fp32, island_policy(mode), "measure", r.policy)])
 
         def run(m: nn.Module, a: tuple = args, kw: dict = kwargs) -> Callable[[], None]:
             def fn() -> None:

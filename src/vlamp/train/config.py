@@ -101,9 +101,10 @@ class PrecisionConfig:
         loss_scale: The scaler's settings (``precision.loss_scale.min_scale=1``, ...).
         rules: A YAML file of per-module rules (see ``vlamp plan --rules``); empty for none.
         measure: Before training, time every low-precision module on a real batch in low precision
-            and in FP32 and keep FP32 where low precision is slower on this machine (cached; see
-            ``vlamp plan --auto``); with ``mode=auto`` the measured step also decides between the
-            low-precision mode and FP32. Off: the mode's plan as is (``auto`` from the hardware
+            and in FP32 and keep FP32 where low precision is slower on this machine (in the
+            ``-true`` modes FP32 compute only, the weights still stored in low precision; cached;
+            see ``vlamp plan --auto``); with ``mode=auto`` the measured step also decides between
+            the low-precision mode and FP32. Off: the mode's plan as is (``auto`` from the hardware
             table alone).
         tf32: On CUDA, let FP32 matmuls and convolutions (the fp32 mode, and FP32 islands) run
             on TF32 tensor cores; off keeps them IEEE FP32. No effect on CPUs.
