@@ -297,6 +297,25 @@ def test_summary_across_seeds_pairs_each_mode_with_its_seeds_fp32():
     assert b["success_by_group"] is None  # task "t" is in no Meta-World difficulty group
 
 
+def test_a_row_whose_seeds_ran_different_plans_is_said():
+    """A mode pooled over seeds that were planned otherwise (bf16-true before and after its plan
+    was measured) gets a warning; rows planned alike in every seed get none."""
+    from vlamp.bench.summary import mixed_plans
+
+    def run(mode, seed, kept, lean=24):
+        return {"mode": mode, "runner": "vlamp", "seed": seed, "fp32_rules": kept,
+                "lean_islands": lean}
+
+    alike = [run("fp32", s, 0, 0) for s in (0, 1, 2)]
+    alike += [run("bf16-mixed", s, 12) for s in (0, 1, 2)]
+    assert mixed_plans(alike) == []
+    true = [run("bf16-true", 0, 0), run("bf16-true", 1, 6), run("bf16-true", 2, 6)]
+    assert mixed_plans([*alike, *true]) == [
+        "bf16-true: its seeds ran different precision plans (seed 0: 0 modules kept in FP32 for "
+        "speed, 24 lean islands; seeds 1, 2: 6 modules kept in FP32 for speed, 24 lean islands), "
+        "and its row pools them"]
+
+
 def test_summary_says_which_difficulty_group_a_precision_loses_success_in():
     """Over MT10's tasks, a mode that fails only the hard tasks fp32 solves shows the loss in the
     hard group, paired, and nothing in the others."""

@@ -32,7 +32,7 @@ from vlamp.bench.machine import (
     training_left,
 )
 from vlamp.bench.seeds import finished_seed, kept_beyond, run_id, runs_dir, settings_key
-from vlamp.bench.summary import summarize
+from vlamp.bench.summary import mixed_plans, summarize
 from vlamp.io import write_json
 from vlamp.precision.dtypes import dtype_name
 from vlamp.precision.errors import VlampError
@@ -318,7 +318,8 @@ def bench(config: RunConfig, modes: list[str], out: str | os.PathLike[str], *, s
     warned = [f"{_run_name(r)}: {w}" for r in runs for w in r["warnings"]]
     results = {"machine": machine,
                "config": to_dict(config), "modes": modes, "summary": summarize(runs),
-               "notes": list(notes or []), "warnings": warned, "seconds": time.time() - started,
+               "notes": [*(notes or []), *mixed_plans(runs)], "warnings": warned,
+               "seconds": time.time() - started,
                "interleaved": {"round_steps": round_steps, "threads": threads}, "runs": runs}
     write_json(results, out / "results.json")
     from vlamp.bench.report import write_report

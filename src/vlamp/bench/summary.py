@@ -135,6 +135,24 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def mixed_plans(runs: list[dict[str, Any]]) -> list[str]:
+    """A warning for each row whose seeds ran different precision plans (measured on one machine
+    and not on another, say, or by a vlamp that plans the mode otherwise): its row pools them.
+    A plan is told by what its measurement decided: modules kept in FP32 and lean islands."""
+    seen: dict[str, dict[tuple[Any, Any], list[int]]] = {}
+    for r in runs:
+        plan = (r.get("fp32_rules"), r.get("lean_islands"))
+        seen.setdefault(run_label(r), {}).setdefault(plan, []).append(r["seed"])
+    notes = []
+    for name, plans in seen.items():
+        if len(plans) > 1:
+            each = [f"seed{'s' * (len(s) > 1)} {', '.join(map(str, s))}: {kept} modules kept in "
+                    f"FP32 for speed, {lean} lean islands" for (kept, lean), s in plans.items()]
+            notes.append(f"{name}: its seeds ran different precision plans ({'; '.join(each)}), "
+                         f"and its row pools them")
+    return notes
+
+
 def _verdict(p: float | None) -> str | None:
     if p is None:
         return None

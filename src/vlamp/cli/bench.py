@@ -109,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
               "each run's last round", file=sys.stderr)
         raise
     print(text_table(results))
+    for note in results["notes"][len(notes):]:  # what the runs showed (seeds planned otherwise)
+        print(f"note: {note}")
     print(f"\nresults: {args.out}/results.json; report: {args.out}/report.md, {args.out}/report.html")
     return 0
 
