@@ -136,7 +136,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def mixed_plans(runs: list[dict[str, Any]]) -> list[str]:
-    """A warning for each row whose seeds ran different precision plans (measured on one machine
+    """A note for each row whose seeds ran different precision plans (measured on one machine
     and not on another, say, or by a vlamp that plans the mode otherwise): its row pools them.
     A plan is told by what its measurement decided: modules kept in FP32 and lean islands."""
     seen: dict[str, dict[tuple[Any, Any], list[int]]] = {}
