@@ -299,7 +299,7 @@ def test_summary_across_seeds_pairs_each_mode_with_its_seeds_fp32():
 
 def test_a_row_whose_seeds_ran_different_plans_is_said():
     """A mode pooled over seeds that were planned otherwise (bf16-true before and after its plan
-    was measured) gets a warning; rows planned alike in every seed get none."""
+    was measured) gets a note; rows planned alike in every seed get none."""
     from vlamp.bench.summary import mixed_plans
 
     def run(mode, seed, kept, lean=24):
