@@ -309,6 +309,7 @@ def test_a_row_whose_seeds_ran_different_plans_is_said():
     alike = [run("fp32", s, 0, 0) for s in (0, 1, 2)]
     alike += [run("bf16-mixed", s, 12) for s in (0, 1, 2)]
     assert mixed_plans(alike) == []
+    assert mixed_plans([*alike, {**run("fp32", 3, 0), "fp32_rules": None}]) == []  # not recorded
     true = [run("bf16-true", 0, 0), run("bf16-true", 1, 6), run("bf16-true", 2, 6)]
     assert mixed_plans([*alike, *true]) == [
         "bf16-true: its seeds ran different precision plans (seed 0: 0 modules kept in FP32 for "

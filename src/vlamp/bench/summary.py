@@ -138,10 +138,13 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def mixed_plans(runs: list[dict[str, Any]]) -> list[str]:
     """A note for each row whose seeds ran different precision plans (measured on one machine
     and not on another, say, or by a vlamp that plans the mode otherwise): its row pools them.
-    A plan is told by what its measurement decided: modules kept in FP32 and lean islands."""
+    A plan is told by what its measurement decided: modules kept in FP32 and lean islands (a run
+    kept from before those were recorded is told by nothing, and left out)."""
     seen: dict[str, dict[tuple[Any, Any], list[int]]] = {}
     for r in runs:
         plan = (r.get("fp32_rules"), r.get("lean_islands"))
+        if None in plan:
+            continue
         seen.setdefault(run_label(r), {}).setdefault(plan, []).append(r["seed"])
     notes = []
     for name, plans in seen.items():
