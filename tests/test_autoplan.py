@@ -6,8 +6,10 @@ The "slow" modules do not sleep: they advance the clock the measurement reads by
 so their slowness dwarfs any real timing, on a quiet core or a busy one, with or without native
 bf16."""
 
+import gc
 import time
 import types
+import weakref
 
 import pytest
 import torch
@@ -169,6 +171,76 @@ def test_the_model_is_left_untouched_and_a_set_up_model_is_refused(tmp_path):
     with pytest.raises(VlampError, match="already has a precision plan"):
         measure(model, batch(), tmp_path)
 
+
+
+class NormedNet(nn.Module):
+    """A LayerNorm island (for the lean half) and a BatchNorm whose running statistics every forward
+    pass in training mode moves; counts the copies of itself alive at each forward pass."""
+
+    alive = weakref.WeakSet()
+    most_alive = 0
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.bn = nn.Linear(8, 16), nn.BatchNorm1d(16)
+        self.norm, self.out = nn.LayerNorm(16), nn.Linear(16, 1)
+
+    def forward(self, batch):
+        NormedNet.alive.add(self)
+        if len(NormedNet.alive) > NormedNet.most_alive:
+            gc.collect()  # (a copy let go of may wait in a reference cycle)
+            NormedNet.most_alive = max(NormedNet.most_alive, len(NormedNet.alive))
+        return self.out(torch.relu(self.norm(self.bn(self.inp(batch["x"]))))).float().square().mean()
+
+
+def test_every_half_leaves_the_models_buffers_and_grads_and_holds_two_sets_of_weights(tmp_path):
+    """The FP32 passes run on the model itself (a copy would hold a third set of weights beside
+    the planned copy) and put back what they change: BatchNorm's statistics, the ``.grad``."""
+    model = NormedNet()
+    model.inp.weight.grad = torch.full_like(model.inp.weight, 0.5)
+    grad = model.inp.weight.grad
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    NormedNet.alive, NormedNet.most_alive = weakref.WeakSet([model]), 0
+    leaned = measure(model, batch(8), tmp_path)
+    accurate = measure(model, batch(8), tmp_path, sensitivity=1.0)
+    assert leaned.measured["lean"]["islands"] and accurate.measured["step_ms"]  # every half ran
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.bn.num_batches_tracked == 0
+    assert model.inp.weight.grad is grad and bool((grad == 0.5).all())
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "inp.weight")
+    assert NormedNet.most_alive == 2  # the model and one copy at a time
+
+
+class SeenLinear(nn.Linear):
+    """A Linear that records, at every forward pass, its weight's dtype, whether it trains, and
+    whether the pass is under autocast."""
+
+    seen: list = []
+
+    def forward(self, x):
+        self.seen.append((self.weight.dtype, self.weight.requires_grad,
+                          torch.is_autocast_enabled("cpu")))
+        return super().forward(x)
+
+
+def test_frozen_modules_are_measured_as_the_run_trains_them(tmp_path):
+    """``freeze``: in every pass, FP32 and low precision, the frozen layer computes no weight
+    gradient, and in bf16-mixed its copies store it in bf16 as MixedPrecision will; the model keeps
+    its own flags and dtypes, and the plan carries no storage rule of its own for it."""
+    model = NormedNet()
+    model.inp = SeenLinear(8, 16)
+    SeenLinear.seen = []  # (on the class: every copy records here)
+    plan = measure(model, batch(8), tmp_path, freeze=["inp"])
+    seen = set(SeenLinear.seen)
+    assert (torch.float32, False, False) in seen  # the FP32 passes, on the model itself
+    assert (torch.bfloat16, False, True) in seen  # the planned copies
+    assert not any(trains for _, trains, _ in seen)
+    assert model.inp.weight.requires_grad and model.inp.weight.dtype == torch.float32
+    assert not any(r.label == "frozen" for r in plan.user_rules)
+    assert measure(model, batch(8), tmp_path).measured["key"] != plan.measured["key"]
+    with pytest.raises(VlampError, match="'nowhere' matches no module"):
+        measure(model, batch(8), tmp_path, freeze=["nowhere"])
 
 class SlowLinear(nn.Linear):
     """A Linear built to be slow where its input is not FP32 (weights of its own, unlike

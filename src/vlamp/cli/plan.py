@@ -123,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
         plan = measure_plan(model, model.example_batch(args.batch_size), mode,
                             rules=plan.user_rules, builtin_rules=plan.builtin_rules,
                             refresh=args.refresh, log=lambda line: print(line, file=sys.stderr),
-                            sensitivity=args.sensitivity, lean=args.lean_islands or None)
+                            sensitivity=args.sensitivity, lean=args.lean_islands or None,
+                            freeze=frozen)
     from vlamp.precision.freeze import with_frozen
 
     # frozen modules stored as MixedPrecision stores them at setup (not in the plan --out writes)

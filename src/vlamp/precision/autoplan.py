@@ -5,8 +5,9 @@ Algorithm (``measure_plan``)::
 
     base  = the mode's plan (user rules, then the built-in FP32 islands), with its lean islands:
             those that may hand on the low-precision dtype (vlamp.precision.lean), measured
-    probe = a copy of the model with ``base`` applied; one forward under autocast records the inputs
-            of every candidate: a leaf module that ``base`` runs in low precision by default
+    probe = a copy of the model set up as the run will be (``base`` applied, the modules the run
+            freezes frozen and stored as it stores them); one forward under autocast records the
+            inputs of every candidate: a leaf module that ``base`` runs in low precision by default
     for each candidate, on copies of it, interleaved, ``repeats`` times after a warm-up:
         t_low  = forward (under the mode's autocast) + backward
         t_fp32 = the same behind the boundary an FP32 rule puts there (inputs cast up,
@@ -22,9 +23,14 @@ Algorithm (``measure_plan``)::
     step: forward+backward of the whole model in FP32 against ``measured``, interleaved;
           ``auto`` takes the low-precision mode only when its step is faster (never a slower mode)
 
+Memory: the FP32 passes (lean islands' reference gradients, the FP32 step) run on the model
+itself, its buffers and ``.grad`` put back after; every other pass on one planned copy at a time.
+At most the model, one copy, the trained parameters' FP32 gradients and the copy's are held
+(:mod:`vlamp.train.fit` counts this moment).
+
 The result is an ordinary :class:`PrecisionPlan` (YAML-able rules) whose ``measured`` field keeps the
 times and the reason. It is cached per (hardware, torch version, threads, model signature, batch
-shapes, mode, rules) under ``$XDG_CACHE_HOME/vlamp/plans``; any change of those is a new key.
+shapes, mode, rules, frozen modules) under ``$XDG_CACHE_HOME/vlamp/plans``; any change of those is a new key.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from torch import nn
 from vlamp.precision.apply import _MARK, apply_plan
 from vlamp.precision.dtypes import dtype_name
 from vlamp.precision.errors import VlampError
+from vlamp.precision.freeze import frozen_modules
 from vlamp.precision.hardware import choose_mode, detect, native_formats, synchronize
 from vlamp.precision.lean import DEFAULT_TOLERANCE, LEAN, lean_plan, measure_lean
 from vlamp.precision.modes import Mode, get_mode
@@ -56,7 +63,9 @@ from vlamp.precision.probe import (
     capture_inputs,
     loss_of,
     model_device,
+    planned_copy,
     rng_kept,
+    state_kept,
     tensors_in,
 )
 from vlamp.precision.sensitivity import sensitivity_plan
@@ -88,10 +97,11 @@ def measure_plan(
     log: Callable[[str], None] | None = None,
     sensitivity: float | None = None,
     lean: float | None = DEFAULT_TOLERANCE,
+    freeze: Sequence[str] = (),
 ) -> PrecisionPlan:
     """Measures which modules of ``model`` are faster in FP32 than in low precision, here, and,
     with ``sensitivity``, which lose too much accuracy in low precision. ``model`` is not changed:
-    every measurement runs on copies.
+    its FP32 passes run on it (buffers and ``.grad`` put back), every other on one copy at a time.
 
     Args:
         model: The model, not yet set up by a plan, on the device it will train on.
@@ -117,40 +127,39 @@ def measure_plan(
         lean: Lean islands (:mod:`vlamp.precision.lean`), before the speed half: the growth of the
             gradient error their measurement allows (default 25%); ``None``: every island hands on
             FP32. Also for the ``-true`` modes and emulated formats.
+        freeze: The modules the run freezes (``MixedPrecision(freeze=...)``): every pass freezes
+            and stores them as the run will (no weight gradients; ``-mixed``: the compute dtype).
 
     Returns:
         A :class:`PrecisionPlan` for the chosen mode; ``plan.measured`` holds per-module times
         (``modules``), step times (``step_ms``), the ``reason``, the cache ``key``, ``from_cache``.
 
     Raises:
-        VlampError: If the model was already set up, ``repeats < 1``, ``margin < 0``, ``lean < 0``.
+        VlampError: If the model was already set up, ``repeats < 1``, ``margin < 0``, ``lean < 0``,
+            or a ``freeze`` pattern matches no module.
     """
     say = log or (lambda _msg: None)
-    _check_arguments(model, repeats, margin, sensitivity, lean)
+    _check_arguments(model, repeats, margin, sensitivity, lean, freeze)
     hw = detect(model_device(model))
     requested = mode if isinstance(mode, str) else mode.name
     is_auto = requested.strip().lower() == "auto"
     if isinstance(rules, (str, os.PathLike)):  # a YAML rules file
         rules, builtin_rules = _load_rules(rules, None if is_auto else requested)
-    if is_auto:
-        low_mode = _proposed(hw, rules, builtin_rules, say)
-        if isinstance(low_mode, PrecisionPlan):
-            return low_mode
-    else:
-        low_mode = get_mode(requested)
-        if low_mode.name == "fp32":
-            return PrecisionPlan("fp32", rules, builtin_rules=builtin_rules)
+    low_mode = _proposed(hw, rules, builtin_rules, say) if is_auto else get_mode(requested)
+    if isinstance(low_mode, PrecisionPlan) or low_mode.name == "fp32":  # nothing to measure
+        return low_mode if is_auto else PrecisionPlan("fp32", rules, builtin_rules=builtin_rules)
+    if not is_auto:
         reason = _unmeasured_reason(low_mode, hw, require_native)
         if reason is not None:  # the accuracy halves still apply
             plan = _accurate_base(model, example_batch, low_mode, rules, builtin_rules,
-                                  sensitivity, lean, loss_fn, say)
+                                  sensitivity, lean, loss_fn, say, freeze)
             plan.measured = {"requested": requested, "reason": reason, **(plan.measured or {})}
             say(f"precision: {low_mode.name} not measured ({reason})")
             return plan
     return _timed_plan(model, example_batch, low_mode, requested, rules, builtin_rules, hw,
                        loss_fn=loss_fn, repeats=repeats, margin=margin, cache=cache,
                        cache_dir=cache_dir, refresh=refresh, sensitivity=sensitivity, lean=lean,
-                       say=say)
+                       say=say, freeze=freeze)
 
 
 def _proposed(hw: Any, rules: Any, builtin_rules: bool, say: Callable[[str], None]
@@ -170,7 +179,7 @@ def _load_rules(path: str | os.PathLike[str], mode: str | None) -> tuple[tuple[R
 
 
 def _check_arguments(model: nn.Module, repeats: int, margin: float, sensitivity: float | None,
-                     lean: float | None) -> None:
+                     lean: float | None, freeze: Sequence[str]) -> None:
     if repeats < 1 or margin < 0:
         raise VlampError(f"measure_plan: repeats must be >= 1 and margin >= 0, got {repeats}, {margin}")
     if any(hasattr(m, _MARK) for m in model.modules()):
@@ -180,19 +189,21 @@ def _check_arguments(model: nn.Module, repeats: int, margin: float, sensitivity:
         raise VlampError(f"measure_plan: sensitivity must be a relative error > 0, got {sensitivity}")
     if lean is not None and not lean >= 0:
         raise VlampError(f"measure_plan: lean must be a fraction >= 0 (or None: off), got {lean}")
+    frozen_modules(model, freeze)  # a pattern that matches nothing fails here, before any pass
 
 
 def _timed_plan(model: nn.Module, example_batch: Any, low_mode: Mode, requested: str, rules: Any,
                 builtin_rules: bool, hw: Any, *, loss_fn: LossFn | None, repeats: int,
                 margin: float, cache: bool, cache_dir: str | os.PathLike[str] | None,
                 refresh: bool, sensitivity: float | None, lean: float | None,
-                say: Callable[[str], None]) -> PrecisionPlan:
+                say: Callable[[str], None], freeze: Sequence[str]) -> PrecisionPlan:
     """The timed half of :func:`measure_plan`: from the cache, or measured and cached."""
     is_auto = requested.strip().lower() == "auto"
     device = model_device(model)
     base = PrecisionPlan(low_mode, rules, builtin_rules=builtin_rules)
     asked = requested + ("" if sensitivity is None else f"|sensitivity={sensitivity:g}") + (
-        "" if lean is None else f"|lean={lean:g}")
+        "" if lean is None else f"|lean={lean:g}") + (
+        f"|freeze={','.join(freeze)}" if freeze else "")
     key = _cache_key(model, example_batch, asked, base, hw.as_dict(), margin, loss_fn)
     path = Path(cache_dir) if cache_dir is not None else default_plan_cache()
     path = path / f"{key[:24]}.yaml"
@@ -202,11 +213,11 @@ def _timed_plan(model: nn.Module, example_batch: Any, low_mode: Mode, requested:
             say(f"precision: {cached.mode.name}, measured plan from the cache ({path})")
             return cached
     base = _accurate_base(model, example_batch, low_mode, rules, builtin_rules, sensitivity, lean,
-                          loss_fn, say)  # the speed half times the plan with its lean islands
+                          loss_fn, say, freeze)  # the speed half times the plan with its lean islands
     say(f"precision: measuring {low_mode.name} against fp32 per module on {hw.name} "
         f"({torch.get_num_threads()} threads)...")
     chosen, reason, step, modules = _measure(model, example_batch, base, is_auto, loss_fn, repeats,
-                                             margin, device)
+                                             margin, device, freeze)
     low = low_mode.compute_dtype
     chosen.measured = {
         "requested": requested, "reason": reason, "key": key, "dtype": dtype_name(low),
@@ -234,6 +245,13 @@ def _unmeasured_reason(mode: Mode, hw: Any, require_native: bool) -> str | None:
     return None
 
 
+def measured_here(mode: str | Mode, device: torch.device | str = "cpu") -> bool:
+    """Whether :func:`measure_plan` times ``mode``'s plan on ``device`` (and so holds a planned
+    copy of the model beside it): not fp32, not ``bf16-storage``, a format native there."""
+    m = get_mode(mode, device)
+    return m.name != "fp32" and _unmeasured_reason(m, detect(torch.device(device)), True) is None
+
+
 def island_policy(mode: Mode) -> Policy:
     """What a module the measurement keeps in FP32 gets: ``fp32`` in a mode with FP32 weights; in
     one that stores them in low precision, FP32 compute over the stored weights (cast up for the
@@ -243,13 +261,14 @@ def island_policy(mode: Mode) -> Policy:
 
 
 def _measure(model: nn.Module, batch: Any, base: PrecisionPlan, is_auto: bool,
-             loss_fn: LossFn | None, repeats: int, margin: float, device: torch.device
+             loss_fn: LossFn | None, repeats: int, margin: float, device: torch.device,
+             freeze: Sequence[str] = ()
              ) -> tuple[PrecisionPlan, str, dict[str, float], dict[str, dict[str, Any]]]:
     """Times every candidate module and the whole step (see the module's text): the chosen plan,
     the reason, the step times and the per-module times."""
     low_mode, builtin_rules = base.mode, base.builtin_rules
     with rng_kept():
-        modules = _time_modules(model, batch, base, loss_fn, repeats, device)
+        modules = _time_modules(model, batch, base, loss_fn, repeats, device, freeze)
         keep = [n for n, t in modules.items() if t["low_ms"] > t["fp32_ms"] * (1 + margin)]
         for name in keep:
             modules[name]["kept_fp32"] = True
@@ -259,7 +278,7 @@ def _measure(model: nn.Module, batch: Any, base: PrecisionPlan, is_auto: bool,
                                f"fp32 {modules[name]['fp32_ms']:.2f} ms") for name in keep]
         low_plan = PrecisionPlan(low_mode, (*base.user_rules, *measured_rules),
                                  builtin_rules=builtin_rules)
-        step = _time_steps(model, batch, low_plan, loss_fn, repeats, device)
+        step = _time_steps(model, batch, low_plan, loss_fn, repeats, device, freeze)
     fp32_ms, low_ms = step["fp32"], step[low_mode.name]
     faster = low_ms < fp32_ms
     if is_auto and not faster:  # (a lean island's rule would cast an FP32 model's outputs down)
@@ -279,19 +298,20 @@ def _measure(model: nn.Module, batch: Any, base: PrecisionPlan, is_auto: bool,
 
 def _accurate_base(model: nn.Module, batch: Any, mode: Mode, rules: Any, builtin_rules: bool,
                    sensitivity: float | None, lean: float | None, loss_fn: LossFn | None,
-                   say: Callable[[str], None]) -> PrecisionPlan:
+                   say: Callable[[str], None], freeze: Sequence[str]) -> PrecisionPlan:
     """The plan the speed half starts from: the user's rules, with ``sensitivity`` the FP32 rules
     of the modules above it (instead of the built-in islands), with ``lean`` the lean islands."""
     if sensitivity is not None:
         rules, builtin_rules = _accurate_rules(model, batch, mode, rules, sensitivity, loss_fn, say)
     plan = PrecisionPlan(mode, rules, builtin_rules=builtin_rules)
-    return _lean(model, batch, plan, lean, loss_fn, say) if lean is not None else plan
+    return _lean(model, batch, plan, lean, loss_fn, say, freeze) if lean is not None else plan
 
 
 def _lean(model: nn.Module, batch: Any, plan: PrecisionPlan, tolerance: float,
-          loss_fn: LossFn | None, say: Callable[[str], None]) -> PrecisionPlan:
+          loss_fn: LossFn | None, say: Callable[[str], None], freeze: Sequence[str]) -> PrecisionPlan:
     """``plan`` with its lean islands (:mod:`vlamp.precision.lean`) and their record."""
-    rules, record = measure_lean(model, batch, plan, tolerance=tolerance, loss_fn=loss_fn, log=say)
+    rules, record = measure_lean(model, batch, plan, tolerance=tolerance, loss_fn=loss_fn, log=say,
+                                 freeze=freeze)
     if not record["islands"]:
         return plan
     say(f"precision: {len(rules)} of {len(record['islands'])} FP32 islands hand on "
@@ -343,11 +363,10 @@ def _candidates(resolved: Sequence[Resolved], low: torch.dtype) -> list[Resolved
 
 
 def _time_modules(model: nn.Module, batch: Any, base: PrecisionPlan, loss_fn: LossFn | None,
-                  repeats: int, device: torch.device) -> dict[str, dict[str, Any]]:
+                  repeats: int, device: torch.device, freeze: Sequence[str] = ()
+                  ) -> dict[str, dict[str, Any]]:
     mode, low = base.mode, base.mode.compute_dtype
-    probe = copy.deepcopy(model)
-    resolved = base.resolve(probe, warn_unmatched=False)
-    apply_plan(resolved)
+    probe, resolved = planned_copy(model, base, freeze)
     candidates = _candidates(resolved, low)
     with mode.autocast(device.type):
         inputs = capture_inputs(probe, batch, {r.name: r.module for r in candidates}, loss_fn)
@@ -381,11 +400,13 @@ def _time_modules(model: nn.Module, batch: Any, base: PrecisionPlan, loss_fn: Lo
 
 
 def _time_steps(model: nn.Module, batch: Any, low_plan: PrecisionPlan, loss_fn: LossFn | None,
-                repeats: int, device: torch.device) -> dict[str, float]:
-    """Forward+backward of the whole model in FP32 and under ``low_plan``, interleaved (ms)."""
-    reference = copy.deepcopy(model)
-    mixed = copy.deepcopy(model)
-    apply_plan(low_plan.resolve(mixed, warn_unmatched=False))
+                repeats: int, device: torch.device, freeze: Sequence[str] = ()
+                ) -> dict[str, float]:
+    """Forward+backward of the whole model in FP32 and under ``low_plan``, interleaved (ms). FP32
+    runs on ``model`` itself (put back after), ``low_plan`` on a copy: two sets of weights at once,
+    not three."""
+    reference = model
+    mixed, _ = planned_copy(model, low_plan, freeze)
     mode = low_plan.mode
 
     def fp32_step() -> None:
@@ -400,7 +421,8 @@ def _time_steps(model: nn.Module, batch: Any, low_plan: PrecisionPlan, loss_fn: 
         reference.zero_grad(set_to_none=True)
         mixed.zero_grad(set_to_none=True)
 
-    times = _median_times({"fp32": fp32_step, mode.name: low_step}, cleanup, repeats, device)
+    with state_kept(model, freeze):
+        times = _median_times({"fp32": fp32_step, mode.name: low_step}, cleanup, repeats, device)
     return {k: round(v, 3) for k, v in times.items()}
 
 
@@ -460,5 +482,5 @@ def _write_cached(path: Path, plan: PrecisionPlan) -> None:
                       stacklevel=3)
 
 
-__all__ = ["default_plan_cache", "measure_plan"]
+__all__ = ["default_plan_cache", "measure_plan", "measured_here"]
 

@@ -32,7 +32,6 @@ an offset that BF16 cannot hold: ~200x; both tested). Every pass draws the same 
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -40,12 +39,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlamp.precision.apply import apply_plan, hand_on
+from vlamp.precision.apply import hand_on
 from vlamp.precision.dtypes import dtype_name
 from vlamp.precision.modes import Mode
 from vlamp.precision.plan import BUILTIN_RULES, PrecisionPlan, Resolved, Rule
 from vlamp.precision.policy import Policy
-from vlamp.precision.probe import LossFn, loss_of, model_device, rng_kept, tensors_in
+from vlamp.precision.probe import (
+    LossFn,
+    loss_of,
+    model_device,
+    planned_copy,
+    rng_kept,
+    state_kept,
+    tensors_in,
+)
 
 DEFAULT_TOLERANCE = 0.25  # the plan's gradient error may grow by a quarter at most (see above)
 LEAN = "+lean:"  # in a lean rule's label, after the label of the rule it leans
@@ -73,11 +80,11 @@ def _islands(resolved: Sequence[Resolved], low: torch.dtype) -> list[Resolved]:
 
 
 def _gradients(model: nn.Module, batch: Any, mode: Mode | None, loss_fn: LossFn | None,
-               seed: int, watch: dict[str, nn.Module] | None = None) -> torch.Tensor:
-    """The loss's gradient with respect to every trained parameter, flattened in FP32 (the
-    parameters' ``.grad`` are left alone); ``mode``: under its autocast. ``watch``: modules whose
-    forward is checked for handing on a non-scalar floating tensor (those that do not are
-    removed)."""
+               seed: int, watch: dict[str, nn.Module] | None = None) -> list[torch.Tensor]:
+    """The loss's gradient with respect to every trained parameter, one tensor each in the
+    parameter's dtype (the parameters' ``.grad`` are left alone); ``mode``: under its autocast.
+    ``watch``: modules whose forward is checked for handing on a non-scalar floating tensor (those
+    that do not are removed)."""
     torch.manual_seed(seed)
     hands_on: set[str] = set()
 
@@ -100,26 +107,31 @@ def _gradients(model: nn.Module, batch: Any, mode: Mode | None, loss_fn: LossFn 
     for name in set(watch or ()) - hands_on:
         del watch[name]
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        return []
     grads = torch.autograd.grad(loss.float(), params, allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).float().flatten()
-                      for g, p in zip(grads, params)]) if params else torch.zeros(0)
+    return [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
 
 
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``|a - b| / |b|``; infinite where either holds a non-finite value (an overflow)."""
-    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
-        return math.inf
-    norm = float(torch.linalg.vector_norm(b))
-    diff = float(torch.linalg.vector_norm(a - b))
-    return diff / norm if norm > 0 else diff
+def _relative(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    """``|a - b| / |b|`` over all the tensors, in FP32 one tensor at a time (no flattened copy of a
+    model's gradients); infinite where either holds a non-finite value (an overflow)."""
+    norm = diff = 0.0
+    for x, y in zip(a, b, strict=True):
+        x, y = x.float(), y.float()
+        if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all())):
+            return math.inf
+        norm += float(torch.linalg.vector_norm(y)) ** 2
+        diff += float(torch.linalg.vector_norm(x - y)) ** 2
+    return math.sqrt(diff) / math.sqrt(norm) if norm > 0 else math.sqrt(diff)
 
 
 def measure_lean(model: nn.Module, batch: Any, plan: PrecisionPlan, *,
                  tolerance: float = DEFAULT_TOLERANCE, loss_fn: LossFn | None = None,
-                 seed: int = 0, log: Callable[[str], None] | None = None
-                 ) -> tuple[list[Rule], dict[str, Any]]:
+                 seed: int = 0, log: Callable[[str], None] | None = None,
+                 freeze: Sequence[str] = ()) -> tuple[list[Rule], dict[str, Any]]:
     """Which of ``plan``'s FP32 islands may hand on the low-precision dtype (see the module's text).
-    ``model`` is not changed: the passes run on copies, one at a time.
+    ``model`` is not changed: its FP32 pass runs on it (buffers put back), the others on one copy.
 
     Args:
         model: The plain model (no plan applied).
@@ -130,6 +142,8 @@ def measure_lean(model: nn.Module, batch: Any, plan: PrecisionPlan, *,
         loss_fn: How to get the loss from the model and the batch.
         seed: The RNG seed every pass starts from.
         log: Called with one line before the passes start (not at all without islands).
+        freeze: Modules the run freezes (as :class:`~vlamp.precision.mixed_precision.MixedPrecision`
+            takes them): frozen and stored as the run stores them in every pass.
 
     Returns:
         One rule per lean island (the island's policy with a low-precision output; place them
@@ -145,12 +159,9 @@ def measure_lean(model: nn.Module, batch: Any, plan: PrecisionPlan, *,
         log(f"precision: measuring which FP32 islands may hand on {dtype_name(low)} (gradient "
             f"error within +{tolerance:.0%})...")
     with rng_kept():
-        reference = copy.deepcopy(model)
-        g_fp32 = _gradients(reference, batch, None, loss_fn, seed)
-        del reference
-        probe = copy.deepcopy(model)
-        resolved = plan.resolve(probe, warn_unmatched=False)
-        apply_plan(resolved)
+        with state_kept(model, freeze):
+            g_fp32 = _gradients(model, batch, None, loss_fn, seed)
+        probe, resolved = planned_copy(model, plan, freeze)
         candidates = {r.name: r for r in _islands(resolved, low)}
         ran = {name: r.module for name, r in candidates.items()}
         g_mode = _gradients(probe, batch, plan.mode, loss_fn, seed, watch=ran)

@@ -1,18 +1,22 @@
 """Probing a model: where it lives, what a forward pass hands each module, the loss of a batch.
 
-The measurements of :mod:`vlamp.precision.autoplan` (speed) and :mod:`vlamp.precision.sensitivity`
-(accuracy) and the trainer's policy wrapper share these.
+The measurements of :mod:`vlamp.precision.autoplan` (speed), :mod:`vlamp.precision.lean` and
+:mod:`vlamp.precision.sensitivity` (accuracy) and the trainer's policy wrapper share these.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import copy
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from vlamp.precision.apply import map_tensors
+from vlamp.precision.apply import apply_plan, map_tensors
+from vlamp.precision.freeze import freeze as freeze_modules
+from vlamp.precision.freeze import with_frozen
+from vlamp.precision.plan import PrecisionPlan, Resolved
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -76,3 +80,48 @@ class rng_kept:
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state_all(self.cuda)
+
+
+class state_kept:
+    """Runs FP32 passes on the caller's model itself, where a copy would hold a second set of its
+    weights: what a forward and backward change in it (buffers such as BatchNorm's running
+    statistics, the parameters' ``.grad``) is put back on exit, and what the passes set (a frozen
+    module's ``requires_grad``, by ``freeze``). Inside, every ``.grad`` starts ``None``; the
+    weights are the caller's to leave alone (no optimizer step)."""
+
+    def __init__(self, model: nn.Module, freeze: Sequence[str] = ()) -> None:
+        self.model, self.freeze = model, freeze
+
+    def __enter__(self) -> nn.Module:
+        self.grads = [(p, p.grad, p.requires_grad) for p in self.model.parameters()]
+        self.buffers = [(m, name, b, b.detach().clone()) for m in self.model.modules()
+                        for name, b in m._buffers.items() if b is not None]
+        for p, _, _ in self.grads:
+            p.grad = None
+        try:
+            freeze_modules(self.model, self.freeze)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        with torch.no_grad():
+            for m, name, original, saved in self.buffers:
+                original.copy_(saved)
+                m._buffers[name] = original  # (a forward may have put another tensor there)
+        for p, grad, requires_grad in self.grads:
+            p.grad = grad
+            p.requires_grad_(requires_grad)
+
+
+def planned_copy(model: nn.Module, plan: PrecisionPlan, freeze: Sequence[str] = ()
+                 ) -> tuple[nn.Module, list[Resolved]]:
+    """A copy of ``model`` set up as a run with ``plan`` that freezes ``freeze`` trains it: those
+    modules frozen and stored as :class:`~vlamp.precision.mixed_precision.MixedPrecision` stores
+    them, the plan applied; and the plan resolved on it. ``model`` is not changed."""
+    probe = copy.deepcopy(model)
+    frozen = list(freeze_modules(probe, freeze))
+    resolved = with_frozen(plan, frozen).resolve(probe, warn_unmatched=False)
+    apply_plan(resolved)
+    return probe, resolved

@@ -31,6 +31,7 @@ from vlamp.precision.probe import (
     capture_inputs,
     leaf_copy,
     model_device,
+    state_kept,
     tensors_in,
 )
 
@@ -71,7 +72,8 @@ def measure_sensitivity(model: nn.Module, batch: Any, mode: str | Mode, *,
                         loss_fn: LossFn | None = None, seed: int = 0) -> dict[str, dict[str, Any]]:
     """Per leaf module that ran in the forward pass: its class, the low dtype, and the relative
     error of its output (``output_error``) and gradients (``grad_error``) in the mode's low
-    precision against FP32. The model is not changed (copies are run); the caller's RNG is kept.
+    precision against FP32. The model is not changed (its buffers are put back after the FP32 pass;
+    each module's passes run on copies of it); the caller's RNG is kept.
 
     Args:
         model: A plain model (no plan applied).
@@ -82,9 +84,9 @@ def measure_sensitivity(model: nn.Module, batch: Any, mode: str | Mode, *,
     low = m.default_policy
     device = model_device(model)
     rng = torch.get_rng_state()
-    probe = copy.deepcopy(model)
-    leaves = {n: mod for n, mod in probe.named_modules() if n and next(mod.children(), None) is None}
-    inputs = capture_inputs(probe, batch, leaves, loss_fn)  # FP32: every module gets true inputs
+    leaves = {n: mod for n, mod in model.named_modules() if n and next(mod.children(), None) is None}
+    with state_kept(model):  # FP32: every module gets true inputs (on the model, not a copy)
+        inputs = capture_inputs(model, batch, leaves, loss_fn)
     generator = torch.Generator().manual_seed(seed)
     out: dict[str, dict[str, Any]] = {}
     for name, (args, kwargs) in inputs.items():

@@ -157,7 +157,7 @@ def _probe_here(config: ModelConfig, mode: str, batch: int, threads: int, device
 def _measure(config: ModelConfig, mode: str, depths: dict[str, int], batch: int,
              peak: PeakRSS | None, device: str, frozen: Sequence[str] = (),
              lora: LoraConfig | None = None, precision: PrecisionConfig | None = None) -> Measured:
-    plan = _run_plan(config, mode, depths, batch, device, lora, precision)
+    plan = _run_plan(config, mode, depths, batch, device, lora, precision, frozen)
     if peak is not None:
         peak.reset()
     model, bases = _build(config, depths, device, lora)
@@ -198,15 +198,16 @@ def _build(config: ModelConfig, depths: dict[str, int], device: str, lora: LoraC
 
 
 def _run_plan(config: ModelConfig, mode: str, depths: dict[str, int], batch: int, device: str,
-              lora: LoraConfig | None, precision: PrecisionConfig | None) -> PrecisionPlan:
+              lora: LoraConfig | None, precision: PrecisionConfig | None,
+              frozen: Sequence[str] = ()) -> PrecisionPlan:
     """The plan a run with ``precision`` trains ``mode`` with: measured as the trainer measures it
-    (on a build of its own, freed before the measured copy is built), or the mode's with the run's
-    rules."""
+    (on a build of its own, ``frozen`` and the LoRA bases frozen, freed before the measured copy is
+    built), or the mode's with the run's rules."""
     if precision is None or not precision.measure or mode == "fp32":
         return plan_for(mode, (precision.rules or None) if precision else None, device=device)
-    model, _ = _build(config, depths, device, lora)
+    model, bases = _build(config, depths, device, lora)
     plan = measured_plan(model, to_device(model.example_batch(batch), torch.device(device)), mode,
-                         precision)
+                         precision, freeze=[*frozen, *bases])
     del model
     gc.collect()
     return plan

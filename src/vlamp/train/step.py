@@ -22,14 +22,17 @@ Batch = dict[str, torch.Tensor]
 
 
 def measured_plan(model: nn.Module, batch: Batch, mode: str, precision: PrecisionConfig,
-                  log: Callable[[str], None] | None = None) -> PrecisionPlan:
+                  log: Callable[[str], None] | None = None, freeze: Sequence[str] = ()
+                  ) -> PrecisionPlan:
     """``mode``'s plan as a run with these precision settings (``RunConfig.precision``) measures
     it on this machine (:func:`vlamp.precision.autoplan.measure_plan`): its rules first, then the
-    speed half, sensitivity and lean islands as the settings ask. For a model not yet set up."""
+    speed half, sensitivity and lean islands as the settings ask, with the modules the run freezes
+    (``freeze``: ``train.freeze`` and the LoRA bases) frozen. For a model not yet set up."""
     p = precision
     set_tf32(p.tf32)  # measured as it will run
     return measure_plan(model, batch, mode, rules=p.rules or None, log=log,
-                        sensitivity=p.sensitivity or None, lean=p.lean_islands or None)
+                        sensitivity=p.sensitivity or None, lean=p.lean_islands or None,
+                        freeze=freeze)
 
 
 @dataclass(frozen=True)

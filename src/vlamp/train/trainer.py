@@ -192,7 +192,8 @@ class Trainer:
         if p.measure and p.mode != "fp32":
             plan = None
             if self.world.main:  # measured once, on rank 0; every rank trains on its plan
-                plan = measured_plan(self.model, self.example_batch(), p.mode, p, self._log_line)
+                plan = measured_plan(self.model, self.example_batch(), p.mode, p, self._log_line,
+                                     common["freeze"])
                 if not self.world.distributed:
                     return MixedPrecision(plan, None, p.scaler or None, **common)
                 plan = plan.to_dict()
