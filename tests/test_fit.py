@@ -186,6 +186,49 @@ def test_on_a_cpu_the_fp32_build_is_a_moment_of_its_own():
     assert gpu.by_kind["weights"] == 2e8 and gpu.peak < here.peak
 
 
+
+def test_a_measured_plan_is_a_moment_of_its_own():
+    """Measuring the plan holds the FP32 model, a planned copy, FP32 and planned gradients of the
+    trained parameters and one forward's activations, before the run is set up: with a frozen
+    backbone (LoRA), more than the build or the step; a run that does not measure skips it."""
+    p = _probe(per_layer=100.0, base=1000.0)
+    state = {"weights": 2e8, "masters": 0.0, "compensation": 0.0, "grads": 4e6, "optimizer": 8e6}
+    sizes = {"largest_param": 10, "largest_module": 10, "largest_grad": 10, "low_params": 10**8,
+             "params": 10**8, "trained": 10**6}
+    c = fit.Candidate("bf16-mixed", micro_batch=2)
+    measured = fit.predict(c, state, sizes, p, 100, measured=True)
+    assert measured.moment == "measure"
+    assert measured.by_kind["weights"] == 4e8 + 2e8 and measured.by_kind["grads"] == 4e6 + 4e6
+    assert measured.by_kind["activations"] == p.activations(2, checkpoint=False)
+    assert measured.peak == 6e8 + 8e6 + p.activations(2, False) + 2 * 100 + p.runtime_bytes
+    plain = fit.predict(c, state, sizes, p, 100)
+    assert plain.moment == "build" and plain.peak == 4e8 + p.runtime_bytes
+    on_gpu = fit.predict(c, state, sizes, p, 100, built_here=False)
+    assert on_gpu.moment == "step" and on_gpu.peak < plain.peak
+
+
+def test_a_run_over_its_budget_only_while_measured_says_so(monkeypatch):
+    """The refusal names the moment and the way out, precision.measure=false, which fits."""
+    import torch
+
+    from vlamp.train import budget as bud
+
+    _, cfg = _planted_probes(monkeypatch)
+    monkeypatch.setattr(bud, "measured_here", lambda mode, device: mode != "fp32")
+    monkeypatch.setattr(bud, "candidate_modes", lambda device: (["fp32", "bf16-mixed"], []))
+    cpu = torch.device("cpu")
+    cfg.precision.mode = "bf16-mixed"
+    cfg.train.freeze = ["text", "trunk"]  # a frozen backbone: the measurement's copy is the peak
+    measured = bud.fit_run(cfg, cpu, 2**40).asked
+    cfg.precision.measure = False
+    plain = bud.fit_run(cfg, cpu, 2**40).asked
+    assert measured.moment == "measure" != plain.moment and plain.peak < measured.peak
+    cfg.train.memory_budget = str((plain.peak + measured.peak) // 2)
+    assert bud.check_budget(cfg, cpu)[1].fits
+    cfg.precision.measure = True
+    with pytest.raises(VlampError, match=r"at its plan's measurement \(precision.measure=false"):
+        bud.check_budget(cfg, cpu)
+
 def _planted_probes(monkeypatch):
     """Replaces the fit's probe with a planted one; returns the modes it is asked to probe, and a
     run config of the tiny model at batch 4."""

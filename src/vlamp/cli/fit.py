@@ -109,5 +109,5 @@ def run(args: argparse.Namespace) -> int:
 def _row(p) -> dict | None:
     if p is None:
         return None
-    return {"configuration": p.candidate.label(), **p.by_kind, "peak_bytes": p.peak,
+    return {"configuration": p.candidate.label(), **p.by_kind, "peak_bytes": p.peak, "at": p.moment,
             "fits": p.fits, "step_s": None if math.isnan(p.step_s) else p.step_s}

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from vlamp.models.registry import stack_depths
+from vlamp.precision.autoplan import measured_here
 from vlamp.precision.errors import VlampError
 from vlamp.precision.memory import available_memory, parse_size
 from vlamp.precision.plan import rules_file_mode
@@ -124,10 +125,11 @@ def fit_run(config: RunConfig, device: torch.device, budget: int, modes: Sequenc
     sample = fit.sample_bytes(config.model)
     depths = stack_depths(config.model)  # the probes' shallow copies serve any depth
     scaled = {m: dataclasses.replace(p, depths={**p.depths, **depths}) for m, p in measured.items()}
+    measures = {m: config.precision.measure and measured_here(m, device) for m in scaled}
     for c in cands:
         key = (c.mode, c.update, c.optimizer_state)
         predictions.append(fit.predict(c, *held_by[key], scaled[c.mode], sample,
-                                       built_here=device.type == "cpu"))
+                                       built_here=device.type == "cpu", measured=measures[c.mode]))
     chosen = fit.choose(predictions, budget)
     mine = next((p for p in predictions if p.candidate == asked), None)
     return FitResult(predictions, budget, chosen, mine, notes)
@@ -229,6 +231,9 @@ def check_budget(config: RunConfig, device: torch.device, log: Callable[[str], N
         result = fit_run(config, device, budget, log=log, probes=probes)
     best = result.chosen
     need = f"needs {fit.gib(mine.peak)} GiB" if mine is not None else "is not one fit can predict"
+    if mine is not None and mine.moment == "measure":
+        need += (" at its plan's measurement (precision.measure=false trains the mode's plan as is "
+                 "and skips it)")
     fix = (f"; the fastest that fits: {' '.join(best.candidate.overrides(fit.blocks_of(config.model)))}"
            f" ({fit.gib(best.peak)} GiB)" if best is not None else f"; {result.reason()}")
     raise VlampError(f"train.memory_budget: this run {need} (predicted), over the budget of "

@@ -16,9 +16,13 @@ Where each figure comes from:
 * **Runtime**: what the allocator and runtime hold beyond the tensors, measured on the probe
   (its measured peak minus its predicted tensors).
 
-The peak is the largest of three moments: the end of the forward (activations, no gradients
-unless micro-batches accumulate them), the optimizer step (all gradients, no activations), and, on
-a CPU, the build (every weight in FP32 before the plan stores it in its dtype).
+The peak is the largest of four moments: the end of the forward (activations, no gradients
+unless micro-batches accumulate them), the optimizer step (all gradients, no activations), on a
+CPU the build (every weight in FP32 before the plan stores it in its dtype), and, where the run
+measures its plan (``precision.measure``, a mode measured on this hardware), the measurement
+(:mod:`vlamp.precision.autoplan`): the model still in FP32, one planned copy (stored as the run
+stores it), the trained parameters' FP32 gradients and the copy's, and one forward's activations
+at the run's micro-batch (and that batch).
 """
 
 from __future__ import annotations
@@ -98,6 +102,7 @@ class Prediction:
     by_kind: dict[str, int]
     step_s: float
     fits: bool = True
+    moment: str = "step"  # when the peak is reached: forward, step, build or measure
 
     @property
     def peak(self) -> int:
@@ -152,7 +157,7 @@ def state_bytes(config: ModelConfig, mode: str, update: str, optimizer_state: st
     cold = {id(p) for mod in cold_modules.values() for p in mod.parameters()}
     totals = dict.fromkeys(("weights", "masters", "compensation", "grads", "optimizer"), 0.0)
     sizes = {"largest_param": 0, "largest_module": 0, "largest_grad": 0, "low_params": 0,
-             "params": sum(p.numel() for p in model.parameters())}
+             "params": sum(p.numel() for p in model.parameters()), "trained": 0}
     for r in plan.resolve(model, warn_unmatched=False):
         own = list(r.module.parameters(recurse=False))
         if not isinstance(r.module, torch.nn.Embedding):  # looked up where stored: never cast up
@@ -169,6 +174,7 @@ def state_bytes(config: ModelConfig, mode: str, update: str, optimizer_state: st
             sizes["largest_param"] = max(sizes["largest_param"], p.numel())
             sizes["largest_grad"] = max(sizes["largest_grad"], p.numel() * size)
             sizes["low_params"] += p.numel() if dtype != torch.float32 else 0
+            sizes["trained"] += p.numel()
     return totals, sizes
 
 
@@ -189,7 +195,7 @@ def state_by_depth(config: ModelConfig, mode: str, update: str, optimizer_state:
                                        {**base, stack: 2}, lora, rules)
         for k in state:
             state[k] += (more[k] - one[k]) * (n - 1)
-        for k in ("low_params", "params"):
+        for k in ("low_params", "params", "trained"):
             sizes[k] += (more_sizes[k] - one_sizes[k]) * (n - 1)
     return state, sizes
 
@@ -208,10 +214,11 @@ def unmeasured(config: ModelConfig, mode: str) -> ModeProbe:
 
 
 def predict(candidate: Candidate, state: dict[str, float], sizes: dict[str, int],
-            probe: ModeProbe, sample_bytes: int, built_here: bool = True) -> Prediction:
+            probe: ModeProbe, sample_bytes: int, built_here: bool = True,
+            measured: bool = False) -> Prediction:
     """The candidate's peak by kind at the largest of its moments (see the module's text);
     ``built_here``: the model is built in FP32 in this memory (a CPU run; a GPU run builds it in
-    the host's)."""
+    the host's); ``measured``: the run measures its plan first."""
     c = candidate
     acts = probe.activations(c.micro_batch, c.checkpoint)
     lifted = c.optimizer_state == "8bit" or (c.update not in ("-", "master"))
@@ -231,15 +238,31 @@ def predict(candidate: Candidate, state: dict[str, float], sizes: dict[str, int]
         forward = {"grads": sizes["largest_grad"], "activations": int(acts),
                    "transient": int(backward_transient + step_transient)}
         step = {"grads": 0, "activations": 0, "transient": 0}
-    moment = forward if sum(forward.values()) >= sum(step.values()) else step
+    at, moment = ("forward", forward) if sum(forward.values()) >= sum(step.values()) else ("step", step)
     data = 2 * c.micro_batch * sample_bytes  # the batch and the next one being assembled
-    by_kind = {**held, **moment, "data": data, "runtime": int(probe.runtime_bytes)}
+    runtime = int(probe.runtime_bytes)
+    by_kind = {**held, **moment, "data": data, "runtime": runtime}
     build = 4 * sizes.get("params", probe.params)  # every weight in FP32 before it is stored
-    if built_here and build > sum(by_kind.values()) - by_kind["runtime"]:
-        by_kind = {**dict.fromkeys(KINDS, 0), "weights": build, "runtime": by_kind["runtime"]}
+    others = {"build": {"weights": build} if built_here else {},
+              "measure": {**_measure_moment(state, sizes, build, probe, c),
+                          "data": c.micro_batch * sample_bytes} if measured else {}}
+    for name, kinds in others.items():
+        if sum(kinds.values()) > sum(by_kind.values()) - runtime:
+            at, by_kind = name, {**dict.fromkeys(KINDS, 0), **kinds, "runtime": runtime}
     timed = dataclasses.replace(probe, params=sizes.get("params", probe.params))
     seconds = math.nan if math.isnan(probe.base.seconds.get(1, 0.0)) else timed.step_seconds(c)
-    return Prediction(c, {k: by_kind[k] for k in KINDS}, seconds)
+    return Prediction(c, {k: by_kind[k] for k in KINDS}, seconds, moment=at)
+
+
+def _measure_moment(state: dict[str, float], sizes: dict[str, int], fp32_weights: int,
+                    probe: ModeProbe, c: Candidate) -> dict[str, int]:
+    """What the measured plan's passes hold at most, before the run's setup: the model in FP32
+    and a planned copy; the trained parameters' FP32 gradients (lean islands' reference) and the
+    copy's; one forward's activations at the micro-batch (no checkpointing yet); and its batch."""
+    trained = sizes.get("trained", sizes.get("params", probe.params))
+    return {"weights": int(fp32_weights + state["weights"]),
+            "grads": int(4 * trained + state["grads"]),
+            "activations": int(probe.activations(c.micro_batch, False))}
 
 
 def choose(predictions: Sequence[Prediction], budget: int) -> Prediction | None:
@@ -258,17 +281,17 @@ def gib(n: float) -> str:
 
 def table(predictions: Sequence[Prediction], budget: int, chosen: Prediction | None,
           limit: int = 16) -> str:
-    """The candidates as an aligned table (GiB by kind, peak, fits, expected step time): the
-    fitting ones fastest first, then the nearest misses."""
+    """The candidates as an aligned table (GiB by kind, peak, the moment it is reached, fits,
+    expected step time): the fitting ones fastest first, then the nearest misses."""
     rows = sorted(predictions, key=lambda p: (not p.fits, p.step_s if p.fits else p.peak))
     shown = rows[:limit]
     if chosen is not None and chosen not in shown:
         shown.append(chosen)
     unit, scale = ("MiB", 2**20) if max(p.peak for p in shown) < 2**31 else ("GiB", 2**30)
-    head = ["configuration", *KINDS, "peak", "fits", "step s"]
+    head = ["configuration", *KINDS, "peak", "at", "fits", "step s"]
     body = [[("* " if p is chosen else "  ") + p.candidate.label(),
              *(f"{p.by_kind[k] / scale:.{2 if unit == 'GiB' else 0}f}" for k in KINDS),
-             f"{p.peak / scale:.{2 if unit == 'GiB' else 0}f}", "yes" if p.fits else "no",
+             f"{p.peak / scale:.{2 if unit == 'GiB' else 0}f}", p.moment, "yes" if p.fits else "no",
              "-" if math.isnan(p.step_s) else f"{p.step_s:.3g}"] for p in shown]
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
