@@ -164,8 +164,8 @@ def measure_lean(model: nn.Module, batch: Any, plan: PrecisionPlan, *,
         probe, resolved = planned_copy(model, plan, freeze)
         candidates = {r.name: r for r in _islands(resolved, low)}
         ran = {name: r.module for name, r in candidates.items()}
-        g_mode = _gradients(probe, batch, plan.mode, loss_fn, seed, watch=ran)
-        e_mode = _relative(g_mode, g_fp32)
+        # (each pass's gradients are let go once compared: only g_fp32 lives beside the next pass)
+        e_mode = _relative(_gradients(probe, batch, plan.mode, loss_fn, seed, watch=ran), g_fp32)
 
         def error(lean: Sequence[str]) -> float:
             for name in lean:
