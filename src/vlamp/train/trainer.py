@@ -353,7 +353,8 @@ class Trainer:
                 if not measured_all and self._busy(self.step):  # logged before a save can fail
                     measured_all = True
                     log.row("memory", {"step": self.step, "peak_bytes": result.peak_bytes,
-                                       "predicted_peak_bytes": getattr(self.predicted, "peak", None)})
+                                       "predicted_peak_bytes": getattr(self.predicted, "peak", None),
+                                       "predicted_at": getattr(self.predicted, "moment", None)})
                 if self.val_set is not None and ((t.val_every and self.step % t.val_every == 0) or last):
                     result.val_action_l1 = self.validate()
                     log.row("val", {"step": self.step, "action_l1": result.val_action_l1})
