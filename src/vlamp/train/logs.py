@@ -29,11 +29,11 @@ class RunLog:
             self.metrics = open(run_dir / "metrics.jsonl", "a")
 
     def row(self, kind: str, row: dict[str, Any]) -> None:
-        """One record: a metrics row and a TensorBoard scalar per value (``kind/key``)."""
+        """One record: a metrics row and a TensorBoard scalar per number (``kind/key``)."""
         if self.writer is None:
             return
         for k, v in row.items():
-            if k != "step" and v is not None:
+            if k != "step" and isinstance(v, (int, float)):  # (a label, such as predicted_at: no)
                 self.writer.add_scalar(f"{kind}/{k}", v, row["step"])
         self._write({"kind": kind, **row})
 
