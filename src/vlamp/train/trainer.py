@@ -148,6 +148,12 @@ class Trainer:
             self._restore(resume_from)
         distributed.barrier(self.world)  # every rank checked the run directory before any writes
 
+    def _predicted(self) -> dict[str, Any]:
+        """The memory row's prediction: the budget's peak and its moment (``None`` without one)."""
+        p = self.predicted
+        return {"predicted_peak_bytes": getattr(p, "peak", None),
+                "predicted_at": getattr(p, "moment", None)}
+
     def _log_line(self, line: str) -> None:
         if self.progress:
             tqdm.write(line)
@@ -353,8 +359,7 @@ class Trainer:
                 if not measured_all and self._busy(self.step):  # logged before a save can fail
                     measured_all = True
                     log.row("memory", {"step": self.step, "peak_bytes": result.peak_bytes,
-                                       "predicted_peak_bytes": getattr(self.predicted, "peak", None),
-                                       "predicted_at": getattr(self.predicted, "moment", None)})
+                                       **self._predicted()})
                 if self.val_set is not None and ((t.val_every and self.step % t.val_every == 0) or last):
                     result.val_action_l1 = self.validate()
                     log.row("val", {"step": self.step, "action_l1": result.val_action_l1})
