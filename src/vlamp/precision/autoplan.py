@@ -406,12 +406,11 @@ def _time_steps(model: nn.Module, batch: Any, low_plan: PrecisionPlan, loss_fn: 
     """Forward+backward of the whole model in FP32 and under ``low_plan``, interleaved (ms). FP32
     runs on ``model`` itself (put back after), ``low_plan`` on a copy: two sets of weights at once,
     not three."""
-    reference = model
     mixed, _ = planned_copy(model, low_plan, freeze)
     mode = low_plan.mode
 
     def fp32_step() -> None:
-        loss_of(reference, batch, loss_fn).backward()
+        loss_of(model, batch, loss_fn).backward()
 
     def low_step() -> None:
         with mode.autocast(device.type):
@@ -419,7 +418,7 @@ def _time_steps(model: nn.Module, batch: Any, low_plan: PrecisionPlan, loss_fn: 
         loss.backward()
 
     def cleanup() -> None:
-        reference.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
         mixed.zero_grad(set_to_none=True)
 
     with state_kept(model, freeze):
