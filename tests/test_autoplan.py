@@ -14,11 +14,15 @@ import weakref
 import pytest
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vlamp import MixedPrecision, PrecisionPlan, VlampError, describe_plan
 from vlamp.precision import autoplan
 from vlamp.precision.autoplan import measure_plan
 from vlamp.precision.hardware import Choice, choose_mode, detect
+from vlamp.precision.plan import plan_for
+from vlamp.precision.probe import planned_copy
 from vlamp.precision.verify import trace_compute_dtypes
 
 NATIVE_BF16 = choose_mode(detect("cpu")).mode == "bf16-mixed"
@@ -210,6 +214,40 @@ def test_every_half_leaves_the_models_buffers_and_grads_and_holds_two_sets_of_we
     assert model.inp.weight.grad is grad and bool((grad == 0.5).all())
     assert all(p.grad is None for n, p in model.named_parameters() if n != "inp.weight")
     assert NormedNet.most_alive == 2  # the model and one copy at a time
+
+
+class Allocations(TorchDispatchMode):
+    """Records the dtype and size of every tensor the ops run inside it make (views, in-place ops
+    and ``detach`` return what exists already: their schemas say their result aliases an input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.made: list[tuple[torch.dtype, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not any(r.alias_info is not None for r in func._schema.returns):
+            self.made += [(t.dtype, t.numel()) for t in tree_flatten(out)[0]
+                          if isinstance(t, torch.Tensor)]
+        return out
+
+
+def test_a_planned_copy_is_made_in_its_planned_dtypes():
+    """A frozen layer in bf16-mixed is copied straight into bf16: the copy never holds a second FP32
+    set of its weights (on a large model, the measurement's peak); the model is left as it was."""
+    model = NormedNet()
+    model.inp = nn.Linear(8, 4096)
+    model.bn, model.norm, model.out = nn.BatchNorm1d(4096), nn.LayerNorm(4096), nn.Linear(4096, 1)
+    plan = plan_for("bf16-mixed", None)
+    with Allocations() as seen:
+        copy, _ = planned_copy(model, plan, ["inp"])
+    fp32_made = sum(n for dtype, n in seen.made if dtype == torch.float32)
+    assert fp32_made < model.inp.weight.numel()  # the trained layers' FP32 copies only
+    assert (torch.bfloat16, model.inp.weight.numel()) in seen.made
+    assert copy.inp.weight.dtype == torch.bfloat16 and not copy.inp.weight.requires_grad
+    assert torch.equal(copy.inp.weight, model.inp.weight.detach().to(torch.bfloat16))
+    assert copy.out.weight.dtype == torch.float32 and copy.out.weight.requires_grad
+    assert model.inp.weight.dtype == torch.float32 and model.inp.weight.requires_grad
 
 
 class SeenLinear(nn.Linear):

@@ -15,7 +15,7 @@ from torch import nn
 
 from vlamp.precision.apply import apply_plan, map_tensors
 from vlamp.precision.freeze import freeze as freeze_modules
-from vlamp.precision.freeze import with_frozen
+from vlamp.precision.freeze import frozen_modules, with_frozen
 from vlamp.precision.plan import PrecisionPlan, Resolved
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -119,9 +119,29 @@ def planned_copy(model: nn.Module, plan: PrecisionPlan, freeze: Sequence[str] = 
                  ) -> tuple[nn.Module, list[Resolved]]:
     """A copy of ``model`` set up as a run with ``plan`` that freezes ``freeze`` trains it: those
     modules frozen and stored as :class:`~vlamp.precision.mixed_precision.MixedPrecision` stores
-    them, the plan applied; and the plan resolved on it. ``model`` is not changed."""
-    probe = copy.deepcopy(model)
+    them, the plan applied; and the plan resolved on it. ``model`` is not changed.
+
+    The copy's tensors are made in their planned dtype: a copy made first in FP32 and cast after
+    would hold a second FP32 set of the weights for a moment (the peak of a measurement of a
+    large model with low-precision storage, a frozen tower in a ``-mixed`` mode)."""
+    stored = with_frozen(plan, list(frozen_modules(model, freeze))).resolve(model, warn_unmatched=False)
+    probe = copy.deepcopy(model, memo=_cast_in_advance(stored))
     frozen = list(freeze_modules(probe, freeze))
     resolved = with_frozen(plan, frozen).resolve(probe, warn_unmatched=False)
     apply_plan(resolved)
     return probe, resolved
+
+
+def _cast_in_advance(resolved: Sequence[Resolved]) -> dict[int, Any]:
+    """A ``copy.deepcopy`` memo holding, for each floating parameter and buffer that ``resolved``
+    stores in another dtype, its copy in that dtype (what :func:`apply_plan` would make of it)."""
+    memo: dict[int, Any] = {}
+    for r in resolved:
+        dtype = r.policy.param
+        for p in r.module.parameters(recurse=False):
+            if type(p) is nn.Parameter and p.is_floating_point() and p.dtype != dtype:
+                memo[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
+        for b in r.module.buffers(recurse=False):
+            if type(b) is torch.Tensor and b.is_floating_point() and b.dtype != dtype:
+                memo[id(b)] = b.detach().to(dtype)
+    return memo
