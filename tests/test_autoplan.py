@@ -14,8 +14,8 @@ import weakref
 import pytest
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from vlamp import MixedPrecision, PrecisionPlan, VlampError, describe_plan
 from vlamp.precision import autoplan

@@ -124,7 +124,8 @@ def test_the_probe_freezes_and_plans_as_the_run_does():
     the full frozen model's, measured directly, and are well below the trained model's. With the
     run's precision settings the probe trains on the plan the trainer measures, lean islands and
     all (what that plan saves is not compared: its speed half, on a CPU with native bf16, decides
-    by timing which modules of so tiny a model stay FP32)."""
+    by timing which modules of so tiny a model stay FP32), and measures what that measurement's
+    FP32 passes save: the trained FP32 model's activations."""
     from vlamp.models.registry import build_model
     from vlamp.precision.lean import LEAN
     from vlamp.precision.memory import ActivationMeter
@@ -145,6 +146,11 @@ def test_the_probe_freezes_and_plans_as_the_run_does():
     planned = fit.probe(cfg, "bf16-mixed", 2, precision=PrecisionConfig(mode="bf16-mixed"))
     for copy in (planned.base, *planned.deeper.values()):
         assert any(LEAN in r.get("label", "") for r in copy.plan["rules"]), copy.plan
+    # the measurement's FP32 passes save what the trained FP32 model does, not the mode's
+    fp32_passes = planned._at(lambda m, b: m.fp32_acts[b], 2)  # (extrapolated as any figure)
+    assert fp32_passes == pytest.approx(direct["trained"], rel=0.02)
+    assert planned.measured_activations(2) >= fp32_passes
+    assert not fit.probe(cfg, "fp32", 2, frozen=frozen).base.fp32_acts  # fp32 measures nothing
 
 
 def test_activations_and_time_extrapolate_in_depth_and_batch():
@@ -201,6 +207,12 @@ def test_a_measured_plan_is_a_moment_of_its_own():
     assert measured.by_kind["weights"] == 4e8 + 2e8 and measured.by_kind["grads"] == 4e6 + 4e6
     assert measured.by_kind["activations"] == p.activations(2, checkpoint=False)
     assert measured.peak == 6e8 + 8e6 + p.activations(2, False) + 2 * 100 + p.runtime_bytes
+    # where the probe measured the plan, its FP32 passes' activations when they are more
+    for m in (p.base, *p.deeper.values()):
+        m.fp32_acts = {b: 3 * m.acts[(False, b)] for b in (1, 2)}
+    assert p.measured_activations(2) == 3 * p.activations(2, checkpoint=False)
+    fp32_passes = fit.predict(c, state, sizes, p, 100, measured=True)
+    assert fp32_passes.by_kind["activations"] == 3 * p.activations(2, checkpoint=False)
     plain = fit.predict(c, state, sizes, p, 100)
     assert plain.moment == "build" and plain.peak == 4e8 + p.runtime_bytes
     on_gpu = fit.predict(c, state, sizes, p, 100, built_here=False)

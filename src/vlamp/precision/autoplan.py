@@ -24,10 +24,11 @@ Algorithm (``measure_plan``)::
           ``auto`` takes the low-precision mode only when its step is faster (never a slower mode)
 
 Memory: the FP32 passes (lean islands' reference gradients, the FP32 step) run on the model
-itself, its buffers and ``.grad`` put back after; every other pass on one planned copy at a time.
-At most the model, one copy, the trained parameters' FP32 gradients and the copy's are held, with
-one forward's activations (:mod:`vlamp.train.fit` counts this moment); the capture above also
-keeps a copy of every candidate's input, which that count leaves out.
+itself, its buffers and ``.grad`` put back after; every other pass on one planned copy at a time,
+made straight in its planned dtypes (:func:`~vlamp.precision.probe.planned_copy`). At most the
+model, one copy, the trained parameters' FP32 gradients and the copy's are held, with one forward's
+activations (:mod:`vlamp.train.fit` counts this moment); the capture above also keeps a copy of
+every candidate's input, which that count leaves out.
 
 The result is an ordinary :class:`PrecisionPlan` (YAML-able rules) whose ``measured`` field keeps the
 times and the reason. It is cached per (hardware, torch version, threads, model signature, batch

@@ -22,7 +22,7 @@ CPU the build (every weight in FP32 before the plan stores it in its dtype), and
 measures its plan (``precision.measure``, a mode measured on this hardware), the measurement
 (:mod:`vlamp.precision.autoplan`): the model still in FP32, one planned copy (stored as the run
 stores it), the trained parameters' FP32 gradients and the copy's, and one forward's activations
-at the run's micro-batch (and that batch).
+at the run's micro-batch (its FP32 passes', measured by the probe; and that batch).
 """
 
 from __future__ import annotations
@@ -258,11 +258,13 @@ def _measure_moment(state: dict[str, float], sizes: dict[str, int], fp32_weights
                     probe: ModeProbe, c: Candidate) -> dict[str, int]:
     """What the measured plan's passes hold at most, before the run's setup: the model in FP32
     and a planned copy; the trained parameters' FP32 gradients (lean islands' reference) and the
-    copy's; one forward's activations at the micro-batch (no checkpointing yet); and its batch."""
+    copy's; one forward's activations at the micro-batch (no checkpointing yet: the FP32 passes'
+    where they save more than the mode's, as they do wherever the mode computes low); and its
+    batch."""
     trained = sizes.get("trained", sizes.get("params", probe.params))
     return {"weights": int(fp32_weights + state["weights"]),
             "grads": int(4 * trained + state["grads"]),
-            "activations": int(probe.activations(c.micro_batch, False))}
+            "activations": int(probe.measured_activations(c.micro_batch))}
 
 
 def choose(predictions: Sequence[Prediction], budget: int) -> Prediction | None:

@@ -27,6 +27,7 @@ from vlamp.precision.errors import VlampError
 from vlamp.precision.memory import ActivationMeter, PeakRSS, checkpoint_modules
 from vlamp.precision.mixed_precision import MixedPrecision
 from vlamp.precision.plan import PrecisionPlan, plan_for
+from vlamp.precision.probe import state_kept
 from vlamp.precision.weight_update import UpdateSettings
 from vlamp.train.config import LoraConfig, PrecisionConfig
 from vlamp.train.step import make_optimizer, measured_plan, to_device, train_step
@@ -36,11 +37,13 @@ from vlamp.train.step import make_optimizer, measured_plan, to_device, train_ste
 class Measured:
     """One shallow copy's figures: activations (bytes) and step time (s) at micro-batch 1 and 2,
     without and with checkpointing of every block; and the plan it trained on
-    (:meth:`PrecisionPlan.to_dict`)."""
+    (:meth:`PrecisionPlan.to_dict`); where that plan was measured, what the measurement's FP32
+    passes save (bytes at micro-batch 1 and 2: the model in FP32, frozen as the run freezes it)."""
 
     acts: dict[tuple[bool, int], float]
     seconds: dict[int, float]  # at micro-batch 1 and the run's batch
     plan: dict | None = None
+    fp32_acts: dict[int, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -87,6 +90,15 @@ class ModeProbe:
         if checkpoint and self.deeper:
             saved += max(self._layer(lambda m: m.acts[(False, 2)], s) * batch / 2 for s in self.deeper)
         return saved
+
+    def measured_activations(self, batch: int) -> float:
+        """Bytes the plan's measurement saves at most in one forward at micro-batch ``batch``: its
+        FP32 passes' or the mode's, whichever is more (the mode's where the probe's plan was not
+        measured)."""
+        low = self.activations(batch, checkpoint=False)
+        if not self.base.fp32_acts:
+            return low
+        return max(low, self._at(lambda m, b: m.fp32_acts.get(b, 0.0), batch))
 
     def _layer(self, get: Callable[[Measured], float], stack: str) -> float:
         if stack not in self.deeper:  # not measured (see :func:`vlamp.train.fit.unmeasured`)
@@ -157,7 +169,7 @@ def _probe_here(config: ModelConfig, mode: str, batch: int, threads: int, device
 def _measure(config: ModelConfig, mode: str, depths: dict[str, int], batch: int,
              peak: PeakRSS | None, device: str, frozen: Sequence[str] = (),
              lora: LoraConfig | None = None, precision: PrecisionConfig | None = None) -> Measured:
-    plan = _run_plan(config, mode, depths, batch, device, lora, precision, frozen)
+    plan, fp32_acts = _run_plan(config, mode, depths, batch, device, lora, precision, frozen)
     if peak is not None:
         peak.reset()
     model, bases = _build(config, depths, device, lora)
@@ -185,7 +197,7 @@ def _measure(config: ModelConfig, mode: str, depths: dict[str, int], batch: int,
                 loss = model(batches[b])
             del loss
             acts[(ckpt, b)] = float(meter.total)
-    return Measured(acts, seconds, plan.to_dict())
+    return Measured(acts, seconds, plan.to_dict(), fp32_acts)
 
 
 def _build(config: ModelConfig, depths: dict[str, int], device: str, lora: LoraConfig | None
@@ -199,18 +211,27 @@ def _build(config: ModelConfig, depths: dict[str, int], device: str, lora: LoraC
 
 def _run_plan(config: ModelConfig, mode: str, depths: dict[str, int], batch: int, device: str,
               lora: LoraConfig | None, precision: PrecisionConfig | None,
-              frozen: Sequence[str] = ()) -> PrecisionPlan:
+              frozen: Sequence[str] = ()) -> tuple[PrecisionPlan, dict[int, float]]:
     """The plan a run with ``precision`` trains ``mode`` with: measured as the trainer measures it
     (on a build of its own, ``frozen`` and the LoRA bases frozen, freed before the measured copy is
-    built), or the mode's with the run's rules."""
+    built), or the mode's with the run's rules. With a measured plan, what the measurement's FP32
+    passes save at micro-batch 1 and 2 (they run on the model itself, in FP32: its activations
+    are FP32 where the run's are not), measured on that build; else nothing."""
     if precision is None or not precision.measure or mode == "fp32":
-        return plan_for(mode, (precision.rules or None) if precision else None, device=device)
+        return plan_for(mode, (precision.rules or None) if precision else None, device=device), {}
     model, bases = _build(config, depths, device, lora)
     plan = measured_plan(model, to_device(model.example_batch(batch), torch.device(device)), mode,
                          precision, freeze=[*frozen, *bases])
+    fp32_acts = {}
+    with state_kept(model, [*frozen, *bases]):
+        for b in (1, 2):
+            with ActivationMeter(model) as meter:
+                loss = model(to_device(model.example_batch(b), torch.device(device)))
+            del loss
+            fp32_acts[b] = float(meter.total)
     del model
     gc.collect()
-    return plan
+    return plan, fp32_acts
 
 
 def _sync(device: str) -> None:
