@@ -3,9 +3,9 @@ measures, in a fresh process, beside the model's FP32 weights.
 
 The model is built from ``vlamp train``'s config keys (random init, nothing downloaded); with
 ``train.lora.*`` its adapted layers are frozen and passed to the measurement as the trainer
-passes them. Nothing is cached (``cache=False``), so every run measures. ``--phases`` also samples the resident
-memory every 20 ms beside the innermost vlamp frames running, and prints the highest sample of each
-(where the peak is: the copy, the capture, the FP32 step, ...); run it with
+passes them. Nothing is cached (``cache=False``), so every run measures. ``--phases`` also
+samples the resident memory every 20 ms beside the innermost vlamp frames running, and prints the
+highest sample of each (where the peak is: the copy, the capture, the FP32 step, ...); run it with
 ``MALLOC_MMAP_THRESHOLD_=65536`` to see the tensors without what glibc's heap keeps of freed blocks.
 
     python scripts/measure_plan_memory.py bf16-mixed model.name=hf-vlm model.dim=1024 \\
@@ -28,7 +28,7 @@ import torch
 from vlamp.models.lora import adapt
 from vlamp.models.registry import build_model
 from vlamp.precision.autoplan import measure_plan
-from vlamp.precision.memory import PeakRSS
+from vlamp.precision.memory import PeakRSS, _status_bytes
 from vlamp.train.config_io import load_config
 
 
@@ -57,12 +57,7 @@ class Phases:
                     names.append(f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_code.co_name}")
                 frame = frame.f_back
             key = " < ".join(names) or "(outside vlamp)"
-            self.peaks[key] = max(self.peaks[key], _rss())
-
-
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
+            self.peaks[key] = max(self.peaks[key], _status_bytes("VmRSS"))
 
 
 def main() -> None:
@@ -84,7 +79,7 @@ def main() -> None:
     n = sum(p.numel() for p in model.parameters())
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     gc.collect()
-    peak, before = PeakRSS(), _rss()
+    peak = PeakRSS()
     start = time.perf_counter()
     with Phases() if args.phases else contextlib.nullcontext() as phases:
         plan = measure_plan(model, batch, args.mode, cache=False, repeats=args.repeats,
@@ -97,7 +92,7 @@ def main() -> None:
     print(f"  {plan.measured.get('reason')}")
     if phases is not None:
         for where, rss in sorted(phases.peaks.items(), key=lambda kv: -kv[1])[:15]:
-            print(f"  {(rss - before) / 2**20:8.0f} MiB above the model  {where}")
+            print(f"  {(rss - peak.baseline) / 2**20:8.0f} MiB above the model  {where}")
 
 
 if __name__ == "__main__":

@@ -124,10 +124,10 @@ def planned_copy(model: nn.Module, plan: PrecisionPlan, freeze: Sequence[str] = 
     The copy's tensors are made in their planned dtype: a copy made first in FP32 and cast after
     would hold a second FP32 set of the weights for a moment (the peak of a measurement of a
     large model with low-precision storage, a frozen tower in a ``-mixed`` mode)."""
-    stored = with_frozen(plan, list(frozen_modules(model, freeze))).resolve(model, warn_unmatched=False)
-    probe = copy.deepcopy(model, memo=_cast_in_advance(stored))
-    frozen = list(freeze_modules(probe, freeze))
-    resolved = with_frozen(plan, frozen).resolve(probe, warn_unmatched=False)
+    planned = with_frozen(plan, list(frozen_modules(model, freeze)))  # (names: the copy's too)
+    probe = copy.deepcopy(model, memo=_cast_in_advance(planned.resolve(model, warn_unmatched=False)))
+    freeze_modules(probe, freeze)
+    resolved = planned.resolve(probe, warn_unmatched=False)
     apply_plan(resolved)
     return probe, resolved
 
