@@ -297,6 +297,34 @@ def test_summary_across_seeds_pairs_each_mode_with_its_seeds_fp32():
     assert b["success_by_group"] is None  # task "t" is in no Meta-World difficulty group
 
 
+def test_the_speed_up_across_seeds_leaves_out_ratios_that_compare_two_machines():
+    """A seed whose run was timed on another machine than its fp32 run (a seed file carried over
+    and a mode added there) keeps its success and validation pairs but not its speed-up."""
+    from vlamp.bench.summary import summarize, summary_table
+
+    xeon, epyc = {"cpu": "Xeon"}, {"cpu": "EPYC"}
+
+    def run(mode, seed, speed, machine):
+        return {"mode": mode, "runner": "vlamp", "seed": seed, "speedup_vs_fp32": speed,
+                "final_val_action_l1": 0.1, "success_rate": 0.5, "success_outcomes": {"t": [1, 0]},
+                "machine": machine}
+
+    runs = [run("fp32", s, 1.0, xeon) for s in (0, 1, 2)]
+    runs += [run("bf16-mixed", 0, 0.8, xeon), run("bf16-mixed", 1, 1.0, xeon),
+             run("bf16-mixed", 2, 2.3, epyc)]  # the EPYC's step against the Xeon's fp32
+    runs += [run("bf16-true", 2, 1.9, epyc)]
+    rows = {r["mode"]: r for r in summarize(runs)}
+    b = rows["bf16-mixed"]
+    assert b["seeds"] == [0, 1, 2] and b["speedup_seeds"] == [0, 1]
+    assert b["speedup_mean"] == pytest.approx(0.9) and b["success_pairs"]["episodes"] == 6
+    assert rows["bf16-true"]["speedup_seeds"] == [] and rows["bf16-true"]["speedup_mean"] is None
+    table = {t[0]: t for t in summary_table(list(rows.values()))}
+    assert table["bf16-mixed"][2] == "0.90x +- 0.14 (seeds 0, 1: fp32's machine)"
+    assert table["bf16-true"][2] == "- (each seed's fp32 on another machine)"
+    runs[3]["machine"] = runs[4]["machine"] = runs[5]["machine"] = None  # not recorded: counted
+    assert summarize(runs)[1]["speedup_seeds"] == [0, 1, 2]
+
+
 def test_a_row_whose_seeds_ran_different_plans_is_said():
     """A mode pooled over seeds that were planned otherwise (bf16-true before and after its plan
     was measured) gets a note; rows planned alike in every seed get none."""

@@ -23,6 +23,12 @@ def _mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
+def _one_machine(run: dict[str, Any], ref: dict[str, Any]) -> bool:
+    """Whether a run was timed on the machine its FP32 run was (runs that do not say: yes)."""
+    a, b = run.get("machine"), ref.get("machine")
+    return not a or not b or a == b
+
+
 def _paired_t(diffs: Sequence[float]) -> float | None:
     """Two-sided p-value of a paired t-test (``None`` below two pairs)."""
     if len(diffs) < 2:
@@ -106,7 +112,11 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         fp32 = {seed: ref for (seed, n), ref in refs.items() if n == ranks}
         row: dict[str, Any] = {"name": name, "mode": mode, "runner": runner, "ranks": ranks,
                                "seeds": [r["seed"] for r in group]}
-        row["speedup_mean"], row["speedup_sd"] = _mean_sd([r["speedup_vs_fp32"] for r in group])
+        # a ratio against an fp32 run timed on another machine compares two machines: left out
+        timed = [r for r in group if r["seed"] in fp32 and _one_machine(r, fp32[r["seed"]])]
+        row["speedup_seeds"] = [r["seed"] for r in timed]
+        row["speedup_mean"], row["speedup_sd"] = (_mean_sd([r["speedup_vs_fp32"] for r in timed])
+                                                  if timed else (None, None))
         states = [r["state_bytes"] for r in group if r.get("state_bytes") is not None]
         row["state_bytes"] = statistics.fmean(states) if states else None
         vals = [r["final_val_action_l1"] for r in group if r["final_val_action_l1"] is not None]
@@ -182,7 +192,8 @@ def group_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     return out
 
 
-SUMMARY_CAPTION = ("across seeds, against the fp32 run of each seed (mean +- sd over seeds; "
+SUMMARY_CAPTION = ("across seeds, against the fp32 run of each seed (mean +- sd over seeds, the "
+                   "speed-up over those timed on their fp32 run's machine; "
                    "validation error by a paired t-test over seeds, success by the seeds' episode "
                    "pairs pooled: the difference in points with its 95% interval and McNemar's p; "
                    "p >= 0.05 is within noise):")
@@ -191,11 +202,6 @@ SUMMARY_CAPTION = ("across seeds, against the fp32 run of each seed (mean +- sd 
 def summary_table(rows: list[dict[str, Any]]) -> list[list[str]]:
     """Header plus one row per summary row (see :func:`summarize`): seeds, speed-up, training
     state, validation error and success, each difference from FP32 with its test."""
-    def pm(mean: float | None, sd: float | None, pattern: str, unit: str = "") -> str:
-        if mean is None:
-            return "-"
-        return pattern.format(mean) + unit + ("" if sd is None else " +- " + pattern.format(sd))
-
     out = [["run", "seeds", "speed-up", "state (MiB)", "val action L1", "vs fp32 (paired t)",
             "success", "vs fp32, paired (points, 95%)", "McNemar"]]
     for r in rows:
@@ -206,13 +212,31 @@ def summary_table(rows: list[dict[str, Any]]) -> list[list[str]]:
             f"{r['val_l1_vs_fp32_pct']:+.1f}%" + ("" if p is None else f", p {p:.2g}")
         out.append([r["name"], str(len(r["seeds"])),
                     "1.00x" if r["mode"] == "fp32" and r["runner"] == "vlamp"  # the reference
-                    else pm(r["speedup_mean"], r["speedup_sd"], "{:.2f}", "x"),
+                    else _speedup(r),
                     "-" if state is None else f"{state / 2**20:.1f}",
-                    pm(r["val_l1_mean"], r["val_l1_sd"], "{:.4f}"), val_vs,
-                    pm(None if succ is None else 100 * succ, None if sd is None else 100 * sd,
-                       "{:.0f}", "%"),
+                    _pm(r["val_l1_mean"], r["val_l1_sd"], "{:.4f}"), val_vs,
+                    _pm(None if succ is None else 100 * succ, None if sd is None else 100 * sd,
+                        "{:.0f}", "%"),
                     "-" if d is None else
                     f"{d:+.1f} [{ci[0]:+.1f}, {ci[1]:+.1f}]",
                     "-" if d is None else
                     f"p {r['success_p']:.2g}, {r['success_pairs']['episodes']} pairs"])
     return out
+
+
+def _pm(mean: float | None, sd: float | None, pattern: str, unit: str = "") -> str:
+    if mean is None:
+        return "-"
+    return pattern.format(mean) + unit + ("" if sd is None else " +- " + pattern.format(sd))
+
+
+def _speedup(row: dict[str, Any]) -> str:
+    """The speed-up cell: mean +- sd over the seeds timed on their FP32 run's machine, and which
+    seeds those were when they are not all of the row's."""
+    counted, seeds = row.get("speedup_seeds", row["seeds"]), row["seeds"]
+    if not counted:
+        return "- (each seed's fp32 on another machine)"
+    cell = _pm(row["speedup_mean"], row["speedup_sd"], "{:.2f}", "x")
+    if len(counted) < len(seeds):
+        cell += f" (seed{'s' if len(counted) > 1 else ''} {', '.join(map(str, counted))}: fp32's machine)"
+    return cell
