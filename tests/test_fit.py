@@ -10,6 +10,7 @@ from conftest import TINY_MODEL, run_main, tiny_overrides
 from test_cli_precision import run_cli
 
 from vlamp.models.config import ModelConfig
+from vlamp.precision.autoplan import measured_here
 from vlamp.precision.errors import VlampError
 from vlamp.precision.memory import parse_size
 from vlamp.train import fit
@@ -215,12 +216,15 @@ def test_a_measured_plan_is_a_moment_of_its_own():
     assert fp32_passes.by_kind["activations"] == 3 * p.activations(2, checkpoint=False)
     plain = fit.predict(c, state, sizes, p, 100)
     assert plain.moment == "build" and plain.peak == 4e8 + p.runtime_bytes
+    # the same run with its plan in the cache measures nothing: the plain prediction
+    assert fp32_passes.if_cached == plain and plain.if_cached is None
     on_gpu = fit.predict(c, state, sizes, p, 100, built_here=False)
     assert on_gpu.moment == "step" and on_gpu.peak < plain.peak
 
 
 def test_a_run_over_its_budget_only_while_measured_says_so(monkeypatch):
-    """The refusal names the moment and the way out, precision.measure=false, which fits."""
+    """A run over its budget only while it measures its plan fits if the plan is cached; over it
+    even then, the refusal names the moment and the way out, precision.measure=false."""
     import torch
 
     from vlamp.train import budget as bud
@@ -237,7 +241,12 @@ def test_a_run_over_its_budget_only_while_measured_says_so(monkeypatch):
     assert measured.moment == "measure" != plain.moment and plain.peak < measured.peak
     cfg.train.memory_budget = str((plain.peak + measured.peak) // 2)
     assert bud.check_budget(cfg, cpu)[1].fits
-    cfg.precision.measure = True
+    cfg.precision.measure = True  # fits only if the plan is in the cache: the trainer looks there
+    _, mine = bud.check_budget(cfg, cpu)
+    assert not mine.fits and mine.moment == "measure" and mine.peak == measured.peak
+    assert mine.if_cached.fits and mine.if_cached.peak == plain.peak
+    assert "no measured plan is cached" in bud.uncached_refusal(cfg, cpu, mine)
+    cfg.train.memory_budget = str(plain.peak - 1)  # over it even from the cache
     with pytest.raises(VlampError, match=r"at its plan's measurement \(precision.measure=false"):
         bud.check_budget(cfg, cpu)
 
@@ -312,6 +321,49 @@ def test_a_run_over_its_budget_is_refused_before_its_first_step(tiny_dataset, tm
     with pytest.raises(VlampError, match=r"needs .* GiB \(predicted\), over the budget of 0.00 GiB"):
         Trainer(cfg, progress=False)
     assert not any((tmp_path / "r").rglob("*.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not measured_here("bf16-mixed"), reason="bf16 is emulated here: no plan measured")
+def test_a_run_that_fits_only_with_its_plan_cached_looks_in_the_cache(tiny_dataset, tmp_path,
+                                                                      monkeypatch):
+    """With a budget that holds the run but not its plan's measurement, the trainer reads the
+    plan from the cache and measures nothing; with the cache empty it refuses, before any step."""
+    import shutil
+
+    from vlamp.train.trainer import Trainer
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    # probed once: the probe's runtime figure moves by MiBs between processes, more than this tiny
+    # model's measurement adds, and the three runs must be predicted alike
+    probed, real = {}, fit.probe
+
+    def probe_once(config, mode, *rest):
+        if mode not in probed:
+            probed[mode] = real(config, mode, *rest)
+        return probed[mode]
+
+    monkeypatch.setattr(fit, "probe", probe_once)
+
+    def trainer(out, *more):
+        cfg = load_config(None, tiny_overrides(tiny_dataset, tmp_path / out, "bf16-mixed",
+                                               "precision.measure=true", *more))
+        cfg.train.freeze = ["text", "trunk"]  # a frozen backbone: the measurement is the peak
+        return Trainer(cfg, progress=False)
+
+    roomy = trainer("a", "train.memory_budget=20GiB")  # measures the plan, and caches it
+    asked = roomy.predicted
+    assert asked.moment == "measure" and asked.if_cached.peak < asked.peak
+    assert roomy.mp.plan.measured["from_cache"] is False
+    budget = f"train.memory_budget={(asked.peak + asked.if_cached.peak) // 2}"
+    tight = trainer("b", budget)
+    assert tight.predicted.fits and tight.predicted.moment != "measure"
+    assert tight.mp.plan.measured["from_cache"] is True
+    shutil.rmtree(cache / "vlamp" / "plans")
+    with pytest.raises(VlampError, match="no measured plan is cached for this model"):
+        trainer("c", budget)
+    assert not any((tmp_path / "c").rglob("*.safetensors"))
 
 
 @pytest.mark.slow

@@ -100,37 +100,37 @@ def measure_plan(
     sensitivity: float | None = None,
     lean: float | None = DEFAULT_TOLERANCE,
     freeze: Sequence[str] = (),
-) -> PrecisionPlan:
+    cached_only: bool = False,
+) -> PrecisionPlan | None:
     """Measures which modules of ``model`` are faster in FP32 than in low precision, here, and,
     with ``sensitivity``, which lose too much accuracy in low precision. ``model`` is not changed:
     its FP32 passes run on it (buffers and ``.grad`` put back), every other on one copy at a time.
 
     Args:
         model: The model, not yet set up by a plan, on the device it will train on.
-        example_batch: A real training batch; ``loss_fn(model, batch)`` (default ``model(batch)``)
-            must return the scalar loss.
+        example_batch: A real training batch; ``loss_fn(model, batch)`` returns its loss.
         mode: ``"auto"`` (the hardware proposes a low-precision mode, the measured step decides
             whether it is taken) or a mode name (kept; only its per-module plan is measured; in a
             ``-true`` mode, FP32 compute only: see :func:`island_policy`). Emulated formats and
             ``bf16-storage`` are not measured: their plan is returned as is, the reason recorded.
         rules: User rules or a YAML rules file: first, never overridden by a measurement.
         builtin_rules: Whether the built-in FP32 islands apply.
-        loss_fn: How to get the loss from the model and the batch.
+        loss_fn: How to get the loss from the model and the batch (default ``model(batch)``).
         repeats: Timed repetitions per module and per variant (medians are compared).
         margin: Keep FP32 only where low precision is slower by more than this fraction.
-        cache, cache_dir, refresh: Read and write the plan cache, kept in ``cache_dir`` (default
+        cache, cache_dir, refresh: Read and write the plan cache in ``cache_dir`` (default
             :func:`default_plan_cache`); ``refresh`` measures again and overwrites it.
         require_native: With a named mode, measure only where this hardware computes its format
             natively; ``False`` measures an emulated format too (to see per module what it costs).
         log: Called with one line for what is done (cache hit, measuring, the decision).
-        sensitivity: The accuracy half, before the speed half: keep in FP32 the modules whose own
-            error in low precision passes this (:mod:`vlamp.precision.sensitivity`), *instead of*
-            the built-in islands. Also for the ``-true`` modes and emulated formats.
-        lean: Lean islands (:mod:`vlamp.precision.lean`), before the speed half: the growth of the
-            gradient error their measurement allows (default 25%); ``None``: every island hands on
-            FP32. Also for the ``-true`` modes and emulated formats.
+        sensitivity: The accuracy half, first: keep in FP32 the modules whose own error in low
+            precision passes this (:mod:`vlamp.precision.sensitivity`), *not* the built-in islands.
+        lean: Lean islands (:mod:`vlamp.precision.lean`), next: the growth of the gradient error
+            their measurement allows (default 25%); ``None``: every island hands on FP32. Both
+            halves apply to the ``-true`` modes and emulated formats too.
         freeze: The modules the run freezes (``MixedPrecision(freeze=...)``): every pass freezes
             and stores them as the run will (no weight gradients; ``-mixed``: the compute dtype).
+        cached_only: Measure nothing: ``None`` where the plan is not in the cache to be read.
 
     Returns:
         A :class:`PrecisionPlan` for the chosen mode; ``plan.measured`` holds per-module times
@@ -161,7 +161,7 @@ def measure_plan(
     return _timed_plan(model, example_batch, low_mode, requested, rules, builtin_rules, hw,
                        loss_fn=loss_fn, repeats=repeats, margin=margin, cache=cache,
                        cache_dir=cache_dir, refresh=refresh, sensitivity=sensitivity, lean=lean,
-                       say=say, freeze=freeze)
+                       say=say, freeze=freeze, cached_only=cached_only)
 
 
 def _proposed(hw: Any, rules: Any, builtin_rules: bool, say: Callable[[str], None]
@@ -198,8 +198,10 @@ def _timed_plan(model: nn.Module, example_batch: Any, low_mode: Mode, requested:
                 builtin_rules: bool, hw: Any, *, loss_fn: LossFn | None, repeats: int,
                 margin: float, cache: bool, cache_dir: str | os.PathLike[str] | None,
                 refresh: bool, sensitivity: float | None, lean: float | None,
-                say: Callable[[str], None], freeze: Sequence[str]) -> PrecisionPlan:
-    """The timed half of :func:`measure_plan`: from the cache, or measured and cached."""
+                say: Callable[[str], None], freeze: Sequence[str], cached_only: bool = False
+                ) -> PrecisionPlan | None:
+    """The timed half of :func:`measure_plan`: from the cache, or measured and cached (``None``
+    instead with ``cached_only``)."""
     is_auto = requested.strip().lower() == "auto"
     device = model_device(model)
     base = PrecisionPlan(low_mode, rules, builtin_rules=builtin_rules)
@@ -214,6 +216,8 @@ def _timed_plan(model: nn.Module, example_batch: Any, low_mode: Mode, requested:
         if cached is not None:
             say(f"precision: {cached.mode.name}, measured plan from the cache ({path})")
             return cached
+    if cached_only:
+        return None
     base = _accurate_base(model, example_batch, low_mode, rules, builtin_rules, sensitivity, lean,
                           loss_fn, say, freeze)  # the speed half times the plan with its lean islands
     say(f"precision: measuring {low_mode.name} against fp32 per module on {hw.name} "

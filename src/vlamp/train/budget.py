@@ -206,7 +206,9 @@ def check_budget(config: RunConfig, device: torch.device, log: Callable[[str], N
 
     Returns:
         The config to train with (the fit's choice with ``precision.mode=auto``; else as given)
-        and its prediction; ``(config, None)`` without a budget.
+        and its prediction; ``(config, None)`` without a budget. A prediction that does not fit
+        is one that fits only with its plan from the cache (``if_cached``): the trainer looks
+        there once the model is built, and refuses with :func:`uncached_refusal` on a miss.
 
     Raises:
         VlampError: If the run is predicted not to fit: one line with the prediction, the budget
@@ -227,6 +229,13 @@ def check_budget(config: RunConfig, device: torch.device, log: Callable[[str], N
     mine = result.asked
     if mine is not None and mine.fits:
         return config, mine
+    cached = mine.if_cached if mine is not None else None
+    if cached is not None and cached.peak <= budget:  # the trainer looks in the cache, built
+        cached.fits = True
+        if log:
+            log(f"memory budget {fit.gib(budget)} GiB: this run fits if its measured plan is in the "
+                f"cache ({fit.gib(cached.peak)} GiB); measuring it would need {fit.gib(mine.peak)}")
+        return config, mine
     if not auto:  # what would fit, over every mode
         result = fit_run(config, device, budget, log=log, probes=probes)
     best = result.chosen
@@ -238,3 +247,16 @@ def check_budget(config: RunConfig, device: torch.device, log: Callable[[str], N
            f" ({fit.gib(best.peak)} GiB)" if best is not None else f"; {result.reason()}")
     raise VlampError(f"train.memory_budget: this run {need} (predicted), over the budget of "
                      f"{fit.gib(budget)} GiB{fix}")
+
+
+def uncached_refusal(config: RunConfig, device: torch.device, predicted: fit.Prediction) -> str:
+    """The refusal of a run that fits its budget only with its plan from the cache, when the
+    plan is not there (see :func:`check_budget`)."""
+    budget = budget_bytes(config.train.memory_budget, device)
+    cached = predicted.if_cached
+    return (f"train.memory_budget: this run needs {fit.gib(predicted.peak)} GiB at its plan's "
+            f"measurement (predicted), over the budget of {fit.gib(budget)} GiB, and no measured "
+            f"plan is cached for this model, batch and machine (a run of this config caches it): "
+            f"give a budget that holds the measurement, or set precision.measure=false (the "
+            f"mode's plan as is, "
+            f"{fit.gib(cached.peak if cached is not None else predicted.peak)} GiB)")

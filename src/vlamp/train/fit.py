@@ -103,6 +103,8 @@ class Prediction:
     step_s: float
     fits: bool = True
     moment: str = "step"  # when the peak is reached: forward, step, build or measure
+    # a run that would measure its plan: the prediction when the plan is read from the cache instead
+    if_cached: Prediction | None = None
 
     @property
     def peak(self) -> int:
@@ -218,7 +220,8 @@ def predict(candidate: Candidate, state: dict[str, float], sizes: dict[str, int]
             measured: bool = False) -> Prediction:
     """The candidate's peak by kind at the largest of its moments (see the module's text);
     ``built_here``: the model is built in FP32 in this memory (a CPU run; a GPU run builds it in
-    the host's); ``measured``: the run measures its plan first."""
+    the host's); ``measured``: the run measures its plan first (unless the plan is in the cache:
+    ``if_cached`` predicts that run)."""
     c = candidate
     acts = probe.activations(c.micro_batch, c.checkpoint)
     lifted = c.optimizer_state == "8bit" or (c.update not in ("-", "master"))
@@ -251,7 +254,8 @@ def predict(candidate: Candidate, state: dict[str, float], sizes: dict[str, int]
             at, by_kind = name, {**dict.fromkeys(KINDS, 0), **kinds, "runtime": runtime}
     timed = dataclasses.replace(probe, params=sizes.get("params", probe.params))
     seconds = math.nan if math.isnan(probe.base.seconds.get(1, 0.0)) else timed.step_seconds(c)
-    return Prediction(c, {k: by_kind[k] for k in KINDS}, seconds, moment=at)
+    cached = predict(c, state, sizes, probe, sample_bytes, built_here) if measured else None
+    return Prediction(c, {k: by_kind[k] for k in KINDS}, seconds, moment=at, if_cached=cached)
 
 
 def _measure_moment(state: dict[str, float], sizes: dict[str, int], fp32_weights: int,

@@ -22,17 +22,18 @@ Batch = dict[str, torch.Tensor]
 
 
 def measured_plan(model: nn.Module, batch: Batch, mode: str, precision: PrecisionConfig,
-                  log: Callable[[str], None] | None = None, freeze: Sequence[str] = ()
-                  ) -> PrecisionPlan:
+                  log: Callable[[str], None] | None = None, freeze: Sequence[str] = (),
+                  cached_only: bool = False) -> PrecisionPlan | None:
     """``mode``'s plan as a run with these precision settings (``RunConfig.precision``) measures
     it on this machine (:func:`vlamp.precision.autoplan.measure_plan`): its rules first, then the
     speed half, sensitivity and lean islands as the settings ask, with the modules the run freezes
-    (``freeze``: ``train.freeze`` and the LoRA bases) frozen. For a model not yet set up."""
+    (``freeze``: ``train.freeze`` and the LoRA bases) frozen. For a model not yet set up.
+    ``cached_only``: ``None`` where the plan would be measured, not read from the cache."""
     p = precision
     set_tf32(p.tf32)  # measured as it will run
     return measure_plan(model, batch, mode, rules=p.rules or None, log=log,
                         sensitivity=p.sensitivity or None, lean=p.lean_islands or None,
-                        freeze=freeze)
+                        freeze=freeze, cached_only=cached_only)
 
 
 @dataclass(frozen=True)

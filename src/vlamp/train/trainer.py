@@ -32,7 +32,7 @@ from vlamp.precision.plan import PrecisionPlan
 from vlamp.precision.weight_update import UpdateSettings, mode_label
 from vlamp.train import checkpoint as ckpt
 from vlamp.train import distributed
-from vlamp.train.budget import check_budget
+from vlamp.train.budget import check_budget, uncached_refusal
 from vlamp.train.config import RunConfig
 from vlamp.train.config_io import save_config, to_dict
 from vlamp.train.data import load_data, split_episodes
@@ -193,18 +193,24 @@ class Trainer:
                   "update": UpdateSettings(p.update, p.grad_accum, self.config.train.seed,
                                            p.optimizer_state, p.step_in_backward)}
         if saved is not None and p.mode in ("auto", saved.get("mode")):
+            if self.predicted is not None and self.predicted.if_cached is not None:
+                self.predicted = self.predicted.if_cached  # the plan is read, not measured
             plan = PrecisionPlan.from_dict(saved, where=f"checkpoint {resume_from.path}")
             return MixedPrecision(plan, None, p.scaler or None, **common)
         if p.measure and p.mode != "fp32":
             plan = None
+            # a run that fits its budget only with its plan from the cache measures nothing
+            cached_only = self.predicted is not None and not self.predicted.fits
             if self.world.main:  # measured once, on rank 0; every rank trains on its plan
                 plan = measured_plan(self.model, self.example_batch(), p.mode, p, self._log_line,
-                                     common["freeze"])
-                if not self.world.distributed:
-                    return MixedPrecision(plan, None, p.scaler or None, **common)
-                plan = plan.to_dict()
-            plan = distributed.broadcast_json(plan, self.world)
-            plan = PrecisionPlan.from_dict(plan, where="rank 0's measured plan")
+                                     common["freeze"], cached_only)
+            if self.world.distributed:
+                plan = distributed.broadcast_json(plan and plan.to_dict(), self.world)
+                plan = plan and PrecisionPlan.from_dict(plan, where="rank 0's measured plan")
+            if plan is None:  # on every rank
+                raise VlampError(uncached_refusal(self.config, self.device, self.predicted))
+            if cached_only:
+                self.predicted = self.predicted.if_cached
             return MixedPrecision(plan, None, p.scaler or None, **common)
         return MixedPrecision(p.mode, p.rules or None, p.scaler or None, device=self.device, **common)
 
