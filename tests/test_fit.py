@@ -246,6 +246,10 @@ def test_a_run_over_its_budget_only_while_measured_says_so(monkeypatch):
     assert not mine.fits and mine.moment == "measure" and mine.peak == measured.peak
     assert mine.if_cached.fits and mine.if_cached.peak == plain.peak
     assert "no measured plan is cached" in bud.uncached_refusal(cfg, cpu, mine)
+    from vlamp.cli.fit import _row  # what vlamp fit --json says of each
+
+    assert _row(mine)["peak_if_plan_cached_bytes"] == plain.peak
+    assert _row(plain)["peak_if_plan_cached_bytes"] is None
     cfg.train.memory_budget = str(plain.peak - 1)  # over it even from the cache
     with pytest.raises(VlampError, match=r"at its plan's measurement \(precision.measure=false"):
         bud.check_budget(cfg, cpu)

@@ -95,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
         print(note, file=sys.stderr)
     print(fit.table(result.predictions, budget, result.chosen, args.rows))
     print(result.reason())
+    if any(not p.fits and p.if_cached is not None and p.if_cached.peak <= budget
+           for p in result.predictions):  # the trainer reads a cached plan instead of measuring
+        print("(rows over the budget only at their plan's measurement fit with the plan in the "
+              "cache: a run of the same config on this machine caches it)")
     if result.chosen is not None:
         chosen = result.chosen.candidate.overrides(fit.blocks_of(m))
         if args.largest:
@@ -110,4 +114,5 @@ def _row(p) -> dict | None:
     if p is None:
         return None
     return {"configuration": p.candidate.label(), **p.by_kind, "peak_bytes": p.peak, "at": p.moment,
-            "fits": p.fits, "step_s": None if math.isnan(p.step_s) else p.step_s}
+            "fits": p.fits, "step_s": None if math.isnan(p.step_s) else p.step_s,
+            "peak_if_plan_cached_bytes": p.if_cached.peak if p.if_cached is not None else None}
