@@ -32,7 +32,7 @@ from vlamp.bench.machine import (
     training_left,
 )
 from vlamp.bench.seeds import finished_seed, kept_beyond, run_id, runs_dir, settings_key
-from vlamp.bench.summary import mixed_plans, summarize
+from vlamp.bench.summary import mixed_plans, one_machine, summarize
 from vlamp.io import write_json
 from vlamp.precision.dtypes import dtype_name
 from vlamp.precision.errors import VlampError
@@ -371,7 +371,7 @@ def add_ratios(runs: list[dict[str, Any]]) -> None:
     ref = {(r["seed"], r.get("ranks", 1)): r for r in runs if r["mode"] == "fp32" and r["runner"] == "vlamp"}
     for r in runs:
         f = ref[(r["seed"], r.get("ranks", 1))]
-        if r.get("machine") and f.get("machine") and r["machine"] != f["machine"]:
+        if not one_machine(r, f):
             r["warnings"] = [*r["warnings"], (f"timed on {machine_name(r['machine'])}, its fp32 run on "
                                               f"{machine_name(f['machine'])}: the ratios compare two machines")]
         one = ref.get((r["seed"], 1))

@@ -23,7 +23,7 @@ def _mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def _one_machine(run: dict[str, Any], ref: dict[str, Any]) -> bool:
+def one_machine(run: dict[str, Any], ref: dict[str, Any]) -> bool:
     """Whether a run was timed on the machine its FP32 run was (runs that do not say: yes)."""
     a, b = run.get("machine"), ref.get("machine")
     return not a or not b or a == b
@@ -113,7 +113,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"name": name, "mode": mode, "runner": runner, "ranks": ranks,
                                "seeds": [r["seed"] for r in group]}
         # a ratio against an fp32 run timed on another machine compares two machines: left out
-        timed = [r for r in group if r["seed"] in fp32 and _one_machine(r, fp32[r["seed"]])]
+        timed = [r for r in group if r["seed"] in fp32 and one_machine(r, fp32[r["seed"]])]
         row["speedup_seeds"] = [r["seed"] for r in timed]
         row["speedup_mean"], row["speedup_sd"] = (_mean_sd([r["speedup_vs_fp32"] for r in timed])
                                                   if timed else (None, None))
@@ -233,7 +233,7 @@ def _pm(mean: float | None, sd: float | None, pattern: str, unit: str = "") -> s
 def _speedup(row: dict[str, Any]) -> str:
     """The speed-up cell: mean +- sd over the seeds timed on their FP32 run's machine, and which
     seeds those were when they are not all of the row's."""
-    counted, seeds = row.get("speedup_seeds", row["seeds"]), row["seeds"]
+    counted, seeds = row["speedup_seeds"], row["seeds"]
     if not counted:
         return "- (each seed's fp32 on another machine)"
     cell = _pm(row["speedup_mean"], row["speedup_sd"], "{:.2f}", "x")

@@ -95,8 +95,7 @@ def run(args: argparse.Namespace) -> int:
         print(note, file=sys.stderr)
     print(fit.table(result.predictions, budget, result.chosen, args.rows))
     print(result.reason())
-    if any(not p.fits and p.if_cached is not None and p.if_cached.peak <= budget
-           for p in result.predictions):  # the trainer reads a cached plan instead of measuring
+    if any(p.fits_if_cached(budget) for p in result.predictions):  # the trainer reads the plan then
         print("(rows over the budget only at their plan's measurement fit with the plan in the "
               "cache: a run of the same config on this machine caches it)")
     if result.chosen is not None:

@@ -229,12 +229,12 @@ def check_budget(config: RunConfig, device: torch.device, log: Callable[[str], N
     mine = result.asked
     if mine is not None and mine.fits:
         return config, mine
-    cached = mine.if_cached if mine is not None else None
-    if cached is not None and cached.peak <= budget:  # the trainer looks in the cache, built
-        cached.fits = True
+    if mine is not None and mine.fits_if_cached(budget):  # the trainer looks in the cache, built
+        mine.if_cached.fits = True
         if log:
             log(f"memory budget {fit.gib(budget)} GiB: this run fits if its measured plan is in the "
-                f"cache ({fit.gib(cached.peak)} GiB); measuring it would need {fit.gib(mine.peak)}")
+                f"cache ({fit.gib(mine.if_cached.peak)} GiB); measuring it would need "
+                f"{fit.gib(mine.peak)}")
         return config, mine
     if not auto:  # what would fit, over every mode
         result = fit_run(config, device, budget, log=log, probes=probes)
@@ -253,10 +253,8 @@ def uncached_refusal(config: RunConfig, device: torch.device, predicted: fit.Pre
     """The refusal of a run that fits its budget only with its plan from the cache, when the
     plan is not there (see :func:`check_budget`)."""
     budget = budget_bytes(config.train.memory_budget, device)
-    cached = predicted.if_cached
     return (f"train.memory_budget: this run needs {fit.gib(predicted.peak)} GiB at its plan's "
             f"measurement (predicted), over the budget of {fit.gib(budget)} GiB, and no measured "
             f"plan is cached for this model, batch and machine (a run of this config caches it): "
             f"give a budget that holds the measurement, or set precision.measure=false (the "
-            f"mode's plan as is, "
-            f"{fit.gib(cached.peak if cached is not None else predicted.peak)} GiB)")
+            f"mode's plan as is, {fit.gib(predicted.if_cached.peak)} GiB)")

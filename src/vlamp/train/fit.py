@@ -110,6 +110,10 @@ class Prediction:
     def peak(self) -> int:
         return sum(self.by_kind.values())
 
+    def fits_if_cached(self, budget: int) -> bool:
+        """Over ``budget`` only at its plan's measurement: it fits with the plan read from the cache."""
+        return self.peak > budget and self.if_cached is not None and self.if_cached.peak <= budget
+
 
 def candidates(modes: Sequence[str], batch: int, *, updates: Sequence[str] | None = None,
                states: Sequence[str] = STATES, checkpoint: Sequence[bool] = (False, True),
